@@ -1,0 +1,22 @@
+"""Parameter and FLOP counts of a model, measured with torch's own flop counter."""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: torch.nn.Module, example_inputs) -> int:
+    """FLOPs of one forward pass on `example_inputs` (torch.utils.flop_counter; a multiply-add is 2)."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*inputs)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())

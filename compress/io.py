@@ -1,0 +1,66 @@
+"""Files that are never half-written and loads that never run code.
+
+Every file the toolkit writes goes through `atomic_write_*`: write to a temporary file in
+the same directory, fsync, then rename over the target, so a crash (even kill -9) leaves
+either the old file or the new one, never a torn one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the CLI prints it as one line (no traceback) and exits 2."""
+
+
+def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write to {path.parent}: {e.strerror}; check the directory exists and is writable") from e
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(path, w)
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_with(path, writer: Callable[[str], None]) -> None:
+    """Atomic write for libraries that want a file name (safetensors, onnx, matplotlib)."""
+    _atomic(path, writer)
