@@ -1,0 +1,299 @@
+"""`compress` command line: a thin typer layer over the Python API.
+
+User mistakes (compress.io.UserError) print one red line and exit with code 2;
+`compress --debug ...` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Compress a PyTorch model: group-sparse fine-tuning (RAMDA) → extraction of the zero "
+         "structures → verified ONNX export → ONNX Runtime latency benchmark.\n\n"
+         "Typical use:  compress finetune --model digits-resnet --out runs/r1 ; compress export runs/r1 ; "
+         "compress bench runs/r1",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+_DEBUG = {"on": bool(os.environ.get("COMPRESS_DEBUG"))}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")):
+    _DEBUG["on"] = _DEBUG["on"] or debug
+
+
+def user_errors(fn):
+    """Turn UserError into a one-line message and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from compress.io import UserError
+        from compress.train import TrainingInterrupted
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if _DEBUG["on"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except TrainingInterrupted as e:
+            err_console.print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)
+            raise typer.Exit(130)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _parse_milestones(text: Optional[str]):
+    if text is None or isinstance(text, list):
+        return text
+    from compress.io import UserError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--milestones must be comma-separated epoch numbers, e.g. 15,22; got {text!r}") from None
+
+
+def _read_config(path: Optional[Path]) -> dict:
+    if path is None:
+        return {}
+    from compress.io import UserError
+
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from e
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+@app.command()
+@user_errors
+def finetune(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Built-in name (see `compress inspect --list`), "
+                                        "module:factory or path/to/file.py:factory. [default: digits-resnet]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to create."),
+    data: Optional[str] = typer.Option(None, help="module:function returning (train, eval) datasets or loaders. "
+                                       "Built-in models bring their own data."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs. [default: 30]"),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default per optimizer: ramda/rmda/proxsgd 1e-2, "
+                                       "proxadam 1e-3, adamw 3e-3)."),
+    lam: Optional[float] = typer.Option(None, help="Group-lasso strength λ; 0 trains a dense model. "
+                                        "Larger λ → more structures removed. [default: 0]"),
+    optimizer: Optional[str] = typer.Option(None, help="ramda | rmda | proxsgd | proxadam | adamw. [default: ramda]"),
+    momentum: Optional[float] = typer.Option(None, help="RAMDA/RMDA averaging weight c0 (ramped to 1 in the final "
+                                             "stage); SGD momentum for proxsgd. [default: 0.1]"),
+    batch_size: Optional[int] = typer.Option(None, help="Mini-batch size. [default: 64]"),
+    milestones: Optional[str] = typer.Option(None, help="Epochs where the learning rate decays by --gamma and RAMDA "
+                                             "restarts, e.g. 15,22. [default: half and 3/4 of --epochs]"),
+    gamma: Optional[float] = typer.Option(None, help="Learning-rate decay factor at milestones. [default: 0.1]"),
+    schedule: Optional[str] = typer.Option(None, help="step (milestones, RAMDA restarts) or cosine (dense "
+                                           "training). [default: step]"),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (dense training). [default: 0]"),
+    group_weight: Optional[str] = typer.Option(None, help="Group weight w_g: sqrt (√size, the paper's) or unit."),
+    solver: Optional[str] = typer.Option(None, help="RAMDA subproblem solver: exact or pg. [default: exact]"),
+    seed: Optional[int] = typer.Option(None, help="Random seed (init, data order). [default: 0]"),
+    init: Optional[Path] = typer.Option(None, help="Start from these weights (safetensors, a checkpoint, or a "
+                                        "state_dict saved with torch.save; never unpickles code)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda. [default: auto]"),
+    config: Optional[Path] = typer.Option(None, help="TOML file whose keys mirror these flags (flags win)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run directory exactly where it stopped."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the run files in an existing --out directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Fine-tune with group lasso so whole channels / heads / neurons become exactly zero.
+
+    Writes RUN/: config.json, groups.json, init.safetensors, checkpoint.safetensors (every
+    epoch), metrics.jsonl, training.png and, at the end, weights.safetensors (the structured
+    point that `compress export` extracts).
+    """
+    from compress import checkpoint as ckpt
+    from compress.io import UserError
+    from compress.train import TrainConfig, finetune as run_finetune
+    from compress.userspec import resolve_data, resolve_model
+
+    if resume is not None:
+        if out is not None and Path(out) != resume:
+            raise UserError("give either --resume RUN or --out RUN, not both")
+        saved = _load_saved_run(resume)
+        spec = resolve_model(saved["model"])
+        train_data, eval_data = _data_for(spec, saved.get("data"))
+        run_finetune(spec.build(), train_data, eval_data, spec.example_input(1), resume, resume=True,
+                     console=console, progress=not quiet)
+        console.print(f"[green]done[/] → {resume}   next: compress export {resume}")
+        return
+
+    opts = _read_config(config)
+    flags = dict(model=model, out=out, data=data, epochs=epochs, lr=lr, lam=lam, optimizer=optimizer,
+                 momentum=momentum, batch_size=batch_size, milestones=milestones, gamma=gamma, schedule=schedule,
+                 weight_decay=weight_decay, group_weight=group_weight, solver=solver, seed=seed, init=init,
+                 device=device)
+    unknown = set(opts) - set(flags)
+    if unknown:
+        raise UserError(f"config file {config} has unknown keys: {', '.join(sorted(unknown))}")
+    merged = {**opts, **{k: v for k, v in flags.items() if v is not None}}
+    if merged.get("out") is None:
+        raise UserError("--out RUN is required: the run directory to create")
+    model_name = merged.pop("model", "digits-resnet")
+    data_spec = merged.pop("data", None)
+    out_dir = Path(merged.pop("out"))
+    init_path = merged.pop("init", None)
+    merged["milestones"] = _parse_milestones(merged.get("milestones"))
+    cfg = TrainConfig(**merged)
+    cfg.validate()
+    cfg = cfg.resolved()
+    cfg.validate()
+    spec = resolve_model(model_name)
+    init_weights = ckpt.load_weights(Path(init_path)) if init_path else None
+    train_data, eval_data = _data_for(spec, data_spec)
+    net = spec.build()
+    example = _checked_example(spec, net)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"output directory {out_dir} already exists; use --force to overwrite its run files, "
+                        f"or --resume {out_dir} to continue it")
+    console.print(f"[bold]compress finetune[/] model={model_name} optimizer={cfg.optimizer} lr={cfg.lr:g} "
+                  f"λ={cfg.lam:g} epochs={cfg.epochs} milestones={cfg.milestones} → {out_dir}")
+    run_finetune(net, train_data, eval_data, example, out_dir, cfg, init_weights=init_weights,
+                 run_info={"model": model_name, "data": data_spec, "init": str(init_path) if init_path else None},
+                 force=force, console=console, progress=not quiet)
+    console.print(f"[green]done[/] → {out_dir}   next: compress export {out_dir}")
+
+
+def _load_saved_run(run: Path) -> dict:
+    import json
+
+    from compress.io import UserError
+
+    cfg = run / "config.json"
+    if not cfg.is_file():
+        raise UserError(f"{run} is not a run directory (no config.json); nothing to resume")
+    return json.loads(cfg.read_text())
+
+
+def _data_for(spec, data_spec):
+    from compress.io import UserError
+    from compress.userspec import resolve_data
+
+    if data_spec:
+        return resolve_data(data_spec)
+    if spec.data is None:
+        raise UserError(f"model {spec.name!r} has no built-in data: give --data module:function")
+    return spec.data()
+
+
+def _checked_example(spec, net):
+    """The example input, with a clear error if the model cannot run on it."""
+    import torch
+
+    from compress.io import UserError
+
+    example = spec.example_input(1)
+    try:
+        with torch.no_grad():
+            net.eval()
+            net(*example) if isinstance(example, tuple) else net(example)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's model failing is the user's to fix
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"the model's forward failed on its example input: {type(e).__name__}: {first}") from e
+    return example
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run directory made by `compress finetune`."),
+    opset: int = typer.Option(17, help="ONNX opset (≥ 17)."),
+    simplify: bool = typer.Option(False, help="Simplify the graph (onnxslim, if installed) and verify again."),
+):
+    """Remove the zero structures, export RUN/dense.onnx and RUN/model.onnx, verify, write RUN/report.json."""
+    from compress.pipeline import export_run
+
+    export_run(run, opset=opset, simplify=simplify, console=console)
+
+
+@app.command()
+@user_errors
+def bench(
+    paths: list[Path] = typer.Argument(..., help="A run directory, or two ONNX files: DENSE.onnx COMPRESSED.onnx."),
+    batch: str = typer.Option("1,32", help="Batch sizes, comma-separated."),
+    threads: str = typer.Option("1,all", help="ORT intra-op threads, comma-separated ('all' = every core)."),
+    rounds: Optional[int] = typer.Option(None, help="Timed rounds per model and setting."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the JSON (two-file form; a run uses RUN/bench.json)."),
+):
+    """Measure ONNX Runtime latency of dense vs compressed, interleaved in one process."""
+    from compress.io import UserError, atomic_write_json
+
+    try:
+        batch_sizes = tuple(int(b) for b in batch.split(","))
+        thread_list = tuple(None if t.strip() == "all" else int(t) for t in threads.split(","))
+    except ValueError:
+        raise UserError("--batch and --threads take comma-separated integers (threads may be 'all')") from None
+    if len(paths) == 1:
+        from compress.pipeline import bench_run
+
+        bench_run(paths[0], batch_sizes=batch_sizes, threads=thread_list, rounds=rounds, console=console)
+        return
+    if len(paths) != 2:
+        raise UserError("give a run directory, or exactly two ONNX files (dense, compressed)")
+    from compress.bench import benchmark, print_bench_table
+
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"{p} does not exist")
+    kw = {"batch_sizes": batch_sizes, "threads": thread_list}
+    if rounds is not None:
+        kw["rounds"] = rounds
+    result = benchmark(paths[0], paths[1], **kw)
+    print_bench_table(result, console)
+    if out is not None:
+        atomic_write_json(out, result)
+
+
+@app.command()
+@user_errors
+def inspect(
+    run: Optional[Path] = typer.Argument(None, help="A run directory to summarise."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Show the removable groups of a model."),
+    list_models: bool = typer.Option(False, "--list", help="List the built-in models."),
+):
+    """Show a model's removable structures (and what cannot be pruned, and why), or summarise a run."""
+    from compress.inspect import inspect_model, inspect_run, list_builtin
+
+    if list_models:
+        list_builtin(console)
+    elif model is not None:
+        inspect_model(model, console)
+    elif run is not None:
+        inspect_run(run, console)
+    else:
+        from compress.io import UserError
+
+        raise UserError("give a run directory, --model NAME, or --list")
+
+
+def main():  # pragma: no cover - console-script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

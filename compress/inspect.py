@@ -1,0 +1,102 @@
+"""Human summaries: the removable groups of a model, and the state of a run directory."""
+from __future__ import annotations
+
+import json
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+from .io import UserError
+
+
+def list_builtin(console) -> None:
+    from rich.table import Table
+
+    from .models import get_model, model_names
+
+    t = Table(title="built-in models")
+    t.add_column("name")
+    t.add_column("data")
+    t.add_column("description")
+    for name in model_names():
+        s = get_model(name)
+        t.add_row(name, "yes" if s.data else "–", s.description)
+    console.print(t)
+
+
+def inspect_model(name: str, console) -> None:
+    """Groups per layer (kind, count, entries) and the structures that are not prunable, with the reason."""
+    from rich.table import Table
+
+    from .cost import count_flops, count_params
+    from .groups import find_groups
+    from .userspec import resolve_model
+
+    spec = resolve_model(name)
+    model = spec.build().eval()
+    example = spec.example_input(1)
+    groups = find_groups(model, example)
+    per_layer: OrderedDict[tuple[str, str], list] = OrderedDict()
+    for g in groups:
+        per_layer.setdefault((g.layer, g.kind), []).append(g)
+    t = Table(title=f"{name}: {len(groups)} removable groups, {count_params(model):,} params, "
+                    f"{count_flops(model, example):,} FLOPs/sample")
+    t.add_column("layer")
+    t.add_column("kind")
+    t.add_column("groups", justify="right")
+    t.add_column("entries / group", justify="right")
+    t.add_column("coupled parameters")
+    for (layer, kind), gs in per_layer.items():
+        params = sorted({s.param for s in gs[0].slices})
+        t.add_row(layer, kind, str(len(gs)), str(gs[0].size), ", ".join(params) if len(params) <= 6
+                  else ", ".join(params[:6]) + f", … (+{len(params) - 6})")
+    console.print(t)
+    skipped = getattr(groups, "not_prunable", [])
+    if skipped:
+        t2 = Table(title="not prunable")
+        t2.add_column("layer")
+        t2.add_column("why")
+        for layer, why in skipped:
+            t2.add_row(layer, why)
+        console.print(t2)
+    kinds = Counter(g.kind for g in groups)
+    console.print("by kind: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
+
+
+def inspect_run(run: Path, console) -> None:
+    """Config, last epoch's metrics, and (if present) the export report and the benchmark."""
+    from rich.table import Table
+
+    run = Path(run)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{run} is not a run directory (no config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    train = cfg.get("train", {})
+    console.print(f"[bold]{run}[/]  model={cfg.get('model')}  optimizer={train.get('optimizer')}  "
+                  f"lr={train.get('lr')}  λ={train.get('lam')}  epochs={train.get('epochs')}")
+    mpath = run / "metrics.jsonl"
+    metrics = [json.loads(x) for x in mpath.read_text().splitlines() if x.strip()] if mpath.is_file() else []
+    if metrics:
+        t = Table(title="training")
+        for c in ("epoch", "train loss", "accuracy", "group sparsity", "weighted", "lr", "λ"):
+            t.add_column(c, justify="right")
+        shown = metrics if len(metrics) <= 12 else metrics[:3] + metrics[-8:]
+        for m in shown:
+            t.add_row(str(m["epoch"]), f"{m['train_loss']:.4f}", f"{100 * m['accuracy']:.2f}%",
+                      f"{100 * m['group_sparsity']:.1f}%", f"{100 * m['weighted_group_sparsity']:.1f}%",
+                      f"{m['lr']:.3g}", f"{m.get('lam', 0):.3g}")
+        console.print(t)
+    status = "finished" if (run / "weights.safetensors").is_file() else "not finished (resume with --resume)"
+    console.print(f"training: {status}")
+    rep = run / "report.json"
+    if rep.is_file():
+        from .pipeline import print_report
+
+        print_report(json.loads(rep.read_text()), console)
+    else:
+        console.print(f"not exported yet: compress export {run}")
+    b = run / "bench.json"
+    if b.is_file():
+        from .bench import print_bench_table
+
+        print_bench_table(json.loads(b.read_text()), console)

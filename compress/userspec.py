@@ -1,0 +1,86 @@
+"""Turn the user's `--model` / `--data` strings into a model factory and data sets.
+
+Accepted forms: a built-in name (`digits-resnet`), `package.module:factory`, or
+`path/to/file.py:factory`. Every failure is a UserError that says what to fix.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from .io import UserError
+from .models import ModelSpec, get_model
+
+
+def _load_callable(spec: str, what: str):
+    if ":" not in spec:
+        raise UserError(f"{what} {spec!r} is neither a built-in name nor of the form module:function or file.py:function")
+    mod_name, func_name = spec.rsplit(":", 1)
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_file():
+                raise UserError(f"{what} file {path} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"compress_user_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any import-time failure is the user's module's
+        raise UserError(f"cannot import {mod_name!r} for {what} {spec!r}: {type(e).__name__}: {e}") from e
+    fn = getattr(module, func_name, None)
+    if fn is None or not callable(fn):
+        raise UserError(f"{mod_name!r} has no callable {func_name!r} (from {what} {spec!r})")
+    return fn
+
+
+def resolve_model(spec: str) -> ModelSpec:
+    """A built-in ModelSpec, or one wrapping the user's factory (no data, example input from the model)."""
+    if ":" not in spec:
+        try:
+            return get_model(spec)
+        except KeyError as e:
+            raise UserError(str(e.args[0])) from None
+    factory = _load_callable(spec, "--model")
+
+    def build():
+        try:
+            model = factory()
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"model factory {spec!r} raised {type(e).__name__}: {e}") from e
+        if not isinstance(model, torch.nn.Module):
+            raise UserError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    def example_input(batch: int = 1):
+        model = build()
+        ex = getattr(model, "example_input", None)
+        if ex is None:
+            raise UserError(f"model from {spec!r} needs an example input: give the module an "
+                            "`example_input(batch)` method, or use the Python API with example_inputs=")
+        return ex(batch) if callable(ex) else ex
+
+    return ModelSpec(name=spec, build=build, example_input=example_input, data=None, description=f"user model {spec}")
+
+
+def resolve_data(spec: str):
+    """Call the user's data function; it must return (train, eval) datasets or data loaders."""
+    fn = _load_callable(spec, "--data")
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"data function {spec!r} raised {type(e).__name__}: {e}") from e
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise UserError(f"data function {spec!r} must return (train, eval) datasets or loaders, got {type(out).__name__}")
+    for part, name in zip(out, ("train", "eval")):
+        if not isinstance(part, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+            raise UserError(f"data function {spec!r}: the {name} part is a {type(part).__name__}, "
+                            "not a torch Dataset or DataLoader")
+    return tuple(out)
