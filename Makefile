@@ -1,0 +1,32 @@
+# Two entry points (see README): `make demo` and `make test`. Both bootstrap .venv first,
+# pinning the CPU wheel of torch through constraints.txt so pip never pulls a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUNS := runs
+
+.PHONY: venv demo test test-slow clean-runs
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+# Dense training (AdamW) → RAMDA group-lasso fine-tuning → extract + ONNX export + verify → ORT benchmark.
+demo: venv
+	$(BIN)/compress finetune --model digits-resnet --optimizer adamw --lam 0 --epochs 30 --schedule cosine \
+		--weight-decay 1e-4 --out $(RUNS)/digits-dense --force --quiet
+	$(BIN)/compress finetune --model digits-resnet --init $(RUNS)/digits-dense/weights.safetensors \
+		--out $(RUNS)/digits-ramda --force --quiet
+	$(BIN)/compress export $(RUNS)/digits-ramda
+	$(BIN)/compress bench $(RUNS)/digits-ramda
+
+# pytest exits 5 when it collects nothing; make treats every non-zero exit as failure.
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow

@@ -1,0 +1,100 @@
+"""The command line as a user meets it: one-line errors, exit codes, untouched files, config precedence."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+
+
+def assert_one_line_error(res, *needles):
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_unknown_model(tmp_path):
+    assert_one_line_error(cli("finetune", "--model", "nope", "--out", tmp_path / "r"), "unknown model", "digits-resnet")
+    assert not (tmp_path / "r").exists()
+
+
+def test_negative_lambda(tmp_path):
+    assert_one_line_error(cli("finetune", "--lam", "-1", "--out", tmp_path / "r"), "--lam")
+
+
+def test_missing_run_dir(tmp_path):
+    assert_one_line_error(cli("export", tmp_path / "missing"), "does not exist")
+    assert_one_line_error(cli("bench", tmp_path / "missing"), "does not exist")
+
+
+def test_existing_out_without_force_leaves_files(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.json").write_text("precious")
+    assert_one_line_error(cli("finetune", "--out", out, "--epochs", "1"), "already exists", "--force")
+    assert (out / "config.json").read_text() == "precious"
+
+
+def test_unimportable_factory_and_bad_config(tmp_path):
+    assert_one_line_error(cli("finetune", "--model", "no_such_mod:f", "--out", tmp_path / "r"), "cannot import")
+    bad = tmp_path / "run.toml"
+    bad.write_text("epochz = 3\n")
+    assert_one_line_error(cli("finetune", "--config", bad, "--out", tmp_path / "r"), "unknown keys", "epochz")
+
+
+def test_untrusted_pickle_is_refused(tmp_path):
+    import pickle
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"w": subprocess.Popen}))  # a global torch's safe loader will not allow
+    assert_one_line_error(cli("finetune", "--init", evil, "--out", tmp_path / "r", "--epochs", "1"), "refusing")
+
+
+def test_debug_shows_traceback(tmp_path):
+    res = cli("--debug", "finetune", "--model", "nope", "--out", tmp_path / "r")
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_end_to_end_with_config_precedence(tmp_path):
+    """finetune (TOML + overriding flag) → export → bench → inspect, as a user runs them."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('epochs = 9\nlam = 5e-3\nbatch-size = 128\nmilestones = "1"\n')
+    out = tmp_path / "run"
+    res = cli("finetune", "--config", cfg, "--epochs", "2", "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert saved["epochs"] == 2 and saved["lam"] == 5e-3 and saved["batch_size"] == 128 and saved["milestones"] == [1]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    for f in ("groups.json", "weights.safetensors", "checkpoint.safetensors", "init.safetensors", "training.png"):
+        assert (out / f).is_file(), f
+
+    res = cli("export", out)
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((out / "report.json").read_text())
+    for key in ("dense_accuracy", "compressed_accuracy", "onnx_accuracy", "params_dense", "params_compressed",
+                "flops_dense", "flops_compressed", "groups_total", "groups_removed", "max_abs_diff_extract",
+                "max_abs_diff_onnx"):
+        assert key in rep, key
+    assert rep["max_abs_diff_onnx"] <= 1e-4 and rep["max_abs_diff_extract"] <= 1e-5
+    assert (out / "model.onnx").is_file() and (out / "dense.onnx").is_file()
+
+    res = cli("bench", out, "--batch", "1,8", "--threads", "1", "--rounds", "5")
+    assert res.returncode == 0, res.stderr
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench  # structure checked in tests/test_bench.py
+
+    res = cli("inspect", out)
+    assert res.returncode == 0 and "training" in res.stdout, res.stderr
+
+    res = cli("finetune", "--resume", out)
+    assert_one_line_error(res, "already finished")
