@@ -1,0 +1,119 @@
+"""Extraction: exact outputs, parameter counts predicted by hand, all-zero layers, failures named."""
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from compress.extract import ExtractionError, extract
+from compress.groups import Group, GroupList, Slice, bind_groups, find_groups
+from compress.models.digits import DigitsResNet
+
+
+def _zero(group):
+    with torch.no_grad():
+        for s, t in zip(group.slices, group.tensors):
+            t.index_fill_(s.dim, torch.tensor(s.indices), 0.0)
+
+
+def _digits(seed=0):
+    torch.manual_seed(seed)
+    m = DigitsResNet()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.5, 0.5)
+    return m.eval(), torch.rand(8, 1, 8, 8)
+
+
+def _digits_params(cs, c1, c2, classes=10):
+    """DigitsResNet parameter count with cs stem channels and c1, c2 conv1 channels, by hand."""
+    stem = cs * 1 * 9 + 2 * cs
+    blocks = sum(c * cs * 9 + 2 * c + cs * c * 9 + 2 * cs for c in (c1, c2))
+    return stem + blocks + cs * classes + classes
+
+
+def test_digits_params_formula_matches_the_dense_model():
+    assert _digits_params(32, 32, 32) == sum(p.numel() for p in DigitsResNet().parameters())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_half_removed_is_exact_and_param_count_as_predicted(seed):
+    model, x = _digits(seed)
+    gl = find_groups(model, x)
+    rng = random.Random(seed)
+    chosen = rng.sample(range(len(gl)), len(gl) // 2)
+    for i in chosen:
+        _zero(gl[i])
+    small, rep = extract(model, gl, x)
+    with torch.no_grad():
+        ref, out = model(x), small(x)
+    assert (ref - out).abs().max() <= 1e-5 * ref.abs().max()
+    kept = [32 - sum(1 for i in chosen if gl[i].layer == l) for l in ("stem.0", "layers.0.conv1", "layers.1.conv1")]
+    assert sum(p.numel() for p in small.parameters()) == _digits_params(*kept) == rep["params_after"]
+    assert rep["params_predicted"] == rep["params_after"]
+    assert small.stem[0].out_channels == kept[0] and small.layers[1].conv1.out_channels == kept[2]
+    assert rep["groups_removed"] == len(chosen) and rep["flops_after"] < rep["flops_before"]
+    # the model handed in is untouched
+    assert model.stem[0].out_channels == 32
+
+
+def test_nothing_zero_gives_identical_model():
+    model, x = _digits()
+    gl = find_groups(model, x)
+    small, rep = extract(model, gl, x)
+    assert small is not model
+    assert rep["groups_removed"] == 0 and rep["max_abs_diff"] == 0.0
+    sd, sd2 = model.state_dict(), small.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+
+
+def test_all_groups_of_one_layer_zero_keeps_one_and_stays_exact():
+    model, x = _digits()
+    gl = find_groups(model, x)
+    for g in gl:
+        if g.layer == "layers.0.conv1":
+            _zero(g)
+    small, rep = extract(model, gl, x)
+    info = rep["layers"]["layers.0.conv1"]
+    assert info["zero"] == 32 and info["removed"] == 31 and info["kept"] == "layers.0.conv1:0"
+    assert "all 32 groups are zero" in info["note"]
+    assert small.layers[0].conv1.out_channels == 1
+    with torch.no_grad():
+        assert torch.allclose(model(x), small(x), atol=1e-6)
+        assert small(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_a_group_that_is_not_zero_invariant_is_named():
+    model, x = _digits()
+    gl = find_groups(model, x)
+    # a bogus group: conv1 row 3 zeroed but BN β left alive -> channel 3 is relu(β) != 0
+    bogus = GroupList([Group(f"bogus:{c}", "channel", "layers.0.conv1", [Slice("layers.0.conv1.weight", 0, (c,))]) for c in (3, 4)])
+    bind_groups(bogus, model)
+    _zero(bogus[0])
+    with torch.no_grad():
+        model.layers[0].bn1.bias[3] = 1.0
+        model.layers[0].bn1.running_mean[3] = 0.0
+    with pytest.raises(ExtractionError, match="bogus:3") as e:
+        extract(model, bogus, x)
+    assert e.value.group == "bogus:3"
+
+
+def test_onnx_export_of_extracted_model_matches_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model, x = _digits()
+    gl = find_groups(model, x)
+    for i in range(0, len(gl), 2):
+        _zero(gl[i])
+    small, _ = extract(model, gl, x)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(small, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert abs(got - ref).max() <= 1e-4 * max(1.0, abs(ref).max())
