@@ -1,0 +1,149 @@
+"""Benchmark of two user-made ONNX files: sane numbers, a clearly smaller model is faster,
+shape overrides reach the feed, results are JSON, the chart is written, bad input is a UserError."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+
+import compress.bench as bench
+from compress.bench import benchmark, plot_bench, print_bench_table
+from compress.io import UserError
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*TorchScript-based ONNX export:DeprecationWarning",
+                                        "ignore:The feature will be removed:DeprecationWarning")
+
+
+def stack(width, depth=3, d_in=256, d_out=10):
+    torch.manual_seed(width)
+    layers, d = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, d_out)).eval()
+
+
+def linear_flops(model, batch=1):
+    """2 · in · out per Linear and sample: the textbook count, written out independently."""
+    return sum(2 * batch * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def user_export(model, path, example, axes):
+    """Exported the way a user would, straight with torch, not with compress.export."""
+    torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": axes, "y": axes}, opset_version=17)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    big, small = stack(512), stack(64)  # 26× fewer FLOPs
+    user_export(big, d / "big.onnx", torch.randn(2, 256), {0: "N"})
+    user_export(small, d / "small.onnx", torch.randn(2, 256), {0: "N"})
+    return d, big, small
+
+
+def test_smaller_model_is_faster_and_numbers_sane(pair):
+    d, big, small = pair
+    r = benchmark(d / "big.onnx", d / "small.onnx", batch_sizes=(1, 16), threads=(1,), warmup=2, rounds=25,
+                  flops=(linear_flops(big), linear_flops(small)))
+    assert [(x["threads"], x["batch"]) for x in r["results"]] == [(1, 1), (1, 16)]
+    for row in r["results"]:
+        assert row["engine"] == "onnxruntime" and row["provider"] == "CPU"
+        assert row["input_shapes"] == {"x": [row["batch"], 256]}
+        for key in ("dense", "compressed"):
+            s = row[key]
+            assert s["n"] == 25 and 0 < s["min_ms"] <= s["median_ms"] <= s["p90_ms"] < 1000
+            assert s["spread"] >= 0
+        assert row["speedup"] == pytest.approx(row["dense"]["median_ms"] / row["compressed"]["median_ms"])
+        assert row["speedup"] > 1.5, row
+        assert row["efficiency"] == pytest.approx(row["speedup"] / r["flop_ratio"])
+    assert r["flop_ratio"] == pytest.approx(linear_flops(big) / linear_flops(small))
+    # parameters straight from the ONNX initializers
+    assert r["dense"]["params_onnx"] == sum(p.numel() for p in big.parameters())
+    assert r["compressed"]["params_onnx"] == sum(p.numel() for p in small.parameters())
+    json.loads(json.dumps(r, allow_nan=False))
+
+
+def test_torch_reference_params_and_flops(pair):
+    d, big, small = pair
+    r = benchmark(d / "big.onnx", d / "small.onnx", batch_sizes=(2,), threads=(1,), quick=True,
+                  torch_models=(big, small))
+    assert r["flops"]["dense"] == linear_flops(big) and r["flops"]["compressed"] == linear_flops(small)
+    assert r["dense"]["params"] == sum(p.numel() for p in big.parameters())
+    assert [(x["engine"], x["provider"]) for x in r["results"]] == [("onnxruntime", "CPU"), ("torch", "eager")]
+    assert all(x["dense"]["n"] == 5 for x in r["results"])
+    json.dumps(r)
+
+
+def test_threads_none_means_all_cores(pair):
+    d, _, _ = pair
+    r = benchmark(d / "big.onnx", d / "small.onnx", batch_sizes=(1,), threads=(None,), quick=True)
+    assert r["results"][0]["threads"] == bench.all_cores() == r["machine"]["cores"]
+
+
+def test_input_shape_defaults_and_overrides(tmp_path, monkeypatch):
+    m = stack(32, depth=1, d_in=8)
+    for name in ("a", "b"):
+        user_export(m, tmp_path / f"{name}.onnx", torch.randn(2, 3, 8), {0: "N", 1: "seq"})
+    fed = []
+    real = bench.make_feed
+    monkeypatch.setattr(bench, "make_feed", lambda *a, **k: fed.append(real(*a, **k)) or fed[-1])
+
+    def shapes(**kw):
+        fed.clear()
+        r = benchmark(tmp_path / "a.onnx", tmp_path / "b.onnx", batch_sizes=(2,), threads=(1,), quick=True, **kw)
+        assert {f["x"].shape for f in fed} == {tuple(r["results"][0]["input_shapes"]["x"])}
+        return fed[0]["x"].shape
+
+    assert shapes() == (2, 128, 8)  # dynamic non-batch dims default to seq_len = 128
+    assert shapes(seq_len=9) == (2, 9, 8)
+    assert shapes(input_shapes={"seq": 5}) == (2, 5, 8)  # by symbolic dim name
+    assert shapes(input_shapes={"x": [None, 4, 8]}) == (2, 4, 8)  # by input, None = batch
+    assert shapes(input_shapes={"x": [3, 6, 8]}) == (3, 6, 8)  # fully fixed
+    with pytest.raises(UserError, match="rank"):
+        shapes(input_shapes={"x": [None, 8]})
+    with pytest.raises(UserError, match="neither an input"):
+        shapes(input_shapes={"y": [1, 2]})
+
+
+def test_text_inputs_get_valid_ids_and_ones_mask():
+    inputs = [("input_ids", ["batch", "seq"], np.dtype(np.int64)),
+              ("attention_mask", ["batch", "seq"], np.dtype(np.int64)),
+              ("pixel", ["batch", 3], np.dtype(np.float32))]
+    feed = bench.make_feed(inputs, bench.resolve_shapes(inputs, 4, 16, None))
+    assert feed["input_ids"].shape == (4, 16) and feed["input_ids"].dtype == np.int64
+    assert set(np.unique(feed["input_ids"])) <= {0, 1}
+    assert (feed["attention_mask"] == 1).all() and feed["pixel"].shape == (4, 3)
+
+
+def test_table_and_png(pair, tmp_path):
+    d, _, _ = pair
+    r = benchmark(d / "big.onnx", d / "small.onnx", batch_sizes=(1, 4), threads=(1,), quick=True, flops=(8, 1))
+    con = Console(record=True, width=160)
+    print_bench_table(r, con)
+    text = con.export_text()
+    assert f"{r['results'][1]['speedup']:.2f}×" in text and "8.00×" in text
+    png = tmp_path / "bench.png"
+    plot_bench(r, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["bench.png"]
+
+
+def test_bad_inputs(pair, tmp_path):
+    d, _, _ = pair
+    with pytest.raises(UserError, match="does not exist"):
+        benchmark(tmp_path / "nope.onnx", d / "small.onnx", quick=True)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not a protobuf \x00\xff" * 10)
+    with pytest.raises(UserError, match="junk.onnx"):
+        benchmark(d / "big.onnx", junk, quick=True)
+    other = tmp_path / "other.onnx"
+    torch.onnx.export(stack(8), (torch.randn(2, 256),), str(other), dynamo=False, input_names=["pixels"])
+    with pytest.raises(UserError, match="inputs differ"):
+        benchmark(d / "big.onnx", other, quick=True)
