@@ -264,6 +264,26 @@ def _elementwise_reason(node, allowed_grad_fns) -> str | None:
     return f"op {op} may not map a zero channel to zero (f(0) != 0 or mixes channels)"
 
 
+def _feeds_only(node, consumers, seen: set) -> bool:
+    """True if every path out of `node` reaches a consumer Linear through reshapes only
+    (the nodes passed are added to `seen`)."""
+    from torch_pruning import ops
+
+    outs = list(node.outputs)
+    if not outs:
+        return False
+    for o in outs:
+        seen.add(o)
+        if o in consumers:
+            continue
+        if o.type == ops.OPTYPE.RESHAPE or _op_name(o.grad_fn) in ("View", "UnsafeView", "Reshape", "ReshapeAlias"):
+            if not _feeds_only(o, consumers, seen):
+                return False
+            continue
+        return False
+    return True
+
+
 def _channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
     """Analyse DepGraph's pruning group rooted at `root`'s output channels.
 
@@ -298,9 +318,12 @@ def _channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
         if node.type in (T.CONV, T.LINEAR):
             if isinstance(node.module, nn.modules.conv._ConvNd) and node.module.groups > 1 and node.type == T.CONV:
                 return None, f"grouped convolution {name_of(node)} (groups={node.module.groups}) is coupled"
-            if node.module in attn_linears:
-                return None, f"coupled to attention projection {name_of(node)} (heads are grouped separately)"
-            (producers if is_out(it) else consumers).append(node)
+            if is_out(it):
+                if node.module in attn_linears:
+                    return None, f"coupled to attention projection {name_of(node)} (heads are grouped separately)"
+                producers.append(node)
+            else:
+                consumers.append(node)
         elif node.type == T.EMBED:
             producers.append(node)
         elif node.type == T.PARAMETER:
@@ -320,8 +343,6 @@ def _channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
             t = nxt.type
             nm = name_of(nxt)
             if t in (T.CONV, T.LINEAR):
-                if nxt.module in attn_linears:
-                    return None, f"feeds attention projection {nm} as a coupled output"
                 continue  # a consumer: its input columns multiply the zero channel
             if t == T.OUTPUT or nxt.grad_fn in out_fns:
                 return None, "feeds the model output (final classifier or returned features)"
@@ -336,6 +357,8 @@ def _channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
                 pass
             elif t == T.MHA:
                 return None, f"passes through nn.MultiheadAttention {nm} (its heads/embedding are not prunable)"
+            elif t == T.ELEMENTWISE and _op_name(nxt.grad_fn) in ("Addmm", "Mm") and _feeds_only(nxt, consumers, on_path):
+                continue  # the matmul inside a consumer nn.Linear applied to a >2-d input
             elif t == T.ELEMENTWISE:
                 reason = _elementwise_reason(nxt, allowed)
                 if reason:
@@ -484,6 +507,9 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
         gs, reason = _channel_groups(DG, model, m, name, pnames, attn_linears, out_fns)
         if reason:
             not_prunable.append((name, reason))
+            for mod in members:  # every coupled layer is listed, so inspect can show each
+                if mod is not m and mod not in attn_linears:
+                    not_prunable.append((DG._module2name[mod], f"coupled with {name}: {reason}"))
         else:
             found.append((order[m], gs))
     found.sort(key=lambda t: t[0])
