@@ -1,0 +1,246 @@
+"""Shared pieces of the comparison: the peers' training loop, one measurement path for every
+method (our `export_onnx` + our `benchmark`, dense and compressed interleaved), and the
+result tables and Pareto plots.
+
+Every method, ours or a peer's, ends as a plain torch model; `measure` is the only place a
+speedup comes from, so all methods are timed the same way.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script from anywhere: use this checkout's package
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from compress.cost import count_flops, count_params  # noqa: E402
+
+
+@dataclass
+class Result:
+    """One row of a task's table."""
+
+    task: str
+    method: str
+    setting: str
+    metric: float  # accuracy (digits) or mean cosine to the dense embeddings (text)
+    flops: int
+    flops_dense: int
+    params: int
+    params_dense: int
+    speedup_b1: float | None = None
+    speedup_b32: float | None = None
+    ms_b1: float | None = None  # compressed model's median latency
+    ms_b32: float | None = None
+    extra: dict = field(default_factory=dict)  # method-specific numbers: losses, retrieval, sparsity, seconds
+
+    @property
+    def flop_fraction(self) -> float:
+        return self.flops / self.flops_dense
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["flop_fraction"] = self.flop_fraction
+        return d
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds`."""
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        return False
+
+
+def cosine_lr(base: float, epochs: int) -> Callable[[int, float], float]:
+    """lr at fractional epoch e (per step, like torch's CosineAnnealingLR stepped per batch)."""
+    return lambda e: base * 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))
+
+
+def train_loop(
+    model: torch.nn.Module,
+    batches: Callable[[int], Iterable],
+    epochs: int,
+    opt: torch.optim.Optimizer,
+    lr_at: Callable[[float], float],
+    loss_fn: Callable,
+    after_backward: Callable[[], None] | None = None,
+) -> list[float]:
+    """The loop a Torch-Pruning / OTO user writes: forward, loss, backward, (hook), step.
+
+    `batches(epoch)` yields (inputs tuple, target); returns the mean training loss per epoch.
+    """
+    losses = []
+    model.train()
+    for epoch in range(epochs):
+        items = list(batches(epoch))
+        total, count = 0.0, 0
+        for i, (x, y) in enumerate(items):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch + i / len(items))
+            loss = loss_fn(model(*x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if after_backward is not None:
+                after_backward()
+            opt.step()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+        losses.append(total / max(count, 1))
+    model.eval()
+    return losses
+
+
+def tensor_batches(inputs: tuple[torch.Tensor, ...], target: torch.Tensor, batch_size: int, seed: int):
+    """Shuffled mini-batches of a tensor data set; the order of epoch e depends only on (seed, e)."""
+    n = len(target)
+
+    def gen(epoch: int):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        for s in range(0, n, batch_size):
+            idx = order[s:s + batch_size]
+            yield tuple(t[idx] for t in inputs), target[idx]
+
+    return gen
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def export(model: torch.nn.Module, example, path: Path, **kw) -> dict:
+    """Our verified export (ORT must agree with torch) — every method goes through it."""
+    from compress.export import export_onnx
+
+    model.eval()
+    return export_onnx(model, example, path, **kw)
+
+
+def bench_pair(dense_onnx: Path, comp_onnx: Path, rounds: int | None, flops: tuple[int, int] | None,
+               **kw) -> dict:
+    """Our benchmark: dense and compressed interleaved, ORT CPU, 1 intra-op thread, batch 1 and 32.
+
+    Returns {batch: (speedup, compressed median ms, dense median ms)} plus the raw report.
+    """
+    from compress.bench import benchmark
+
+    args = {"batch_sizes": (1, 32), "threads": (1,), "providers": ["CPUExecutionProvider"]}
+    if rounds is not None:
+        args["rounds"] = rounds
+    if flops is not None:
+        args["flops"] = flops
+    args.update(kw)
+    rep = benchmark(str(dense_onnx), str(comp_onnx), **args)
+    return {"by_batch": _speedups(rep), "report": rep}
+
+
+def _speedups(rep: dict) -> dict[int, tuple[float, float, float]]:
+    """{batch: (speedup, compressed median ms, dense median ms)} at 1 thread from a benchmark report."""
+    out = {}
+    for row in rep["results"]:
+        if row.get("engine") != "onnxruntime" or row.get("provider") != "CPU" or row.get("threads") != 1:
+            continue
+        out[int(row["batch"])] = (float(row["speedup"]), float(row["compressed"]["median_ms"]),
+                                  float(row["dense"]["median_ms"]))
+    return out
+
+
+def measure(model: torch.nn.Module, example, dense_onnx: Path, out_dir: Path, name: str,
+            rounds: int | None, flops_dense: int, flop_example=None, export_kw=None, bench_kw=None) -> dict:
+    """Export `model` with our exporter and time it against the dense ONNX with our benchmark."""
+    model.eval()
+    flops = count_flops(model, flop_example if flop_example is not None else example)
+    path = out_dir / f"{name}.onnx"
+    rep = export(model, example, path, **(export_kw or {}))
+    b = bench_pair(dense_onnx, path, rounds, (flops_dense, flops), **(bench_kw or {}))
+    sp = b["by_batch"]
+    return {
+        "flops": flops,
+        "params": count_params(model),
+        "speedup_b1": sp.get(1, (None,) * 3)[0],
+        "speedup_b32": sp.get(32, (None,) * 3)[0],
+        "ms_b1": sp.get(1, (None,) * 3)[1],
+        "ms_b32": sp.get(32, (None,) * 3)[1],
+        "dense_ms_b1": sp.get(1, (None,) * 3)[2],
+        "dense_ms_b32": sp.get(32, (None,) * 3)[2],
+        "export_max_abs_diff": rep.get("max_abs_diff"),
+        "onnx_path": str(path),
+    }
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _fmt(v, spec: str) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def markdown_table(rows: list[Result], metric_name: str, extra_cols: list[tuple[str, str, str]] = ()) -> str:
+    """Markdown table; `extra_cols` are (header, key in Result.extra, format spec)."""
+    head = ["method", "setting", metric_name, *[h for h, _, _ in extra_cols], "FLOP fraction",
+            "params", "speedup b1", "speedup b32", "ms b1", "ms b32"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.method, r.setting, _fmt(r.metric, ".4f"),
+                 *[_fmt(r.extra.get(k), f) for _, k, f in extra_cols],
+                 _fmt(r.flop_fraction, ".3f"), f"{r.params:,}", _fmt(r.speedup_b1, ".2f") + ("×" if r.speedup_b1 else ""),
+                 _fmt(r.speedup_b32, ".2f") + ("×" if r.speedup_b32 else ""), _fmt(r.ms_b1, ".3f"), _fmt(r.ms_b32, ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, task: str, rows: list[Result], metric_name: str, header: str,
+                 extra_cols: list[tuple[str, str, str]] = (), meta: dict | None = None) -> str:
+    """Write `<task>.md`, `<task>.json` and `<task>_pareto.png` under `out`; return the markdown."""
+    from compress.io import atomic_write_json, atomic_write_text
+
+    md = f"## {task}\n\n{header}\n\n{markdown_table(rows, metric_name, extra_cols)}\n"
+    atomic_write_text(out / f"{task}.md", md)
+    atomic_write_json(out / f"{task}.json", {"task": task, "metric": metric_name, "meta": meta or {},
+                                             "rows": [r.to_json() for r in rows]})
+    pareto_plot(rows, metric_name, out / f"{task}_pareto.png", title=task)
+    return md
+
+
+def pareto_plot(rows: list[Result], metric_name: str, path: Path, title: str) -> None:
+    """Metric against measured speedup (batch 1, batch 32) and against FLOP reduction, one series per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from compress.io import atomic_write_with
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
+    methods = list(dict.fromkeys(r.method for r in rows))
+    markers = "os^Dv<>pPX*h"
+    xs = [("speedup_b1", "measured ORT speedup, batch 1 (×)"), ("speedup_b32", "measured ORT speedup, batch 32 (×)"),
+          (None, "FLOP reduction (dense / compressed)")]
+    for ax, (key, label) in zip(axes, xs):
+        for i, m in enumerate(methods):
+            pts = [((getattr(r, key) if key else 1 / r.flop_fraction), r.metric) for r in rows if r.method == m]
+            pts = sorted((x, y) for x, y in pts if x is not None)
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
+                    linestyle="-" if len(pts) > 1 else "none", label=m)
+        ax.set_xlabel(label)
+        ax.set_xscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel(metric_name)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)

@@ -1,0 +1,84 @@
+"""Proof of value: accuracy at equal *measured* speedup, ours against the tools users would pick instead.
+
+    .venv/bin/python examples/compare/run.py                 # both tasks, full settings
+    .venv/bin/python examples/compare/run.py --quick --task digits --out /tmp/cmp
+
+Every method starts from the same dense model, trains on the same data for the same number
+of epochs, and ends as a plain torch model that goes through our `export_onnx` (verified
+against torch) and our `benchmark` (ONNX Runtime CPU, 1 intra-op thread, batch 1 and 32,
+dense and compressed interleaved). Per task it writes <out>/<task>.md, .json and
+<task>_pareto.png, and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402,F401  (puts the checkout on sys.path)
+
+DIGITS_METHODS = ["tp-magnitude", "tp-regularized", "oto", "ours"]
+TEXT_METHODS = ["tp-magnitude", "ours"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", choices=["digits", "text", "all"], default="all")
+    ap.add_argument("--quick", action="store_true", help="tiny epochs, one setting per method (smoke test)")
+    ap.add_argument("--out", type=Path, default=Path("runs/compare"))
+    ap.add_argument("--methods", default=None, help="comma-separated subset (digits: %s; text: %s)"
+                    % (",".join(DIGITS_METHODS), ",".join(TEXT_METHODS)))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    summary = {"quick": args.quick, "tasks": {}, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    tasks = ["digits", "text"] if args.task == "all" else [args.task]
+    for task in tasks:
+        t_task = time.perf_counter()
+        md = run_task(task, args)
+        summary["tasks"][task] = {"seconds": time.perf_counter() - t_task}
+        print(md, flush=True)
+    summary["seconds"] = time.perf_counter() - t0
+    from compress.io import atomic_write_json
+
+    atomic_write_json(args.out / "summary.json", summary)
+    print(f"total {summary['seconds']:.0f} s on {summary['torch_threads']} torch threads: "
+          + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in summary["tasks"].items()))
+    return 0
+
+
+def run_task(task: str, args) -> str:
+    def log(msg):
+        print(f"[{task}] {msg}", flush=True)
+
+    out = args.out / task
+    out.mkdir(parents=True, exist_ok=True)
+    if task == "digits":
+        from digits_task import Digits as Task
+
+        methods = DIGITS_METHODS
+    else:
+        from text_task import Text as Task
+
+        methods = TEXT_METHODS
+    if args.methods:
+        methods = [m for m in args.methods.split(",") if m in methods]
+    t = Task(out, args.quick, log=log)
+    rows = t.run(methods)
+    header = t.header()
+    return common.write_report(args.out, task, rows, t.metric_name, header, t.extra_cols, meta=t.meta())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
