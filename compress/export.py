@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .groups import _flatten_tensors  # outputs of any nesting (tuple, dict, ModelOutput)
 from .io import UserError, atomic_write_with
 
 _PROTO_LIMIT = 2**31 - 1  # protobuf's 2 GiB ceiling for a single-file ONNX model
@@ -118,28 +119,14 @@ def _resize(t: torch.Tensor, batch: int | None, seq: int | None, gen: torch.Gene
 
 
 def _torch_run(model, inputs, device) -> list[np.ndarray]:
-    with torch.no_grad():
-        out = model(*[x.to(device) for x in inputs])
-    outs = _flatten_outputs(out)
+    outs = _flatten_tensors(_torch_forward(model, inputs, device))
     return [o.detach().float().cpu().numpy() if o.dtype.is_floating_point else o.detach().cpu().numpy() for o in outs]
-
-
-def _flatten_outputs(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten_outputs(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flatten_outputs(v)]
-    if hasattr(out, "to_tuple"):  # transformers ModelOutput
-        return _flatten_outputs(out.to_tuple())
-    return []
 
 
 def _output_dynamic_axes(model, inputs, device, dyn_batch, dyn_seq, gen) -> list[dict[int, str]]:
     """Which output dims follow batch / seq, found by running torch at two sizes (the
     TorchScript exporter would otherwise freeze them at the example's values)."""
-    base = [o.shape for o in _flatten_outputs(_torch_forward(model, inputs, device))]
+    base = [o.shape for o in _flatten_tensors(_torch_forward(model, inputs, device))]
     axes = [dict() for _ in base]
     probes = []
     if dyn_batch:
@@ -147,7 +134,7 @@ def _output_dynamic_axes(model, inputs, device, dyn_batch, dyn_seq, gen) -> list
     if dyn_seq:
         probes.append(("seq", [_resize(x, None, x.shape[1] + 1 if s else None, gen) for x, s in zip(inputs, dyn_seq)]))
     for name, probe in probes:
-        shapes = [o.shape for o in _flatten_outputs(_torch_forward(model, probe, device))]
+        shapes = [o.shape for o in _flatten_tensors(_torch_forward(model, probe, device))]
         for i, (a, b) in enumerate(zip(base, shapes)):
             for d, (u, v) in enumerate(zip(a, b)):
                 if u != v:
@@ -327,13 +314,16 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        n_out = len(_flatten_outputs(_torch_forward(model, inputs, device)))
+        n_out = len(_flatten_tensors(_torch_forward(model, inputs, device)))
         out_names = list(output_names) if output_names else (["output"] if n_out == 1 else
                                                              [f"output_{i}" for i in range(n_out)])
         if len(out_names) != n_out:
             raise UserError(f"{len(out_names)} output names for {n_out} outputs")
         dyn_out = _output_dynamic_axes(model, inputs, device, dynamic_batch, any(dyn_seq) and dyn_seq, gen)
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        except OSError as e:
+            raise UserError(f"cannot write to {path.parent}: {e.strerror}") from None
         try:
             tmp = str(tmpdir / "model.onnx")
             used, errors = None, []
