@@ -218,11 +218,27 @@ def test_dynamo_exporter_single_file_and_quiet(digits, tmp_path, capfd):
     assert os.listdir(tmp_path) == ["m.onnx"] and out == "" and err == ""
 
 
-def test_simplify_reverified(digits, tmp_path):
-    pytest.importorskip("onnxslim", reason="onnxslim not installed (optional: simplify=True)")
+def test_simplify_reverified(digits, tmp_path, monkeypatch):
+    onnxslim = pytest.importorskip("onnxslim", reason="onnxslim not installed (optional: simplify=True)")
     spec, model = digits
     rep = export_onnx(model, spec.example_input(1), tmp_path / "m.onnx", simplify=True)
     assert rep["simplified"] and rep["max_abs_diff"] <= 1e-4
+    assert rep["file_bytes"] == (tmp_path / "m.onnx").stat().st_size
+
+    real = onnxslim.slim
+
+    def broken_slim(proto, *a, **k):  # a simplifier bug: perturbs the first weight tensor
+        from onnx import numpy_helper
+
+        out = real(proto, *a, **k)
+        init = next(t for t in out.graph.initializer if t.data_type == 1 and len(t.dims) == 4)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.05, init.name))
+        return out
+
+    monkeypatch.setattr(onnxslim, "slim", broken_slim)
+    with pytest.raises(UserError, match="disagrees"):
+        export_onnx(model, spec.example_input(1), tmp_path / "bad.onnx", simplify=True)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
 def _builtin_names():
