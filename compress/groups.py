@@ -127,12 +127,14 @@ def _as_args(example_inputs):
 class AttentionUnit:
     """An attention block whose heads can be removed: q/k/v/out Linear modules + head attributes.
 
-    Two layouts are recognised (both compute softmax(q kᵀ) v per head, heads laid out
-    head-major in the q/k/v outputs, then the out projection):
-    * native: a module with int attributes `num_heads`, `head_dim` and Linear children
-      `q`, `k`, `v`, `out` (or `q_proj`, `k_proj`, `v_proj`, `out_proj`/`o_proj`);
-    * Hugging Face BERT/ViT: a module with `.self` (query/key/value,
-      num_attention_heads, attention_head_size) and `.output.dense`.
+    Recognised layouts (all compute softmax(q kᵀ) v per head with heads laid out
+    head-major in the q/k/v outputs, then the out projection; the forward must read
+    the head count from the attributes or infer it with view(..., -1, head_dim)):
+    * a module with int `num_heads` (or `num_attention_heads`) and `head_dim` (or
+      `attention_head_size`) and Linear children `q`, `k`, `v`, `out` or
+      `q_proj`, `k_proj`, `v_proj`, `out_proj`/`o_proj` (this package's models, HF ViT);
+    * Hugging Face BERT: `.self` with query/key/value and the head attributes, and the
+      out projection in the sibling `.output.dense`.
     """
 
     name: str
@@ -143,53 +145,48 @@ class AttentionUnit:
     o: str
     num_heads: int
     head_dim: int
-    style: str  # "native" | "hf"
+    heads_attr: str
 
     def set_heads(self, model: nn.Module, n: int) -> None:
         """Update the head-count attributes after n heads remain."""
         m = model.get_submodule(self.holder)
-        if self.style == "hf":
-            m.num_attention_heads = n
-            m.all_head_size = n * m.attention_head_size
-        else:
-            m.num_heads = n
-            for attr in ("inner_dim", "all_head_size"):
-                if isinstance(getattr(m, attr, None), int):
-                    setattr(m, attr, n * self.head_dim)
+        setattr(m, self.heads_attr, n)
+        for attr in ("all_head_size", "inner_dim"):
+            if isinstance(getattr(m, attr, None), int):
+                setattr(m, attr, n * self.head_dim)
 
 
 def _is_linear(m) -> bool:
     return isinstance(m, nn.Linear)
 
 
+_QKVO = (("q", "k", "v", "out"), ("q_proj", "k_proj", "v_proj", "out_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
 def attention_units(model: nn.Module) -> list[AttentionUnit]:
     """Every attention block of `model` whose heads `find_groups` offers."""
     units = []
-    for name, m in model.named_modules():
+    named = dict(model.named_modules())
+    for name, m in named.items():
         if isinstance(m, nn.MultiheadAttention):
             continue
+        heads_attr = next((a for a in ("num_heads", "num_attention_heads") if isinstance(getattr(m, a, None), int)), None)
+        dim_attr = next((a for a in ("head_dim", "attention_head_size") if isinstance(getattr(m, a, None), int)), None)
+        if heads_attr is None or dim_attr is None:
+            continue
+        nh, hd = getattr(m, heads_attr), getattr(m, dim_attr)
         pre = f"{name}." if name else ""
-        if isinstance(getattr(m, "num_heads", None), int) and isinstance(getattr(m, "head_dim", None), int):
-            names = None
-            for cand in (("q", "k", "v", "out"), ("q_proj", "k_proj", "v_proj", "out_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")):
-                if all(_is_linear(getattr(m, c, None)) for c in cand):
-                    names = cand
-                    break
-            if names:
-                units.append(AttentionUnit(name, name, *(pre + c for c in names), m.num_heads, m.head_dim, "native"))
-                continue
-        s, out = getattr(m, "self", None), getattr(getattr(m, "output", None), "dense", None)
-        if (
-            isinstance(s, nn.Module)
-            and isinstance(getattr(s, "num_attention_heads", None), int)
-            and all(_is_linear(getattr(s, c, None)) for c in ("query", "key", "value"))
-            and _is_linear(out)
-        ):
+        names = next((c for c in _QKVO if all(_is_linear(getattr(m, x, None)) for x in c)), None)
+        if names:
+            units.append(AttentionUnit(name, name, *(pre + c for c in names), nh, hd, heads_attr))
+            continue
+        parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+        parent = named.get(parent_name)
+        out = getattr(getattr(parent, "output", None), "dense", None)
+        if name and all(_is_linear(getattr(m, c, None)) for c in ("query", "key", "value")) and _is_linear(out):
+            pp = f"{parent_name}." if parent_name else ""
             units.append(
-                AttentionUnit(
-                    name, pre + "self", pre + "self.query", pre + "self.key", pre + "self.value",
-                    pre + "output.dense", s.num_attention_heads, s.attention_head_size, "hf",
-                )
+                AttentionUnit(parent_name, name, pre + "query", pre + "key", pre + "value", pp + "output.dense", nh, hd, heads_attr)
             )
     return units
 

@@ -228,3 +228,67 @@ def test_extracted_model_exports_to_onnx(name, tmp_path):
         _zero(gl[i])
     small, _ = extract(model, gl, x)
     _onnx_check(model, small, x, tmp_path)
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _hf():
+    return pytest.importorskip("transformers", reason="transformers is not installed (pip install compress[hf])")
+
+
+def _hf_bert():
+    tf = _hf()
+    cfg = tf.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    return tf.BertForSequenceClassification(cfg).eval()
+
+
+def _hf_vit():
+    tf = _hf()
+    cfg = tf.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=96, num_labels=5)
+    torch.manual_seed(0)
+    return tf.ViTForImageClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("which", ["bert", "vit"])
+def test_hugging_face_heads_and_neurons_removed_exactly(which):
+    model = _hf_bert() if which == "bert" else _hf_vit()
+    _randomize(model, 0)
+    if which == "bert":
+        ids = torch.randint(0, 500, (2, 16))
+        mask = torch.ones_like(ids)
+        mask[1, 10:] = 0
+        x = {"input_ids": ids, "attention_mask": mask}
+    else:
+        x = torch.rand(2, 3, 32, 32)
+    gl = find_groups(model, x)
+    counts = {}
+    for g in gl:
+        counts[g.kind] = counts.get(g.kind, 0) + 1
+    # 2 layers x 4 heads; 2 x 96 MLP neurons (+ 64 BERT pooler neurons, tanh(0) = 0)
+    assert counts == ({"head": 8, "neuron": 2 * 96 + 64} if which == "bert" else {"head": 8, "neuron": 2 * 96})
+    reasons = " ".join(r for _, r in gl.not_prunable)
+    assert "LayerNorm" in reasons  # the hidden size is never offered
+    chosen = random.Random(0).sample(range(len(gl)), len(gl) // 2)
+    for i in chosen:
+        _zero(gl[i])
+    small, rep = extract(model, gl, x)
+    removed = _removed_after_rule(gl, chosen)
+    assert sum(p.numel() for p in small.parameters()) == _count_from_shapes(model, gl, removed)
+    call = (lambda m: m(**x)) if isinstance(x, dict) else (lambda m: m(x))
+    with torch.no_grad():
+        ref, out = call(model).logits, call(small).logits
+    assert _max_rel(ref, out) <= 1e-5
+    layers = small.bert.encoder.layer if which == "bert" else small.vit.layers
+    for i, layer in enumerate(layers):
+        attn = layer.attention.self if which == "bert" else layer.attention
+        heads = attn.num_attention_heads
+        left = 4 - sum(1 for j in removed if gl[j].kind == "head" and gl[j].layer.endswith(f".{i}.attention"))
+        assert heads == left
+        q = attn.query if which == "bert" else attn.q_proj
+        assert q.out_features == heads * 16
+        if which == "bert":
+            assert attn.all_head_size == heads * 16
