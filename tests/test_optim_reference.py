@@ -40,23 +40,25 @@ def _gather(x, k, dim, idx):
 def ref_prox(z, d, spec, tau, iters=80):
     """argmin Σ_g τ_g‖w_g‖ + ½Σ d(w − z)², group by group: zero test, then bisection on r = ‖w‖."""
     w = [t.clone() for t in z]
-    for (slices, _), tg in zip(spec, tau.tolist()):
-        zz = torch.cat([_gather(z, k, dm, i) for k, dm, i in slices])
-        dd = torch.cat([_gather(d, k, dm, i) for k, dm, i in slices])
-        a = dd * zz
-        if float(a.norm()) <= tg:
-            r = 0.0
-        elif tg == 0:
-            r = None
-        else:
-            lo, hi = 0.0, float(zz.norm())
-            for _ in range(iters):
-                mid = 0.5 * (lo + hi)
-                if float(((a / (dd * mid + tg)) ** 2).sum()) > 1.0:
-                    lo = mid
-                else:
-                    hi = mid
-            r = 0.5 * (lo + hi)
+    if not spec:
+        return w
+    # entries of each group, padded to a [G, L] table (padding: a = 0, d = 1 adds nothing to φ)
+    zs = [torch.cat([_gather(z, k, dm, i) for k, dm, i in sl]).double() for sl, _ in spec]
+    ds = [torch.cat([_gather(d, k, dm, i) for k, dm, i in sl]).double() for sl, _ in spec]
+    L = max(len(t) for t in zs)
+    Z = torch.stack([torch.cat([t, t.new_zeros(L - len(t))]) for t in zs])
+    D = torch.stack([torch.cat([t, t.new_ones(L - len(t))]) for t in ds])
+    A = D * Z
+    T = tau.double()[:, None]
+    lo, hi = torch.zeros(len(spec), 1, dtype=DT), Z.norm(dim=1, keepdim=True)  # 0 < r < ‖z‖
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        big = ((A / (D * mid + T)) ** 2).sum(1, keepdim=True) > 1.0  # φ decreasing: root is right of mid
+        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    roots = (0.5 * (lo + hi)).flatten().tolist()
+    zero = (A.norm(dim=1) <= tau.double()).tolist()
+    for (slices, _), tg, rt, zr in zip(spec, tau.tolist(), roots, zero):
+        r = 0.0 if zr else (None if tg == 0 else rt)
         for k, dm, i in slices:
             zk = z[k].movedim(dm, 0)[i]
             dk = d[k].movedim(dm, 0)[i]

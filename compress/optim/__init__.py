@@ -1,0 +1,41 @@
+"""Group-sparse optimizers sharing one batched metric group prox (prox.py).
+
+RAMDA (the method), RMDA, ProxSGD and ProxAdam (the baselines it must beat), all with the
+constructor contract `Opt(params, lr, lam=..., ..., groups=None)`; `make_optimizer` builds
+any of them (or dense AdamW) by name.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import ProxOptimizer
+from .prox import GroupIndex, group_soft_threshold, metric_group_prox, metric_group_prox_pg
+from .proxadam import ProxAdam
+from .proxsgd import ProxSGD
+from .ramda import RAMDA
+from .rmda import RMDA
+
+OPTIMIZERS = ("ramda", "rmda", "proxsgd", "proxadam", "adamw")
+
+
+def make_optimizer(name: str, params, groups=None, lr: float = 1e-3, lam: float = 0.0, **kw) -> torch.optim.Optimizer:
+    """The optimizer called `name` (ramda|rmda|proxsgd|proxadam|adamw) over `params` and `groups`.
+
+    Extra keyword arguments go to the class (e.g. momentum, solver, eps_restart_factor for
+    RAMDA; weight_decay for AdamW). AdamW trains dense models: it takes no groups and
+    needs lam == 0.
+    """
+    key = str(name).lower()
+    classes = {"ramda": RAMDA, "rmda": RMDA, "proxsgd": ProxSGD, "proxadam": ProxAdam}
+    if key == "adamw":
+        if lam:
+            raise ValueError(f"adamw trains dense models and takes no group lasso: use lam=0 (got {lam}) "
+                             "or one of ramda|rmda|proxsgd|proxadam")
+        return torch.optim.AdamW(params, lr=lr, **kw)
+    if key not in classes:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return classes[key](params, lr=lr, lam=lam, groups=groups, **kw)
+
+
+__all__ = ["RAMDA", "RMDA", "ProxSGD", "ProxAdam", "ProxOptimizer", "GroupIndex", "metric_group_prox",
+           "metric_group_prox_pg", "group_soft_threshold", "make_optimizer", "OPTIMIZERS"]

@@ -1,0 +1,271 @@
+"""What every group-sparse optimizer here shares: the group index, the structured point Ŵ,
+sparsity measurement, kernel dispatch (torch.compile with an automatic eager fallback)
+and state that round-trips bit-exactly through `state_dict()`.
+
+A subclass defines three tensor functions (static, compile-friendly):
+  `_update(grad, state, scal)`   per-step state update before the prox (moments, V, U, ...)
+  `_ad(state, scal) -> (a, d)`   the subproblem in the form min τ‖w‖ + ½Σd(w − a/d)²
+  `_finish(state, w, scal)`      where the prox result goes (Ŵ buffer and/or the parameter)
+where `state` is a tuple of 3-D views ([A, n, B], see prox.GroupIndex) whose first entry
+is the parameter itself, and `scal` a tuple of 0-dim tensors (never Python floats, so a
+compiled kernel does not recompile when the learning rate changes).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+import warnings
+from typing import Sequence
+
+import torch
+
+from .prox import GroupIndex, ProxProblem, make_prox_kernels
+
+Tensor = torch.Tensor
+
+# Below this many parameter entries compiling costs more than it saves (first compile: seconds).
+COMPILE_MIN_NUMEL = 1_000_000
+
+
+def _clone_fn(f, tag: str):
+    """A copy of `f` with its own code object: dynamo keeps one cache (and recompile budget) per code object."""
+    code = f.__code__.replace(co_name=f"{f.__name__}_{tag}")
+    g = types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    return g
+
+
+def compile_available(device: torch.device) -> bool:
+    """torch.compile is tried only where inductor has a backend (CPU with a C++ compiler, CUDA)."""
+    if os.environ.get("COMPRESS_COMPILE", "") == "0" or not hasattr(torch, "compile"):
+        return False
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+class ProxOptimizer(torch.optim.Optimizer):
+    """Base of RAMDA, RMDA, ProxSGD and ProxAdam (see the module docstring for the hooks)."""
+
+    # keys of per-parameter state tensors, in the order `state_of` hands them to the kernels
+    _state_keys: tuple[str, ...] = ()
+    _has_w_hat = False  # True: the structured point Ŵ is kept apart from the iterate W
+
+    _kernel_cache: dict = {}
+
+    def __init__(self, params, defaults: dict, groups=None, compile: bool | None = None):
+        self._ready = False
+        super().__init__(params, defaults)
+        self._groups_spec = groups
+        self._compile_flag = compile
+        self._r_cache: Tensor | None = None
+        self.last_stats: dict = {}
+        self._build_index()
+        self._ready = True
+
+    # ------------------------------------------------------------------ index
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if getattr(self, "_ready", False):
+            self._build_index()
+
+    def _build_index(self) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p in params:
+            if not p.is_floating_point():
+                raise ValueError(f"{type(self).__name__} optimizes floating-point parameters only, got {p.dtype}")
+        self.index = GroupIndex(params, self._groups_spec)
+        pg_of = [i for i, g in enumerate(self.param_groups) for _ in g["params"]]
+        self._pg_of = pg_of
+        idx = self.index
+        pe, pgrp = idx.pair_entry.cpu(), idx.pair_group.cpu()
+        pgs = torch.tensor(pg_of, dtype=torch.long)[pe] if len(pe) else pe
+        # a group's slices must share one param group (its α, λ, lr): compare any two writers
+        first = torch.full((idx.n_groups,), -1, dtype=torch.long).scatter_reduce(0, pgrp, pgs, "amin", include_self=False)
+        last = torch.full((idx.n_groups,), -1, dtype=torch.long).scatter_reduce(0, pgrp, pgs, "amax", include_self=False)
+        if bool((first != last).any()):
+            g = int(torch.nonzero(first != last)[0])
+            raise ValueError(f"group {idx.names[g]} spans several param groups; put all its parameters in one")
+        self._group_pg = first.clamp_min(0).to(idx.device)
+        total = sum(p.numel() for p in params)
+        dev = idx.device
+        flag = self._compile_flag
+        if flag is None:
+            flag = total >= COMPILE_MIN_NUMEL and compile_available(dev)
+        elif flag and not compile_available(dev):
+            warnings.warn("torch.compile is unavailable here (no C++ compiler or COMPRESS_COMPILE=0); running eagerly")
+            flag = False
+        self._use_compile = bool(flag)
+        self._r_cache = None
+
+    # ------------------------------------------------------------------ kernels
+
+    @classmethod
+    def _kernels(cls, compiled: bool) -> dict:
+        key = (cls, compiled)
+        if key not in ProxOptimizer._kernel_cache:
+            fns = make_prox_kernels(cls._ad, cls._finish)
+            fns["update"] = cls._update
+            fns = {n: _clone_fn(f, f"{cls.__name__}") for n, f in fns.items()}
+            if compiled:
+                fns = {n: torch.compile(f, dynamic=True, fullgraph=True) for n, f in fns.items()}
+            ProxOptimizer._kernel_cache[key] = fns
+        return ProxOptimizer._kernel_cache[key]
+
+    def _call(self, name: str, *args):
+        if self._use_compile:
+            try:
+                return self._kernels(True)[name](*args)
+            except Exception as e:  # compile failure: fall back for good, same math
+                warnings.warn(f"{type(self).__name__}: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
+                              "continuing eagerly")
+                self._use_compile = False
+        return self._kernels(False)[name](*args)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether steps currently run through torch.compile'd kernels."""
+        return self._use_compile
+
+    # ------------------------------------------------------------------ hooks
+
+    @staticmethod
+    def _update(grad, state, scal):
+        raise NotImplementedError
+
+    @staticmethod
+    def _ad(state, scal):
+        raise NotImplementedError
+
+    @staticmethod
+    def _finish(state, w, scal):
+        raise NotImplementedError
+
+    def _init_state(self, p: Tensor, state: dict) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ step helpers
+
+    def _prepare(self):
+        """Lazily create state; return (work tensors aligned with index.params, write-backs, grads)."""
+        work, back, grads = [], [], []
+        for p in self.index.params:
+            st = self.state[p]
+            if not st:
+                self._init_state(p, st)
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            w = p.detach()
+            if not w.is_contiguous():  # kernels use reshaped views: work on a contiguous copy
+                w = w.contiguous()
+                back.append((p, w))
+            work.append(w)
+            # a missing gradient is a zero gradient: the dual-averaging point still moves with α
+            grads.append(torch.zeros_like(w) if p.grad is None else p.grad.detach())
+        return work, back, grads
+
+    def _state_views(self, k: int, work: Sequence[Tensor]) -> tuple:
+        p = self.index.params[k]
+        st = self.state[p]
+        v3 = self.index.view3
+        return (v3(k, work[k]),) + tuple(v3(k, st[key]) for key in self._state_keys)
+
+    def _scal_tensors(self, values: Sequence[float], like: Tensor) -> tuple:
+        return tuple(torch.tensor(v, dtype=like.dtype, device=like.device) for v in values)
+
+    def _tau(self, per_pg: Sequence[float]) -> Tensor:
+        """τ_g = (per-param-group factor) · w_g, e.g. α_t λ w_g."""
+        f = torch.tensor(list(per_pg), dtype=torch.float64, device=self.index.device)
+        return f[self._group_pg] * self.index.weights if self.index.n_groups else f[:0]
+
+    # warm start r: float64 cache, canonical copy rounded to the parameters' dtype in state["r"]
+
+    def _r_dtype(self) -> torch.dtype:
+        dts = {self.index.params[k].dtype for k in self.index.grouped} or {torch.float64}
+        return max(dts, key=lambda d: torch.finfo(d).eps)
+
+    def _get_r(self) -> Tensor:
+        if self._r_cache is None:
+            idx = self.index
+            r = torch.zeros(idx.n_groups + 1, dtype=torch.float64, device=idx.device)
+            for k in idx.grouped:
+                st = self.state[idx.params[k]]
+                if "r" in st:
+                    r[idx.entries[k].gid_ext] = st["r"].to(torch.float64)
+            self._r_cache = r[: idx.n_groups]
+        return self._r_cache
+
+    def _set_r(self, r: Tensor) -> None:
+        idx = self.index
+        r = r.to(self._r_dtype()).to(torch.float64)  # what a resumed run reads back, bit for bit
+        self._r_cache = r
+        for k in idx.grouped:
+            p = idx.params[k]
+            self.state[p]["r"] = idx.expand(k, r, 0.0, p.dtype)
+
+    def _problem(self, work, scal_of) -> ProxProblem:
+        return ProxProblem(self.index, self._call, lambda k: self._state_views(k, work), scal_of)
+
+    @staticmethod
+    def _write_back(back) -> None:
+        for p, w in back:
+            p.detach().copy_(w)
+
+    # ------------------------------------------------------------------ structured point
+
+    def _structured_tensors(self) -> list[Tensor]:
+        out = []
+        for p in self.index.params:
+            st = self.state.get(p, {})
+            out.append(st["w_hat"] if self._has_w_hat and "w_hat" in st else p.detach())
+        return out
+
+    @contextlib.contextmanager
+    def structured_point(self):
+        """Temporarily load Ŵ into the parameters (evaluation, measurement); W is restored on exit."""
+        saved = []
+        if self._has_w_hat:
+            with torch.no_grad():
+                for p, w in zip(self.index.params, self._structured_tensors()):
+                    if w is not p and w.data_ptr() != p.data_ptr():
+                        saved.append((p, p.detach().clone()))
+                        p.detach().copy_(w)
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                for p, w in saved:
+                    p.detach().copy_(w)
+
+    @torch.no_grad()
+    def commit_structured_point(self) -> None:
+        """Copy Ŵ into the parameters for good (before extraction/export)."""
+        if self._has_w_hat:
+            for p, w in zip(self.index.params, self._structured_tensors()):
+                if w.data_ptr() != p.data_ptr():
+                    p.detach().copy_(w)
+
+    @torch.no_grad()
+    def group_norms(self) -> Tensor:
+        """‖Ŵ_g‖₂ per group (float64, in the order of `groups` / `self.index.names`)."""
+        return self.index.group_sq_norms(self._structured_tensors()).sqrt()
+
+    @torch.no_grad()
+    def group_sparsity(self) -> tuple[float, float]:
+        """(fraction of groups exactly zero, fraction of grouped entries inside zero groups), on Ŵ."""
+        return self.index.sparsity(self._structured_tensors())
+
+    def restart(self) -> None:
+        """Start a new stage (a learning-rate decay). No-op unless the method has stages."""
+
+    # ------------------------------------------------------------------ state dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._r_cache = None

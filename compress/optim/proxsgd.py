@@ -1,0 +1,73 @@
+"""ProxSGD: momentum SGD, then the closed-form group soft-threshold with threshold η λ w_g.
+
+m ← μ m + g (PyTorch's SGD momentum, no dampening), z = W − η m,
+W ← max(0, 1 − η λ w_g / ‖z_g‖) z_g. The iterate is the structured point (Ŵ = W).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import ProxOptimizer
+
+
+class ProxSGD(ProxOptimizer):
+    """Proximal momentum SGD; `momentum` is the SGD momentum μ (not RAMDA's averaging c)."""
+
+    _state_keys = ("momentum_buffer",)
+
+    def __init__(self, params, lr: float, lam: float = 0.0, momentum: float = 0.9, groups=None,
+                 compile: bool | None = None):
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        super().__init__(params, dict(lr=lr, lam=lam, momentum=momentum, t=0), groups=groups, compile=compile)
+
+    # state = (W, m), scal = (lr, μ, 1)
+
+    @staticmethod
+    def _update(grad, state, scal):
+        state[1].mul_(scal[1]).add_(grad)
+
+    @staticmethod
+    def _ad(state, scal):
+        w, m = state
+        return w - scal[0] * m, scal[2]
+
+    @staticmethod
+    def _finish(state, w, scal):
+        state[0].copy_(w)
+
+    def _init_state(self, p, st):
+        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work, back, grads = self._prepare()
+        idx = self.index
+        vals = []
+        for g in self.param_groups:
+            g["t"] += 1
+            vals.append((g["lr"], g["momentum"], 1.0))
+        cache: dict = {}
+
+        def scal_of(k):
+            key = (self._pg_of[k], work[k].dtype)
+            if key not in cache:
+                cache[key] = self._scal_tensors(vals[self._pg_of[k]], work[k])
+            return cache[key]
+
+        for k in range(len(work)):
+            self._call("update", idx.view3(k, grads[k]), self._state_views(k, work), scal_of(k))
+        tau = self._tau([g["lr"] * g["lam"] for g in self.param_groups])
+        ones = torch.ones(idx.n_groups, dtype=torch.float64, device=idx.device)
+        _, info = self._problem(work, scal_of).solve_closed_form(tau, ones)
+        self._write_back(back)
+        self.last_stats = info
+        return loss

@@ -1,0 +1,150 @@
+"""RAMDA: Regularized Adaptive Momentum Dual Averaging (ALGORITHMS §2, seed 000).
+
+Per stage (between restarts), with s_t = η_t·sqrt(t+1):
+  α_t = α_{t-1} + s_t,  V += s_t G,  U += s_t G²,  P = cbrt(U) + ε,
+  Ŵ = argmin α_t ψ(W) + ⟨V, W⟩ + ½ (W − W⁰)ᵀ P (W − W⁰),   W ← (1 − c) W + c Ŵ.
+
+State per parameter: v (V), u_cbrt (cbrt(U), see below), w0 (W⁰), w_hat (Ŵ) and r (the
+warm start of each group's secular-equation root): four parameter-sized buffers.
+
+Why cbrt(U) instead of U: P needs the cube root every step, and a cube root is the
+expensive part of the step (ALGORITHMS §7). Keeping c = cbrt(U) and updating
+c ← cbrt(c³ + s g²) needs only the new value's cube root (exp/log, then one Newton
+polish), saves the U buffer, and is as accurate as storing U in the same precision: the
+relative error obeys |δ_{t+1}| ≤ |δ_t|·U_t/U_{t+1} + O(unit roundoff) (tests/test_optim_ramda.py
+checks this bound step by step).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import ProxOptimizer
+
+
+class RAMDA(ProxOptimizer):
+    """RAMDA with the exact metric group prox (`solver="exact"`) or the paper's pg solver.
+
+    `groups=None`: every parameter with >= 2 dims is grouped by dim-0 rows with weight
+    sqrt(row size); 1-D parameters are trained but not regularized. `lam`, `lr`,
+    `momentum` (c) and `eps` live in param_groups (schedulers and the budget controller
+    may change them). `restart()` starts a new stage; `set_momentum(c)` sets c.
+    """
+
+    _state_keys = ("v", "u_cbrt", "w0", "w_hat")
+    _has_w_hat = True
+
+    def __init__(self, params, lr: float, lam: float = 0.0, momentum: float = 0.1, eps: float = 1e-6,
+                 groups=None, solver: str = "exact", eps_restart_factor: float = 1.0,
+                 newton_tol: float | None = None, max_newton: int = 50,
+                 pg_rtol: float = 1e-8, pg_min_iter: int = 2, pg_max_iter: int = 100,
+                 compile: bool | None = None):
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        if not 0 < momentum <= 1:
+            raise ValueError(f"momentum (the averaging weight c) must be in (0, 1], got {momentum}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if not eps_restart_factor > 0:
+            raise ValueError(f"eps_restart_factor must be > 0, got {eps_restart_factor}")
+        if solver not in ("exact", "pg"):
+            raise ValueError(f"solver must be 'exact' or 'pg', got {solver!r}")
+        if max_newton < 1 or pg_max_iter < 1 or pg_min_iter < 1:
+            raise ValueError("iteration limits must be >= 1")
+        self.solver = solver
+        self.newton_tol, self.max_newton = newton_tol, max_newton
+        self.pg_rtol, self.pg_min_iter, self.pg_max_iter = pg_rtol, pg_min_iter, pg_max_iter
+        defaults = dict(lr=lr, lam=lam, momentum=momentum, eps=eps, eps_restart_factor=eps_restart_factor,
+                        t=0, alpha=0.0)
+        super().__init__(params, defaults, groups=groups, compile=compile)
+
+    # ---- kernels (state = (W, V, cbrt U, W0, Ŵ), scal = (s, eps, c))
+
+    @staticmethod
+    def _update(grad, state, scal):
+        _, v, cu, _, _ = state
+        s = scal[0]
+        v.add_(s * grad)
+        x = cu * cu * cu + s * grad * grad
+        c = torch.exp(torch.log(x) * (1.0 / 3.0))
+        cu.copy_(torch.where(c > 0, c - (c * c * c - x) / (3.0 * c * c), c))
+
+    @staticmethod
+    def _ad(state, scal):
+        _, v, cu, w0, _ = state
+        d = cu + scal[1]
+        return d * w0 - v, d
+
+    @staticmethod
+    def _finish(state, w, scal):
+        state[4].copy_(w)
+        state[0].lerp_(w, scal[2])
+
+    def _init_state(self, p, st):
+        st["v"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        st["u_cbrt"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        st["w0"] = p.detach().clone(memory_format=torch.contiguous_format)
+        st["w_hat"] = p.detach().clone(memory_format=torch.contiguous_format)
+
+    # ---- stages and momentum
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """New stage: t, α, V, U reset; W⁰ = the current point W; ε *= eps_restart_factor."""
+        for g in self.param_groups:
+            g["t"], g["alpha"] = 0, 0.0
+            g["eps"] = g["eps"] * g["eps_restart_factor"]
+            for p in g["params"]:
+                st = self.state.get(p)
+                if st:
+                    st["v"].zero_()
+                    st["u_cbrt"].zero_()
+                    st["w0"].copy_(p.detach())
+
+    def set_momentum(self, c: float) -> None:
+        """Set the averaging weight c (the training loop ramps it to 1 in the final stage)."""
+        if not 0 < c <= 1:
+            raise ValueError(f"momentum must be in (0, 1], got {c}")
+        for g in self.param_groups:
+            g["momentum"] = c
+
+    # ---- the step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work, back, grads = self._prepare()
+        idx = self.index
+        vals = []
+        for g in self.param_groups:
+            s = g["lr"] * math.sqrt(g["t"] + 1)
+            g["alpha"] += s
+            g["t"] += 1
+            vals.append((s, g["eps"], g["momentum"]))
+        cache: dict = {}
+
+        def scal_of(k):
+            key = (self._pg_of[k], work[k].dtype)
+            if key not in cache:
+                cache[key] = self._scal_tensors(vals[self._pg_of[k]], work[k])
+            return cache[key]
+
+        for k in range(len(work)):
+            self._call("update", idx.view3(k, grads[k]), self._state_views(k, work), scal_of(k))
+        tau = self._tau([g["alpha"] * g["lam"] for g in self.param_groups])
+        prob = self._problem(work, scal_of)
+        if self.solver == "exact":
+            r, info = prob.solve_exact(tau, self._get_r(), tol=self.newton_tol, max_iter=self.max_newton)
+            self._set_r(r)
+        else:
+            _, info = prob.solve_pg(tau, lambda k: idx.view3(k, self.state[idx.params[k]]["w_hat"]),
+                                    rtol=self.pg_rtol, min_iter=self.pg_min_iter, max_iter=self.pg_max_iter)
+        self._write_back(back)
+        self.last_stats = info
+        return loss
