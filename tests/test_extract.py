@@ -117,3 +117,43 @@ def test_onnx_export_of_extracted_model_matches_onnxruntime(tmp_path):
     with torch.no_grad():
         ref = model(x).numpy()
     assert abs(got - ref).max() <= 1e-4 * max(1.0, abs(ref).max())
+
+
+class _ConcatFlatten(nn.Module):
+    """Two branches concatenated, a 1x1 conv, then flatten of a 4x4 map into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.c = nn.Conv2d(10, 5, 1)
+        self.fc1 = nn.Linear(5 * 4 * 4, 7)
+        self.fc2 = nn.Linear(7, 3)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        y = torch.relu(self.c(y)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(y)))
+
+
+def test_concat_and_flatten_consumers_are_mapped_per_channel():
+    torch.manual_seed(0)
+    m = _ConcatFlatten().eval()
+    for bn in (m.a[1], m.b[1]):
+        bn.bias.data.uniform_(0.2, 0.5)  # relu(BN(0)) > 0 unless γ, β are zeroed
+    x = torch.rand(4, 3, 4, 4)
+    gl = find_groups(m, x)
+    assert [(g.layer, g.kind) for g in gl] == (
+        [("a.0", "channel")] * 4 + [("b.0", "channel")] * 6 + [("c", "channel")] * 5 + [("fc1", "neuron")] * 7
+    )
+    # b's channel 2 is column 4 + 2 of c; c's channel 3 is columns 48..63 of fc1
+    assert [(s.param, s.dim, s.indices) for s in gl[4 + 2].dependents] == [("c.weight", 1, (6,))]
+    assert [(s.param, s.dim, s.indices) for s in gl[10 + 3].dependents] == [("fc1.weight", 1, tuple(range(48, 64)))]
+    for i in (0, 2, 4 + 1, 4 + 2, 10, 10 + 3, 15 + 6):
+        _zero(gl[i])
+    small, rep = extract(m, gl, x)
+    with torch.no_grad():
+        assert (m(x) - small(x)).abs().max() <= 1e-5 * m(x).abs().max()
+    assert small.a[0].out_channels == 2 and small.b[0].out_channels == 4 and small.c.in_channels == 6
+    assert small.fc1.in_features == 3 * 16 and small.fc1.out_features == 6
+    assert rep["params_after"] == rep["params_predicted"] == sum(p.numel() for p in small.parameters())

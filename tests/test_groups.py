@@ -122,7 +122,7 @@ def test_sparsity_and_zero_groups_against_brute_force(digits):
     assert weighted == pytest.approx(sum(sizes[i] for i in zs) / sum(sizes))
     norms = group_norms(gl)
     for i in (1, 42):
-        direct = math.sqrt(sum(float(t.index_select(s.dim, torch.tensor(s.indices)).double().pow(2).sum()) for s, t in zip(gl[i].slices, gl[i].tensors)))
+        direct = math.sqrt(sum(float(t.detach().index_select(s.dim, torch.tensor(s.indices)).double().pow(2).sum()) for s, t in zip(gl[i].slices, gl[i].tensors)))
         assert float(norms[i]) == pytest.approx(direct, rel=1e-12)
 
 
@@ -232,3 +232,11 @@ def test_bind_groups_rejects_missing_parameter():
     g = GroupList([Group("x:0", "channel", "x", [Slice("x.weight", 0, (0,))])])
     with pytest.raises(UserError, match="x.weight"):
         bind_groups(g, nn.Linear(2, 2))
+
+
+def test_grouped_convolution_is_reported_not_guessed():
+    m = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    gl = find_groups(m, torch.rand(1, 4, 8, 8))
+    reasons = dict(gl.not_prunable)
+    assert "grouped convolution" in reasons["0"] and "grouped convolution" in reasons["2"]
+    assert gl == []
