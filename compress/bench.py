@@ -334,24 +334,30 @@ def _torch_rows(torch_models, inputs, thread_list, batch_sizes, seq_len, input_s
 
 def print_bench_table(result: dict, console=None) -> None:
     """The benchmark as a rich table: one row per engine, threads and batch size."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     m = result.get("machine", {})
+    wide = console.width >= 110  # p90 and IQR columns only where they fit; the JSON always has them
     t = Table(title=f"latency, dense vs compressed (medians; interleaved) — {m.get('cpu', '?')}, "
-                    f"{m.get('cores', '?')} cores, onnxruntime {m.get('onnxruntime', '?')}")
-    for col in ("engine", "thr", "batch", "dense ms", "compr. ms", "p90 ms d / c", "IQR/med d / c", "speedup",
-                "FLOP ×", "eff."):
+                    f"{m.get('cores', '?')} cores, onnxruntime {m.get('onnxruntime', '?')}",
+              box=box.SIMPLE_HEAD, padding=(0, 1))
+    cols = ["engine", "thr", "batch", "dense ms", "compr. ms"]
+    cols += ["p90 ms d / c", "IQR/med d / c"] if wide else []
+    for col in cols + ["speedup", "FLOP ×", "eff."]:
         t.add_column(col, justify="left" if col == "engine" else "right", no_wrap=True)
     for r in result["results"]:
         d, c = r["dense"], r["compressed"]
         fr, eff = r.get("flop_ratio"), r.get("efficiency")
         eng = "ORT" if r["engine"] == "onnxruntime" else r["engine"]
         eng += "" if r["provider"] in ("CPU", "eager") else f" {r['provider']}"
-        t.add_row(eng, str(r["threads"]), str(r["batch"]), f"{d['median_ms']:.3f}", f"{c['median_ms']:.3f}",
-                  f"{d['p90_ms']:.3f} / {c['p90_ms']:.3f}", f"{d['spread']:.2f} / {c['spread']:.2f}",
-                  f"{r['speedup']:.2f}×", "–" if fr is None else f"{fr:.2f}×", "–" if eff is None else f"{eff:.2f}")
+        cells = [eng, str(r["threads"]), str(r["batch"]), f"{d['median_ms']:.3f}", f"{c['median_ms']:.3f}"]
+        if wide:
+            cells += [f"{d['p90_ms']:.3f} / {c['p90_ms']:.3f}", f"{d['spread']:.2f} / {c['spread']:.2f}"]
+        t.add_row(*cells, f"{r['speedup']:.2f}×", "–" if fr is None else f"{fr:.2f}×",
+                  "–" if eff is None else f"{eff:.2f}")
     console.print(t)
     dn, cp = result["dense"], result["compressed"]
     pk = "params" if "params" in dn else "params_onnx"
