@@ -139,6 +139,9 @@ class RefProxSGD:
         self.lam, self.mu, self.spec = lam, mu, spec
         self.m = None
 
+    def restart(self):
+        """ProxSGD has no stages: a learning-rate decay changes nothing else."""
+
     def step(self, grads, lr):
         self.m = [g.clone() for g in grads] if self.m is None else [self.mu * m + g for m, g in zip(self.m, grads)]
         z = [W - lr * m for W, m in zip(self.W, self.m)]
@@ -153,6 +156,9 @@ class RefProxAdam:
         self.m = [torch.zeros_like(w) for w in self.W]
         self.v = [torch.zeros_like(w) for w in self.W]
         self.t = 0
+
+    def restart(self):
+        """ProxAdam has no stages either (the moments carry over a decay)."""
 
     def step(self, grads, lr):
         self.t += 1
