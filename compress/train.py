@@ -54,6 +54,7 @@ class TrainConfig:
     eps_restart_factor: float = 1.0
     seed: int = 0
     device: str = "auto"
+    amp: str = "none"  # none | bf16 | fp16 (autocast; optimizer state and prox math stay float32)
 
     def resolved(self) -> "TrainConfig":
         c = dataclasses.replace(self)
@@ -76,6 +77,8 @@ class TrainConfig:
             raise UserError(f"--momentum must be in (0, 1] for {self.optimizer}, got {self.momentum}")
         if self.schedule not in ("step", "cosine"):
             raise UserError(f"--schedule must be step or cosine, got {self.schedule!r}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise UserError(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.optimizer == "adamw" and self.lam > 0:
             raise UserError("adamw trains dense models: use --lam 0, or choose --optimizer ramda|rmda|proxsgd|proxadam")
         for m in self.milestones or []:
@@ -157,8 +160,11 @@ def _split_batch(batch):
     raise UserError("each data item must be an (inputs, target) pair")
 
 
-def _batches(data, epoch: int, seed: int, batch_size: int, skip: int = 0):
-    """Yield (index, batch). Datasets get a permutation seeded by (seed, epoch): resumable exactly."""
+def _batches(data, epoch: int, seed: int, batch_size: int, skip: int = 0, shard=None):
+    """Yield (index, batch). Datasets get a permutation seeded by (seed, epoch): resumable exactly.
+
+    `shard` picks this process's share of each global batch (data-parallel training).
+    """
     if isinstance(data, torch.utils.data.DataLoader):
         for i, b in enumerate(data):
             if i >= skip:
@@ -173,6 +179,8 @@ def _batches(data, epoch: int, seed: int, batch_size: int, skip: int = 0):
         if i < skip:
             continue
         idx = order[s:s + batch_size]
+        if shard is not None:
+            idx = shard(idx)
         if tensor_ds:
             yield i, tuple(t[idx] for t in data.tensors)
         else:
@@ -261,6 +269,16 @@ def _set_rng_state(st: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def save_weights(path, model: torch.nn.Module) -> None:
+    """The model's state_dict as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_write_with
+
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write_with(path, lambda tmp: save_file(sd, tmp))
+
+
 def prepare_run_dir(out: Path, force: bool) -> None:
     """Refuse to overwrite an existing run unless forced; never delete anything but the run's own files."""
     if out.exists():
@@ -293,8 +311,10 @@ def finetune(
     force: bool = False,
     loss_fn: Callable | None = None,
     epoch_callbacks: list[Callable] = (),
+    step_callbacks: list[Callable] = (),
     console=None,
     progress: bool = True,
+    dist_ctx=None,
 ) -> RunResult:
     """Group-sparse fine-tuning of `model`, writing a run directory `out`.
 
@@ -303,11 +323,15 @@ def finetune(
     accuracy fine-tuning started from). `run_info`: extra JSON for config.json (the CLI
     stores the model and data spec there so `compress export RUN` can rebuild the model).
     `epoch_callbacks`: f(state: dict) called after each epoch with the optimizer, metrics
-    and config — the budget controller adjusts λ through it.
+    and config — the budget controller adjusts λ through it. `step_callbacks`: f(optimizer)
+    after every optimizer step (e.g. keeping removed groups exactly zero). Under torchrun the run is
+    data-parallel (see compress.distributed); only rank 0 writes files and prints.
     """
     from rich.console import Console
 
     from .groups import find_groups, load_groups, save_groups
+
+    from .distributed import DistContext
 
     console = console or Console()
     out = Path(out)
@@ -324,12 +348,20 @@ def finetune(
             raise UserError(f"run {out} already finished; start a new run with --init {out / RUN_FILES['weights']}")
     else:
         cfg = (config or TrainConfig()).resolved()
-        cfg.validate()
-        prepare_run_dir(out, force)
         state = None
     cfg.validate()
 
     device = resolve_device(cfg.device)
+    ctx = dist_ctx or DistContext.from_env(device.type)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    main = ctx.is_main
+    if not main:
+        console, progress = Console(quiet=True), False
+    if not resume and main:
+        prepare_run_dir(out, force)
+    ctx.barrier()
     torch.manual_seed(cfg.seed)
     if init_weights is not None and not resume:
         ckpt.load_into(model, init_weights, "--init weights")
@@ -342,15 +374,11 @@ def finetune(
         groups = find_groups(model, example, weight=cfg.group_weight)
     opt = make_optimizer(cfg, model, groups)
 
-    if not resume:
+    if not resume and main:
         atomic_write_json(out / RUN_FILES["config"], {"train": dataclasses.asdict(cfg), **(run_info or {})})
         save_groups(out / RUN_FILES["groups"], groups)
-        from safetensors.torch import save_file
-
-        from .io import atomic_write_with
-
-        init_sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        atomic_write_with(out / RUN_FILES["init"], lambda tmp: save_file(init_sd, tmp))
+        save_weights(out / RUN_FILES["init"], model)
+    if not resume:
         start_epoch, start_batch, metrics, carry = 0, 0, [], {"loss_sum": 0.0, "seen": 0}
         init_eval = evaluate(model, eval_data, device, loss_fn=loss_fn)
         run_meta = {"init_accuracy": init_eval["accuracy"]}
@@ -372,6 +400,8 @@ def finetune(
         console.print(f"[bold]resuming[/] {out} at epoch {start_epoch + 1}, batch {start_batch}")
 
     def save(epoch, batch, status="running"):
+        if not main:
+            return
         info = {"epoch": epoch, "batch": batch, "status": status, **carry, "run_meta": run_meta,
                 "lam": opt.param_groups[0].get("lam", 0.0)}
         ckpt.save_checkpoint(out / RUN_FILES["checkpoint"], model, opt, info, _rng_state())
@@ -387,6 +417,9 @@ def finetune(
     except ValueError:  # not the main thread
         pass
 
+    net = ctx.wrap(model, device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     n_batches = _num_batches(train_data, cfg.batch_size)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -409,19 +442,30 @@ def finetune(
                 if hasattr(opt, "set_momentum") and cfg.optimizer in ("ramda", "rmda"):
                     opt.set_momentum(momentum_at(cfg, epoch))
                 model.train()
-                for i, batch in _batches(train_data, epoch, cfg.seed, cfg.batch_size, skip=start_batch):
+                shard = ctx.shard if ctx.enabled else None
+                for i, batch in _batches(train_data, epoch, cfg.seed, cfg.batch_size, skip=start_batch, shard=shard):
                     x, y = _split_batch(batch)
                     x, y = _to(x, device), _to(y, device)
-                    loss = loss_fn(_forward(model, x), y)
-                    if not torch.isfinite(loss):
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss = loss_fn(_forward(net, x), y)
+                    stop, bad = ctx.any(interrupted["flag"], not torch.isfinite(loss), device=device)
+                    interrupted["flag"] = stop
+                    if bad:
                         raise NonFiniteLoss(
                             f"loss became {float(loss)} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
                             f"({out / RUN_FILES['checkpoint']}) is kept: lower --lr (now {cfg.lr:g}) and start again, "
                             f"or resume with --resume {out}")
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    carry["loss_sum"] += float(loss) * len(y)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        opt.step()
+                    for cb in step_callbacks:
+                        cb(opt)
+                    carry["loss_sum"] += float(loss.detach()) * len(y)
                     carry["seen"] += len(y)
                     bar.update(task, advance=1, loss=carry["loss_sum"] / carry["seen"])
                     if interrupted["flag"]:
@@ -443,14 +487,12 @@ def finetune(
                     if extra:
                         m.update(extra)
                 metrics.append(m)
-                atomic_write_text(out / RUN_FILES["metrics"], "".join(json.dumps(r) + "\n" for r in metrics))
                 save(epoch + 1, 0, "done" if epoch + 1 == cfg.epochs else "running")
-                try:
+                if main:
+                    atomic_write_text(out / RUN_FILES["metrics"], "".join(json.dumps(r) + "\n" for r in metrics))
                     from .plots import plot_training
 
                     plot_training(metrics, out / RUN_FILES["plot"])
-                except ImportError:
-                    pass
                 console.print(
                     f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {m['train_loss']:.4f}  acc {100 * m['accuracy']:6.2f}%  "
                     f"groups zero {100 * sp:5.1f}% (weighted {100 * wsp:5.1f}%)  lr {lr:.3g}"
@@ -465,10 +507,7 @@ def finetune(
     # The exported point is the structured one: make it the model's weights.
     if hasattr(opt, "commit_structured_point"):
         opt.commit_structured_point()
-    from safetensors.torch import save_file
-
-    from .io import atomic_write_with
-
-    final_sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_with(out / RUN_FILES["weights"], lambda tmp: save_file(final_sd, tmp))
+    if main:
+        save_weights(out / RUN_FILES["weights"], model)
+    ctx.barrier()
     return RunResult(out=out, metrics=metrics, model=model, optimizer=opt, groups=groups)
