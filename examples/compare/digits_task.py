@@ -31,11 +31,11 @@ def settings(quick: bool) -> dict:
     """Everything that differs between --quick and the full run, in one place (printed in the report)."""
     if quick:
         return {"dense_epochs": 3, "epochs": 2, "fractions": [0.1], "oto_sparsity": [0.7],
-                "lams": {"ramda": [1e-3]}, "rounds": 20}
+                "lams": {"ramda": [1e-3]}, "bench": {"quick": True}, "tp_steps": 20}
     return {"dense_epochs": 30, "epochs": 30, "fractions": [0.3, 0.1, 0.04],
             "oto_sparsity": [0.45, 0.68, 0.8],
             "lams": {"ramda": [3e-4, 1e-3, 3e-3], "proxsgd": [3e-4, 1e-3, 3e-3], "proxadam": [3e-4, 1e-3, 3e-3]},
-            "rounds": None}
+            "bench": {}, "tp_steps": 200}
 
 
 @torch.no_grad()
@@ -86,11 +86,11 @@ class Digits:
     def _row(self, method: str, setting: str, model, extra: dict) -> Result:
         ev = evaluate(model, self.xte, self.yte)
         name = f"{method}_{setting}".replace(" ", "_").replace("=", "").replace("/", "")
-        meas = measure(model, self.example, self.dense_onnx, self.out / "onnx", name, self.cfg["rounds"],
-                       self.flops_dense, export_kw={"eval_data": self.eval_ds})
+        meas = measure(model, self.example, self.dense_onnx, self.out / "onnx", name, None,
+                       self.flops_dense, export_kw={"eval_data": self.eval_ds}, bench_kw=self.cfg["bench"])
         r = Result("digits", method, setting, ev["accuracy"], meas["flops"], self.flops_dense, meas["params"],
                    self.params_dense, meas["speedup_b1"], meas["speedup_b32"], meas["ms_b1"], meas["ms_b32"],
-                   extra={"eval_loss": ev["loss"], **extra, **{k: meas[k] for k in ("dense_ms_b1", "dense_ms_b32")}})
+                   extra={"eval_loss": ev["loss"], **extra, **{k: meas[k] for k in ("dense_ms_b1", "dense_ms_b32", "onnx_path", "export_max_abs_diff")}})
         self.log(f"{method:16s} {setting:14s} acc {r.metric:.4f}  FLOPs {r.flop_fraction:.3f}  "
                  f"speedup b1 {r.speedup_b1:.2f}× b32 {r.speedup_b32:.2f}×")
         self.rows.append(r)
@@ -108,8 +108,8 @@ class Digits:
         for f in self.cfg["fractions"]:
             m = copy.deepcopy(self.model)
             with Timer() as t:
-                pr = make_pruner("magnitude", m, self.example, [m.fc], steps=200, max_ratio=0.95)
-                reached = prune_to_flops(m, pr, self.example, f, steps=200)
+                pr = make_pruner("magnitude", m, self.example, [m.fc], steps=self.cfg["tp_steps"], max_ratio=0.95)
+                reached = prune_to_flops(m, pr, self.example, f, steps=self.cfg["tp_steps"])
                 before = evaluate(m, self.xte, self.yte)["accuracy"]
                 losses = self._finetune_adamw(m, E)
             self._row("tp-magnitude", f"flops≤{f}", m, {"acc_before_ft": before, "train_loss": losses[-1],
@@ -122,9 +122,9 @@ class Digits:
         for f in self.cfg["fractions"]:
             m = copy.deepcopy(self.model)
             with Timer() as t:
-                pr = make_pruner("regularized", m, self.example, [m.fc], steps=200, max_ratio=0.95, reg=5e-4)
+                pr = make_pruner("regularized", m, self.example, [m.fc], steps=self.cfg["tp_steps"], max_ratio=0.95, reg=5e-4)
                 sparse_losses = self._finetune_adamw(m, E // 2 or 1, after_backward=lambda: pr.regularize(m))
-                reached = prune_to_flops(m, pr, self.example, f, steps=200)
+                reached = prune_to_flops(m, pr, self.example, f, steps=self.cfg["tp_steps"])
                 before = evaluate(m, self.xte, self.yte)["accuracy"]
                 losses = self._finetune_adamw(m, E - (E // 2 or 1) or 1)
             self._row("tp-regularized", f"flops≤{f}", m, {"acc_before_ft": before, "train_loss": losses[-1],
@@ -208,7 +208,9 @@ class Digits:
         (self.out / "onnx").mkdir(parents=True, exist_ok=True)
         self.dense()
         for name in methods:
-            getattr(self, name.replace("-", "_"))()
+            with Timer() as t:
+                getattr(self, name.replace("-", "_"))()
+            self.log(f"{name}: {t.seconds:.0f} s")
         return self.rows
 
 

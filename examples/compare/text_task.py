@@ -264,7 +264,7 @@ class Text:
         r = Result("text", method, setting, ev["cosine"], meas["flops"], self.flops_dense, meas["params"],
                    self.params_dense, meas["speedup_b1"], meas["speedup_b32"], meas["ms_b1"], meas["ms_b32"],
                    extra={**{k: v for k, v in ev.items() if k != "cosine"}, "heads": heads, "neurons": neurons,
-                          **extra, **{k: meas[k] for k in ("dense_ms_b1", "dense_ms_b32")}})
+                          **extra, **{k: meas[k] for k in ("dense_ms_b1", "dense_ms_b32", "onnx_path", "export_max_abs_diff")}})
         self.log(f"{method:14s} {setting:12s} cos {r.metric:.4f} NN {ev['nn_agreement']:.3f} FLOPs "
                  f"{r.flop_fraction:.3f} speedup b1 {r.speedup_b1:.2f}× b32 {r.speedup_b32:.2f}×")
         self.rows.append(r)
@@ -352,7 +352,9 @@ class Text:
         (self.out / "onnx").mkdir(parents=True, exist_ok=True)
         self.setup()
         for name in methods:
-            getattr(self, name.replace("-", "_"))()
+            with Timer() as t:
+                getattr(self, name.replace("-", "_"))()
+            self.log(f"{name}: {t.seconds:.0f} s")
         return self.rows
 
 

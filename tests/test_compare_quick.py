@@ -1,0 +1,88 @@
+"""The proof-of-value comparison (examples/compare/run.py) in --quick mode on digits.
+
+Beyond "it runs": the accuracy a row reports must be the accuracy of the ONNX file that was
+benchmarked (re-scored here with ONNX Runtime on the held-out split), each peer must land at
+the FLOP target it was given, and the table, JSON and plot must agree on the rows.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    proc = subprocess.run([sys.executable, str(REPO / "examples/compare/run.py"), "--quick", "--task", "digits",
+                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "digits.json").read_text()), proc.stdout
+
+
+def test_every_method_has_a_measured_row(quick_run):
+    out, rep, _ = quick_run
+    methods = [r["method"] for r in rep["rows"]]
+    assert methods[0] == "dense"
+    for m in ("tp-magnitude", "tp-regularized", "ramda"):
+        assert m in methods
+    # OTO either ran or the reason it could not is in the notes
+    assert "oto-hesso" in methods or any("OTO" in n for n in rep["meta"]["notes"])
+    for r in rep["rows"][1:]:
+        assert 0.0 <= r["metric"] <= 1.0
+        assert r["speedup_b1"] > 0 and r["speedup_b32"] > 0
+        assert r["flops"] <= r["flops_dense"]
+        # the speedup is the ratio of the two medians the benchmark measured side by side
+        assert r["speedup_b1"] == pytest.approx(r["extra"]["dense_ms_b1"] / r["ms_b1"], rel=1e-9)
+
+
+def test_peers_reach_their_flop_target(quick_run):
+    _, rep, _ = quick_run
+    for r in rep["rows"]:
+        if r["method"].startswith("tp-"):
+            target = float(r["setting"].split("≤")[1])
+            assert r["flop_fraction"] <= target
+            assert r["flop_fraction"] > target / 3  # small steps: no gross overshoot
+
+
+def test_reported_accuracy_is_that_of_the_benchmarked_onnx(quick_run):
+    """Re-score every exported ONNX file on the held-out split, independently of the harness."""
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(REPO))
+    from compress.models import get_model
+
+    _, held = get_model("digits-resnet").data()
+    x, y = held.tensors[0].numpy(), held.tensors[1].numpy()
+    out, rep, _ = quick_run
+    checked = 0
+    for r in rep["rows"][1:]:
+        path = Path(r["extra"].get("onnx_path") or "")
+        assert path.is_file(), r
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        acc = float((logits.argmax(1) == y).mean())
+        assert acc == pytest.approx(r["metric"], abs=1.5 / len(y)), (r["method"], acc, r["metric"])
+        checked += 1
+    assert checked >= 3
+
+
+def test_table_json_and_plot_agree(quick_run):
+    out, rep, stdout = quick_run
+    md = (out / "digits.md").read_text()
+    body = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
+    assert len(body) == len(rep["rows"])
+    for ln, r in zip(body, rep["rows"]):
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert cells[0] == r["method"] and float(cells[2]) == pytest.approx(r["metric"], abs=5e-5)
+    png = (out / "digits_pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "| tp-magnitude |" in stdout  # the table is printed too
+    assert np.isfinite(json.loads((out / "summary.json").read_text())["seconds"])
