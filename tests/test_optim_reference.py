@@ -143,7 +143,7 @@ class RefProxSGD:
         """ProxSGD has no stages: a learning-rate decay changes nothing else."""
 
     def step(self, grads, lr):
-        self.m = [g.clone() for g in grads] if self.m is None else [self.mu * m + g for m, g in zip(self.m, grads)]
+        self.m = [g.clone() for g in grads] if self.m is None else [self.mu * m + (1 - self.mu) * g for m, g in zip(self.m, grads)]
         z = [W - lr * m for W, m in zip(self.W, self.m)]
         self.W = soft_threshold(z, self.spec, taus(self.spec, lr * self.lam))
         self.W_hat = self.W

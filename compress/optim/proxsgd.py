@@ -1,7 +1,12 @@
 """ProxSGD: momentum SGD, then the closed-form group soft-threshold with threshold η λ w_g.
 
-m ← μ m + g (PyTorch's SGD momentum, no dampening), z = W − η m,
+m ← μ m + (1 − μ) g (m = g at the first step), z = W − η m,
 W ← max(0, 1 − η λ w_g / ‖z_g‖) z_g. The iterate is the structured point (Ŵ = W).
+
+Why the damped (averaging) momentum: at a fixed point m = g, so the fixed points are
+those of the regularized problem, as in the RAMDA authors' ProxSGD. Heavy-ball momentum
+without dampening (m = g / (1 − μ) at a fixed point) would silently solve the problem
+with λ(1 − μ) instead. This is torch.optim.SGD(momentum=μ, dampening=μ).
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from .base import ProxOptimizer
 
 
 class ProxSGD(ProxOptimizer):
-    """Proximal momentum SGD; `momentum` is the SGD momentum μ (not RAMDA's averaging c)."""
+    """Proximal momentum SGD; `momentum` is the averaging coefficient μ of m (not RAMDA's c)."""
 
     _state_keys = ("momentum_buffer",)
 
@@ -25,11 +30,11 @@ class ProxSGD(ProxOptimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         super().__init__(params, dict(lr=lr, lam=lam, momentum=momentum, t=0), groups=groups, compile=compile)
 
-    # state = (W, m), scal = (lr, μ, 1)
+    # state = (W, m), scal = (lr, μ_t, 1, 1 − μ_t) with μ_1 = 0
 
     @staticmethod
     def _update(grad, state, scal):
-        state[1].mul_(scal[1]).add_(grad)
+        state[1].mul_(scal[1]).add_(scal[3] * grad)
 
     @staticmethod
     def _ad(state, scal):
@@ -54,7 +59,8 @@ class ProxSGD(ProxOptimizer):
         vals = []
         for g in self.param_groups:
             g["t"] += 1
-            vals.append((g["lr"], g["momentum"], 1.0))
+            mu = g["momentum"] if g["t"] > 1 else 0.0
+            vals.append((g["lr"], mu, 1.0, 1.0 - mu))
         cache: dict = {}
 
         def scal_of(k):
