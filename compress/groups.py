@@ -226,72 +226,143 @@ def _op_name(grad_fn) -> str:
     return n.rstrip("0123456789").removesuffix("Backward")
 
 
-def _elementwise_reason(node, allowed_grad_fns) -> str | None:
-    """None if the op on the channel's path keeps a zero channel exactly zero, else why not."""
-    gf = node.grad_fn
+def _reduction_ok(gf) -> str | None:
+    """None if a mean/sum reduces only spatial dims of (N, C, H, W[, D]) features."""
     op = _op_name(gf)
-    if op in ("Add", "Sub"):
-        # a zero channel plus something else is not zero: every addend must be zeroed too
-        nexts = [f for f, _ in gf.next_functions]
-        if any(f is None or f not in allowed_grad_fns for f in nexts) or len(nexts) < 2:
-            return f"{op.lower()} with an operand outside the group (e.g. a constant or an unregistered parameter)"
+    dims, sizes = getattr(gf, "_saved_dim", None), getattr(gf, "_saved_self_sym_sizes", None)
+    if dims is None or sizes is None:
+        return f"{op.lower()} over all dimensions (mixes channels)"
+    nd = len(sizes)
+    dims = {d % nd for d in dims}
+    if nd >= 4 and dims <= set(range(2, nd)):
         return None
-    if op == "Hardtanh":
-        lo, hi = getattr(gf, "_saved_min_val", None), getattr(gf, "_saved_max_val", None)
-        return None if lo is not None and lo <= 0 <= hi else "hardtanh whose range excludes 0"
-    if op == "Threshold":
-        return None if getattr(gf, "_saved_threshold", -1) >= 0 else "threshold op with f(0) != 0"
-    if op in ("Mean", "Sum"):
-        dims = getattr(gf, "_saved_dim", None)
-        sizes = getattr(gf, "_saved_self_sym_sizes", None)
-        if dims is None or sizes is None:
-            return f"{op.lower()} over all dimensions (mixes channels)"
-        nd = len(sizes)
-        dims = {d % nd for d in dims}
-        if nd >= 3 and dims <= set(range(2, nd)) and nd != 3:
-            return None  # spatial reduction of (N, C, H, W[, D]) features
-        return f"{op.lower()} over dims {sorted(dims)} of a {nd}-d tensor may mix channels"
-    if op == "Div":
-        nexts = [f for f, _ in gf.next_functions]
-        if len(nexts) >= 2 and nexts[1] is not None and nexts[1] in allowed_grad_fns:
-            return "division by the zeroed channel"
-        return None
-    if op in _ZERO_PRESERVING:
-        return None
-    return f"op {op} may not map a zero channel to zero (f(0) != 0 or mixes channels)"
+    return f"{op.lower()} over dims {sorted(dims)} of a {nd}-d tensor may mix channels"
 
 
-def _feeds_only(node, consumers, seen: set) -> bool:
-    """True if every path out of `node` reaches a consumer Linear through reshapes only
-    (the nodes passed are added to `seen`)."""
-    from torch_pruning import ops
+class _ZeroAnalysis:
+    """Which nodes of one DepGraph pruning group carry an exactly-zero channel.
 
-    outs = list(node.outputs)
-    if not outs:
-        return False
-    for o in outs:
-        seen.add(o)
-        if o in consumers:
-            continue
-        if o.type == ops.OPTYPE.RESHAPE or _op_name(o.grad_fn) in ("View", "UnsafeView", "Reshape", "ReshapeAlias"):
-            if not _feeds_only(o, consumers, seen):
-                return False
-            continue
-        return False
-    return True
+    Producers (conv/linear rows, embeddings, unwrapped parameters) are zero by
+    construction (their slices are zeroed); zero-ness then propagates forward:
+    BatchNorm with γ = β = 0 (eval: γ(x−μ)/σ + β = 0; training likewise), depthwise conv
+    with zero filter and bias, PReLU, reshapes/slices/concats and unary ops with
+    f(0) = 0 keep a zero input zero; an add needs every addend zero, a product any factor
+    zero (so a gate such as squeeze-and-excitation's sigmoid branch may be non-zero),
+    a division a zero numerator. Anything else (sigmoid, softplus, LayerNorm, an operand
+    from outside the group) is non-zero, and the reason is kept for the report.
+    """
+
+    def __init__(self, DG, nodes_in, producers, name_of):
+        from torch_pruning import ops
+
+        self.T = ops.OPTYPE
+        self.nodes_in, self.producers, self.name_of = nodes_in, producers, name_of
+        self.by_fn = {n.grad_fn: n for n in nodes_in if n.grad_fn is not None}
+        self.memo: dict = {}
+
+    def operand(self, fn):
+        return self.by_fn.get(fn) if fn is not None else None
+
+    def zero(self, node) -> tuple[bool, str | None]:
+        if node in self.memo:
+            return self.memo[node]
+        self.memo[node] = (False, "cycle")  # autograd graphs are acyclic; guard anyway
+        self.memo[node] = r = self._zero(node)
+        return r
+
+    def _all(self, nodes, what) -> tuple[bool, str | None]:
+        if not nodes:
+            return False, f"{what} has no input from the zeroed channel"
+        for n in nodes:
+            z, why = self.zero(n)
+            if not z:
+                return False, why
+        return True, None
+
+    def data_inputs(self, node):
+        """In-group inputs carrying activations (not a layer's own weight transposes)."""
+        return [i for i in node.inputs if i in self.nodes_in and (i in self.producers or i.inputs)]
+
+    def _zero(self, node) -> tuple[bool, str | None]:
+        T = self.T
+        if node in self.producers:
+            return True, None
+        if node not in self.nodes_in:
+            return False, f"{self.name_of(node)} is outside the group"
+        t, nm = node.type, self.name_of(node)
+        ins = self.data_inputs(node)
+        if t == T.BN:
+            if not node.module.affine:
+                return False, f"BatchNorm {nm} has no affine γ/β, so BN(0) = −μ/σ ≠ 0"
+            return self._all(ins, nm)
+        if t in (T.DEPTHWISE_CONV, T.PRELU, T.RESHAPE, T.SLICE, T.SPLIT, T.UNBIND, T.EXPAND, T.CONCAT):
+            return self._all(ins, nm)
+        if t in (T.LN, T.GN, T.IN):
+            return False, f"normalised over the pruned dimension by {type(node.module).__name__} {nm}"
+        if t == T.MHA:
+            return False, f"passes through nn.MultiheadAttention {nm} (its heads/embedding are not prunable)"
+        if t in (T.CONV, T.LINEAR):
+            return False, f"{nm} mixes channels"
+        if t != T.ELEMENTWISE:
+            return False, f"passes through {type(node.module).__name__} {nm}, which is not known to keep zeros"
+        gf = node.grad_fn
+        op = _op_name(gf)
+        nexts = [f for f, _ in gf.next_functions] if gf is not None else []
+        if op in ("Add", "Sub"):
+            if len(nexts) < 2 or any(self.operand(f) is None for f in nexts):
+                return False, f"{op.lower()} with an operand outside the group (e.g. a constant or an unregistered parameter)"
+            return self._all([self.operand(f) for f in nexts], op)
+        if op == "Mul":
+            why = f"mul with no zero factor"
+            for f in nexts:
+                n = self.operand(f)
+                if n is not None:
+                    z, w = self.zero(n)
+                    if z:
+                        return True, None
+                    why = w or why
+            return False, why
+        if op == "Div":
+            n = self.operand(nexts[0]) if nexts else None
+            return self.zero(n) if n is not None else (False, "division of a value outside the group")
+        if op in ("Addmm", "Mm"):  # inside a consumer nn.Linear applied to a >2-d input
+            n = self.operand(nexts[1] if op == "Addmm" else nexts[0]) if nexts else None
+            return self.zero(n) if n is not None else (False, f"{op} operand outside the group")
+        if op == "Hardtanh":
+            lo, hi = getattr(gf, "_saved_min_val", None), getattr(gf, "_saved_max_val", None)
+            if lo is None or not lo <= 0 <= hi:
+                return False, "hardtanh whose range excludes 0"
+            return self._all(ins, op)
+        if op == "Threshold":
+            if getattr(gf, "_saved_threshold", -1) < 0:
+                return False, "threshold op with f(0) != 0"
+            return self._all(ins, op)
+        if op == "Select":
+            dim, sizes = getattr(gf, "_saved_dim", None), getattr(gf, "_saved_self_sym_sizes", None)
+            if dim is None or sizes is None:
+                return False, "select on an unknown dimension"
+            nd, dim = len(sizes), dim % len(sizes)
+            if dim == 0 or (nd == 3 and dim == 1) or (nd >= 4 and dim >= 2):  # batch, token or spatial
+                return self._all(ins, op)
+            return False, f"select on dim {dim} of a {nd}-d tensor may pick out channels"
+        if op in ("Mean", "Sum"):
+            why = _reduction_ok(gf)
+            return (False, why) if why else self._all(ins, op)
+        if op in _ZERO_PRESERVING:
+            return self._all(ins, op)
+        return False, f"op {op} may not map a zero channel to zero (f(0) != 0 or mixes channels)"
 
 
 def _channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
     """Analyse DepGraph's pruning group rooted at `root`'s output channels.
 
-    Returns (groups, None) or (None, reason). A coupled channel is offered only when
-    zeroing its producer slices provably makes every consumer's input channel zero:
-    the walk follows the data path forward from every producer and accepts only
-    BatchNorm with γ, β (in eval mode BN(x) = γ(x−μ)/σ + β = 0 when γ = β = 0, in
-    training mode likewise), depthwise convs (filter and bias zeroed too), PReLU, and
-    ops with f(0) = 0 that do not mix channels; adds need every addend in the group.
+    Returns (groups, None) or (None, reason). The channel is offered only when, with
+    the producer slices zeroed, the input every consumer (a conv/linear whose input
+    columns DepGraph removes) reads from this channel is provably exactly zero (see
+    `_ZeroAnalysis`) and no member is a model output. Regularized slices: producers
+    and BN/depthwise parameters whose zero output is used; dependents: consumer
+    columns, PReLU slopes, and producers whose output only meets a zero factor.
     """
-    import torch_pruning as tp
     from torch_pruning import ops
 
     T = ops.OPTYPE
@@ -309,69 +380,39 @@ def _channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
         p = DG.get_pruner_of_module(it.dep.target.module)
         return p is not None and it.dep.handler == p.prune_out_channels
 
-    producers, consumers = [], []
+    producers, consumers = set(), set()
     for it in items:
         node = it.dep.target
         if node.type in (T.CONV, T.LINEAR):
-            if isinstance(node.module, nn.modules.conv._ConvNd) and node.module.groups > 1 and node.type == T.CONV:
+            if isinstance(node.module, nn.modules.conv._ConvNd) and node.module.groups > 1:
                 return None, f"grouped convolution {name_of(node)} (groups={node.module.groups}) is coupled"
             if is_out(it):
                 if node.module in attn_linears:
                     return None, f"coupled to attention projection {name_of(node)} (heads are grouped separately)"
-                producers.append(node)
+                producers.add(node)
             else:
-                consumers.append(node)
-        elif node.type == T.EMBED:
-            producers.append(node)
-        elif node.type == T.PARAMETER:
-            producers.append(node)
-    for node in producers:
-        if node.grad_fn in out_fns:
-            return None, f"{name_of(node)} is a model output (final classifier or returned features)"
-    # walk the data path forward from the producers
-    allowed = {n.grad_fn for n in nodes_in} - {None}
-    on_path, stack = set(), list(producers)
-    while stack:
-        node = stack.pop()
-        for nxt in node.outputs:
-            if nxt in on_path or nxt in producers or nxt not in nodes_in:
-                continue
-            on_path.add(nxt)
-            t = nxt.type
-            nm = name_of(nxt)
-            if t in (T.CONV, T.LINEAR):
-                continue  # a consumer: its input columns multiply the zero channel
-            if t == T.OUTPUT or nxt.grad_fn in out_fns:
-                return None, "feeds the model output (final classifier or returned features)"
-            if t in (T.LN, T.GN, T.IN):
-                return None, f"normalised over the pruned dimension by {type(nxt.module).__name__} {nm}"
-            if t == T.BN:
-                if not nxt.module.affine:
-                    return None, f"BatchNorm {nm} has no affine γ/β, so BN(0) = −μ/σ ≠ 0"
-            elif t == T.DEPTHWISE_CONV:
-                pass
-            elif t == T.PRELU:
-                pass
-            elif t == T.MHA:
-                return None, f"passes through nn.MultiheadAttention {nm} (its heads/embedding are not prunable)"
-            elif t == T.ELEMENTWISE and _op_name(nxt.grad_fn) in ("Addmm", "Mm") and _feeds_only(nxt, consumers, on_path):
-                continue  # the matmul inside a consumer nn.Linear applied to a >2-d input
-            elif t == T.ELEMENTWISE:
-                reason = _elementwise_reason(nxt, allowed)
-                if reason:
-                    return None, reason
-            elif t in (T.RESHAPE, T.CONCAT, T.SPLIT, T.SLICE, T.UNBIND, T.EXPAND):
-                pass
-            else:
-                return None, f"passes through {type(nxt.module).__name__} {nm}, which is not known to keep zeros"
-            stack.append(nxt)
+                consumers.add(node)
+        elif node.type in (T.EMBED, T.PARAMETER):
+            producers.add(node)
+    if not producers:
+        return None, "no layer produces these channels (they come from the network input)"
     for node in nodes_in:
-        if node in on_path or node in producers:
+        if node in consumers:
             continue
-        if isinstance(node.module, nn.Module) and any(True for _ in node.module.parameters(recurse=False)):
-            return None, f"coupled to {name_of(node)} outside the channel's data path"
+        if node.type == T.OUTPUT or node.grad_fn in out_fns:
+            return None, f"{name_of(node)} is a model output (final classifier or returned features)"
+    za = _ZeroAnalysis(DG, nodes_in, producers, name_of)
+    reasons = []
+    for c in sorted(consumers, key=name_of):
+        ok, why = za._all(za.data_inputs(c), name_of(c))
+        if not ok and why not in reasons:
+            reasons.append(why)
+    if reasons:  # the most telling one: a normalisation over the channel explains the rest
+        return None, next((r for r in reasons if r.startswith("normalised")), reasons[0])
 
-    # slices per item, split by root channel
+    def used(node):  # its zero output reaches a consumer or keeps a downstream node zero
+        return any(o in consumers or (o in nodes_in and za.zero(o)[0]) for o in node.outputs)
+
     group_slices = [dict() for _ in range(n_out)]  # (param, dim) -> set
     dep_slices = [dict() for _ in range(n_out)]
 
@@ -388,29 +429,29 @@ def _channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
         nm = name_of(node)
         pre = f"{nm}." if nm else ""
         if node in producers or node.type in (T.BN, T.DEPTHWISE_CONV):
-            if node not in producers and node not in on_path:
-                continue
+            target = group_slices if (za.zero(node)[0] and used(node)) else dep_slices
             if node.type == T.PARAMETER:
-                add(group_slices, nm, node.pruning_dim % m.dim(), idxs, roots)
+                add(target, nm, node.pruning_dim % m.dim(), idxs, roots)
                 continue
             if node.type == T.EMBED:
-                add(group_slices, pre + "weight", 1, idxs, roots)
+                add(target, pre + "weight", 1, idxs, roots)
                 continue
             wdim = 1 if getattr(m, "transposed", False) else 0
-            add(group_slices, pre + "weight", wdim, idxs, roots)
+            add(target, pre + "weight", wdim, idxs, roots)
             if getattr(m, "bias", None) is not None:
-                add(group_slices, pre + "bias", 0, idxs, roots)
+                add(target, pre + "bias", 0, idxs, roots)
         elif node in consumers:
             wdim = 0 if getattr(m, "transposed", False) else 1
             add(dep_slices, pre + "weight", wdim, idxs, roots)
-        elif node.type == T.PRELU and node in on_path and m.num_parameters > 1:
+        elif node.type == T.PRELU and m.num_parameters > 1:
             add(dep_slices, pre + "weight", 0, idxs, roots)
 
     kind = "neuron" if isinstance(root, nn.Linear) else "channel"
     out = []
     for c in range(n_out):
-        sl = [Slice(p, d, tuple(sorted(ix))) for (p, d), ix in sorted(group_slices[c].items(), key=lambda kv: (pnames[kv[0][0]], kv[0][1]))]
-        dp = [Slice(p, d, tuple(sorted(ix))) for (p, d), ix in sorted(dep_slices[c].items(), key=lambda kv: (pnames[kv[0][0]], kv[0][1]))]
+        key = lambda kv: (pnames[kv[0][0]], kv[0][1])  # noqa: E731 - model parameter order
+        sl = [Slice(p, d, tuple(sorted(ix))) for (p, d), ix in sorted(group_slices[c].items(), key=key)]
+        dp = [Slice(p, d, tuple(sorted(ix))) for (p, d), ix in sorted(dep_slices[c].items(), key=key)]
         if not sl:
             return None, "no parameter slices to regularize"
         out.append(Group(name=f"{root_name}:{c}", kind=kind, layer=root_name, slices=sl, dependents=dp))

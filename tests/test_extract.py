@@ -157,3 +157,42 @@ def test_concat_and_flatten_consumers_are_mapped_per_channel():
     assert small.a[0].out_channels == 2 and small.b[0].out_channels == 4 and small.c.in_channels == 6
     assert small.fc1.in_features == 3 * 16 and small.fc1.out_features == 6
     assert rep["params_after"] == rep["params_predicted"] == sum(p.numel() for p in small.parameters())
+
+
+class _SqueezeExcite(nn.Module):
+    """conv-BN-ReLU, then x * sigmoid(expand(relu(reduce(pool(x))))), then a consumer conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.reduce = nn.Conv2d(8, 4, 1)
+        self.expand = nn.Conv2d(4, 8, 1)
+        self.out = nn.Conv2d(8, 5, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        gate = torch.sigmoid(self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        return self.out(x * gate).mean((2, 3))
+
+
+def test_squeeze_excitation_gate_does_not_block_the_gated_channels():
+    torch.manual_seed(0)
+    m = _SqueezeExcite().eval()
+    m.conv[1].bias.data.uniform_(0.2, 0.5)
+    x = torch.rand(4, 3, 6, 6)
+    gl = find_groups(m, x)
+    assert [g.layer for g in gl] == ["conv.0"] * 8 + ["reduce"] * 4
+    g = gl[2]
+    # sigmoid(0) = 0.5 != 0, but it only multiplies the zero channel: the expand row is a
+    # dependent (deleted, not regularized)
+    assert {(s.param, s.dim, s.indices) for s in g.slices} == {
+        ("conv.0.weight", 0, (2,)), ("conv.0.bias", 0, (2,)), ("conv.1.weight", 0, (2,)), ("conv.1.bias", 0, (2,))}
+    assert {(s.param, s.dim, s.indices) for s in g.dependents} == {
+        ("reduce.weight", 1, (2,)), ("expand.weight", 0, (2,)), ("expand.bias", 0, (2,)), ("out.weight", 1, (2,))}
+    for i in (1, 2, 5, 9):
+        _zero(gl[i])
+    small, rep = extract(m, gl, x)
+    with torch.no_grad():
+        ref = m(x)
+        assert (ref - small(x)).abs().max() <= 1e-5 * ref.abs().max()
+    assert small.conv[0].out_channels == 5 and small.expand.out_channels == 5 and small.reduce.out_channels == 3
