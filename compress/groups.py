@@ -96,6 +96,9 @@ class GroupList(list):
         super().__init__(groups)
         self.not_prunable: list[tuple[str, str]] = list(not_prunable)
 
+    def __getstate__(self):  # copies/pickles drop the sparsity index cache (it holds live tensors)
+        return {k: v for k, v in self.__dict__.items() if k != "_index"}
+
 
 def _slice_numel(s: Slice, shape) -> int:
     return len(s.indices) * math.prod(d for i, d in enumerate(shape) if i != s.dim)
