@@ -1,0 +1,1020 @@
+"""Compress to a budget: the cost of a zero pattern, and a λ controller that hits a target.
+
+Users state a budget ("half the FLOPs", "under 3 ms at batch 1"); λ is the controller's
+variable. Three pieces:
+
+* `CostModel` — FLOPs (torch.utils.flop_counter semantics) and parameter count of the
+  model that `extract` *would* produce for a zero pattern, without extracting. Every
+  counted op of one traced forward pass is attributed to the parameter it multiplies
+  (conv/linear: FLOPs = 2·(batch·spatial or tokens)·weight entries, so they scale with
+  the kept entries of that weight) or, for the weight-free matmuls inside an attention
+  block, to its kept heads. Kept sizes come from the groups' slices *and* dependents
+  (consumers lose input columns too), so the whole model is integer arithmetic on
+  index tensors — exact, and fast enough to call for thousands of patterns.
+* `Budget` + `BudgetController` — an epoch callback that raises λ while the structured
+  point's cost is above a planned trajectory, then freezes the zero pattern for a final
+  phase; an enforcement step removes the weakest groups per unit of cost if the target
+  still does not hold, and a step callback keeps every removed group exactly zero.
+* `LatencyModel` — latency is measured, never assumed: extract + export + ONNX Runtime
+  benchmark at a few calibration patterns, a least-squares fit latency ≈ a + b·FLOPs,
+  re-measured at the freeze point, and the final model measured again.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .groups import _as_args, _slice_numel, attention_units
+from .io import UserError, atomic_write_json
+
+__all__ = ["CostModel", "Budget", "BudgetController", "LatencyModel", "finetune_to_budget", "budget_summary"]
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+class _OpRecorder:
+    """A FlopCounterMode that also remembers, per counted op, its FLOPs, the parameters among
+    its operands (matched by storage, so `weight.t()` views count) and the module stack."""
+
+    def __init__(self, model: nn.Module):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.model = model
+        self.records: list[tuple[int, list[str], tuple[str, ...], str]] = []
+        storage: dict[int, list[str]] = {}
+        for name, p in model.named_parameters():
+            storage.setdefault(p.untyped_storage().data_ptr(), []).append(name)
+        self.storage = storage
+        self.stack: list[str] = []
+        rec = self
+
+        class Mode(FlopCounterMode):
+            def _count_flops(self, func_packet, out, args, kwargs):
+                if func_packet in self.flop_registry:
+                    n = int(self.flop_registry[func_packet](*args, **kwargs, out_val=out))
+                    rec._record(n, str(func_packet), args, kwargs)
+                return super()._count_flops(func_packet, out, args, kwargs)
+
+        self.mode = Mode(display=False)
+
+    def _record(self, n: int, op: str, args, kwargs) -> None:
+        params: list[str] = []
+
+        def visit(x):
+            if isinstance(x, torch.Tensor):
+                names = self.storage.get(x.untyped_storage().data_ptr())
+                if names:
+                    params.extend(names)
+            elif isinstance(x, (list, tuple)):
+                for v in x:
+                    visit(v)
+
+        visit(args)
+        visit(list(kwargs.values()))
+        self.records.append((n, list(dict.fromkeys(params)), tuple(self.stack), op))
+
+    def run(self, args, kwargs) -> int:
+        def enter(name):
+            def hook(mod, inp):
+                self.stack.append(name)
+            return hook
+
+        def leave(mod, inp, out):
+            self.stack.pop()
+
+        handles = []
+        for name, m in self.model.named_modules():
+            handles.append(m.register_forward_pre_hook(enter(name)))
+            handles.append(m.register_forward_hook(leave))
+        try:
+            with torch.no_grad(), self.mode:
+                self.model(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return int(self.mode.get_total_flops())
+
+
+class CostModel:
+    """FLOPs and parameters of the model that `extract` would produce, for any zero pattern.
+
+    `zero_mask`: bool tensor [n_groups] (or [K, n_groups] for K patterns at once), True
+    where a group is exactly zero. Mirrors extraction exactly: a zero group removes its
+    slices and dependents; a layer whose groups are *all* zero keeps its first one (the
+    network cannot lose a whole layer). FLOPs are those of one forward pass on
+    `example_inputs` (so they scale with its batch), counted like `compress.count_flops`.
+
+    Ops that use no grouped parameter and sit outside an attention block are constant;
+    `unattributed` lists those whose operands may still change width (none on the built-in
+    models) — `check()` compares against a real extraction for custom models.
+    """
+
+    def __init__(self, model: nn.Module, groups, example_inputs):
+        self.n_groups = len(groups)
+        self.example_inputs = example_inputs
+        named = dict(model.named_parameters())
+        # ---- kept-size variables: one per (param, dim) touched by any group
+        pair_ix: dict[tuple[str, int], int] = {}
+        pos, gid, pair_of = [], [], []
+        offsets: list[int] = []
+        sizes: list[int] = []
+        total = 0
+        for gi, g in enumerate(groups):
+            for s in [*g.slices, *g.dependents]:
+                if s.param not in named:
+                    raise UserError(f"group {g.name}: parameter {s.param!r} is not in the model")
+                key = (s.param, s.dim)
+                if key not in pair_ix:
+                    pair_ix[key] = len(sizes)
+                    offsets.append(total)
+                    n = named[s.param].shape[s.dim]
+                    sizes.append(n)
+                    total += n
+                k = pair_ix[key]
+                pos.extend(offsets[k] + i for i in s.indices)
+                gid.extend([gi] * len(s.indices))
+        self.pairs = list(pair_ix)
+        self._flat_pos = torch.tensor(pos, dtype=torch.long)
+        self._flat_gid = torch.tensor(gid, dtype=torch.long)
+        self._flat_n = total
+        self._pair_of_flat = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)) \
+            if sizes else torch.zeros(0, dtype=torch.long)
+        self._pair_size = torch.tensor(sizes, dtype=torch.long)
+        # ---- every parameter's numel = product of its dims' sizes (kept variables or constants)
+        const_vals = sorted({int(d) for p in named.values() for d in p.shape} | {1})
+        const_ix = {v: len(sizes) + i for i, v in enumerate(const_vals)}
+        self._consts = torch.tensor(const_vals, dtype=torch.long)
+        self.param_names = list(named)
+        p_ix = {n: i for i, n in enumerate(self.param_names)}
+        maxdim = max([p.dim() for p in named.values()] + [1])
+        dim_table = torch.full((len(named), maxdim), const_ix[1], dtype=torch.long)
+        for i, (name, p) in enumerate(named.items()):
+            for d, n in enumerate(p.shape):
+                dim_table[i, d] = pair_ix.get((name, d), const_ix[int(n)])
+        self._dim_table = dim_table
+        self._pair_param = torch.tensor([p_ix[p] for p, _ in self.pairs], dtype=torch.long)
+        # ---- extraction keeps one group of an all-zero layer: layer id per group, first group per layer
+        layers: OrderedDict[str, list[int]] = OrderedDict()
+        for i, g in enumerate(groups):
+            layers.setdefault(g.layer, []).append(i)
+        self.layers = list(layers)
+        self._layer_of = torch.empty(self.n_groups, dtype=torch.long)
+        for li, idx in enumerate(layers.values()):
+            self._layer_of[idx] = li
+        self._layer_size = torch.tensor([len(v) for v in layers.values()], dtype=torch.long)
+        self._layer_first = torch.tensor([v[0] for v in layers.values()], dtype=torch.long)
+
+        # ---- FLOPs: one traced forward pass, every counted op attributed to a unit
+        args, kwargs = _as_args(example_inputs)
+        was = model.training
+        model.eval()
+        try:
+            rec = _OpRecorder(model)
+            self.dense_flops = rec.run(args, kwargs)
+        finally:
+            model.train(was)
+        head_pair = {}
+        for u in attention_units(model):
+            key = (f"{u.q}.weight", 0)
+            if key in pair_ix:
+                head_pair[u.holder] = (pair_ix[key], named[f"{u.q}.weight"].shape[0])
+        coef_param = torch.zeros(len(named), dtype=torch.long)
+        coef_pair = torch.zeros(len(sizes), dtype=torch.long)
+        const = 0
+        self.unattributed: list[str] = []
+        for n, params, stack, op in rec.records:
+            mats = [p for p in params if named[p].dim() >= 2]
+            if len(mats) == 1:
+                numel = named[mats[0]].numel()
+                if n % numel == 0:
+                    coef_param[p_ix[mats[0]]] += n // numel
+                    continue
+            holder = next((m for m in reversed(stack) if m in head_pair), None)
+            if not mats and holder is not None:
+                k, rows = head_pair[holder]
+                if n % rows == 0:
+                    coef_pair[k] += n // rows
+                    continue
+            const += n
+            self.unattributed.append(f"{op} in {stack[-1] if stack and stack[-1] else '<model>'} ({n} FLOPs)")
+        self._coef_param, self._coef_pair, self._const = coef_param, coef_pair, const
+        self.dense_params = int(sum(p.numel() for p in named.values()))
+        self._group_numel = None
+
+    # ---- the pattern extraction really removes
+
+    def _as_batch(self, zero_mask) -> tuple[torch.Tensor, bool]:
+        z = torch.as_tensor(zero_mask, dtype=torch.bool).cpu()
+        single = z.dim() == 1
+        z = z.reshape(-1, self.n_groups) if z.numel() or self.n_groups == 0 else z.reshape(1, 0)
+        if z.shape[-1] != self.n_groups:
+            raise ValueError(f"zero_mask has {z.shape[-1]} entries, the model has {self.n_groups} groups")
+        return z, single
+
+    def removed(self, zero_mask) -> torch.Tensor:
+        """The groups extraction removes: `zero_mask` minus the first group of every all-zero layer."""
+        z, single = self._as_batch(zero_mask)
+        z = z.clone()
+        if self.n_groups:
+            zeros = torch.zeros(z.shape[0], len(self.layers), dtype=torch.long).index_add_(1, self._layer_of, z.long())
+            full = zeros == self._layer_size
+            rows, layers = torch.nonzero(full, as_tuple=True)
+            z[rows, self._layer_first[layers]] = False
+        return z[0] if single else z
+
+    def _counts(self, zero_mask) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(kept size per (param, dim) variable [K, n_pairs], numel per parameter [K, n_params])."""
+        z, single = self._as_batch(self.removed(zero_mask))
+        K = z.shape[0]
+        flat = torch.zeros(K, self._flat_n, dtype=torch.long)
+        if self._flat_n:
+            flat.scatter_reduce_(1, self._flat_pos.expand(K, -1), z[:, self._flat_gid].long(), "amax")
+        cut = torch.zeros(K, len(self.pairs), dtype=torch.long).index_add_(1, self._pair_of_flat, flat)
+        kept = self._pair_size - cut
+        table = torch.cat([kept, self._consts.expand(K, -1)], 1)
+        numel = table[:, self._dim_table].prod(-1)
+        return kept, numel, single
+
+    def params(self, zero_mask):
+        """Parameter count after extraction (int, or LongTensor [K] for a batch of masks)."""
+        _, numel, single = self._counts(zero_mask)
+        out = numel.sum(-1)
+        return int(out[0]) if single else out
+
+    def flops(self, zero_mask):
+        """FLOPs of one forward pass on `example_inputs` after extraction (int, or LongTensor [K])."""
+        kept, numel, single = self._counts(zero_mask)
+        out = (numel * self._coef_param).sum(-1) + (kept * self._coef_pair).sum(-1) + self._const
+        return int(out[0]) if single else out
+
+    def cost(self, zero_mask, kind: str):
+        """`flops` or `params` as a fraction of the dense model (float, or float64 tensor [K])."""
+        if kind == "flops":
+            v, d = self.flops(zero_mask), self.dense_flops
+        elif kind == "params":
+            v, d = self.params(zero_mask), self.dense_params
+        else:
+            raise ValueError(f"cost kind must be 'flops' or 'params', got {kind!r}")
+        return v / d if isinstance(v, int) else v.double() / d
+
+    def minimum(self, kind: str) -> float:
+        """The smallest reachable fraction: every group zero (one kept per layer)."""
+        return self.cost(torch.ones(self.n_groups, dtype=torch.bool), kind)
+
+    def savings(self, zero_mask, kind: str) -> torch.Tensor:
+        """First-order cost (fraction of dense) that removing each still-present group would save
+        on top of `zero_mask` (float64 [n_groups]; 0 for removed groups): Σ over its slices and
+        dependents of entries × coefficient, at the current kept sizes. Used for ranking only."""
+        kept, numel, _ = self._counts(torch.as_tensor(zero_mask, dtype=torch.bool).reshape(1, -1))
+        kept, numel = kept[0].double(), numel[0].double()
+        if kind == "flops":
+            per_param, per_pair, dense = self._coef_param.double(), self._coef_pair.double(), self.dense_flops
+        else:
+            per_param, per_pair, dense = torch.ones(len(self.param_names), dtype=torch.float64), \
+                torch.zeros(len(self.pairs), dtype=torch.float64), self.dense_params
+        # d numel(P) / d kept(P, d) = numel(P) / kept(P, d): one entry of (P, d) costs that much
+        pair_param = self._pair_param
+        per_index = per_param[pair_param] * numel[pair_param] / kept.clamp_min(1) + per_pair
+        flat_w = per_index[self._pair_of_flat]
+        s = torch.zeros(self.n_groups, dtype=torch.float64).index_add_(0, self._flat_gid, flat_w[self._flat_pos])
+        s[torch.as_tensor(zero_mask, dtype=torch.bool)] = 0.0
+        return s / dense
+
+    def check(self, model: nn.Module, groups, zero_mask) -> dict:
+        """Zero the masked groups of a copy of `model`, really extract it, and compare counts."""
+        from .cost import count_flops, count_params
+        from .extract import extract
+        from .groups import GroupList, bind_groups
+
+        work = copy.deepcopy(model)
+        gl = bind_groups(GroupList([dataclasses.replace(g, tensors=[]) for g in groups]), work)
+        ZeroKeeper(gl, zero_mask).apply()
+        small, _ = extract(work, gl, self.example_inputs)
+        args, kwargs = _as_args(self.example_inputs)
+        real_flops = count_flops(small, args) if not kwargs else None
+        return {"flops": real_flops, "flops_predicted": self.flops(zero_mask),
+                "params": count_params(small), "params_predicted": self.params(zero_mask)}
+
+
+class ZeroKeeper:
+    """Keeps a fixed set of groups exactly zero: in the parameters and in optimizer state buffers.
+
+    The (tensor, dim, indices) triples are built once, so re-zeroing after every optimizer
+    step is a few `index_fill_` calls per parameter, not a loop over groups.
+    """
+
+    def __init__(self, groups, mask: torch.Tensor, state_keys=("w_hat", "w0")):
+        by_pd: dict[tuple[int, int], tuple[torch.Tensor, int, list]] = {}
+        for i in torch.nonzero(torch.as_tensor(mask, dtype=torch.bool)).flatten().tolist():
+            g = groups[i]
+            for s, t in zip(g.slices, g.tensors):
+                by_pd.setdefault((id(t), s.dim), (t, s.dim, []))[2].extend(s.indices)
+        self.items = [(t, d, torch.tensor(sorted(set(ix)), dtype=torch.long, device=t.device))
+                      for t, d, ix in by_pd.values()]
+        self.state_keys = tuple(state_keys)
+
+    @torch.no_grad()
+    def apply(self, optimizer=None) -> None:
+        for t, d, ix in self.items:
+            t.index_fill_(d, ix, 0.0)
+            st = optimizer.state.get(t) if optimizer is not None else None
+            if st:
+                for k in self.state_keys:
+                    buf = st.get(k)
+                    if isinstance(buf, torch.Tensor) and buf.shape == t.shape:
+                        buf.index_fill_(d, ix, 0.0)
+
+
+# --------------------------------------------------------------------------- the budget
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Exactly one target: `flops` or `params` as a fraction in (0, 1) of the dense model, or
+    `latency_ms` measured with ONNX Runtime (CPU) at `batch` with `threads` intra-op threads
+    (None: all cores) on the machine that trains."""
+
+    flops: float | None = None
+    params: float | None = None
+    latency_ms: float | None = None
+    batch: int = 1
+    threads: int | None = None
+
+    def __post_init__(self):
+        given = [k for k in ("flops", "params", "latency_ms") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise UserError("give exactly one budget target: flops, params or latency_ms "
+                            f"(--target-flops, --target-params, --target-latency-ms); got {', '.join(given) or 'none'}")
+        for k, flag in (("flops", "--target-flops"), ("params", "--target-params")):
+            v = getattr(self, k)
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
+                raise UserError(f"{flag} must be a fraction of the dense model in (0, 1), got {v}")
+        if self.latency_ms is not None and not (isinstance(self.latency_ms, (int, float)) and 0 < self.latency_ms < math.inf):
+            raise UserError(f"--target-latency-ms must be a positive number of milliseconds, got {self.latency_ms}")
+        if self.latency_ms is None and (self.batch != 1 or self.threads is not None):
+            raise UserError("--bench-batch and --bench-threads only apply to a latency target (--target-latency-ms)")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise UserError(f"--bench-batch must be a positive integer, got {self.batch}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise UserError(f"--bench-threads must be a positive integer (or unset for all cores), got {self.threads}")
+
+    @property
+    def kind(self) -> str:
+        return "flops" if self.flops is not None else "params" if self.params is not None else "latency"
+
+    @property
+    def target(self) -> float:
+        return float(getattr(self, "latency_ms" if self.kind == "latency" else self.kind))
+
+    def describe(self) -> str:
+        if self.kind == "latency":
+            th = "all cores" if self.threads is None else f"{self.threads} thread{'s' * (self.threads > 1)}"
+            return f"latency ≤ {self.target:g} ms (ONNX Runtime CPU, batch {self.batch}, {th})"
+        return f"{self.kind} ≤ {self.target:g} of the dense model"
+
+    def check_reachable(self, cm: CostModel) -> None:
+        """UserError when even the smallest valid model (every group removed, one kept per layer) is above."""
+        if self.kind == "latency":
+            return
+        floor = cm.minimum(self.kind)
+        if self.target < floor:
+            raise UserError(f"--target-{self.kind} {self.target:g} is below the smallest valid model: removing every "
+                            f"removable group (one kept per layer) leaves {floor:.4f} of the dense {self.kind}")
+
+
+# --------------------------------------------------------------------------- enforcement
+
+
+def enforce(cm: CostModel, zero: torch.Tensor, norms: torch.Tensor, kind: str, target: float):
+    """The zero pattern that holds the target: `zero` plus the fewest weakest groups.
+
+    Groups are ranked by ‖Ŵ_g‖ per unit of cost they save (first-order, at `zero`); the
+    smallest prefix of that ranking whose removal brings the exact cost to ≤ target is
+    found by bisection (the cost never rises when groups are added). Returns (mask, added).
+    """
+    zero = torch.as_tensor(zero, dtype=torch.bool).clone()
+    if cm.cost(zero, kind) <= target:
+        return zero, torch.zeros_like(zero)
+    sav = cm.savings(zero, kind)
+    score = norms.double() / sav.clamp_min(1e-300)
+    score[zero] = math.inf
+    score[sav <= 0] = math.inf  # removing it saves nothing (first order): last resort
+    order = torch.argsort(score, stable=True)[: int((~zero).sum())]
+    lo, hi = 0, len(order)  # cost(prefix hi) ≤ target is guaranteed by check_reachable
+
+    def with_prefix(k):
+        m = zero.clone()
+        m[order[:k]] = True
+        return m
+
+    if cm.cost(with_prefix(hi), kind) > target:
+        raise UserError(f"the {kind} target {target:g} cannot be reached even with every group removed "
+                        f"({cm.minimum(kind):.4f})")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cm.cost(with_prefix(mid), kind) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    mask = with_prefix(lo)
+    return mask, mask & ~zero
+
+
+def revive(cm: CostModel, zero: torch.Tensor, strength: torch.Tensor, kind: str, target: float):
+    """Give back zero groups while the cost stays ≤ target (the controller overshot): the
+    strongest first by `strength` per unit of cost (e.g. ‖W_g‖ of the iterate). Returns (mask, revived)."""
+    zero = torch.as_tensor(zero, dtype=torch.bool).clone()
+    cands = torch.nonzero(zero).flatten()
+    if not len(cands):
+        return zero, torch.zeros_like(zero)
+    # cost per group if it alone came back: savings at the pattern with it removed ≈ savings at zero \ {g}
+    back = cm.savings(torch.zeros_like(zero), kind)[cands]  # dense-model cost of the group, for ranking only
+    score = strength.double()[cands] / back.clamp_min(1e-300)
+    order = cands[torch.argsort(score, descending=True, stable=True)]
+
+    def without(k):
+        m = zero.clone()
+        m[order[:k]] = False
+        return m
+
+    lo, hi = 0, len(order)
+    while lo < hi:  # largest k with cost(without k) ≤ target
+        mid = (lo + hi + 1) // 2
+        if cm.cost(without(mid), kind) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    mask = without(lo)
+    return mask, zero & ~mask
+
+
+# --------------------------------------------------------------------------- λ controller
+
+
+def _structured_zero(opt, groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zero mask, ‖Ŵ_g‖) of the structured point: the optimizer's Ŵ when it keeps one."""
+    if hasattr(opt, "group_norms"):
+        norms = opt.group_norms().cpu()
+    else:
+        from .groups import group_norms
+
+        norms = group_norms(groups).cpu()
+    return norms == 0, norms
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data, batch_size: int = 64, max_batches: int = 50) -> bool:
+    """Re-estimate BatchNorm running statistics of `model` as it is now (cumulative average over
+    up to `max_batches` training batches). The structured point Ŵ is not the point whose
+    activations the running statistics followed during training, so its eval-mode accuracy
+    is only meaningful after this. Returns False when the model has no BatchNorm."""
+    from .train import _batches, _forward, _split_batch, _to
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return False
+    saved = [(m, m.momentum) for m in bns]
+    was = model.training
+    device = next(model.parameters()).device
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for i, batch in _batches(data, 0, 12345, batch_size):
+            if i >= max_batches:
+                break
+            x, _ = _split_batch(batch)
+            _forward(model, _to(x, device))
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was)
+    return True
+
+
+class BudgetController:
+    """Drives the structured point's cost to the target by the freeze epoch, then keeps the
+    frozen zero pattern exactly zero while the survivors train with λ = `final_lam`.
+
+    Sparsity phase (epochs before `freeze_epoch`): `controls_per_epoch` times per epoch the
+    cost c of Ŵ is compared with a planned trajectory p(s) = T + (1 − T)(1 − s)³ (the gradual
+    pruning schedule of Zhu & Gupta, reaching T at `plan_end` of the phase). c > p: λ is
+    multiplied by exp(gain·(c − p)/(1 − T)), at most `max_factor`; c < T − tol: divided the
+    same way; otherwise held. RAMDA's zero test ‖P W⁰ − V‖_g ≤ α λ w_g reacts to λ at the
+    next step, and dual averaging can bring groups back, so both directions work.
+
+    Freeze (end of epoch `freeze_epoch` − 1): Ŵ is committed into the parameters; if the cost
+    is above T, `enforce` removes the weakest groups; if it is below T − tol, `revive` gives
+    back the zero groups whose iterate W is strongest (RAMDA's W keeps their values) while the
+    cost stays ≤ T. Then a new optimizer stage starts (`restart`, when the next epoch is not
+    already a milestone), λ = `final_lam`, and `on_step` re-zeroes the frozen groups in the
+    parameters and the optimizer's Ŵ / W⁰ after every step.
+    """
+
+    def __init__(self, budget: Budget, cost_model: CostModel, groups, cfg, steps_per_epoch: int, *,
+                 target: float | None = None, kind: str | None = None, lam0: float | None = None,
+                 freeze_epoch: int | None = None, plan_end: float = 0.8, controls_per_epoch: int = 4,
+                 gain: float = 4.0, max_factor: float = 2.0, tol: float = 0.02, revive: bool = True,
+                 final_lam: float = 0.0, latency=None, bn_data=None, log=None):
+        self.budget, self.cm, self.groups, self.cfg = budget, cost_model, groups, cfg
+        self.kind = kind or ("flops" if budget.kind == "latency" else budget.kind)
+        self.target = float(target if target is not None else budget.target)
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.lam0 = float(lam0 if lam0 else (cfg.lam if cfg.lam > 0 else 1e-4))
+        self.freeze_epoch = int(freeze_epoch if freeze_epoch is not None else default_freeze_epoch(cfg))
+        if not 1 <= self.freeze_epoch <= cfg.epochs:
+            raise UserError(f"freeze epoch {self.freeze_epoch} is outside 1..{cfg.epochs}")
+        self.plan_end, self.controls, self.gain = plan_end, max(1, controls_per_epoch), gain
+        self.max_factor, self.tol, self.do_revive, self.final_lam = max_factor, tol, revive, final_lam
+        self.latency, self.bn_data, self.log = latency, bn_data, log or (lambda msg: None)
+        self.step = 0
+        self.frozen: torch.Tensor | None = None
+        self.keeper: ZeroKeeper | None = None
+        self.counts = {"removed_by_optimizer": 0, "removed_by_enforcement": 0, "revived": 0}
+        self.history: list[dict] = []
+        self.freeze_info: dict = {}
+
+    # ---- plan and control
+
+    def planned(self, epochs_done: float) -> float:
+        s = min(1.0, epochs_done / max(1e-9, self.plan_end * self.freeze_epoch))
+        return self.target + (1 - self.target) * (1 - s) ** 3
+
+    def _lam(self, opt) -> float:
+        return float(opt.param_groups[0].get("lam", 0.0))
+
+    def _set_lam(self, opt, lam: float) -> None:
+        for g in opt.param_groups:
+            g["lam"] = lam
+
+    def _control(self, opt, epochs_done: float) -> dict:
+        zero, _ = _structured_zero(opt, self.groups)
+        c = float(self.cm.cost(zero, self.kind))
+        p = self.planned(epochs_done)
+        lam = self._lam(opt)
+        if lam <= 0:
+            lam = self.lam0
+        span = max(1e-6, 1 - self.target)
+        if c > p:
+            lam *= math.exp(min(self.gain * (c - p) / span, math.log(self.max_factor)))
+        elif c < self.target - self.tol:
+            lam *= math.exp(max(self.gain * (c - (self.target - self.tol / 2)) / span, -math.log(self.max_factor)))
+        self._set_lam(opt, lam)
+        rec = {"at_epoch": round(epochs_done, 4), "cost": c, "plan": p, "lam": lam, "zero": int(zero.sum())}
+        self.history.append(rec)
+        return rec
+
+    # ---- callbacks for compress.train.finetune
+
+    def on_step(self, opt) -> None:
+        self.step += 1
+        if self.keeper is not None:
+            self.keeper.apply(opt)
+            return
+        if self.step == 1 and self._lam(opt) <= 0:
+            self._set_lam(opt, self.lam0)
+        interval = max(1, self.steps_per_epoch // self.controls)
+        in_epoch = self.step % self.steps_per_epoch
+        if in_epoch and in_epoch % interval == 0 and self.step < self.freeze_epoch * self.steps_per_epoch:
+            self._control(opt, self.step / self.steps_per_epoch)
+
+    def on_epoch(self, state: dict) -> dict:
+        opt, epoch = state["optimizer"], int(state["epoch"])
+        self.step = (epoch + 1) * self.steps_per_epoch
+        lam_used = self._lam(opt)
+        if self.keeper is None and epoch + 1 < self.freeze_epoch:
+            rec = self._control(opt, float(epoch + 1))
+            phase = "sparsity"
+        else:
+            if self.keeper is None:
+                self.freeze(opt, state["model"], state.get("config"), epoch)
+            rec = None
+            phase = "final"
+        zero, _ = _structured_zero(opt, self.groups)
+        out = {"cost": float(self.cm.cost(zero, self.kind)), "cost_flops": float(self.cm.cost(zero, "flops")),
+               "cost_params": float(self.cm.cost(zero, "params")), "target": self.target, "phase": phase,
+               "lam": lam_used, "lam_next": self._lam(opt), "groups_zero": int(zero.sum()), **self.counts}
+        if rec is not None:
+            out["plan"] = rec["plan"]
+        return out
+
+    # ---- freeze: commit, enforce or revive, keep zero
+
+    @torch.no_grad()
+    def freeze(self, opt, model, cfg=None, epoch: int | None = None) -> dict:
+        from .groups import group_norms
+
+        zero, norms = _structured_zero(opt, self.groups)
+        iterate_norms = group_norms(self.groups).cpu()  # W (RAMDA: the averaged iterate) before committing
+        n_opt = int(zero.sum())
+        c0 = float(self.cm.cost(zero, self.kind))
+        mask, added = enforce(self.cm, zero, norms, self.kind, self.target)
+        if self.do_revive and not bool(added.any()) and c0 < self.target - self.tol and bool((iterate_norms[zero] > 0).any()):
+            mask, _ = revive(self.cm, zero, torch.where(zero, iterate_norms, torch.zeros_like(iterate_norms)),
+                             self.kind, self.target)
+        info = {"epoch": None if epoch is None else epoch + 1, "cost_optimizer": c0, "zero_optimizer": n_opt}
+        if self.latency is not None:
+            mask, info["latency"] = self.latency.settle(mask, norms, self)
+        added, revived = mask & ~zero, zero & ~mask
+        # W ← Ŵ, except revived groups, which keep the iterate's values so they can train again
+        saved = None
+        if bool(revived.any()):
+            saved = [(t, s.dim, torch.tensor(s.indices, device=t.device), t.detach().index_select(s.dim, torch.tensor(s.indices, device=t.device)).clone())
+                     for i in torch.nonzero(revived).flatten().tolist()
+                     for s, t in zip(self.groups[i].slices, self.groups[i].tensors)]
+        if hasattr(opt, "commit_structured_point"):
+            opt.commit_structured_point()
+        for t, d, ix, vals in saved or []:
+            t.detach().index_copy_(d, ix, vals)
+        self.keeper = ZeroKeeper(self.groups, mask)
+        self.keeper.apply(opt)
+        self.frozen = mask
+        milestones = getattr(cfg, "milestones", None) or []
+        if hasattr(opt, "restart") and epoch is not None and (epoch + 1) not in milestones:
+            opt.restart()  # the final phase starts a clean stage from the committed point
+        self._set_lam(opt, self.final_lam)
+        if self.bn_data is not None:
+            recalibrate_bn(model, self.bn_data)
+        self.counts = {"removed_by_optimizer": int((zero & mask).sum()), "removed_by_enforcement": int(added.sum()),
+                       "revived": int(revived.sum())}
+        info.update(self.counts, cost_frozen=float(self.cm.cost(mask, self.kind)), groups_frozen=int(mask.sum()))
+        self.freeze_info = info
+        self.log(f"budget: froze {int(mask.sum())} zero groups at epoch {info['epoch']} — {self.counts['removed_by_optimizer']} "
+                 f"by the optimizer, {self.counts['removed_by_enforcement']} by enforcement, {self.counts['revived']} revived; "
+                 f"{self.kind} {info['cost_frozen']:.4f} (target {self.target:.4f})")
+        return info
+
+    def state(self) -> dict:
+        return {"target": self.target, "kind": self.kind, "freeze_epoch": self.freeze_epoch, "counts": self.counts,
+                "frozen": None if self.frozen is None else torch.nonzero(self.frozen).flatten().tolist(),
+                "freeze_info": self.freeze_info, "history": self.history}
+
+
+def default_freeze_epoch(cfg) -> int:
+    """Where the final phase starts: the last learning-rate milestone when it leaves 10–40% of
+    the epochs (RAMDA restarts there anyway), otherwise the last quarter."""
+    e = cfg.epochs
+    ms = [m for m in (cfg.milestones or []) if 0.6 * e <= m <= 0.9 * e]
+    if ms:
+        return max(ms)
+    return max(1, e - max(1, round(0.25 * e))) if e > 1 else 1
+
+
+# --------------------------------------------------------------------------- latency
+
+
+class LatencyModel:
+    """Latency of a zero pattern, predicted from measurements on this machine.
+
+    Each measurement zeroes the pattern on a copy of the model, extracts it, exports ONNX and
+    times it with ONNX Runtime interleaved with the dense model (`compress.benchmark`), so a
+    point is a *ratio* to the dense latency measured in the same breath and machine drift
+    cancels. `calibrate` measures magnitude-pruned patterns (weakest groups per unit of FLOPs
+    first, like the regularizer) at a few FLOP fractions plus the smallest valid model, and
+    fits latency/dense ≈ a + b·FLOP fraction by least squares; `flops_for(T)` inverts it.
+    """
+
+    def __init__(self, model: nn.Module, groups, example_inputs, cost_model: CostModel, *, batch: int = 1,
+                 threads: int | None = None, workdir=None, time_budget_s: float = 1.5, log=None):
+        import tempfile
+
+        self.model = copy.deepcopy(model).cpu().eval()
+        self.groups = groups
+        self.example = example_inputs
+        self.cm = cost_model
+        self.batch, self.threads, self.time_budget_s = batch, threads, time_budget_s
+        self._tmp = tempfile.TemporaryDirectory(prefix="compress-latency-") if workdir is None else None
+        self.workdir = Path(workdir or self._tmp.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.points: list[dict] = []
+        self.fit: tuple[float, float] | None = None
+        self.log = log or (lambda msg: None)
+        self._dense_onnx = None
+
+    def _export(self, model, name: str) -> Path:
+        from .export import export_onnx
+
+        path = self.workdir / f"{name}.onnx"
+        args, kwargs = _as_args(self.example)
+        if kwargs:
+            raise UserError("a latency target needs a model with positional tensor inputs (ONNX export)")
+        export_onnx(model, args if len(args) > 1 else args[0], path, verify=False)
+        return path
+
+    def _small(self, mask):
+        from .extract import extract
+        from .groups import GroupList, bind_groups
+
+        work = copy.deepcopy(self.model)
+        gl = bind_groups(GroupList([dataclasses.replace(g, tensors=[]) for g in self.groups]), work)
+        ZeroKeeper(gl, mask).apply()
+        small, _ = extract(work, gl, self.example)
+        return small
+
+    def measure(self, mask, model: nn.Module | None = None, tag: str = "point") -> dict:
+        """Extract (or take `model`, already small), export, benchmark against the dense model."""
+        from .bench import benchmark
+
+        if self._dense_onnx is None:
+            self._dense_onnx = self._export(self.model, "dense")
+        small = model if model is not None else self._small(mask)
+        path = self._export(small, f"candidate{len(self.points)}")
+        res = benchmark(self._dense_onnx, path, batch_sizes=(self.batch,), threads=(self.threads,),
+                        time_budget_s=self.time_budget_s)
+        row = res["results"][0]
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        pt = {"tag": tag, "flops": float(self.cm.cost(mask, "flops")), "params": float(self.cm.cost(mask, "params")),
+              "latency_ms": row["compressed"]["median_ms"], "dense_ms": row["dense"]["median_ms"],
+              "ratio": row["compressed"]["median_ms"] / row["dense"]["median_ms"],
+              "spread": row["compressed"]["spread"], "threads": row["threads"], "batch": row["batch"]}
+        self.points.append(pt)
+        self.log(f"latency: {tag}: FLOPs {pt['flops']:.3f} → {pt['latency_ms']:.3f} ms (dense {pt['dense_ms']:.3f} ms)")
+        return pt
+
+    @property
+    def dense_ms(self) -> float:
+        return float(torch.tensor([p["dense_ms"] for p in self.points]).median())
+
+    def _refit(self) -> None:
+        f = torch.tensor([1.0] + [p["flops"] for p in self.points], dtype=torch.float64)
+        r = torch.tensor([1.0] + [p["ratio"] for p in self.points], dtype=torch.float64)
+        A = torch.stack([torch.ones_like(f), f], 1)
+        sol = torch.linalg.lstsq(A, r[:, None]).solution.flatten()
+        self.fit = (float(sol[0]), float(sol[1]))
+
+    def calibrate(self, fractions=(0.75, 0.5, 0.3)) -> None:
+        from .groups import group_norms
+
+        norms = group_norms(self.groups).cpu()
+        none = torch.zeros(self.cm.n_groups, dtype=torch.bool)
+        floor = torch.ones(self.cm.n_groups, dtype=torch.bool)
+        self.min_point = self.measure(floor, tag="smallest valid model")
+        for f in fractions:
+            if f > self.min_point["flops"]:
+                mask, _ = enforce(self.cm, none, norms, "flops", f)
+                self.measure(mask, tag=f"magnitude {f:g}")
+        self._refit()
+
+    def predict(self, mask) -> float:
+        a, b = self.fit
+        return self.dense_ms * (a + b * float(self.cm.cost(torch.as_tensor(mask, dtype=torch.bool), "flops")))
+
+    def flops_for(self, target_ms: float) -> float:
+        """The FLOP fraction whose predicted latency is `target_ms`; UserError if out of reach."""
+        lo = self.min_point["latency_ms"]
+        if target_ms < lo:
+            raise UserError(f"--target-latency-ms {target_ms:g} is below what the smallest valid model reaches: "
+                            f"{lo:.3f} ms measured (batch {self.batch}, every removable group removed)")
+        if target_ms >= self.dense_ms:
+            raise UserError(f"--target-latency-ms {target_ms:g} is not below the dense model's {self.dense_ms:.3f} ms "
+                            f"(batch {self.batch}): nothing to compress")
+        a, b = self.fit
+        f = (target_ms / self.dense_ms - a) / b if b > 0 else self.min_point["flops"]
+        return float(min(max(f, self.min_point["flops"]), 0.99))
+
+    def settle(self, mask, norms, ctl: "BudgetController", max_rounds: int = 3):
+        """At the freeze: measure the frozen pattern; while it is slower than the target, lower the
+        FLOP target by the fitted slope and enforce again. Returns (mask, info)."""
+        target_ms = ctl.budget.latency_ms
+        pred = self.predict(mask)
+        pt = self.measure(mask, tag="frozen pattern")
+        rounds = [{"flops_target": ctl.target, "predicted_ms": pred, "measured_ms": pt["latency_ms"]}]
+        for _ in range(max_rounds):
+            if pt["latency_ms"] <= target_ms:
+                break
+            self._refit()
+            a, b = self.fit
+            step = (pt["latency_ms"] - target_ms) / (self.dense_ms * max(b, 1e-3))
+            new_target = max(self.min_point["flops"], min(ctl.target, pt["flops"]) - step - 0.01)
+            mask, _ = enforce(self.cm, mask, norms, "flops", new_target)
+            ctl.target = new_target
+            pred = self.predict(mask)
+            pt = self.measure(mask, tag="frozen pattern, tightened")
+            rounds.append({"flops_target": new_target, "predicted_ms": pred, "measured_ms": pt["latency_ms"]})
+        return mask, {"rounds": rounds}
+
+    def table(self) -> dict:
+        return {"batch": self.batch, "threads": self.threads, "fit": {"a": self.fit[0], "b": self.fit[1]} if self.fit else None,
+                "dense_ms": self.dense_ms if self.points else None, "points": self.points,
+                "model": "latency/dense ≈ a + b·(FLOP fraction), least squares over the measured points"}
+
+
+# --------------------------------------------------------------------------- the API
+
+
+@dataclass
+class BudgetRunResult:
+    """`compress.train.RunResult` fields plus `budget`: the summary also saved as out/budget.json."""
+
+    out: Path
+    metrics: list
+    model: nn.Module | None
+    optimizer: object
+    groups: list | None
+    budget: dict
+
+
+BUDGET_FILES = {"summary": "budget.json", "state": "budget_state.json"}
+
+
+def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, out, config=None,
+                       budget: Budget | None = None, *, groups=None, resume: bool = False,
+                       controller: dict | None = None, recalibrate_bn_stats: bool = True,
+                       measure_latency: bool | None = None, latency_calibration=(0.75, 0.5, 0.3),
+                       console=None, **finetune_kwargs) -> BudgetRunResult:
+    """Fine-tune `model` so that the exported model meets `budget`; λ is found by the controller.
+
+    `config.lam` (if > 0) is only λ's starting value. `controller`: keyword arguments for
+    `BudgetController` (freeze_epoch, plan_end, gain, tol, revive, ...). Other keyword
+    arguments go to `compress.train.finetune` (force, init_weights, run_info, loss_fn, callbacks,
+    progress, ...). After training: BatchNorm statistics of the structured point are
+    re-estimated on `train_data` (`recalibrate_bn_stats`), the zero groups are extracted and
+    counted for real, a latency target (or `measure_latency=True`) is measured with ONNX
+    Runtime, and out/budget.json states target, achieved and dense cost side by side.
+    """
+    import json
+
+    from rich.console import Console
+
+    from . import checkpoint as ckpt
+    from .cost import count_flops, count_params
+    from .extract import extract
+    from .groups import find_groups, load_groups, zero_mask
+    from .train import RUN_FILES, TrainConfig, _num_batches, _to, evaluate, finetune, save_weights
+
+    console = console or Console()
+    out = Path(out)
+    restore = None
+    if resume:
+        cfg_path = out / RUN_FILES["config"]
+        if not cfg_path.is_file():
+            raise UserError(f"{out} is not a run directory (no {RUN_FILES['config']}); nothing to resume")
+        saved = json.loads(cfg_path.read_text())
+        if "budget" not in saved:
+            raise UserError(f"{out} was not trained to a budget; resume it with compress finetune --resume")
+        budget = Budget(**saved["budget"])
+        cfg = TrainConfig(**saved["train"])
+        groups = load_groups(out / RUN_FILES["groups"], model)
+        state_path = out / BUDGET_FILES["state"]
+        restore = json.loads(state_path.read_text()) if state_path.is_file() else None
+        info = ckpt.load_checkpoint(out / RUN_FILES["checkpoint"])["info"]
+    else:
+        if budget is None:
+            raise UserError("finetune_to_budget needs a budget, e.g. Budget(flops=0.5)")
+        cfg = (config or TrainConfig()).resolved()
+        cfg.validate()
+        info = None
+    if cfg.optimizer == "adamw":
+        raise UserError("a budget needs a group-sparse optimizer (ramda, rmda, proxsgd or proxadam); adamw trains dense models")
+    lam0 = (controller or {}).get("lam0") or (cfg.lam if cfg.lam > 0 else 1e-4)
+    if not resume:
+        cfg = dataclasses.replace(cfg, lam=lam0)
+    example = _to(example_inputs, torch.device("cpu"))
+    model_cpu_example = example
+    if groups is None:
+        groups = find_groups(model, model_cpu_example, weight=cfg.group_weight)
+    cm = CostModel(model, groups, model_cpu_example)
+    budget.check_reachable(cm)
+    dense = {"flops": cm.dense_flops, "params": cm.dense_params}
+
+    latency = None
+    target = None
+    if budget.kind == "latency" or measure_latency:
+        latency = LatencyModel(model, groups, model_cpu_example, cm, batch=budget.batch, threads=budget.threads,
+                               log=console.print)
+        if restore and restore.get("latency"):
+            lt = restore["latency"]
+            latency.points, latency.fit = lt["points"], tuple(lt["fit"])
+            latency.min_point = lt["min_point"]
+        elif budget.kind == "latency":
+            with console.status("measuring latency at calibration patterns (extract → ONNX → ONNX Runtime)"):
+                latency.calibrate(latency_calibration)
+        if budget.kind == "latency":
+            target = restore["target"] if restore else latency.flops_for(budget.latency_ms)
+            console.print(f"budget: {budget.describe()} → FLOP fraction {target:.4f} "
+                          f"(fit latency/dense = {latency.fit[0]:.3f} + {latency.fit[1]:.3f}·FLOPs)")
+
+    ctl_kw = {k: v for k, v in (controller or {}).items() if k != "lam0"}
+    ctl = BudgetController(budget, cm, groups, cfg, _num_batches(train_data, cfg.batch_size), target=target,
+                           lam0=lam0, latency=latency if budget.kind == "latency" else None,
+                           bn_data=train_data if recalibrate_bn_stats else None, log=console.print, **ctl_kw)
+    if restore:
+        ctl.counts, ctl.history, ctl.freeze_info = restore["counts"], restore["history"], restore["freeze_info"]
+        ctl.target = restore["target"]
+        if restore.get("frozen") is not None and restore["freeze_info"].get("epoch") and info["epoch"] >= restore["freeze_info"]["epoch"]:
+            mask = torch.zeros(len(groups), dtype=torch.bool)
+            mask[restore["frozen"]] = True
+            ctl.frozen, ctl.keeper = mask, ZeroKeeper(groups, mask)
+        ctl.step = info["epoch"] * ctl.steps_per_epoch + info["batch"]
+
+    def save_state(st):
+        extra = ctl.on_epoch(st)
+        s = ctl.state()
+        if latency is not None and latency.fit is not None:
+            s["latency"] = {"points": latency.points, "fit": list(latency.fit), "min_point": latency.min_point}
+        if out.is_dir():
+            atomic_write_json(out / BUDGET_FILES["state"], s)
+        return extra
+
+    user_epoch = list(finetune_kwargs.pop("epoch_callbacks", ()))
+    user_step = list(finetune_kwargs.pop("step_callbacks", ()))
+    run_info = dict(finetune_kwargs.pop("run_info", None) or {})
+    run_info["budget"] = dataclasses.asdict(budget)
+    t0 = time.perf_counter()
+    result = finetune(model, train_data, eval_data, example_inputs, out, None if resume else cfg, groups=groups,
+                      resume=resume, run_info=run_info, epoch_callbacks=[save_state, *user_epoch],
+                      step_callbacks=[ctl.on_step, *user_step], console=console, **finetune_kwargs)
+    train_s = time.perf_counter() - t0
+    model = result.model
+    device = next(model.parameters()).device
+
+    # ---- the promise: the exported point holds the target
+    final_zero = zero_mask(groups).cpu()
+    post_hoc = 0
+    if ctl.frozen is None:  # training ended before the freeze epoch (e.g. interrupted schedule)
+        ctl.freeze(result.optimizer, model, cfg, cfg.epochs - 1)
+        final_zero = zero_mask(groups).cpu()
+    if float(cm.cost(final_zero, ctl.kind)) > ctl.target:
+        mask, added = enforce(cm, final_zero, torch.as_tensor(
+            __import__("compress.groups", fromlist=["group_norms"]).group_norms(groups)).cpu(), ctl.kind, ctl.target)
+        ZeroKeeper(groups, mask).apply()
+        post_hoc = int(added.sum())
+        final_zero = zero_mask(groups).cpu()
+    acc = {}
+    if eval_data is not None:
+        acc["accuracy_finetuned"] = evaluate(model, eval_data, device)["accuracy"]
+    bn = False
+    if recalibrate_bn_stats:
+        bn = recalibrate_bn(model, train_data, cfg.batch_size)
+        if bn and eval_data is not None:
+            acc["accuracy_bn_recalibrated"] = evaluate(model, eval_data, device)["accuracy"]
+    if bn or post_hoc:
+        save_weights(out / RUN_FILES["weights"], model)
+
+    was = model.training
+    small, rep = extract(model.cpu(), groups, model_cpu_example)
+    model.to(device).train(was)
+    achieved = {"flops": rep["flops_after"], "params": rep["params_after"],
+                "flops_fraction": rep["flops_after"] / dense["flops"], "params_fraction": rep["params_after"] / dense["params"],
+                "flops_predicted": cm.flops(final_zero), "params_predicted": cm.params(final_zero)}
+    if eval_data is not None:
+        acc["accuracy"] = evaluate(small, eval_data, torch.device("cpu"))["accuracy"]
+    lat = None
+    if latency is not None:
+        if not latency.points:
+            with console.status("measuring latency (dense and compressed)"):
+                latency.calibrate(latency_calibration)
+        predicted = latency.predict(final_zero)
+        with console.status("measuring the latency of the compressed model"):
+            pt = latency.measure(final_zero, model=small, tag="final model")
+        lat = {"predicted_ms": predicted, "measured_ms": pt["latency_ms"], "dense_ms": pt["dense_ms"],
+               "prediction_error": (predicted - pt["latency_ms"]) / pt["latency_ms"],
+               "target_ms": budget.latency_ms, "batch": budget.batch, "threads": pt["threads"], "table": latency.table()}
+        achieved["latency_ms"] = pt["latency_ms"]
+        atomic_write_json(out / "latency.json", latency.table())
+    summary = budget_summary(budget, ctl, dense, achieved, acc, result.metrics, lat, post_hoc, train_s, cfg)
+    atomic_write_json(out / BUDGET_FILES["summary"], summary)
+    return BudgetRunResult(out=result.out, metrics=result.metrics, model=model, optimizer=result.optimizer,
+                           groups=groups, budget=summary)
+
+
+def budget_summary(budget: Budget, ctl: BudgetController, dense: dict, achieved: dict, accuracy: dict,
+                   metrics: list, latency: dict | None, post_hoc: int, train_seconds: float, cfg) -> dict:
+    """Target, achieved and dense cost side by side, how λ ended, and who removed which groups."""
+    kind = budget.kind
+    s = {
+        "target": {"kind": kind, "value": budget.target, "describe": budget.describe(),
+                   "controlled_as": {"kind": ctl.kind, "fraction": ctl.target}},
+        "dense": dense,
+        "achieved": achieved,
+        "met": (achieved["latency_ms"] <= budget.target if kind == "latency"
+                else achieved[f"{kind}_fraction"] <= budget.target),
+        **accuracy,
+        "lam_final": float(ctl.freeze_info and next((m["lam"] for m in reversed(metrics) if m.get("phase") == "sparsity"), 0.0) or 0.0),
+        "lam_final_phase": ctl.final_lam,
+        "groups_total": ctl.cm.n_groups,
+        "removed_by_optimizer": ctl.counts["removed_by_optimizer"],
+        "removed_by_enforcement": ctl.counts["removed_by_enforcement"] + post_hoc,
+        "revived": ctl.counts["revived"],
+        "removed_post_hoc_without_finetuning": post_hoc,
+        "freeze": ctl.freeze_info,
+        "group_weight": cfg.group_weight,
+        "optimizer": cfg.optimizer,
+        "epochs": cfg.epochs,
+        "train_seconds": train_seconds,
+        "control_history": ctl.history,
+    }
+    if latency is not None:
+        s["latency"] = latency
+    return s
