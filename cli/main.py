@@ -93,6 +93,8 @@ def finetune(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to create."),
     data: Optional[str] = typer.Option(None, help="module:function returning (train, eval) datasets or loaders. "
                                        "Built-in models bring their own data."),
+    input_shape: Optional[str] = typer.Option(None, help="Example input shape for a custom model, batch first, "
+                                              "e.g. 1,3,32,32 (or give the model an example_input(batch) method)."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs. [default: 30]"),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default per optimizer: ramda/rmda/proxsgd 1e-2, "
                                        "proxadam 1e-3, adamw 3e-3)."),
@@ -128,13 +130,13 @@ def finetune(
     from compress import checkpoint as ckpt
     from compress.io import UserError
     from compress.train import TrainConfig, finetune as run_finetune
-    from compress.userspec import resolve_data, resolve_model
+    from compress.userspec import parse_input_shape, resolve_model
 
     if resume is not None:
         if out is not None and Path(out) != resume:
             raise UserError("give either --resume RUN or --out RUN, not both")
         saved = _load_saved_run(resume)
-        spec = resolve_model(saved["model"])
+        spec = resolve_model(saved["model"], parse_input_shape(saved.get("input_shape")))
         train_data, eval_data = _data_for(spec, saved.get("data"))
         run_finetune(spec.build(), train_data, eval_data, spec.example_input(1), resume, resume=True,
                      console=console, progress=not quiet)
@@ -145,7 +147,7 @@ def finetune(
     flags = dict(model=model, out=out, data=data, epochs=epochs, lr=lr, lam=lam, optimizer=optimizer,
                  momentum=momentum, batch_size=batch_size, milestones=milestones, gamma=gamma, schedule=schedule,
                  weight_decay=weight_decay, group_weight=group_weight, solver=solver, seed=seed, init=init,
-                 device=device)
+                 device=device, input_shape=input_shape)
     unknown = set(opts) - set(flags)
     if unknown:
         raise UserError(f"config file {config} has unknown keys: {', '.join(sorted(unknown))}")
@@ -156,23 +158,25 @@ def finetune(
     data_spec = merged.pop("data", None)
     out_dir = Path(merged.pop("out"))
     init_path = merged.pop("init", None)
+    shape_text = merged.pop("input_shape", None)
     merged["milestones"] = _parse_milestones(merged.get("milestones"))
     cfg = TrainConfig(**merged)
     cfg.validate()
     cfg = cfg.resolved()
     cfg.validate()
-    spec = resolve_model(model_name)
+    spec = resolve_model(model_name, parse_input_shape(shape_text))
     init_weights = ckpt.load_weights(Path(init_path)) if init_path else None
-    train_data, eval_data = _data_for(spec, data_spec)
     net = spec.build()
     example = _checked_example(spec, net)
+    train_data, eval_data = _data_for(spec, data_spec)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"output directory {out_dir} already exists; use --force to overwrite its run files, "
                         f"or --resume {out_dir} to continue it")
     console.print(f"[bold]compress finetune[/] model={model_name} optimizer={cfg.optimizer} lr={cfg.lr:g} "
                   f"λ={cfg.lam:g} epochs={cfg.epochs} milestones={cfg.milestones} → {out_dir}")
     run_finetune(net, train_data, eval_data, example, out_dir, cfg, init_weights=init_weights,
-                 run_info={"model": model_name, "data": data_spec, "init": str(init_path) if init_path else None},
+                 run_info={"model": model_name, "data": data_spec, "input_shape": shape_text,
+                           "init": str(init_path) if init_path else None},
                  force=force, console=console, progress=not quiet)
     console.print(f"[green]done[/] → {out_dir}   next: compress export {out_dir}")
 

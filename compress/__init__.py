@@ -25,6 +25,9 @@ _API = {
     "count_flops": "compress.cost",
     "count_params": "compress.cost",
     "get_model": "compress.models",
+    "save_compressed": "compress.saving",
+    "load_compressed": "compress.saving",
+    "TrainConfig": "compress.train",
 }
 
 __all__ = sorted(_API)

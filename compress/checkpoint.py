@@ -99,8 +99,12 @@ def load_weights(path) -> dict[str, torch.Tensor]:
         if any(k.startswith(_MODEL) for k in sd):  # a checkpoint: take its model part
             sd = {k[len(_MODEL):]: v for k, v in sd.items() if k.startswith(_MODEL)}
         return sd
+    import warnings
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; our message suffices
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for unsafe or broken pickles
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):

@@ -29,6 +29,7 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _remove_stale_temps(path, keep=tmp)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -43,6 +44,16 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _remove_stale_temps(path: Path, keep: str) -> None:
+    """Temp files of earlier writes to `path` that were killed (kill -9 cannot clean up after itself)."""
+    for old in path.parent.glob(f".{path.name}.*.tmp"):
+        if str(old) != keep:
+            try:
+                old.unlink()
+            except OSError:
+                pass
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

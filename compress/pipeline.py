@@ -18,7 +18,7 @@ from .train import RUN_FILES, evaluate
 def load_run(run: str | Path) -> dict:
     """Config, model spec, data and groups of a finished run (weights loaded = the structured point)."""
     from .groups import load_groups
-    from .userspec import resolve_data, resolve_model
+    from .userspec import parse_input_shape, resolve_data, resolve_model
 
     run = Path(run)
     if not run.is_dir():
@@ -34,7 +34,7 @@ def load_run(run: str | Path) -> dict:
     if not weights.is_file():
         raise UserError(f"{run} has no {RUN_FILES['weights']}: training did not finish; "
                         f"continue it with: compress finetune --resume {run}")
-    spec = resolve_model(config["model"])
+    spec = resolve_model(config["model"], parse_input_shape(config.get("input_shape")))
     model = spec.build()
     ckpt.load_into(model, ckpt.load_weights(weights), str(weights))
     dense = spec.build()
@@ -62,6 +62,9 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, cons
 
     with console.status("extracting zero groups"):
         small, ext = extract(r["model"], r["groups"], example)
+    from .saving import save_compressed
+
+    save_compressed(small, run / "compressed.safetensors", {"model": r["config"]["model"]})
     dev = torch.device("cpu")
     acc = {}
     if eval_data is not None:

@@ -339,7 +339,8 @@ def prepare_run_dir(out: Path, force: bool) -> None:
             raise UserError(f"output directory {out} already exists; use --force to overwrite its run files, "
                             "or --resume to continue it")
         if force:
-            for name in list(RUN_FILES.values()) + ["report.json", "bench.json", "model.onnx", "dense.onnx", "bench.png"]:
+            for name in list(RUN_FILES.values()) + ["report.json", "bench.json", "model.onnx", "dense.onnx",
+                                                    "bench.png", "compressed.safetensors", "budget.json"]:
                 (out / name).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)

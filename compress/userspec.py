@@ -41,8 +41,25 @@ def _load_callable(spec: str, what: str):
     return fn
 
 
-def resolve_model(spec: str) -> ModelSpec:
-    """A built-in ModelSpec, or one wrapping the user's factory (no data, example input from the model)."""
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """`1,3,32,32` → (1, 3, 32, 32); the first number is the batch size and is replaced as needed."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        shape = ()
+    if len(shape) < 2 or any(d <= 0 for d in shape):
+        raise UserError(f"--input-shape must be positive integers like 1,3,32,32 (batch first), got {text!r}")
+    return shape
+
+
+def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> ModelSpec:
+    """A built-in ModelSpec, or one wrapping the user's factory.
+
+    The example input of a user model comes from `input_shape` (random floats), else from the
+    model's own `example_input(batch)` method or attribute.
+    """
     if ":" not in spec:
         try:
             return get_model(spec)
@@ -60,11 +77,13 @@ def resolve_model(spec: str) -> ModelSpec:
         return model
 
     def example_input(batch: int = 1):
+        if input_shape is not None:
+            return torch.rand(batch, *input_shape[1:])
         model = build()
         ex = getattr(model, "example_input", None)
         if ex is None:
-            raise UserError(f"model from {spec!r} needs an example input: give the module an "
-                            "`example_input(batch)` method, or use the Python API with example_inputs=")
+            raise UserError(f"model from {spec!r} needs an example input: pass --input-shape 1,C,H,W, give "
+                            "the module an `example_input(batch)` method, or use the Python API")
         return ex(batch) if callable(ex) else ex
 
     return ModelSpec(name=spec, build=build, example_input=example_input, data=None, description=f"user model {spec}")

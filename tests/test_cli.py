@@ -98,3 +98,61 @@ def test_end_to_end_with_config_precedence(tmp_path):
 
     res = cli("finetune", "--resume", out)
     assert_one_line_error(res, "already finished")
+
+
+USER = '''
+import torch
+
+def raises():
+    raise RuntimeError("no GPU weights here")
+
+def not_a_module():
+    return 42
+
+def mlp():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+def bad_data():
+    return [1, 2, 3]
+
+def wrong_parts():
+    return "train", "eval"
+
+def digits():
+    from compress.models.digits import digits_datasets
+    return digits_datasets()
+'''
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--model", "{f}:raises"], ["raised RuntimeError", "no GPU weights"]),
+    (["--model", "{f}:not_a_module"], ["not a torch.nn.Module"]),
+    (["--model", "{f}:missing"], ["no callable 'missing'"]),
+    (["--model", "{f}:mlp", "--data", "{f}:digits"], ["needs an example input", "--input-shape"]),
+    (["--model", "{f}:mlp", "--data", "{f}:bad_data", "--input-shape", "1,1,8,8"], ["must return (train, eval)"]),
+    (["--model", "{f}:mlp", "--data", "{f}:wrong_parts", "--input-shape", "1,1,8,8"], ["not a torch Dataset"]),
+    (["--model", "{f}:mlp", "--data", "{f}:digits", "--input-shape", "1,3,32,32"], ["forward failed", "example input"]),
+    (["--model", "{f}:mlp", "--data", "{f}:digits", "--input-shape", "1,-3"], ["--input-shape must be"]),
+    (["--lr", "0"], ["--lr must be positive"]),
+    (["--epochs", "0"], ["--epochs must be positive"]),
+    (["--model", "missing_file.py:f"], ["does not exist"]),
+])
+def test_user_model_and_data_errors(tmp_path, args, needles):
+    f = tmp_path / "usermod.py"
+    f.write_text(USER)
+    res = cli("finetune", *[a.format(f=f) for a in args], "--out", tmp_path / "r", "--epochs" if "--epochs" not in args else "--seed", "1")
+    assert_one_line_error(res, *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_custom_model_runs_end_to_end(tmp_path):
+    f = tmp_path / "usermod.py"
+    f.write_text(USER)
+    out = tmp_path / "r"
+    res = cli("finetune", "--model", f"{f}:mlp", "--data", f"{f}:digits", "--input-shape", "1,1,8,8", "--epochs", "2",
+              "--lam", "1e-2", "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    res = cli("export", out)
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["groups_total"] == 32 and rep["max_abs_diff_onnx"] <= 1e-4
