@@ -96,10 +96,10 @@ def finetune(
     input_shape: Optional[str] = typer.Option(None, help="Example input shape for a custom model, batch first, "
                                               "e.g. 1,3,32,32 (or give the model an example_input(batch) method)."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs. [default: 30]"),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default per optimizer: ramda/rmda/proxsgd 1e-2, "
-                                       "proxadam 1e-3, adamw 3e-3)."),
-    lam: Optional[float] = typer.Option(None, help="Group-lasso strength λ; 0 trains a dense model. "
-                                        "Larger λ → more structures removed. [default: 0]"),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (defaults are for fine-tuning a trained model: "
+                                       "ramda 3e-4, rmda/proxsgd 1e-2, proxadam 1e-4; adamw 3e-3)."),
+    lam: Optional[float] = typer.Option(None, help="Group-lasso strength λ; 0 trains a dense model. Larger λ → more "
+                                        "structures removed. [default: 1.5e-2, 0 for adamw]"),
     optimizer: Optional[str] = typer.Option(None, help="ramda | rmda | proxsgd | proxadam | adamw. [default: ramda]"),
     momentum: Optional[float] = typer.Option(None, help="RAMDA/RMDA averaging weight c0 (ramped to 1 in the final "
                                              "stage); SGD momentum for proxsgd. [default: 0.1]"),
