@@ -26,6 +26,9 @@ Tensor = torch.Tensor
 
 # Below this many parameter entries compiling costs more than it saves (first compile: seconds).
 COMPILE_MIN_NUMEL = 1_000_000
+# Tensors smaller than this run eagerly even when compiling: a compiled call's fixed cost
+# (guards, wrappers) exceeds the few eager ops such a tensor needs.
+COMPILE_MIN_TENSOR = 32_768
 
 
 def _clone_fn(f, tag: str):
@@ -102,6 +105,7 @@ class ProxOptimizer(torch.optim.Optimizer):
             warnings.warn("torch.compile is unavailable here (no C++ compiler or COMPRESS_COMPILE=0); running eagerly")
             flag = False
         self._use_compile = bool(flag)
+        self._big = [p.numel() >= COMPILE_MIN_TENSOR for p in params]
         self._r_cache = None
 
     # ------------------------------------------------------------------ kernels
@@ -118,8 +122,8 @@ class ProxOptimizer(torch.optim.Optimizer):
             ProxOptimizer._kernel_cache[key] = fns
         return ProxOptimizer._kernel_cache[key]
 
-    def _call(self, name: str, *args):
-        if self._use_compile:
+    def _call(self, name: str, k: int, *args):
+        if self._use_compile and self._big[k]:
             try:
                 return self._kernels(True)[name](*args)
             except Exception as e:  # compile failure: fall back for good, same math
@@ -205,17 +209,33 @@ class ProxOptimizer(torch.optim.Optimizer):
         idx = self.index
         r = r.to(self._r_dtype()).to(torch.float64)  # what a resumed run reads back, bit for bit
         self._r_cache = r
+        per = idx.expand_all(r, 0.0, [p.dtype for p in idx.params])
         for k in idx.grouped:
-            p = idx.params[k]
-            self.state[p]["r"] = idx.expand(k, r, 0.0, p.dtype)
+            self.state[idx.params[k]]["r"] = per[k]
 
-    def _problem(self, work, scal_of) -> ProxProblem:
-        return ProxProblem(self.index, self._call, lambda k: self._state_views(k, work), scal_of)
+    def _begin(self, vals: Sequence[Sequence[float]]):
+        """State update of every parameter; returns the subproblem and the write-backs.
 
-    @staticmethod
-    def _write_back(back) -> None:
-        for p, w in back:
+        `vals[i]`: the scalars of param group i, handed to the kernels as 0-dim tensors.
+        """
+        work, back, grads = self._prepare()
+        idx = self.index
+        cache: dict = {}
+        scals, states = [], []
+        for k, w in enumerate(work):
+            key = (self._pg_of[k], w.dtype)
+            if key not in cache:
+                cache[key] = self._scal_tensors(vals[self._pg_of[k]], w)
+            scals.append(cache[key])
+            states.append(self._state_views(k, work))
+        for k in range(len(work)):
+            self._call("update", k, idx.view3(k, grads[k]), states[k], scals[k])
+        return ProxProblem(idx, self._call, states, scals), back
+
+    def _end(self, back, info: dict) -> None:
+        for p, w in back:  # non-contiguous parameters were updated in a contiguous copy
             p.detach().copy_(w)
+        self.last_stats = info
 
     # ------------------------------------------------------------------ structured point
 

@@ -142,8 +142,11 @@ class GroupIndex:
             self.entries.append(ParamEntry(d, shape3, gid, torch.where(gid < 0, G, gid), bool(used.numel())))
         self.pair_entry = torch.cat(pair_e).to(device) if pair_e else torch.zeros(0, dtype=torch.long, device=device)
         self.pair_group = torch.cat(pair_g).to(device) if pair_g else torch.zeros(0, dtype=torch.long, device=device)
-        # Groups of the same size/dtype need nothing special: everything is per index.
         self.grouped = [k for k, e in enumerate(self.entries) if e.has_groups]
+        self._gid_flat = torch.cat([e.gid_ext for e in self.entries]) if self.entries else \
+            torch.zeros(0, dtype=torch.long, device=device)
+        self._splits = [len(e.gid_ext) for e in self.entries]
+        self._gid_cache: dict = {}
 
     # ---- views and group vectors
 
@@ -156,12 +159,33 @@ class GroupIndex:
         ext = torch.cat([vec, vec.new_full((1,), fill)])
         return ext[self.entries[k].gid_ext].to(dtype)
 
-    def add_rows(self, k: int, rows: Tensor, out: Tensor) -> None:
-        """out[g] += rows[i] for every index i of parameter k in group g (out has n_groups + 1 slots)."""
-        out.index_add_(0, self.entries[k].gid_ext, rows.to(out.dtype))
+    def expand_all(self, vec: Tensor, fill: float, dtypes: Sequence[torch.dtype]) -> list[Tensor]:
+        """`expand` for every parameter with one gather (views into one flat vector per dtype)."""
+        flat = torch.cat([vec, vec.new_full((1,), fill)])[self._gid_flat]
+        by_dtype = {dt: flat.to(dt).split(self._splits) for dt in set(dtypes)}
+        return [by_dtype[dt][k] for k, dt in enumerate(dtypes)]
 
-    def new_sums(self, count: int = 1) -> list[Tensor]:
-        return [torch.zeros(self.n_groups + 1, dtype=torch.float64, device=self.device) for _ in range(count)]
+    def sum_rows(self, ks: Sequence[int], rows: Sequence[Tensor]) -> Tensor:
+        """Per-group sums (float64 [n_groups]) of per-index rows of parameters `ks`, one index_add."""
+        out = torch.zeros(self.n_groups + 1, dtype=torch.float64, device=self.device)
+        if ks:
+            out.index_add_(0, self._gid_cat(ks), torch.cat([r.to(torch.float64) for r in rows]))
+        return out[: self.n_groups]
+
+    def amax_rows(self, ks: Sequence[int], rows: Sequence[Tensor]) -> Tensor:
+        out = torch.zeros(self.n_groups + 1, dtype=torch.float64, device=self.device)
+        if ks:
+            out.scatter_reduce_(0, self._gid_cat(ks), torch.cat([r.to(torch.float64) for r in rows]), reduce="amax")
+        return out[: self.n_groups]
+
+    def _gid_cat(self, ks: Sequence[int]) -> Tensor:
+        key = tuple(ks)
+        hit = self._gid_cache.get(key)
+        if hit is None:
+            hit = torch.cat([self.entries[k].gid_ext for k in ks])
+            if len(self._gid_cache) < 64:
+                self._gid_cache[key] = hit
+        return hit
 
     def entries_touching(self, groups_mask: Tensor) -> list[int]:
         """Parameters holding a slice of at least one group in `groups_mask` (vectorized, one sync)."""
@@ -171,20 +195,19 @@ class GroupIndex:
 
     def group_sq_norms(self, tensors: Sequence[Tensor]) -> Tensor:
         """Σ x² per group (float64) for tensors aligned with `params`."""
-        (out,) = self.new_sums(1)
+        rows = []
         for k in self.grouped:
             x = self.view3(k, tensors[k].detach()).double()
-            self.add_rows(k, (x * x).sum((0, 2)), out)
-        return out[: self.n_groups]
+            rows.append((x * x).sum((0, 2)))
+        return self.sum_rows(self.grouped, rows)
 
     def group_amax(self, tensors: Sequence[Tensor]) -> Tensor:
         """max |x| per group (float64) for tensors aligned with `params`."""
-        out = torch.zeros(self.n_groups + 1, dtype=torch.float64, device=self.device)
+        rows = []
         for k in self.grouped:
             x = self.view3(k, tensors[k].detach()).abs()
-            rows = x.amax((0, 2)).double() if x.numel() else x.new_zeros(x.shape[1]).double()
-            out.scatter_reduce_(0, self.entries[k].gid_ext, rows, reduce="amax")
-        return out[: self.n_groups]
+            rows.append(x.amax((0, 2)) if x.numel() else x.new_zeros(x.shape[1]))
+        return self.amax_rows(self.grouped, rows)
 
     def sparsity(self, tensors: Sequence[Tensor]) -> tuple[float, float]:
         """(fraction of groups exactly zero, fraction of grouped entries inside zero groups)."""
@@ -211,8 +234,11 @@ def make_prox_kernels(ad: Callable, finish: Callable) -> dict[str, Callable]:
     kernel takes per-index vectors ([n]) for r, τ; reductions return per-index rows [n].
     """
 
+    # (A fourth sum, Σq²e² for a Halley step, made inductor split the loop in two and
+    # doubled the pass's cost, more than the Newton evaluation it would save.)
+
     def sums0(state, scal, r, tau):
-        """Σa² (the zero test) and Σq², Σq²·d/(d r+τ) at the warm start r, in one pass."""
+        """Σa² (the zero test) and S2, S3 at the warm start r, in one pass."""
         a, d = ad(state, scal)
         inv = 1.0 / (d * _col(r) + _col(tau))
         q = a * inv
@@ -220,7 +246,7 @@ def make_prox_kernels(ad: Callable, finish: Callable) -> dict[str, Callable]:
         return (a * a).sum((0, 2)), q2.sum((0, 2)), (q2 * (d * inv)).sum((0, 2))
 
     def sums(state, scal, r, tau):
-        """One Newton evaluation of φ and its slope."""
+        """S2 = Σq² = φ(r) and S3 = Σq²·d/(d r+τ) = −φ'(r)/2, with q = a/(d r+τ)."""
         a, d = ad(state, scal)
         inv = 1.0 / (d * _col(r) + _col(tau))
         q = a * inv
@@ -269,8 +295,8 @@ def make_prox_kernels(ad: Callable, finish: Callable) -> dict[str, Callable]:
 
 
 def default_newton_tol(dtype: torch.dtype) -> float:
-    """Stop when |Δr| ≤ tol·r: Newton's quadratic convergence then leaves ≈ 1.5·tol² relative error."""
-    return 1e-4 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-7
+    """Target relative accuracy of r: about the dtype's resolution (float32: 1e-7, float64: 1e-15)."""
+    return 1e-7 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-15
 
 
 def secular_newton(r: Tensor, s2: Tensor, s3: Tensor, active: Tensor,
@@ -282,15 +308,18 @@ def secular_newton(r: Tensor, s2: Tensor, s3: Tensor, active: Tensor,
     as in trust-region secular equations), so from a point left of the root Newton climbs
     monotonically and quadratically, and from the right one step lands on the left; a
     negative step is clamped to r = 0, which is always left of the root of a non-zero
-    group. `s2`, `s3` are Σq², Σq²·d/(dr+τ) at `r`; `evaluate(r, active)` recomputes
-    them for the active groups. Returns (r, number of evaluations used after the first).
+    group. With φ = S2 and φ' = −2 S3 the step is Δr = S2 (sqrt(S2) − 1) / S3. A group
+    stops when the error left after its step, ≈ (|Δr|/r)², is below `tol`, or when
+    φ = 1 to rounding (`noise`). `evaluate(r, active)` returns (S2, S3) at r for the
+    active groups. Returns (r, number of evaluations used after the first).
     """
     evals = 0
     for it in range(max_iter):
         rs2 = s2.sqrt()
         delta = torch.where(active, s2 * (rs2 - 1.0) / torch.where(active, s3, 1.0), 0.0)
         rn = (r + delta).clamp_min(0.0)
-        done = (delta.abs() <= tol * rn) | ((rs2 - 1.0).abs() <= noise)
+        rel = delta.abs() / torch.where(rn > 0, rn, 1.0)
+        done = ((rel * rel <= tol) & (rn > 0)) | ((rs2 - 1.0).abs() <= noise)
         r = torch.where(active, rn, r)
         active = active & ~done
         if it + 1 == max_iter or not bool(active.any()):
@@ -305,140 +334,111 @@ def _noise(dtype: torch.dtype) -> float:
 
 
 class ProxProblem:
-    """One instance of the batched subproblem: kernels + their state arguments per parameter.
+    """One instance of the batched subproblem: kernels and their arguments per parameter.
 
-    `state_of(k)` returns the tuple of 3-D views the kernels' `ad`/`finish` read for
-    parameter k; `scal_of(k)` the scalar tensors. `call(name, *args)` runs a kernel
-    (possibly compiled). `tau` is per group (float64).
+    `states[k]`: the tuple of 3-D views the kernels' `ad`/`finish` read for parameter k
+    (first: a tensor shaped like the parameter); `scals[k]`: its scalar tensors;
+    `call(name, k, *args)` runs a kernel (possibly compiled). `tau` is per group (float64).
+    Per-index vectors (r, τ, ...) are expanded for all parameters with one gather, and
+    per-index sums go into the group vectors with one index_add.
     """
 
-    def __init__(self, index: GroupIndex, call: Callable, state_of: Callable, scal_of: Callable,
-                 params: Sequence[int] | None = None):
-        self.index, self.call, self.state_of, self.scal_of = index, call, state_of, scal_of
-        self.params = list(range(len(index.entries))) if params is None else list(params)
+    def __init__(self, index: GroupIndex, call: Callable, states: Sequence[tuple], scals: Sequence[tuple]):
+        self.index, self.call, self.states, self.scals = index, call, states, scals
+        self.dtypes = [p.dtype for p in index.params]
+        self.grouped = index.grouped
 
-    def _dtype(self, k):
-        return self.index.params[k].dtype
+    def _expand(self, vec: Tensor, fill: float) -> list[Tensor]:
+        return self.index.expand_all(vec, fill, self.dtypes)
 
-    def _rt(self, k, r, tau):
-        dt = self._dtype(k)
-        return self.index.expand(k, r, 1.0, dt), self.index.expand(k, tau, 0.0, dt)
+    def _low_dtype(self) -> torch.dtype:
+        dts = {self.dtypes[k] for k in self.grouped} or {torch.float64}
+        return max(dts, key=lambda d: torch.finfo(d).eps)
+
+    def _run(self, name: str, ks: Sequence[int], *vecs: list[Tensor]) -> list:
+        return [self.call(name, k, self.states[k], self.scals[k], *(v[k] for v in vecs)) for k in ks]
+
+    def _final(self, r: Tensor, tau: Tensor, ks=None) -> None:
+        ks = range(len(self.states)) if ks is None else ks
+        self._run("final", ks, self._expand(r, 1.0), self._expand(tau, 0.0))
 
     def solve_exact(self, tau: Tensor, r0: Tensor, tol: float | None = None, max_iter: int = 50) -> tuple[Tensor, dict]:
         """Exact prox (§2a): zero test, then batched Newton warm-started at r0; writes via `final`."""
-        idx = self.index
-        G = idx.n_groups
-        grouped = [k for k in self.params if idx.entries[k].has_groups]
+        idx, G, grouped = self.index, self.index.n_groups, self.grouped
         free = tau <= 0
+        if not grouped or bool(free.all()):  # nothing to shrink: w = a / d everywhere
+            r = torch.ones_like(tau)
+            self._final(r, tau)
+            return r, {"zero": 0, "active": 0, "newton_evals": 0}
         r = torch.where(free, 1.0, r0.to(torch.float64))
-        sa, s2, s3 = idx.new_sums(3)
-        for k in grouped:
-            rk, tk = self._rt(k, r, tau)
-            a2, q2, q3 = self.call("sums0", self.state_of(k), self.scal_of(k), rk, tk)
-            idx.add_rows(k, a2, sa)
-            idx.add_rows(k, q2, s2)
-            idx.add_rows(k, q3, s3)
-        sa, s2, s3 = sa[:G], s2[:G], s3[:G]
+        t_idx = self._expand(tau, 0.0)
+        outs = self._run("sums0", grouped, self._expand(r, 1.0), t_idx)
+        sa, s2, s3 = (idx.sum_rows(grouped, [o[i] for o in outs]) for i in range(3))
         zero = (sa <= tau * tau) & ~free
         active = ~zero & ~free
         r = torch.where(zero, 0.0, r)
-        dtypes = {self._dtype(k) for k in grouped} or {torch.float64}
-        low = max(dtypes, key=lambda d: torch.finfo(d).eps)
-        if tol is None:
-            tol = default_newton_tol(low)
+        low = self._low_dtype()
+        tol = default_newton_tol(low) if tol is None else tol
 
         def evaluate(rr, act):
-            t2, t3 = idx.new_sums(2)
-            ks = set(idx.entries_touching(act))
-            for k in grouped:
-                if k in ks:
-                    rk, tk = self._rt(k, rr, tau)
-                    q2, q3 = self.call("sums", self.state_of(k), self.scal_of(k), rk, tk)
-                    idx.add_rows(k, q2, t2)
-                    idx.add_rows(k, q3, t3)
-            return t2[:G], torch.where(act, t3[:G], 1.0)
+            ks = [k for k in idx.entries_touching(act)]
+            outs = self._run("sums", ks, self._expand(rr, 1.0), t_idx)
+            return tuple(idx.sum_rows(ks, [o[i] for o in outs]) for i in range(2))
 
-        n_active = int(active.sum()) if G else 0
+        n_active = int(active.sum())
         evals = 0
         if n_active:
             r, evals = secular_newton(r, s2, s3, active, evaluate, tol, _noise(low), max_iter)
-        for k in self.params:
-            rk, tk = self._rt(k, r, tau)
-            self.call("final", self.state_of(k), self.scal_of(k), rk, tk)
-        return r, {"zero": int(zero.sum()) if G else 0, "active": n_active, "newton_evals": 1 + evals}
+        self._final(r, tau)
+        return r, {"zero": int(zero.sum()), "active": n_active, "newton_evals": 1 + evals}
 
     def solve_closed_form(self, tau: Tensor, dscale: Tensor) -> tuple[Tensor, dict]:
         """Equal d within each group (d = `dscale`[g]): r = (‖a‖ − τ)/d, no iterations."""
-        idx = self.index
-        G = idx.n_groups
-        (sa,) = idx.new_sums(1)
-        for k in self.params:
-            if idx.entries[k].has_groups:
-                idx.add_rows(k, self.call("sq", self.state_of(k), self.scal_of(k)), sa)
-        na = sa[:G].sqrt()
+        idx, grouped = self.index, self.grouped
+        na = idx.sum_rows(grouped, self._run("sq", grouped)).sqrt()
         free = tau <= 0
         r = torch.where(free, 1.0, ((na - tau) / dscale).clamp_min(0.0))
-        for k in self.params:
-            rk, tk = self._rt(k, r, tau)
-            self.call("final", self.state_of(k), self.scal_of(k), rk, tk)
-        return r, {"zero": int(((na <= tau) & ~free).sum()), "active": int(((na > tau) & ~free).sum()), "newton_evals": 0}
+        self._final(r, tau)
+        return r, {"zero": int(((na <= tau) & ~free).sum()), "active": int(((na > tau) & ~free).sum()),
+                   "newton_evals": 0}
 
-    def solve_pg(self, tau: Tensor, w_of: Callable[[int], Tensor], rtol: float = 1e-8, min_iter: int = 2,
+    def solve_pg(self, tau: Tensor, w: Sequence[Tensor], rtol: float = 1e-8, min_iter: int = 2,
                  max_iter: int = 100) -> tuple[Tensor, dict]:
         """The paper's solver (§2b): screening, then proximal gradient with θ_g = 1/max d.
 
-        `w_of(k)` is a buffer (3-D view) holding the starting point; it is overwritten by
-        the iterates and finally handed to `finish`. Stops when the relative decrease of
-        the (summed) subproblem objective falls below `rtol`, after `min_iter` iterations.
-        Returns the group norms ‖w_g‖ (as r) and stats.
+        `w[k]` (a 3-D view per grouped parameter) holds the starting point; it is
+        overwritten by the iterates and finally handed to `finish`. Stops when the relative
+        decrease of the (summed) subproblem objective falls below `rtol`, after `min_iter`
+        iterations. Returns the group norms ‖w_g‖ and stats.
         """
-        idx = self.index
-        G = idx.n_groups
-        grouped = [k for k in self.params if idx.entries[k].has_groups]
+        idx, G, grouped = self.index, self.index.n_groups, self.grouped
         free = tau <= 0
-        sa = idx.new_sums(1)[0]
-        dm = torch.zeros(G + 1, dtype=torch.float64, device=idx.device)
-        for k in grouped:
-            st, sc = self.state_of(k), self.scal_of(k)
-            idx.add_rows(k, self.call("sq", st, sc), sa)
-            dm.scatter_reduce_(0, idx.entries[k].gid_ext, self.call("dmax", st, sc).double(), reduce="amax")
-        zero = (sa[:G] <= tau * tau) & ~free
-        theta = torch.where(dm[:G] > 0, 1.0 / dm[:G], 0.0)
-        prev = None
-        it = 0
+        sa = idx.sum_rows(grouped, self._run("sq", grouped))
+        dm = idx.amax_rows(grouped, self._run("dmax", grouped))
+        zero = (sa <= tau * tau) & ~free
+        theta = torch.where(dm > 0, 1.0 / dm, 0.0)
+        th, fr = self._expand(theta, 0.0), self._expand(free.to(torch.float64), 1.0)
+        wl = [w[k] if k in set(grouped) else None for k in range(len(self.states))]
+        prev, it = None, 0
         norms = torch.zeros(G, dtype=torch.float64, device=idx.device)
         for it in range(1, max_iter + 1):
-            y2, dy2, ay, w2, obj_w = idx.new_sums(5)
-            for k in grouped:
-                dt = self._dtype(k)
-                th = idx.expand(k, theta, 0.0, dt)
-                fr = idx.expand(k, free.to(torch.float64), 1.0, dt)
-                outs = self.call("pg_sums", self.state_of(k), self.scal_of(k), w_of(k), th, fr)
-                for o, acc in zip(outs, (y2, dy2, ay, w2, obj_w)):
-                    idx.add_rows(k, o, acc)
-            ny = y2[:G].sqrt()
+            outs = self._run("pg_sums", grouped, wl, th, fr)
+            y2, dy2, ay, w2, obj_w = (idx.sum_rows(grouped, [o[i] for o in outs]) for i in range(5))
+            ny = y2.sqrt()
             factor = torch.where(ny > 0, (1.0 - theta * tau / torch.where(ny > 0, ny, 1.0)).clamp_min(0.0), 0.0)
             factor = torch.where(zero, 0.0, torch.where(free, 1.0, factor))
             if prev is None:  # objective at the starting point (grouped entries only)
-                prev = float((tau * w2[:G].sqrt() + obj_w[:G]).sum())
+                prev = float((tau * w2.sqrt() + obj_w).sum())
             norms = factor * ny
-            cur = float((tau * norms + factor * factor * dy2[:G] - factor * ay[:G]).sum())
-            for k in grouped:
-                dt = self._dtype(k)
-                th = idx.expand(k, theta, 0.0, dt)
-                fr = idx.expand(k, free.to(torch.float64), 1.0, dt)
-                fa = idx.expand(k, factor, 1.0, dt)
-                self.call("pg_step", self.state_of(k), self.scal_of(k), w_of(k), th, fr, fa)
+            cur = float((tau * norms + factor * factor * dy2 - factor * ay).sum())
+            self._run("pg_step", grouped, wl, th, fr, self._expand(factor, 1.0))
             if it >= min_iter and (prev - cur) / (abs(cur) + 1.0) < rtol:
                 break
             prev = cur
-        ones, zeros = torch.ones(G, dtype=torch.float64, device=idx.device), torch.zeros(G, dtype=torch.float64, device=idx.device)
-        for k in self.params:
-            if idx.entries[k].has_groups:
-                self.call("pg_final", self.state_of(k), self.scal_of(k), w_of(k))
-            else:  # ungrouped parameters: the closed form w = a/d
-                rk, tk = self._rt(k, ones, zeros)
-                self.call("final", self.state_of(k), self.scal_of(k), rk, tk)
+        self._run("pg_final", grouped, wl)
+        rest = [k for k in range(len(self.states)) if k not in set(grouped)]
+        if rest:  # ungrouped parameters: the closed form w = a/d
+            self._final(torch.ones_like(tau), torch.zeros_like(tau), rest)
         return norms, {"zero": int(zero.sum()), "active": int((~zero & ~free).sum()), "pg_iters": it}
 
 
@@ -457,7 +457,7 @@ def _finish_out(state, w, scal):
 _EAGER = make_prox_kernels(_ad_metric, _finish_out)
 
 
-def _eager_call(name, *args):
+def _eager_call(name, k, *args):
     return _EAGER[name](*args)
 
 
@@ -470,13 +470,13 @@ def _as_tau(index: GroupIndex, tau) -> Tensor:
 
 
 def _problem(index: GroupIndex, z: Sequence[Tensor], d, out: list[Tensor]) -> ProxProblem:
-    def state_of(k):
+    states = []
+    for k in range(len(z)):
         dk = d[k] if isinstance(d, (list, tuple)) else d
         dk = torch.as_tensor(dk, dtype=z[k].dtype, device=z[k].device)
         dk = index.view3(k, dk.expand_as(z[k])) if dk.dim() else dk
-        return index.view3(k, z[k]), dk, index.view3(k, out[k])
-
-    return ProxProblem(index, _eager_call, state_of, lambda k: ())
+        states.append((index.view3(k, z[k]), dk, index.view3(k, out[k])))
+    return ProxProblem(index, _eager_call, states, [()] * len(z))
 
 
 def metric_group_prox(z: Sequence[Tensor], d, index: GroupIndex, tau, r0: Tensor | None = None,
@@ -500,7 +500,7 @@ def metric_group_prox_pg(z: Sequence[Tensor], d, index: GroupIndex, tau, w0: Seq
     out = [torch.empty_like(t) for t in z]
     w = [(t if w0 is None else w0[k]).clone() for k, t in enumerate(z)]
     tau = _as_tau(index, tau)
-    norms, info = _problem(index, z, d, out).solve_pg(tau, lambda k: index.view3(k, w[k]), rtol=rtol,
+    norms, info = _problem(index, z, d, out).solve_pg(tau, [index.view3(k, t) for k, t in enumerate(w)], rtol=rtol,
                                                       min_iter=min_iter, max_iter=max_iter)
     return (out, norms, info) if return_info else out
 

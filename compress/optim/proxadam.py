@@ -62,28 +62,15 @@ class ProxAdam(ProxOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work, back, grads = self._prepare()
-        idx = self.index
         vals = []
         for g in self.param_groups:
             g["t"] += 1
             b1, b2 = g["betas"]
             t = g["t"]
             vals.append((1 - b1, b2, 1 - b2, g["lr"] / (1 - b1 ** t), math.sqrt(1 - b2 ** t), g["eps"]))
-        cache: dict = {}
-
-        def scal_of(k):
-            key = (self._pg_of[k], work[k].dtype)
-            if key not in cache:
-                cache[key] = self._scal_tensors(vals[self._pg_of[k]], work[k])
-            return cache[key]
-
-        for k in range(len(work)):
-            self._call("update", idx.view3(k, grads[k]), self._state_views(k, work), scal_of(k))
+        prob, back = self._begin(vals)
         tau = self._tau([g["lr"] * g["lam"] for g in self.param_groups])
-        r, info = self._problem(work, scal_of).solve_exact(tau, self._get_r(), tol=self.newton_tol,
-                                                           max_iter=self.max_newton)
+        r, info = prob.solve_exact(tau, self._get_r(), tol=self.newton_tol, max_iter=self.max_newton)
         self._set_r(r)
-        self._write_back(back)
-        self.last_stats = info
+        self._end(back, info)
         return loss

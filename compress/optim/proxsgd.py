@@ -54,26 +54,13 @@ class ProxSGD(ProxOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work, back, grads = self._prepare()
-        idx = self.index
         vals = []
         for g in self.param_groups:
             g["t"] += 1
             mu = g["momentum"] if g["t"] > 1 else 0.0
             vals.append((g["lr"], mu, 1.0, 1.0 - mu))
-        cache: dict = {}
-
-        def scal_of(k):
-            key = (self._pg_of[k], work[k].dtype)
-            if key not in cache:
-                cache[key] = self._scal_tensors(vals[self._pg_of[k]], work[k])
-            return cache[key]
-
-        for k in range(len(work)):
-            self._call("update", idx.view3(k, grads[k]), self._state_views(k, work), scal_of(k))
+        prob, back = self._begin(vals)
         tau = self._tau([g["lr"] * g["lam"] for g in self.param_groups])
-        ones = torch.ones(idx.n_groups, dtype=torch.float64, device=idx.device)
-        _, info = self._problem(work, scal_of).solve_closed_form(tau, ones)
-        self._write_back(back)
-        self.last_stats = info
+        _, info = prob.solve_closed_form(tau, torch.ones_like(tau))
+        self._end(back, info)
         return loss

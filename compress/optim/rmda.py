@@ -77,8 +77,6 @@ class RMDA(ProxOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work, back, grads = self._prepare()
-        idx = self.index
         vals, betas = [], []
         for g in self.param_groups:
             beta = math.sqrt(g["t"] + 1)
@@ -87,19 +85,9 @@ class RMDA(ProxOptimizer):
             g["t"] += 1
             vals.append((s, beta, g["momentum"]))
             betas.append(beta)
-        cache: dict = {}
-
-        def scal_of(k):
-            key = (self._pg_of[k], work[k].dtype)
-            if key not in cache:
-                cache[key] = self._scal_tensors(vals[self._pg_of[k]], work[k])
-            return cache[key]
-
-        for k in range(len(work)):
-            self._call("update", idx.view3(k, grads[k]), self._state_views(k, work), scal_of(k))
+        prob, back = self._begin(vals)
         tau = self._tau([g["alpha"] * g["lam"] for g in self.param_groups])
-        dscale = torch.tensor(betas, dtype=torch.float64, device=idx.device)[self._group_pg]
-        _, info = self._problem(work, scal_of).solve_closed_form(tau, dscale)
-        self._write_back(back)
-        self.last_stats = info
+        dscale = torch.tensor(betas, dtype=torch.float64, device=self.index.device)[self._group_pg]
+        _, info = prob.solve_closed_form(tau, dscale)
+        self._end(back, info)
         return loss
