@@ -116,6 +116,8 @@ def finetune(
     init: Optional[Path] = typer.Option(None, help="Start from these weights (safetensors, a checkpoint, or a "
                                         "state_dict saved with torch.save; never unpickles code)."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda. [default: auto]"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch. Small models train fastest on 1, "
+                                          "and so does any model on a busy machine. [default: torch's]"),
     config: Optional[Path] = typer.Option(None, help="TOML file whose keys mirror these flags (flags win)."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run directory exactly where it stopped."),
     force: bool = typer.Option(False, "--force", help="Overwrite the run files in an existing --out directory."),
@@ -147,7 +149,7 @@ def finetune(
     flags = dict(model=model, out=out, data=data, epochs=epochs, lr=lr, lam=lam, optimizer=optimizer,
                  momentum=momentum, batch_size=batch_size, milestones=milestones, gamma=gamma, schedule=schedule,
                  weight_decay=weight_decay, group_weight=group_weight, solver=solver, seed=seed, init=init,
-                 device=device, input_shape=input_shape)
+                 device=device, input_shape=input_shape, threads=threads)
     unknown = set(opts) - set(flags)
     if unknown:
         raise UserError(f"config file {config} has unknown keys: {', '.join(sorted(unknown))}")

@@ -58,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "none"  # none | bf16 | fp16 (autocast; optimizer state and prox math stay float32)
+    threads: int | None = None  # CPU threads for torch (None: torch's default)
 
     def resolved(self) -> "TrainConfig":
         c = dataclasses.replace(self)
@@ -82,6 +83,8 @@ class TrainConfig:
             raise UserError(f"--momentum must be in (0, 1] for {self.optimizer}, got {self.momentum}")
         if self.schedule not in ("step", "cosine"):
             raise UserError(f"--schedule must be step or cosine, got {self.schedule!r}")
+        if self.threads is not None and self.threads <= 0:
+            raise UserError(f"--threads must be positive, got {self.threads}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise UserError(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.optimizer == "adamw" and (self.lam or 0) > 0:
@@ -409,6 +412,8 @@ def finetune(
     cfg.validate()
 
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     ctx = dist_ctx or DistContext.from_env(device.type)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
