@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .asgo import ASGO, DASGO
 from .base import ProxOptimizer
 from .prox import GroupIndex, group_soft_threshold, metric_group_prox, metric_group_prox_pg
 from .proxadam import ProxAdam
@@ -16,6 +17,8 @@ from .ramda import RAMDA
 from .rmda import RMDA
 
 OPTIMIZERS = ("ramda", "rmda", "proxsgd", "proxadam", "adamw")
+# The other seed methods (ALGORITHMS §3-§4), same constructor contract.
+MORE_OPTIMIZERS = ("asgo", "dasgo")
 
 
 def make_optimizer(name: str, params, groups=None, lr: float = 1e-3, lam: float = 0.0, **kw) -> torch.optim.Optimizer:
@@ -26,16 +29,16 @@ def make_optimizer(name: str, params, groups=None, lr: float = 1e-3, lam: float 
     needs lam == 0.
     """
     key = str(name).lower()
-    classes = {"ramda": RAMDA, "rmda": RMDA, "proxsgd": ProxSGD, "proxadam": ProxAdam}
+    classes = {"ramda": RAMDA, "rmda": RMDA, "proxsgd": ProxSGD, "proxadam": ProxAdam, "asgo": ASGO, "dasgo": DASGO}
     if key == "adamw":
         if lam:
             raise ValueError(f"adamw trains dense models and takes no group lasso: use lam=0 (got {lam}) "
                              "or one of ramda|rmda|proxsgd|proxadam")
         return torch.optim.AdamW(params, lr=lr, **kw)
     if key not in classes:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS + MORE_OPTIMIZERS)}")
     return classes[key](params, lr=lr, lam=lam, groups=groups, **kw)
 
 
-__all__ = ["RAMDA", "RMDA", "ProxSGD", "ProxAdam", "ProxOptimizer", "GroupIndex", "metric_group_prox",
+__all__ = ["RAMDA", "RMDA", "ProxSGD", "ProxAdam", "ASGO", "DASGO", "MORE_OPTIMIZERS", "ProxOptimizer", "GroupIndex", "metric_group_prox",
            "metric_group_prox_pg", "group_soft_threshold", "make_optimizer", "OPTIMIZERS"]
