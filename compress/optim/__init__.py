@@ -10,6 +10,7 @@ import torch
 
 from .asgo import ASGO, DASGO
 from .base import ProxOptimizer
+from .dsgd import DSGD
 from .prox import GroupIndex, group_soft_threshold, metric_group_prox, metric_group_prox_pg
 from .proxadam import ProxAdam
 from .proxsgd import ProxSGD
@@ -18,7 +19,7 @@ from .rmda import RMDA
 
 OPTIMIZERS = ("ramda", "rmda", "proxsgd", "proxadam", "adamw")
 # The other seed methods (ALGORITHMS §3-§4), same constructor contract.
-MORE_OPTIMIZERS = ("asgo", "dasgo")
+MORE_OPTIMIZERS = ("asgo", "dasgo", "dsgd")
 
 
 def make_optimizer(name: str, params, groups=None, lr: float = 1e-3, lam: float = 0.0, **kw) -> torch.optim.Optimizer:
@@ -29,7 +30,8 @@ def make_optimizer(name: str, params, groups=None, lr: float = 1e-3, lam: float 
     needs lam == 0.
     """
     key = str(name).lower()
-    classes = {"ramda": RAMDA, "rmda": RMDA, "proxsgd": ProxSGD, "proxadam": ProxAdam, "asgo": ASGO, "dasgo": DASGO}
+    classes = {"ramda": RAMDA, "rmda": RMDA, "proxsgd": ProxSGD, "proxadam": ProxAdam, "asgo": ASGO, "dasgo": DASGO,
+               "dsgd": DSGD}
     if key == "adamw":
         if lam:
             raise ValueError(f"adamw trains dense models and takes no group lasso: use lam=0 (got {lam}) "
@@ -40,5 +42,5 @@ def make_optimizer(name: str, params, groups=None, lr: float = 1e-3, lam: float 
     return classes[key](params, lr=lr, lam=lam, groups=groups, **kw)
 
 
-__all__ = ["RAMDA", "RMDA", "ProxSGD", "ProxAdam", "ASGO", "DASGO", "MORE_OPTIMIZERS", "ProxOptimizer", "GroupIndex", "metric_group_prox",
+__all__ = ["RAMDA", "RMDA", "ProxSGD", "ProxAdam", "ASGO", "DASGO", "DSGD", "MORE_OPTIMIZERS", "ProxOptimizer", "GroupIndex", "metric_group_prox",
            "metric_group_prox_pg", "group_soft_threshold", "make_optimizer", "OPTIMIZERS"]
