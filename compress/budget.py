@@ -473,34 +473,35 @@ def _structured_zero(opt, groups) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, data, batch_size: int = 64, max_batches: int = 50) -> bool:
-    """Re-estimate BatchNorm running statistics of `model` as it is now (cumulative average over
-    up to `max_batches` training batches). The structured point Ŵ is not the point whose
-    activations the running statistics followed during training, so its eval-mode accuracy
-    is only meaningful after this. Returns False when the model has no BatchNorm."""
-    from .train import _batches, _forward, _split_batch, _to
+def critical_lams(opt) -> torch.Tensor | None:
+    """Per group, the λ above which the optimizer's *next* prox makes the group exactly zero.
 
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return False
-    saved = [(m, m.momentum) for m in bns]
-    was = model.training
-    device = next(model.parameters()).device
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        for i, batch in _batches(data, 0, 12345, batch_size):
-            if i >= max_batches:
-                break
-            x, _ = _split_batch(batch)
-            _forward(model, _to(x, device))
-    finally:
-        for m, mom in saved:
-            m.momentum = mom
-        model.train(was)
-    return True
+    For the dual-averaging methods the structured point is a function of the dual state:
+    Ŵ_g = 0 iff ‖P W⁰ − V‖_g ≤ α λ w_g (ALGORITHMS §2a; RAMDA: P = cbrt(U) + ε, RMDA:
+    P = β = √(t+1)), so λ*_g = ‖P W⁰ − V‖_g / (α w_g) with the α of the next step (zero
+    gradient assumed). The controller uses it to pick the λ whose zero pattern is on plan
+    exactly. None for optimizers without such a state (ProxSGD, ProxAdam: the zero test
+    depends on the next gradient) or with several param groups.
+    """
+    kind = type(opt).__name__
+    if kind not in ("RAMDA", "RMDA") or len(opt.param_groups) != 1 or not hasattr(opt, "index"):
+        return None
+    g = opt.param_groups[0]
+    t = g.get("t", 0)
+    alpha = g.get("alpha", 0.0) + g["lr"] * math.sqrt(t + 1)
+    if alpha <= 0:
+        return None
+    rows = []
+    for p in opt.index.params:
+        st = opt.state.get(p)
+        if not st or "v" not in st or "w0" not in st:
+            return None
+        if kind == "RAMDA":
+            rows.append((st["u_cbrt"] + g["eps"]) * st["w0"] - st["v"])
+        else:
+            rows.append(math.sqrt(t + 1) * st["w0"] - st["v"])
+    a = opt.index.group_sq_norms(rows).sqrt().cpu()
+    return a / (alpha * opt.index.weights.cpu().clamp_min(1e-300))
 
 
 class BudgetController:
@@ -526,17 +527,18 @@ class BudgetController:
                  target: float | None = None, kind: str | None = None, lam0: float | None = None,
                  freeze_epoch: int | None = None, plan_end: float = 0.8, controls_per_epoch: int = 4,
                  gain: float = 4.0, max_factor: float = 2.0, tol: float = 0.02, revive: bool = True,
-                 final_lam: float = 0.0, latency=None, bn_data=None, log=None):
+                 final_lam: float = 0.0, exact: bool = True, latency=None, bn_data=None, log=None):
         self.budget, self.cm, self.groups, self.cfg = budget, cost_model, groups, cfg
         self.kind = kind or ("flops" if budget.kind == "latency" else budget.kind)
         self.target = float(target if target is not None else budget.target)
         self.steps_per_epoch = max(1, int(steps_per_epoch))
-        self.lam0 = float(lam0 if lam0 else (cfg.lam if cfg.lam > 0 else 1e-4))
+        self.lam0 = float(lam0 if lam0 else ((cfg.lam or 0) if (cfg.lam or 0) > 0 else 1e-4))
         self.freeze_epoch = int(freeze_epoch if freeze_epoch is not None else default_freeze_epoch(cfg))
         if not 1 <= self.freeze_epoch <= cfg.epochs:
             raise UserError(f"freeze epoch {self.freeze_epoch} is outside 1..{cfg.epochs}")
         self.plan_end, self.controls, self.gain = plan_end, max(1, controls_per_epoch), gain
         self.max_factor, self.tol, self.do_revive, self.final_lam = max_factor, tol, revive, final_lam
+        self.exact = exact
         self.latency, self.bn_data, self.log = latency, bn_data, log or (lambda msg: None)
         self.step = 0
         self.frozen: torch.Tensor | None = None
@@ -559,21 +561,59 @@ class BudgetController:
             g["lam"] = lam
 
     def _control(self, opt, epochs_done: float) -> dict:
-        zero, _ = _structured_zero(opt, self.groups)
-        c = float(self.cm.cost(zero, self.kind))
+        """Set λ for the plan at `epochs_done` epochs: exactly (critical λ) when the optimizer allows,
+        otherwise multiplicatively from the cost gap."""
         p = self.planned(epochs_done)
-        lam = self._lam(opt)
-        if lam <= 0:
-            lam = self.lam0
-        span = max(1e-6, 1 - self.target)
-        if c > p:
-            lam *= math.exp(min(self.gain * (c - p) / span, math.log(self.max_factor)))
-        elif c < self.target - self.tol:
-            lam *= math.exp(max(self.gain * (c - (self.target - self.tol / 2)) / span, -math.log(self.max_factor)))
+        crit = critical_lams(opt) if self.exact else None
+        if crit is not None:
+            lam, c = self._lam_on_plan(crit, p)
+            zero_n = int((crit <= lam).sum())
+            how = "exact"
+        else:
+            zero, _ = _structured_zero(opt, self.groups)
+            c = float(self.cm.cost(zero, self.kind))
+            zero_n = int(zero.sum())
+            lam = self._lam(opt)
+            if lam <= 0:
+                lam = self.lam0
+            span = max(1e-6, 1 - self.target)
+            if c > p:
+                lam *= math.exp(min(self.gain * (c - p) / span, math.log(self.max_factor)))
+            elif c < self.target - self.tol:
+                lam *= math.exp(max(self.gain * (c - (self.target - self.tol / 2)) / span, -math.log(self.max_factor)))
+            how = "multiplicative"
         self._set_lam(opt, lam)
-        rec = {"at_epoch": round(epochs_done, 4), "cost": c, "plan": p, "lam": lam, "zero": int(zero.sum())}
+        rec = {"at_epoch": round(epochs_done, 4), "cost": c, "plan": p, "lam": lam, "zero": zero_n, "rule": how}
         self.history.append(rec)
         return rec
+
+    def _lam_on_plan(self, crit: torch.Tensor, plan: float) -> tuple[float, float]:
+        """The smallest λ whose zero pattern {g: λ*_g ≤ λ} costs ≤ plan (bisection over sorted λ*)."""
+        order = torch.argsort(crit)
+        vals = crit[order]
+
+        def cost(k):
+            m = torch.zeros(len(crit), dtype=torch.bool)
+            m[order[:k]] = True
+            return float(self.cm.cost(m, self.kind))
+
+        lo, hi = 0, len(order)
+        if cost(hi) > plan:
+            lo = hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cost(mid) <= plan:
+                hi = mid
+            else:
+                lo = mid + 1
+        k = lo
+        # ties: every group with λ*_g ≤ λ is zero, so take all groups sharing the k-th value
+        if k == 0:
+            lam = float(vals[0]) * (1 - 1e-6) if len(vals) else self.lam0
+        else:
+            lam = float(vals[k - 1]) * (1 + 1e-9)
+        lam = max(lam, 1e-12)
+        return lam, cost(int((crit <= lam).sum())) if k else cost(0)
 
     # ---- callbacks for compress.train.finetune
 
@@ -586,7 +626,7 @@ class BudgetController:
             self._set_lam(opt, self.lam0)
         interval = max(1, self.steps_per_epoch // self.controls)
         in_epoch = self.step % self.steps_per_epoch
-        if in_epoch and in_epoch % interval == 0 and self.step < self.freeze_epoch * self.steps_per_epoch:
+        if (self.step == 1 or in_epoch and in_epoch % interval == 0) and self.step < self.freeze_epoch * self.steps_per_epoch:
             self._control(opt, self.step / self.steps_per_epoch)
 
     def on_epoch(self, state: dict) -> dict:
@@ -645,7 +685,9 @@ class BudgetController:
             opt.restart()  # the final phase starts a clean stage from the committed point
         self._set_lam(opt, self.final_lam)
         if self.bn_data is not None:
-            recalibrate_bn(model, self.bn_data)
+            from .train import recalibrate_batchnorm
+
+            recalibrate_batchnorm(model, self.bn_data, next(model.parameters()).device)
         self.counts = {"removed_by_optimizer": int((zero & mask).sum()), "removed_by_enforcement": int(added.sum()),
                        "revived": int(revived.sum())}
         info.update(self.counts, cost_frozen=float(self.cm.cost(mask, self.kind)), groups_frozen=int(mask.sum()))
@@ -830,7 +872,7 @@ BUDGET_FILES = {"summary": "budget.json", "state": "budget_state.json"}
 
 def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, out, config=None,
                        budget: Budget | None = None, *, groups=None, resume: bool = False,
-                       controller: dict | None = None, recalibrate_bn_stats: bool = True,
+                       controller: dict | None = None,
                        measure_latency: bool | None = None, latency_calibration=(0.75, 0.5, 0.3),
                        console=None, **finetune_kwargs) -> BudgetRunResult:
     """Fine-tune `model` so that the exported model meets `budget`; λ is found by the controller.
@@ -838,8 +880,7 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     `config.lam` (if > 0) is only λ's starting value. `controller`: keyword arguments for
     `BudgetController` (freeze_epoch, plan_end, gain, tol, revive, ...). Other keyword
     arguments go to `compress.train.finetune` (force, init_weights, run_info, loss_fn, callbacks,
-    progress, ...). After training: BatchNorm statistics of the structured point are
-    re-estimated on `train_data` (`recalibrate_bn_stats`), the zero groups are extracted and
+    progress, ...). After training the zero groups are extracted and
     counted for real, a latency target (or `measure_latency=True`) is measured with ONNX
     Runtime, and out/budget.json states target, achieved and dense cost side by side.
     """
@@ -851,7 +892,7 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     from .cost import count_flops, count_params
     from .extract import extract
     from .groups import find_groups, load_groups, zero_mask
-    from .train import RUN_FILES, TrainConfig, _num_batches, _to, evaluate, finetune, save_weights
+    from .train import RUN_FILES, TrainConfig, _num_batches, _to, evaluate, finetune, recalibrate_batchnorm, save_weights
 
     console = console or Console()
     out = Path(out)
@@ -908,7 +949,7 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     ctl_kw = {k: v for k, v in (controller or {}).items() if k != "lam0"}
     ctl = BudgetController(budget, cm, groups, cfg, _num_batches(train_data, cfg.batch_size), target=target,
                            lam0=lam0, latency=latency if budget.kind == "latency" else None,
-                           bn_data=train_data if recalibrate_bn_stats else None, log=console.print, **ctl_kw)
+                           bn_data=train_data, log=console.print, **ctl_kw)
     if restore:
         ctl.counts, ctl.history, ctl.freeze_info = restore["counts"], restore["history"], restore["freeze_info"]
         ctl.target = restore["target"]
@@ -952,14 +993,8 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
         post_hoc = int(added.sum())
         final_zero = zero_mask(groups).cpu()
     acc = {}
-    if eval_data is not None:
-        acc["accuracy_finetuned"] = evaluate(model, eval_data, device)["accuracy"]
-    bn = False
-    if recalibrate_bn_stats:
-        bn = recalibrate_bn(model, train_data, cfg.batch_size)
-        if bn and eval_data is not None:
-            acc["accuracy_bn_recalibrated"] = evaluate(model, eval_data, device)["accuracy"]
-    if bn or post_hoc:
+    if post_hoc:  # finetune recalibrated BatchNorm for its final point; this one changed
+        recalibrate_batchnorm(model, train_data, device)
         save_weights(out / RUN_FILES["weights"], model)
 
     was = model.training
@@ -972,17 +1007,16 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
         acc["accuracy"] = evaluate(small, eval_data, torch.device("cpu"))["accuracy"]
     lat = None
     if latency is not None:
-        if not latency.points:
-            with console.status("measuring latency (dense and compressed)"):
-                latency.calibrate(latency_calibration)
-        predicted = latency.predict(final_zero)
+        predicted = latency.predict(final_zero) if latency.fit else None
         with console.status("measuring the latency of the compressed model"):
             pt = latency.measure(final_zero, model=small, tag="final model")
         lat = {"predicted_ms": predicted, "measured_ms": pt["latency_ms"], "dense_ms": pt["dense_ms"],
-               "prediction_error": (predicted - pt["latency_ms"]) / pt["latency_ms"],
-               "target_ms": budget.latency_ms, "batch": budget.batch, "threads": pt["threads"], "table": latency.table()}
+               "prediction_error": None if predicted is None else (predicted - pt["latency_ms"]) / pt["latency_ms"],
+               "target_ms": budget.latency_ms, "batch": budget.batch, "threads": pt["threads"]}
+        if latency.fit:
+            lat["table"] = latency.table()
+            atomic_write_json(out / "latency.json", latency.table())
         achieved["latency_ms"] = pt["latency_ms"]
-        atomic_write_json(out / "latency.json", latency.table())
     summary = budget_summary(budget, ctl, dense, achieved, acc, result.metrics, lat, post_hoc, train_s, cfg)
     atomic_write_json(out / BUDGET_FILES["summary"], summary)
     return BudgetRunResult(out=result.out, metrics=result.metrics, model=model, optimizer=result.optimizer,

@@ -216,3 +216,106 @@ def test_zero_keeper_zeroes_parameters_and_optimizer_buffers():
             wh = opt.state[t]["w_hat"].index_select(s.dim, torch.tensor(s.indices))
             assert bool((sl == 0).all()) == bool(mask[i]) and bool((wh == 0).all()) == bool(mask[i])
     assert all(bool((opt.state[p]["v"] == 1).all()) for p in model.parameters())  # other buffers untouched
+
+
+# --------------------------------------------------------------------------- controller
+
+
+@pytest.mark.parametrize("name", ["RAMDA", "RMDA"])
+def test_critical_lambda_predicts_the_next_prox(name):
+    """λ*_g from the dual state: after one more step (zero gradient) at λ, Ŵ_g = 0 iff λ*_g ≤ λ."""
+    import compress.optim as optim
+    from compress.budget import critical_lams
+
+    torch.manual_seed(0)
+    model, x = _spec_input("digits-resnet")
+    groups = find_groups(model, x)
+    opt = getattr(optim, name)(model.parameters(), lr=0.01, lam=1e-4, groups=groups)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.rand(8, 1, 8, 8)).logsumexp(-1).mean().backward()
+        opt.step()
+    crit = critical_lams(opt)
+    vals = crit.sort().values
+    gaps = vals[1:] - vals[:-1]
+    k = int(torch.argmax(gaps[len(gaps) // 3: 2 * len(gaps) // 3])) + len(gaps) // 3
+    lam = float((vals[k] + vals[k + 1]) / 2)  # halfway between two critical values: no ties
+    for g in opt.param_groups:
+        g["lam"] = lam
+    opt.zero_grad(set_to_none=True)
+    opt.step()
+    assert torch.equal(opt.group_norms() == 0, crit <= lam)
+    assert 0 < int((crit <= lam).sum()) < len(groups)
+
+
+def _digits_setup(seed=0):
+    spec = get_model("digits-resnet")
+    torch.manual_seed(seed)
+    model = spec.build()
+    return model, spec.example_input(1)
+
+
+@pytest.mark.parametrize("kind,target", [("flops", 0.5), ("params", 0.3)])
+def test_enforcement_never_leaves_the_pattern_above_target_and_is_minimal(kind, target):
+    """Against a linear scan: the bisection finds the shortest prefix of the weakness ranking that fits."""
+    from compress.budget import enforce
+
+    model, x = _digits_setup()
+    groups = find_groups(model, x)
+    cm = CostModel(model, groups, x)
+    g = torch.Generator().manual_seed(5)
+    for trial in range(4):
+        zero = torch.rand(len(groups), generator=g) < 0.1 * trial
+        norms = torch.rand(len(groups), generator=g, dtype=torch.float64)
+        mask, added = enforce(cm, zero, norms, kind, target)
+        assert cm.cost(mask, kind) <= target
+        assert torch.equal(mask, zero | added) and not bool((added & zero).any())
+        # slow reference: walk the same ranking one group at a time
+        score = norms / cm.savings(zero, kind).clamp_min(1e-300)
+        score[zero] = math.inf
+        ref = zero.clone()
+        for i in torch.argsort(score, stable=True).tolist():
+            if cm.cost(ref, kind) <= target:
+                break
+            ref[i] = True
+        assert torch.equal(mask, ref)
+
+
+def test_finetune_to_budget_enforcement_holds_the_target_when_the_optimizer_removes_nothing(tmp_path, digits_small):
+    """λ pinned near zero (controller disabled): every removal is enforcement's, and the real
+    extracted model is still within the target."""
+    from compress.budget import finetune_to_budget
+    from compress.train import TrainConfig
+
+    model, x = _digits_setup()
+    tr, te = digits_small
+    cfg = TrainConfig(epochs=2, batch_size=64, lam=1e-12, optimizer="proxsgd", milestones=[1])
+    res = finetune_to_budget(model, tr, te, x, tmp_path / "run", cfg, Budget(flops=0.4),
+                             controller={"exact": False, "gain": 0.0, "freeze_epoch": 1}, progress=False)
+    b = res.budget
+    assert b["removed_by_optimizer"] == 0 and b["removed_by_enforcement"] > 0
+    assert b["achieved"]["flops_fraction"] <= 0.4
+    assert b["achieved"]["flops"] == b["achieved"]["flops_predicted"]
+    saved = __import__("json").loads((tmp_path / "run" / "budget.json").read_text())
+    assert saved["achieved"]["flops"] == b["achieved"]["flops"]
+
+
+def test_controller_reaches_a_flop_target_in_a_short_run(tmp_path, digits_small):
+    from compress.budget import finetune_to_budget
+    from compress.train import TrainConfig
+
+    model, x = _digits_setup()
+    tr, te = digits_small
+    cfg = TrainConfig(epochs=6, batch_size=32, milestones=[4])
+    res = finetune_to_budget(model, tr, te, x, tmp_path / "run", cfg, Budget(flops=0.5), progress=False)
+    b = res.budget
+    f = b["achieved"]["flops_fraction"]
+    assert 0.45 <= f <= 0.5, f
+    # the real extracted model, counted independently of the cost model
+    from compress.groups import find_groups as fg
+
+    small, _ = extract(res.model, res.groups, x)
+    assert count_flops(small, x) / count_flops(get_model("digits-resnet").build(), x) == pytest.approx(f)
+    assert b["removed_by_optimizer"] > 0
+    assert [m["lam"] for m in res.metrics if m["phase"] == "final"][-1] == 0.0
+    assert all(m["cost"] <= 0.5 for m in res.metrics if m["phase"] == "final")

@@ -1,0 +1,149 @@
+"""Compress to a budget (issue 13): FLOP targets on digits-resnet, a latency target on resnet20.
+
+    python examples/budget_table.py [--init dense.safetensors] [--epochs 30] [--out runs/budget_table]
+
+1. digits-resnet: a dense model trained here with AdamW (or --init), then
+   `compress.budget.finetune_to_budget` with --target-flops 0.5 and 0.3, for both group
+   weights (sqrt = √group size, unit = 1). Each compressed model is also exported and timed
+   with ONNX Runtime at batch 1 against the dense model.
+2. resnet20 (synthetic 32x32 data): a latency target at batch 1, by default 55% of the dense
+   model's latency measured here; reports predicted vs measured latency.
+
+Prints the table of issue 13 (target, achieved FLOPs/params/latency, accuracy, final λ,
+groups removed by the optimizer vs by enforcement) and writes it to OUT/budget_table.json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress.budget import Budget, finetune_to_budget  # noqa: E402
+from compress.models import get_model  # noqa: E402
+from compress.train import TrainConfig, evaluate, finetune  # noqa: E402
+
+
+def dense_model(name: str, out: Path, epochs: int, init: str | None, console) -> tuple[torch.nn.Module, float]:
+    """The dense starting point: --init weights, or AdamW training from scratch (cached in OUT)."""
+    from safetensors.torch import load_file
+
+    spec = get_model(name)
+    train, test = spec.data()
+    model = spec.build()
+    cached = out / f"dense-{name}" / "weights.safetensors"
+    if init:
+        model.load_state_dict(load_file(init))
+    elif cached.is_file():
+        model.load_state_dict(load_file(cached))
+    else:
+        cfg = TrainConfig(epochs=epochs, optimizer="adamw", schedule="cosine", lr=3e-3, seed=0)
+        finetune(model, train, test, spec.example_input(1), out / f"dense-{name}", cfg, force=True, progress=False,
+                 console=console)
+    acc = evaluate(model, test, torch.device("cpu"))["accuracy"]
+    return model, acc
+
+
+def run(name, dense, budget, cfg, out, console, measure_latency=True):
+    spec = get_model(name)
+    train, test = spec.data()
+    model = copy.deepcopy(dense)
+    t0 = time.perf_counter()
+    res = finetune_to_budget(model, train, test, spec.example_input(1), out, cfg, budget, force=True, progress=False,
+                             console=console, measure_latency=measure_latency)
+    b = res.budget
+    lat = b.get("latency", {})
+    return {
+        "model": name, "target": budget.describe(), "group_weight": cfg.group_weight,
+        "flops": b["achieved"]["flops_fraction"], "params": b["achieved"]["params_fraction"],
+        "latency_ms": lat.get("measured_ms"), "latency_predicted_ms": lat.get("predicted_ms"),
+        "dense_latency_ms": lat.get("dense_ms"), "accuracy": b.get("accuracy"), "lam_final": b["lam_final"],
+        "removed_by_optimizer": b["removed_by_optimizer"], "removed_by_enforcement": b["removed_by_enforcement"],
+        "revived": b["revived"], "groups_total": b["groups_total"], "met": b["met"],
+        "seconds": time.perf_counter() - t0, "run": str(out),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--init", help="dense digits-resnet weights (safetensors); default: train with AdamW here")
+    ap.add_argument("--epochs", type=int, default=30, help="budget fine-tuning epochs (digits-resnet)")
+    ap.add_argument("--dense-epochs", type=int, default=30)
+    ap.add_argument("--targets", default="0.5,0.3")
+    ap.add_argument("--group-weights", default="sqrt,unit")
+    ap.add_argument("--milestones", default="20", help="lr decays (RAMDA restarts); the last one starts the final phase")
+    ap.add_argument("--latency-ms", type=float, default=None, help="resnet20 target (default: 0.55 x dense, measured)")
+    ap.add_argument("--latency-epochs", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for every latency")
+    ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--out", default="runs/budget_table")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(width=160)
+    torch.manual_seed(0)
+    rows = []
+    dense, dense_acc = dense_model("digits-resnet", out, args.dense_epochs, args.init, console)
+    console.print(f"dense digits-resnet accuracy {dense_acc:.4f}")
+    milestones = [int(m) for m in args.milestones.split(",") if m]
+    for gw in args.group_weights.split(","):
+        for t in (float(x) for x in args.targets.split(",")):
+            cfg = TrainConfig(epochs=args.epochs, group_weight=gw, milestones=milestones, seed=0)
+            console.rule(f"digits-resnet  FLOPs ≤ {t}  group weight {gw}")
+            row = run("digits-resnet", dense, Budget(flops=t, ), cfg, out / f"digits-flops{t}-{gw}", console)
+            row["dense_accuracy"] = dense_acc
+            rows.append(row)
+            (out / "budget_table.json").write_text(json.dumps(rows, indent=2))
+    if not args.skip_latency:
+        r20, r20_acc = dense_model("resnet20", out, 10, None, console)
+        console.print(f"dense resnet20 accuracy {r20_acc:.4f}")
+        target = args.latency_ms
+        if target is None:
+            from compress.budget import CostModel, LatencyModel
+            from compress.groups import find_groups
+
+            x = get_model("resnet20").example_input(1)
+            g = find_groups(r20, x)
+            lm = LatencyModel(r20, g, x, CostModel(r20, g, x), batch=1, threads=args.threads)
+            dense_ms = lm.measure(torch.zeros(len(g), dtype=torch.bool), tag="dense")["dense_ms"]
+            target = round(0.55 * dense_ms, 3)
+            console.print(f"resnet20 dense latency {dense_ms:.3f} ms (batch 1, {args.threads} thread) → target {target} ms")
+        e = args.latency_epochs
+        cfg = TrainConfig(epochs=e, milestones=[max(1, round(0.7 * e))], seed=0)
+        console.rule(f"resnet20  latency ≤ {target} ms")
+        row = run("resnet20", r20, Budget(latency_ms=target, batch=1, threads=args.threads), cfg,
+                  out / "resnet20-latency", console)
+        row["dense_accuracy"] = r20_acc
+        rows.append(row)
+        (out / "budget_table.json").write_text(json.dumps(rows, indent=2))
+    print_table(rows, console)
+
+
+def print_table(rows, console):
+    t = Table(title="compress to a budget (issue 13)")
+    for c in ("model", "target", "weight", "FLOPs", "params", "latency ms (pred.)", "accuracy (dense)", "λ end",
+              "removed opt / enf / revived", "met"):
+        t.add_column(c, justify="right" if c not in ("model", "target") else "left")
+    for r in rows:
+        lat = "–" if r["latency_ms"] is None else f"{r['latency_ms']:.3f}"
+        if r.get("latency_predicted_ms") is not None:
+            lat += f" ({r['latency_predicted_ms']:.3f})"
+        if r.get("dense_latency_ms"):
+            lat += f" / {r['dense_latency_ms']:.3f}"
+        t.add_row(r["model"], r["target"], r["group_weight"], f"{r['flops']:.3f}", f"{r['params']:.3f}", lat,
+                  f"{r['accuracy']:.4f} ({r['dense_accuracy']:.4f})", f"{r['lam_final']:.3g}",
+                  f"{r['removed_by_optimizer']} / {r['removed_by_enforcement']} / {r['revived']} of {r['groups_total']}",
+                  "yes" if r["met"] else "NO")
+    console.print(t)
+
+
+if __name__ == "__main__":
+    main()
