@@ -19,9 +19,16 @@ class ProxAdam(ProxOptimizer):
 
     _state_keys = ("exp_avg", "exp_avg_sq")
 
+    reg_space = "param"  # "preconditioned": the group lasso on z = D^{1/2} W (regspace.py, ALGORITHMS §5)
+
+    def __new__(cls, *args, reg_space: str = "param", **kwargs):
+        from .regspace import variant_for
+
+        return super().__new__(variant_for(cls, reg_space))
+
     def __init__(self, params, lr: float, lam: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, groups=None, newton_tol: float | None = None, max_newton: int = 50,
-                 compile: bool | None = None):
+                 compile: bool | None = None, reg_space: str = "param"):
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not lam >= 0:

@@ -63,11 +63,18 @@ class RAMDA(ProxOptimizer):
     _state_keys = ("v", "u_cbrt", "w0", "w_hat")
     _has_w_hat = True
 
+    reg_space = "param"  # "preconditioned": the group lasso on z = D^{1/2} W (regspace.py, ALGORITHMS §5)
+
+    def __new__(cls, *args, reg_space: str = "param", **kwargs):
+        from .regspace import variant_for
+
+        return super().__new__(variant_for(cls, reg_space))
+
     def __init__(self, params, lr: float, lam: float = 0.0, momentum: float = 0.1, eps: float = 1e-6,
                  groups=None, solver: str = "exact", eps_restart_factor: float = 1.0,
                  newton_tol: float | None = None, max_newton: int = 50,
                  pg_rtol: float = 1e-8, pg_min_iter: int = 2, pg_max_iter: int = 100,
-                 compile: bool | None = None):
+                 compile: bool | None = None, reg_space: str = "param"):
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not lam >= 0:
