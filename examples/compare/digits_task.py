@@ -178,6 +178,25 @@ class Digits:
             for lam in lams:
                 self._ours(opt_name, lam, E - ft, ft)
 
+    def ours_budget(self) -> None:
+        """`compress.budget.finetune_to_budget`: given the peers' FLOP targets, λ is the controller's."""
+        from compress.budget import Budget, finetune_to_budget
+        from compress.extract import extract
+        from compress.train import TrainConfig
+
+        for f in self.cfg["fractions"]:
+            m = copy.deepcopy(self.model)
+            with Timer() as t:
+                res = finetune_to_budget(m, self.train_ds, self.eval_ds, self.example,
+                                         self.out / "runs" / f"ramda-budget_{f}",
+                                         TrainConfig(epochs=self.cfg["epochs"], optimizer="ramda", batch_size=BATCH),
+                                         Budget(flops=f), force=True, progress=False, console=_quiet_console())
+                small, _ = extract(res.model, res.groups, self.example)
+            last = res.metrics[-1] if res.metrics else {}
+            self._row("ramda-budget", f"flops≤{f}", small, {"train_loss": last.get("train_loss"),
+                                                           "group_sparsity": last.get("group_sparsity"),
+                                                           "final_lam": last.get("lam"), "seconds": t.seconds})
+
     def _ours(self, opt_name: str, lam: float, epochs: int, ft_epochs: int) -> None:
         from compress.extract import extract
         from compress.train import TrainConfig, finetune

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402,F401  (puts the checkout on sys.path)
 
-DIGITS_METHODS = ["tp-magnitude", "tp-regularized", "oto", "ours", "ours-ft"]
-TEXT_METHODS = ["tp-magnitude", "ours"]
+DIGITS_METHODS = ["tp-magnitude", "tp-regularized", "oto", "ours", "ours-ft", "ours-budget"]
+TEXT_METHODS = ["tp-magnitude", "ours-budget", "ours"]
 
 
 def main(argv=None) -> int:
