@@ -84,8 +84,14 @@ def _channel_index(g, layer_module_weight: str, transposed: bool) -> list[int]:
     raise ExtractionError(f"group {g.name}: no slice of {layer_module_weight} on dim {dim}; the groups do not match the model", g.name)
 
 
-def _plan(model, groups, zero: torch.Tensor):
-    """Per layer: which groups to remove; an all-zero layer keeps one group (reported)."""
+def _plan(model, groups, zero: torch.Tensor, align: int = 1):
+    """Per layer: which groups to remove; an all-zero layer keeps one group (reported).
+
+    `align` > 1 keeps extra zero groups so each channel/neuron layer keeps a multiple of
+    `align` structures: CPU kernels (MLAS) run 8-aligned widths much faster, e.g. digits-resnet
+    with 25/18/10 channels ran no faster than dense 32/32/32 while 32/24/16 ran 1.26x faster
+    (ORT, 1 thread, batch 32). Kept zero groups change nothing in the output.
+    """
     by_layer: OrderedDict[str, list[int]] = OrderedDict()
     for i, g in enumerate(groups):
         by_layer.setdefault(g.layer, []).append(i)
@@ -103,6 +109,13 @@ def _plan(model, groups, zero: torch.Tensor):
                 f"all {len(idx)} groups are zero; kept {groups[keep].name} (its output is exactly zero) "
                 "because the layer cannot be removed entirely"
             )
+        kept = len(idx) - len(entry["remove"])
+        if align > 1 and groups[idx[0]].kind != "head" and kept % align:
+            extra = min(len(entry["remove"]), align - kept % align)
+            entry["remove"] = entry["remove"][:len(entry["remove"]) - extra]
+            entry["aligned"] = extra
+            entry["note"] = (entry["note"] + "; " if entry["note"] else "") + \
+                f"kept {extra} zero groups so {kept + extra} (a multiple of {align}) remain"
         plan[layer] = entry
     return plan
 
@@ -172,14 +185,15 @@ def predicted_params(model: nn.Module, groups, remove: list[int]) -> int:
     return total
 
 
-def extract(model: nn.Module, groups, example_inputs, atol: float = 1e-5, verify_inputs=None):
+def extract(model: nn.Module, groups, example_inputs, atol: float = 1e-5, verify_inputs=None, align: int = 1):
     """Copy `model`, remove its exactly-zero groups, verify, return (small_model, report).
 
     `model` is not modified. Outputs of dense and compressed models (eval mode) on
     `verify_inputs` (default: `example_inputs`) must agree to `atol` × max|dense output|;
     otherwise ExtractionError names the offending group. A layer whose groups are all
     zero keeps one group (stated in the report's layer note). With no zero group the
-    result is an unchanged copy. The returned model is in eval mode.
+    result is an unchanged copy. The returned model is in eval mode. `align`: keep a multiple
+    of this many channels/neurons per layer (see `_plan`).
     """
     args, kwargs = _as_args(example_inputs)
     vargs, vkwargs = _as_args(verify_inputs) if verify_inputs is not None else (args, kwargs)
@@ -195,7 +209,7 @@ def extract(model: nn.Module, groups, example_inputs, atol: float = 1e-5, verify
     work.eval()
     gl = bind_groups(GroupList([dataclasses.replace(g, tensors=[]) for g in groups]), work)
     zero = zero_mask(gl)
-    plan = _plan(work, gl, zero)
+    plan = _plan(work, gl, zero, align)
     removed = [i for e in plan.values() for i in e["remove"]]
     predicted = predicted_params(work, gl, removed)
 

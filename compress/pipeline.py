@@ -45,7 +45,7 @@ def load_run(run: str | Path) -> dict:
             "data": data, "groups": groups}
 
 
-def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, console=None) -> dict:
+def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, align: int = 1, console=None) -> dict:
     """Extract the zero groups of a run, export dense.onnx and model.onnx, verify, write report.json."""
     from rich.console import Console
 
@@ -61,7 +61,7 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, cons
     eval_data = r["data"][1] if r["data"] else None
 
     with console.status("extracting zero groups"):
-        small, ext = extract(r["model"], r["groups"], example)
+        small, ext = extract(r["model"], r["groups"], example, align=align)
     from .saving import save_compressed
 
     save_compressed(small, run / "compressed.safetensors", {"model": r["config"]["model"]})
@@ -91,7 +91,9 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, cons
         "flops_compressed": flops_comp,
         "flop_ratio": flops_dense / max(flops_comp, 1),
         "groups_total": len(r["groups"]),
-        "groups_removed": len(zero_groups(r["groups"])),
+        "groups_zero": len(zero_groups(r["groups"])),
+        "groups_removed": ext["groups_removed"],
+        "align": align,
         "max_abs_diff_extract": ext["max_abs_diff"],
         "max_abs_diff_onnx": comp_onnx["max_abs_diff"],
         "max_rel_diff_onnx": comp_onnx.get("max_rel_diff"),
@@ -123,7 +125,7 @@ def print_report(report: dict, console) -> None:
               f"{report['flop_ratio']:.2f}×")
     t.add_row("ONNX file", f"{report['dense_onnx_bytes'] / 1024:.1f} KiB", f"{report['onnx_bytes'] / 1024:.1f} KiB",
               f"{report['dense_onnx_bytes'] / max(report['onnx_bytes'], 1):.2f}×")
-    t.add_row("groups removed", "", f"{report['groups_removed']} / {report['groups_total']}", "")
+    t.add_row("groups removed (zero)", "", f"{report['groups_removed']} ({report.get('groups_zero', report['groups_removed'])}) / {report['groups_total']}", "")
     t.add_row("max |Δ| extract / ONNX", "", f"{report['max_abs_diff_extract']:.1e} / {report['max_abs_diff_onnx']:.1e}", "")
     console.print(t)
 
