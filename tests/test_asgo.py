@@ -7,6 +7,7 @@ with P = Q diag(h) Qᵀ instead of dividing by h.
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import pytest
@@ -337,35 +338,47 @@ def test_zero_groups_stay_exactly_zero_no_mixing(lam):
     assert float(left[zero_rows].abs().max()) > 1e-3
 
 
-def test_state_dict_roundtrip_bit_exact_float32():
+def resume_roundtrip(opt_name, split=6, steps=14, json_param_groups=False, **kw):
+    """Train `steps` float32 steps in one go and, from a state_dict saved after `split`, in a
+    second model/optimizer; returns both optimizers after asserting the weights are bitwise equal."""
     torch.manual_seed(0)
-    data = [(torch.randn(16, 6), torch.randint(0, 3, (16,))) for _ in range(14)]
-    for name in ("asgo", "dasgo"):
-        def make():
-            torch.manual_seed(1)
-            m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-            return m, make_optimizer(name, m.parameters(), lr=0.01, lam=2e-2, precond_every=4)
+    data = [(torch.randn(16, 6), torch.randint(0, 3, (16,))) for _ in range(steps)]
 
-        def train(m, opt, batches):
-            for x, y in batches:
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(m(x), y).backward()
-                opt.step()
+    def make():
+        torch.manual_seed(1)
+        m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        return m, make_optimizer(opt_name, m.parameters(), **kw)
 
-        m1, o1 = make()
-        train(m1, o1, data[:6])  # stops between two eigendecompositions
-        buf = io.BytesIO()
-        torch.save({"m": m1.state_dict(), "o": o1.state_dict()}, buf)
-        buf.seek(0)
-        saved = torch.load(buf)
-        m2, o2 = make()
-        m2.load_state_dict(saved["m"])
-        o2.load_state_dict(saved["o"])
-        train(m1, o1, data[6:])
-        train(m2, o2, data[6:])
-        for p, q in zip(m1.parameters(), m2.parameters()):
-            assert p.dtype == torch.float32 and torch.equal(p, q)
-        assert o1.group_sparsity() == o2.group_sparsity()
+    def train(m, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+
+    m1, o1 = make()
+    train(m1, o1, data[:split])
+    sd = o1.state_dict()
+    if json_param_groups:  # the checkpoint stores param groups as JSON
+        sd["param_groups"] = json.loads(json.dumps(sd["param_groups"]))
+    buf = io.BytesIO()
+    torch.save({"m": m1.state_dict(), "o": sd}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    m2, o2 = make()
+    m2.load_state_dict(saved["m"])
+    o2.load_state_dict(saved["o"])
+    train(m1, o1, data[split:])
+    train(m2, o2, data[split:])
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert p.dtype == torch.float32 and torch.equal(p, q)
+    return o1, o2
+
+
+@pytest.mark.parametrize("name", ["asgo", "dasgo"])
+def test_state_dict_roundtrip_bit_exact_float32(name):
+    # split 6 with precond_every 4: the resumed run starts between two eigendecompositions
+    o1, o2 = resume_roundtrip(name, lr=0.01, lam=2e-2, precond_every=4, json_param_groups=True)
+    assert o1.group_sparsity() == o2.group_sparsity()
 
 
 def test_make_optimizer_names_and_validation():

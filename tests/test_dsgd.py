@@ -1,8 +1,6 @@
 """DSGD against slow float64 transcriptions of ALGORITHMS §3 (greedy layer scores, secant L, group prox)."""
 from __future__ import annotations
 
-import io
-import json
 import math
 
 import pytest
@@ -10,6 +8,7 @@ import torch
 
 from compress.optim import make_optimizer
 from compress.optim.dsgd import DSGD, model_layers, plot_layer_picks
+from test_asgo import resume_roundtrip
 from test_optim_reference import groups_spec, grads_at, soft_threshold, tiny_groups, tiny_problem
 
 DT = torch.float64
@@ -176,35 +175,7 @@ def test_digits_resnet_layers():
 
 
 def test_state_dict_roundtrip_bit_exact_and_json(tmp_path):
-    torch.manual_seed(0)
-    data = [(torch.randn(16, 6), torch.randint(0, 3, (16,))) for _ in range(12)]
-
-    def make():
-        torch.manual_seed(1)
-        m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-        return m, make_optimizer("dsgd", m.parameters(), lr=0.05, lam=2e-2, k=2)
-
-    def train(m, opt, batches):
-        for x, y in batches:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            opt.step()
-
-    m1, o1 = make()
-    train(m1, o1, data[:6])
-    buf = io.BytesIO()
-    sd = o1.state_dict()
-    sd["param_groups"] = json.loads(json.dumps(sd["param_groups"]))  # the checkpoint stores them as JSON
-    torch.save({"m": m1.state_dict(), "o": sd}, buf)
-    buf.seek(0)
-    saved = torch.load(buf)
-    m2, o2 = make()
-    m2.load_state_dict(saved["m"])
-    o2.load_state_dict(saved["o"])
-    train(m1, o1, data[6:])
-    train(m2, o2, data[6:])
-    for p, q in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(p, q)
+    o1, o2 = resume_roundtrip("dsgd", lr=0.05, lam=2e-2, k=2, split=6, steps=12, json_param_groups=True)
     assert o1.layer_picks == o2.layer_picks and sum(o1.layer_picks.values()) == 2 * 12
     plot_layer_picks(o1, tmp_path / "picks.png")
     assert (tmp_path / "picks.png").read_bytes()[:4] == b"\x89PNG"

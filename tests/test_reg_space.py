@@ -1,7 +1,6 @@
 """Regularization in preconditioned variables (ALGORITHMS §5) against direct z-space transcriptions."""
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 from compress.optim import RAMDA, ProxAdam, make_optimizer
 from compress.optim.regspace import PrecondProxAdam, PrecondRAMDA
+from test_asgo import resume_roundtrip
 from test_optim_reference import groups_spec, grads_at, soft_threshold, taus, tiny_groups, tiny_problem
 
 DT = torch.float64
@@ -170,30 +170,5 @@ def test_make_optimizer_reg_space_and_bit_exact_resume():
     assert type(make_optimizer("ramda", lin.parameters(), lr=1e-3, reg_space="param")) is RAMDA
     with pytest.raises(ValueError, match="reg_space"):
         make_optimizer("ramda", lin.parameters(), lr=1e-3, reg_space="z")
-    torch.manual_seed(0)
-    data = [(torch.randn(16, 6), torch.randint(0, 3, (16,))) for _ in range(10)]
-
-    def make():
-        torch.manual_seed(1)
-        m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-        return m, make_optimizer("ramda", m.parameters(), lr=0.05, lam=2e-2, reg_space="preconditioned")
-
-    def train(m, opt, batches):
-        for x, y in batches:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            opt.step()
-
-    m1, o1 = make()
-    train(m1, o1, data[:5])
-    buf = io.BytesIO()
-    torch.save({"m": m1.state_dict(), "o": o1.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf)
-    m2, o2 = make()
-    m2.load_state_dict(saved["m"])
-    o2.load_state_dict(saved["o"])
-    train(m1, o1, data[5:])
-    train(m2, o2, data[5:])
-    for p, q in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(p, q)
+    resume_roundtrip("ramda", lr=0.05, lam=2e-2, reg_space="preconditioned", split=5, steps=10)
+    resume_roundtrip("proxadam", lr=0.01, lam=0.2, reg_space="preconditioned", split=5, steps=10)

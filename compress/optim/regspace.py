@@ -24,37 +24,25 @@ from .ramda import RAMDA
 REG_SPACES = ("param", "preconditioned")
 
 
-class PrecondProxAdam(ProxAdam):
-    """ProxAdam with the group lasso on z = D^{1/2} W (D = sqrt(v̂) + ε)."""
+def _preconditioned(parent: type, doc: str) -> type:
+    """`parent` with its subproblem handed over in z-space and the result mapped back by D^{-1/2}."""
 
-    reg_space = "preconditioned"
-
-    @staticmethod
     def _ad(state, scal):
-        a, d = ProxAdam._ad(state, scal)
+        a, d = parent._ad(state, scal)
         return a / d.sqrt(), 1.0
 
-    @staticmethod
     def _finish(state, w, scal):
-        _, d = ProxAdam._ad(state, scal)
-        ProxAdam._finish(state, w / d.sqrt(), scal)
+        _, d = parent._ad(state, scal)
+        parent._finish(state, w / d.sqrt(), scal)
+
+    return type(f"Precond{parent.__name__}", (parent,), {
+        "__doc__": doc, "__module__": __name__, "reg_space": "preconditioned",
+        "_ad": staticmethod(_ad), "_finish": staticmethod(_finish)})
 
 
-class PrecondRAMDA(RAMDA):
-    """RAMDA with the group lasso on z = P^{1/2} W (P = cbrt(U) + ε): Ŵ = P^{-1/2} shrink(P^{1/2}(W⁰ − V/P))."""
-
-    reg_space = "preconditioned"
-
-    @staticmethod
-    def _ad(state, scal):
-        a, d = RAMDA._ad(state, scal)
-        return a / d.sqrt(), 1.0
-
-    @staticmethod
-    def _finish(state, w, scal):
-        _, d = RAMDA._ad(state, scal)
-        RAMDA._finish(state, w / d.sqrt(), scal)
-
+PrecondProxAdam = _preconditioned(ProxAdam, "ProxAdam with the group lasso on z = D^{1/2} W (D = sqrt(v̂) + ε).")
+PrecondRAMDA = _preconditioned(
+    RAMDA, "RAMDA with the group lasso on z = P^{1/2} W (P = cbrt(U) + ε): Ŵ = P^{-1/2} shrink(P^{1/2}(W⁰ − V/P)).")
 
 _VARIANTS = {ProxAdam: PrecondProxAdam, RAMDA: PrecondRAMDA}
 
