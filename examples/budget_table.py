@@ -95,7 +95,7 @@ def main(argv=None):
     console.print(f"dense digits-resnet accuracy {dense_acc:.4f}")
     milestones = [int(m) for m in args.milestones.split(",") if m]
     for gw in args.group_weights.split(","):
-        for t in (float(x) for x in args.targets.split(",")):
+        for t in (float(x) for x in args.targets.split(",") if x):
             cfg = TrainConfig(epochs=args.epochs, group_weight=gw, milestones=milestones, seed=0)
             console.rule(f"digits-resnet  FLOPs ≤ {t}  group weight {gw}")
             row = run("digits-resnet", dense, Budget(flops=t, ), cfg, out / f"digits-flops{t}-{gw}", console)

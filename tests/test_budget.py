@@ -319,3 +319,39 @@ def test_controller_reaches_a_flop_target_in_a_short_run(tmp_path, digits_small)
     assert b["removed_by_optimizer"] > 0
     assert [m["lam"] for m in res.metrics if m["phase"] == "final"][-1] == 0.0
     assert all(m["cost"] <= 0.5 for m in res.metrics if m["phase"] == "final")
+
+
+def test_blocked_flops_pad_channel_counts_like_nchwc_kernels():
+    """digits-resnet by hand with block 16: 27 stem channels cost as 32, 20 as 32, 5 stay 5 (≤ block/2)."""
+    from compress.models.digits import DigitsResNet
+
+    model = DigitsResNet().eval()
+    x = torch.rand(1, 1, 8, 8)
+    groups = find_groups(model, x)
+    cm = CostModel(model, groups, x)
+    layer = [g.layer for g in groups]
+    mask = torch.zeros(len(groups), dtype=torch.bool)
+    for name, k in (("stem.0", 5), ("layers.0.conv1", 12), ("layers.1.conv1", 27)):
+        idx = [i for i, l in enumerate(layer) if l == name]
+        mask[idx[:k]] = True
+
+    def hand(cs, ca, cb):
+        return 2 * 64 * (9 * cs + 9 * cs * ca * 2 + 9 * cs * cb * 2) + 2 * 10 * cs
+
+    assert cm.flops(mask) == hand(27, 20, 5)
+    assert cm.flops(mask, block=16) == hand(32, 32, 5)
+    assert cm.flops(mask, block=8) == hand(32, 24, 8)  # 5 > 8 // 2: padded
+
+
+def test_latency_target_below_the_smallest_model_is_a_one_line_error(tmp_path, digits_small):
+    """Measured, not assumed: the smallest valid model is exported and timed, then the target refused."""
+    from compress.budget import finetune_to_budget
+    from compress.train import TrainConfig
+
+    model, x = _digits_setup()
+    tr, te = digits_small
+    with pytest.raises(UserError, match="below what the smallest valid model reaches") as e:
+        finetune_to_budget(model, tr, te, x, tmp_path / "run", TrainConfig(epochs=1), Budget(latency_ms=1e-6),
+                           latency_time_budget_s=0.1, progress=False)
+    assert "\n" not in str(e.value) and " ms measured" in str(e.value)
+    assert not (tmp_path / "run").exists()  # refused before any training or run files
