@@ -40,19 +40,19 @@ from compress.optim.dsgd import model_layers, plot_layer_picks
 from compress.train import TrainConfig, evaluate, lr_at, momentum_at, recalibrate_batchnorm
 
 # Fine-tuning from a good dense point: small learning rates (RAMDA 3e-4 keeps ~99% on digits;
-# 1e-2 destroys the model). The λ grids come from a pilot sweep (6 epochs, factor-3 steps)
-# chosen to span ~20-90% weighted group sparsity for each method; λ means different things
+# 1e-2 destroys the model). The λ grids come from a pilot sweep (6 epochs, factor-3 steps,
+# extrapolated to 20 epochs) meant to span light to heavy group sparsity; λ means different things
 # per method (RAMDA: α_t λ with α_t = Σ η√t; ProxAdam: η λ in Adam's metric; z-space: in
 # units of D^{1/2}), so the grids differ.
 METHODS = {
     "ramda": dict(opt="ramda", lr=3e-4, kw={}, lams=[5e-3, 1e-2, 2e-2, 4e-2]),
-    "rmda": dict(opt="rmda", lr=1e-2, kw={}, lams=[5e-4, 1e-3, 2e-3, 4e-3]),
-    "proxsgd": dict(opt="proxsgd", lr=1e-2, kw={"momentum": 0.9}, lams=[5e-3, 1e-2, 2e-2, 4e-2]),
-    "proxadam": dict(opt="proxadam", lr=1e-4, kw={"reg_space": "param"}, lams=[1e-2, 2e-2, 4e-2, 8e-2]),
-    "proxadam-z": dict(opt="proxadam", lr=1e-4, kw={"reg_space": "preconditioned"}, lams=[0.1, 0.2, 0.4, 0.8]),
-    "asgo": dict(opt="asgo", lr=3e-4, kw={"precond_every": 10}, lams=[1e-2, 2e-2, 4e-2, 8e-2]),
-    "dasgo": dict(opt="dasgo", lr=3e-4, kw={}, lams=[1e-2, 2e-2, 4e-2, 8e-2]),
-    "dsgd": dict(opt="dsgd", lr=1e-2, kw={"k": 1}, lams=[2e-2, 5e-2, 1e-1, 2e-1]),
+    "rmda": dict(opt="rmda", lr=1e-2, kw={}, lams=[1e-2, 3e-2, 1e-1, 3e-1]),
+    "proxsgd": dict(opt="proxsgd", lr=1e-2, kw={"momentum": 0.9}, lams=[0.1, 0.2, 0.4, 0.8]),
+    "proxadam": dict(opt="proxadam", lr=1e-4, kw={"reg_space": "param"}, lams=[0.02, 0.05, 0.1, 0.2]),
+    "proxadam-z": dict(opt="proxadam", lr=1e-4, kw={"reg_space": "preconditioned"}, lams=[0.2, 0.4, 0.8, 1.6]),
+    "asgo": dict(opt="asgo", lr=3e-4, kw={"precond_every": 10}, lams=[0.01, 0.02, 0.04, 0.08]),
+    "dasgo": dict(opt="dasgo", lr=3e-4, kw={}, lams=[0.02, 0.05, 0.1, 0.2]),
+    "dsgd": dict(opt="dsgd", lr=1e-2, kw={"k": 1}, lams=[0.1, 0.2, 0.4, 0.8]),
 }
 BATCH = 64
 

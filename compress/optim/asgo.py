@@ -22,9 +22,13 @@ by eigendecomposition (torch.linalg.eigh, batched over same-size preconditioners
 exact prox needs the eigenbasis, which a Newton–Schulz iteration does not give.
 Preconditioners larger than `max_precond_dim` fall back to the diagonal (DASGO) form.
 
-Why the relative floor eps_rel: V has rank ≤ rank(G) early on; rounding puts components
-of M̂ of size ~unit-roundoff·‖M̂‖ into V's null space, and an absolute ε alone would
-amplify them by 1/ε (in float32 as large as the real update).
+Why the relative floor eps_rel (default 1e-3, so h ≥ 0.03·h_max): V has rank ≤ rank(G)
+early on; rounding puts components of M̂ of size ~unit-roundoff·‖M̂‖ into V's null space,
+and an absolute ε alone would amplify them by 1/ε (in float32 as large as the real update).
+The prox needs more: in a direction with a tiny eigenvalue the metric says moving is free,
+so the group prox shrinks W's component there hard every step, wiping the directions that
+gradients rarely visit. Fine-tuning digits-resnet (6 epochs, λ = 0.03, no group zero yet)
+kept 94.7% accuracy with eps_rel = 1e-6, 98.4% with 1e-3, 99.6% with 1e-1 (dense: 100%).
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ class ASGO(ProxOptimizer):
     """
 
     def __init__(self, params, lr: float, lam: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, eps_rel: float = 1e-6, rms: float | None = 0.2, precond_every: int = 10,
+                 eps: float = 1e-8, eps_rel: float = 1e-3, rms: float | None = 0.2, precond_every: int = 10,
                  diagonal: bool = False, max_precond_dim: int = 2048, groups=None,
                  newton_tol: float | None = None, max_newton: int = 50):
         if not lr >= 0:
