@@ -514,7 +514,7 @@ def finetune(
                     interrupted["flag"] = stop
                     if bad:
                         raise NonFiniteLoss(
-                            f"loss became {float(loss)} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
+                            f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
                             f"({out / RUN_FILES['checkpoint']}) is kept: lower --lr (now {cfg.lr:g}) and start again, "
                             f"or resume with --resume {out}")
                     opt.zero_grad(set_to_none=True)
