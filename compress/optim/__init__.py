@@ -1,8 +1,10 @@
 """Group-sparse optimizers sharing one batched metric group prox (prox.py).
 
-RAMDA (the method), RMDA, ProxSGD and ProxAdam (the baselines it must beat), all with the
-constructor contract `Opt(params, lr, lam=..., ..., groups=None)`; `make_optimizer` builds
-any of them (or dense AdamW) by name.
+RAMDA (the method), RMDA, ProxSGD and ProxAdam (the baselines it must beat), ASGO/DASGO
+(one-sided matrix preconditioner, exact prox in its eigenbasis: asgo.py, eigprox.py) and
+DSGD (greedy layer-wise steps: dsgd.py), all with the constructor contract
+`Opt(params, lr, lam=..., ..., groups=None)`; `make_optimizer` builds any of them (or dense
+AdamW) by name. ProxAdam and RAMDA take reg_space="param"|"preconditioned" (regspace.py).
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ MORE_OPTIMIZERS = ("asgo", "dasgo", "dsgd")
 
 
 def make_optimizer(name: str, params, groups=None, lr: float = 1e-3, lam: float = 0.0, **kw) -> torch.optim.Optimizer:
-    """The optimizer called `name` (ramda|rmda|proxsgd|proxadam|adamw) over `params` and `groups`.
+    """The optimizer called `name` (ramda|rmda|proxsgd|proxadam|asgo|dasgo|dsgd|adamw) over `params` and `groups`.
 
-    Extra keyword arguments go to the class (e.g. momentum, solver, eps_restart_factor for
-    RAMDA; weight_decay for AdamW). AdamW trains dense models: it takes no groups and
+    Extra keyword arguments go to the class (e.g. momentum, solver, eps_restart_factor,
+    reg_space for RAMDA; reg_space for ProxAdam; precond_every for ASGO; k, layers for
+    DSGD; weight_decay for AdamW). AdamW trains dense models: it takes no groups and
     needs lam == 0.
     """
     key = str(name).lower()
