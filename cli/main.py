@@ -140,8 +140,12 @@ def finetune(
         saved = _load_saved_run(resume)
         spec = resolve_model(saved["model"], parse_input_shape(saved.get("input_shape")))
         train_data, eval_data = _data_for(spec, saved.get("data"))
+        given = dict(locals())
+        if any(given[k] is not None for k in _NOT_ON_RESUME):
+            raise UserError("--resume continues a run with its saved settings; only --lr (e.g. lower after a NaN "
+                            "loss) and --quiet may be given with it")
         run_finetune(spec.build(), train_data, eval_data, spec.example_input(1), resume, resume=True,
-                     console=console, progress=not quiet)
+                     resume_lr=lr, console=console, progress=not quiet)
         console.print(f"[green]done[/] → {resume}   next: compress export {resume}")
         return
 
@@ -181,6 +185,11 @@ def finetune(
                            "init": str(init_path) if init_path else None},
                  force=force, console=console, progress=not quiet)
     console.print(f"[green]done[/] → {out_dir}   next: compress export {out_dir}")
+
+
+_NOT_ON_RESUME = ("model", "data", "epochs", "lam", "optimizer", "momentum", "batch_size", "milestones", "gamma",
+                  "schedule", "weight_decay", "group_weight", "solver", "seed", "init", "device", "config",
+                  "input_shape", "threads")
 
 
 def _load_saved_run(run: Path) -> dict:

@@ -368,6 +368,7 @@ def finetune(
     init_weights: dict[str, torch.Tensor] | None = None,
     run_info: dict | None = None,
     resume: bool = False,
+    resume_lr: float | None = None,
     force: bool = False,
     loss_fn: Callable | None = None,
     epoch_callbacks: list[Callable] = (),
@@ -404,6 +405,11 @@ def finetune(
         saved = json.loads(cfg_path.read_text())
         cfg = TrainConfig(**saved["train"])
         state = ckpt.load_checkpoint(out / RUN_FILES["checkpoint"])
+        if resume_lr is not None:  # e.g. after a NaN loss: continue with a lower learning rate
+            cfg.lr = resume_lr
+            cfg.validate()
+            saved["train"]["lr"] = resume_lr
+            atomic_write_json(cfg_path, saved)
         if state["info"].get("status") == "done":
             raise UserError(f"run {out} already finished; start a new run with --init {out / RUN_FILES['weights']}")
     else:

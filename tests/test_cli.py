@@ -156,3 +156,10 @@ def test_custom_model_runs_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr
     rep = json.loads((out / "report.json").read_text())
     assert rep["groups_total"] == 32 and rep["max_abs_diff_onnx"] <= 1e-4
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.json").write_text('{"model": "digits-resnet", "train": {}}')
+    assert_one_line_error(cli("finetune", "--resume", out, "--epochs", "5"), "only --lr")

@@ -81,6 +81,11 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, digits_small
     from compress.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "r" / "checkpoint.safetensors")["info"]["epoch"] == 1
+    # --resume from the kept checkpoint, with a lower learning rate, finishes the run
+    res = finetune(DigitsResNet(channels=8), *digits_small, torch.rand(1, 1, 8, 8), tmp_path / "r", resume=True,
+                   resume_lr=0.005, progress=False)
+    assert [m["epoch"] for m in res.metrics] == [1, 2, 3]
+    assert [m["lr"] for m in res.metrics][1:] == pytest.approx([0.0005, 0.00005])  # new base lr, milestones 1, 2
 
 
 def test_existing_output_dir_is_refused_and_untouched(tmp_path, digits_small):
