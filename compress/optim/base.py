@@ -105,6 +105,7 @@ class ProxOptimizer(torch.optim.Optimizer):
             warnings.warn("torch.compile is unavailable here (no C++ compiler or COMPRESS_COMPILE=0); running eagerly")
             flag = False
         self._use_compile = bool(flag)
+        self._eager_only: set[str] = set()
         self._big = [p.numel() >= COMPILE_MIN_TENSOR for p in params]
         self._r_cache = None
 
@@ -123,19 +124,19 @@ class ProxOptimizer(torch.optim.Optimizer):
         return ProxOptimizer._kernel_cache[key]
 
     def _call(self, name: str, k: int, *args):
-        if self._use_compile and self._big[k]:
+        if self._use_compile and self._big[k] and name not in self._eager_only:
             try:
                 return self._kernels(True)[name](*args)
-            except Exception as e:  # compile failure: fall back for good, same math
-                warnings.warn(f"{type(self).__name__}: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
-                              "continuing eagerly")
-                self._use_compile = False
+            except Exception as e:  # compile failure: this kernel runs eagerly from now on (same math)
+                warnings.warn(f"{type(self).__name__}: torch.compile of {name!r} failed ({type(e).__name__}: "
+                              f"{str(e)[:300]}); running it eagerly")
+                self._eager_only.add(name)
         return self._kernels(False)[name](*args)
 
     @property
     def compiled(self) -> bool:
-        """Whether steps currently run through torch.compile'd kernels."""
-        return self._use_compile
+        """Whether steps run through torch.compile'd kernels (large tensors; failed kernels run eagerly)."""
+        return self._use_compile and not {"update", "sums0", "final"} & self._eager_only
 
     # ------------------------------------------------------------------ hooks
 
