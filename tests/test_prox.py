@@ -184,3 +184,17 @@ def test_group_index_rejects_bad_groups():
         GroupIndex([a], [Group("u", "channel", "x", [Slice("a", 0, (0,))])])
     with pytest.raises(ValueError, match="out of range"):
         GroupIndex([a], [grp("r", [("a", 0, (7,))], [a])])
+
+
+def test_non_contiguous_inputs():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 5, dtype=DT))
+    index = GroupIndex([p], None)
+    z = torch.randn(5, 6, dtype=DT).t()  # a transposed (non-contiguous) view
+    d = torch.rand(5, 6, dtype=DT).t() + 0.5
+    tau = torch.rand(6, dtype=DT) * 2
+    w = metric_group_prox([z], [d], index, tau)[0]
+    ref = metric_group_prox([z.contiguous()], [d.contiguous()], index, tau)[0]
+    assert torch.equal(w, ref)
+    wp = metric_group_prox_pg([z], [d], index, tau)[0]
+    assert torch.allclose(wp, ref, atol=1e-3)

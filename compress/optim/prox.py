@@ -487,7 +487,7 @@ def metric_group_prox(z: Sequence[Tensor], d, index: GroupIndex, tau, r0: Tensor
     positive float); `tau`: τ_g per group (or a float for all). `r0`: warm start (the
     previous r). Returns the list of w (and (r, stats) with return_info=True).
     """
-    out = [torch.empty_like(t) for t in z]
+    out = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in z]  # contiguous: written through views
     tau = _as_tau(index, tau)
     r0 = torch.zeros(index.n_groups, dtype=torch.float64, device=index.device) if r0 is None else r0
     r, info = _problem(index, z, d, out).solve_exact(tau, r0, tol=tol, max_iter=max_iter)
@@ -497,8 +497,8 @@ def metric_group_prox(z: Sequence[Tensor], d, index: GroupIndex, tau, r0: Tensor
 def metric_group_prox_pg(z: Sequence[Tensor], d, index: GroupIndex, tau, w0: Sequence[Tensor] | None = None,
                          rtol: float = 1e-8, min_iter: int = 2, max_iter: int = 100, return_info: bool = False):
     """The same subproblem by the paper's screening + proximal gradient (§2b), from `w0` (default z)."""
-    out = [torch.empty_like(t) for t in z]
-    w = [(t if w0 is None else w0[k]).clone() for k, t in enumerate(z)]
+    out = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in z]  # contiguous: written through views
+    w = [(t if w0 is None else w0[k]).clone(memory_format=torch.contiguous_format) for k, t in enumerate(z)]
     tau = _as_tau(index, tau)
     norms, info = _problem(index, z, d, out).solve_pg(tau, [index.view3(k, t) for k, t in enumerate(w)], rtol=rtol,
                                                       min_iter=min_iter, max_iter=max_iter)
@@ -507,7 +507,7 @@ def metric_group_prox_pg(z: Sequence[Tensor], d, index: GroupIndex, tau, w0: Seq
 
 def group_soft_threshold(z: Sequence[Tensor], index: GroupIndex, tau) -> list[Tensor]:
     """Closed-form group soft-threshold: w_g = max(0, 1 − τ_g/‖z_g‖) z_g (ungrouped entries kept)."""
-    out = [torch.empty_like(t) for t in z]
+    out = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in z]  # contiguous: written through views
     tau = _as_tau(index, tau)
     _problem(index, z, 1.0, out).solve_closed_form(tau, torch.ones_like(tau))
     return out
