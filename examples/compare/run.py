@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402,F401  (puts the checkout on sys.path)
 
-DIGITS_METHODS = ["tp-magnitude", "tp-regularized", "oto", "ours", "ours-ft", "ours-budget"]
+DIGITS_METHODS = ["tp-magnitude", "tp-magnitude-r8", "tp-regularized", "oto", "ours", "ours-budget",
+                  "ours-budget-ft"]
 TEXT_METHODS = ["tp-magnitude", "ours-budget", "ours"]
 
 

@@ -235,7 +235,8 @@ class Text:
         export(model, self.example, self.dense_onnx)
         self.rows.append(Result("text", "dense", "all-MiniLM-L6-v2", 1.0, self.flops_dense, self.flops_dense,
                                 self.params_dense, 1.0, 1.0,
-                                extra={"nn_agreement": 1.0, "cosine_p10": 1.0, "heads": 72, "neurons": 9216}))
+                                extra={"nn_agreement": 1.0, "cosine_p10": 1.0, "heads": 72, "neurons": 9216,
+                                       "min_speedup_b1": 1.0, "min_speedup_b32": 1.0}))
 
     def batches(self, epoch: int):
         for idx in bucketed_order(self.train_tok.lengths, BATCH, 0, epoch):
@@ -268,7 +269,8 @@ class Text:
         r = Result("text", method, setting, ev["cosine"], meas["flops"], self.flops_dense, meas["params"],
                    self.params_dense, meas["speedup_b1"], meas["speedup_b32"], meas["ms_b1"], meas["ms_b32"],
                    extra={**{k: v for k, v in ev.items() if k != "cosine"}, "heads": heads, "neurons": neurons,
-                          **extra, **{k: meas[k] for k in ("dense_ms_b1", "dense_ms_b32", "onnx_path", "export_max_abs_diff")}})
+                          **extra, **{k: meas[k] for k in ("dense_ms_b1", "dense_ms_b32", "min_speedup_b1",
+                                                        "min_speedup_b32", "onnx_path", "export_max_abs_diff")}})
         self.log(f"{method:14s} {setting:12s} cos {r.metric:.4f} NN {ev['nn_agreement']:.3f} FLOPs "
                  f"{r.flop_fraction:.3f} speedup b1 {r.speedup_b1:.2f}× b32 {r.speedup_b32:.2f}×")
         self.rows.append(r)
