@@ -431,7 +431,13 @@ def _channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
         m = node.module
         nm = name_of(node)
         pre = f"{nm}." if nm else ""
-        if node in producers or node.type in (T.BN, T.DEPTHWISE_CONV):
+        # Role per item, not per node: a layer can write this group's channels (out rows,
+        # coupled through a residual add) and read them too (in columns), e.g. the
+        # projection of an expand=1 inverted residual with a shortcut.
+        if node in consumers and not is_out(it):
+            wdim = 0 if getattr(m, "transposed", False) else 1
+            add(dep_slices, pre + "weight", wdim, idxs, roots)
+        elif node in producers or node.type in (T.BN, T.DEPTHWISE_CONV):
             target = group_slices if (za.zero(node)[0] and used(node)) else dep_slices
             if node.type == T.PARAMETER:
                 add(target, nm, node.pruning_dim % m.dim(), idxs, roots)
@@ -443,9 +449,6 @@ def _channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
             add(target, pre + "weight", wdim, idxs, roots)
             if getattr(m, "bias", None) is not None:
                 add(target, pre + "bias", 0, idxs, roots)
-        elif node in consumers:
-            wdim = 0 if getattr(m, "transposed", False) else 1
-            add(dep_slices, pre + "weight", wdim, idxs, roots)
         elif node.type == T.PRELU and m.num_parameters > 1:
             add(dep_slices, pre + "weight", 0, idxs, roots)
 

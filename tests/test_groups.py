@@ -240,3 +240,40 @@ def test_grouped_convolution_is_reported_not_guessed():
     reasons = dict(gl.not_prunable)
     assert "grouped convolution" in reasons["0"] and "grouped convolution" in reasons["2"]
     assert gl == []
+
+
+def test_layer_that_produces_and_consumes_one_group_keeps_its_input_columns_as_dependents():
+    """An expand=1 inverted residual with a shortcut: its projection conv writes the stem's channels
+    (out rows, coupled by the add) and reads them (in columns, through the depthwise conv).
+    Predicted sizes must equal the really extracted model's parameter count."""
+    from compress.extract import extract, predicted_params
+    from compress.models.mobilenetv2 import InvertedResidual, _cbr
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_cbr(3, 16, 3, 2), InvertedResidual(16, 16, 1, 1), InvertedResidual(16, 24, 2, 4),
+                          _cbr(24, 32, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    _randomize_bn(model)
+    model.eval()
+    x = torch.rand(1, 3, 32, 32)
+    gl = find_groups(model, x)
+    stem = [g for g in gl if g.layer == "0.0"]
+    assert len(stem) == 16
+    for c, g in enumerate(stem):
+        assert {(s.param, s.dim, s.indices) for s in g.slices} == {
+            ("0.0.weight", 0, (c,)), ("0.1.weight", 0, (c,)), ("0.1.bias", 0, (c,)),
+            ("1.conv.0.0.weight", 0, (c,)), ("1.conv.0.1.weight", 0, (c,)), ("1.conv.0.1.bias", 0, (c,)),
+            ("1.conv.1.weight", 0, (c,)), ("1.conv.2.weight", 0, (c,)), ("1.conv.2.bias", 0, (c,)),
+        }
+        assert {(s.param, s.dim, s.indices) for s in g.dependents} == {
+            ("1.conv.1.weight", 1, (c,)), ("2.conv.0.0.weight", 1, (c,)),
+        }
+    g = torch.Generator().manual_seed(0)
+    half = torch.randperm(len(gl), generator=g)[: len(gl) // 2].tolist()
+    for i in half:
+        _zero(gl[i])
+    small, report = extract(model, gl, x)
+    index = {gr.name: i for i, gr in enumerate(gl)}
+    removed = [index[n] for n in report["removed_groups"]]
+    assert len(removed) >= len(half) - 3  # at most one group kept per all-zero layer
+    real = sum(p.numel() for p in small.parameters())
+    assert predicted_params(model, gl, removed) == real
