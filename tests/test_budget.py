@@ -108,9 +108,6 @@ def test_cost_model_small_inverted_residuals_with_depthwise_convs():
     _check_model(_mobile(InvertedResidual(16, 24, 1, 1)), torch.rand(1, 3, 32, 32), seed=1)
 
 
-@pytest.mark.xfail(strict=True, reason="groups.py: a layer that is both producer (out rows) and consumer (in columns) "
-                   "of one group — an expand=1 inverted residual with a shortcut — loses its in-column dependents, "
-                   "so predicted sizes miss them (extraction itself is exact)")
 def test_cost_model_producer_that_also_consumes_its_own_group():
     from compress.models.mobilenetv2 import InvertedResidual
 
