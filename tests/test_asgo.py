@@ -391,3 +391,46 @@ def test_make_optimizer_names_and_validation():
     big = torch.nn.Linear(3000, 2)  # ungrouped? no: rows of 3000 → right side of size 3000 > max → diagonal
     o = ASGO(big.parameters(), lr=1e-3, max_precond_dim=2048)
     assert o.preconditioner_sides()[0] == "right-diag"
+
+
+class _Stop(Exception):
+    pass
+
+
+def finetune_resume_bit_exact(name, tmp_path, **cfg_kw):
+    """compress.train.finetune with optimizer `name`: a run stopped in epoch 2 and resumed from its
+    checkpoint (safetensors + JSON) ends with the same weights as an uninterrupted run."""
+    from compress.models import get_model
+    from compress.models.digits import digits_datasets
+    from compress.train import TrainConfig, finetune
+
+    spec = get_model("digits-resnet")
+    tr, te = digits_datasets()
+    tr = torch.utils.data.TensorDataset(*(t[:128] for t in tr.tensors))
+    te = torch.utils.data.TensorDataset(*(t[:64] for t in te.tensors))
+    cfg = TrainConfig(epochs=2, optimizer=name, lr=1e-3, device="cpu", milestones=[1], **cfg_kw)
+    torch.manual_seed(0)
+    init = spec.build().state_dict()
+    runs = []
+    for stop in (False, True):
+        m = spec.build()
+        m.load_state_dict(init)
+
+        def stopper(st):
+            if stop and st["epoch"] == 1:  # after epoch 1 was checkpointed
+                raise _Stop
+
+        try:
+            runs.append(finetune(m, tr, te, spec.example_input(2), tmp_path / f"run{stop}", cfg, force=True,
+                                 progress=False, epoch_callbacks=[stopper]))
+        except _Stop:
+            runs.append(finetune(spec.build(), tr, te, spec.example_input(2), tmp_path / f"run{stop}", resume=True,
+                                 progress=False))
+    a, b = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    return runs
+
+
+def test_finetune_resume_bit_exact(tmp_path):
+    runs = finetune_resume_bit_exact("asgo", tmp_path, lam=0.5)
+    assert isinstance(runs[1].optimizer, ASGO) and runs[1].optimizer.group_sparsity()[0] > 0

@@ -8,7 +8,7 @@ import torch
 
 from compress.optim import make_optimizer
 from compress.optim.dsgd import DSGD, model_layers, plot_layer_picks
-from test_asgo import resume_roundtrip
+from test_asgo import finetune_resume_bit_exact, resume_roundtrip
 from test_optim_reference import groups_spec, grads_at, soft_threshold, tiny_groups, tiny_problem
 
 DT = torch.float64
@@ -179,3 +179,8 @@ def test_state_dict_roundtrip_bit_exact_and_json(tmp_path):
     assert o1.layer_picks == o2.layer_picks and sum(o1.layer_picks.values()) == 2 * 12
     plot_layer_picks(o1, tmp_path / "picks.png")
     assert (tmp_path / "picks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finetune_resume_bit_exact(tmp_path):
+    runs = finetune_resume_bit_exact("dsgd", tmp_path, lam=0.05)
+    assert sum(runs[1].optimizer.layer_picks.values()) == 2 * 2  # 128 samples, batch 64, 2 epochs
