@@ -116,6 +116,45 @@ def tensor_batches(inputs: tuple[torch.Tensor, ...], target: torch.Tensor, batch
     return gen
 
 
+# ----------------------------------------------------------------------------- ours
+
+
+def quiet_console():
+    """A rich console that swallows the toolkit's progress output (the harness prints its own lines)."""
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
+
+
+def ours_lam(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, **kw):
+    """The product at a fixed λ: `compress.finetune`, then `compress.extract`. Returns (small, last metrics)."""
+    from compress.extract import extract
+    from compress.train import TrainConfig, finetune
+
+    res = finetune(model, train, eval_data, example, out_dir, TrainConfig(**cfg_kw), force=True, progress=False,
+                   console=quiet_console(), **kw)
+    small, _ = extract(res.model, res.groups, example)
+    return small, (res.metrics[-1] if res.metrics else {})
+
+
+def ours_budget(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, flops: float, **kw):
+    """The product given a FLOP target: `compress.budget.finetune_to_budget` (λ is its controller's),
+    then `compress.extract`. Returns (small, last metrics), or None when the budget module is absent."""
+    try:
+        from compress.budget import Budget, finetune_to_budget
+    except ImportError:
+        return None
+    from compress.extract import extract
+    from compress.train import TrainConfig
+
+    res = finetune_to_budget(model, train, eval_data, example, out_dir, TrainConfig(**cfg_kw), Budget(flops=flops),
+                             force=True, progress=False, console=quiet_console(), **kw)
+    small, _ = extract(res.model, res.groups, example)
+    return small, (res.metrics[-1] if res.metrics else {})
+
+
 # ----------------------------------------------------------------------------- measurement
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import Result, Timer, cosine_lr, measure, tensor_batches, train_loop
+from common import Result, Timer, cosine_lr, measure, ours_budget, ours_lam, tensor_batches, train_loop
 from compress.cost import count_flops, count_params
 from compress.models import get_model
 
@@ -201,25 +201,17 @@ class Digits:
             self._budget(f, E - ft, ft)
 
     def _budget(self, f: float, epochs: int, ft_epochs: int) -> None:
-        try:
-            from compress.budget import Budget, finetune_to_budget
-        except ImportError as e:  # the budget controller is a separate piece of the toolkit
-            self.log(f"ramda-budget: not run ({e})")
-            self.notes.append(f"ramda-budget not run: {e}")
-            return
-        from compress.extract import extract
-        from compress.train import TrainConfig
-
         tag = "ramda-budget+ft" if ft_epochs else "ramda-budget"
-        m = copy.deepcopy(self.model)
-        extra = {}
         with Timer() as t:
-            res = finetune_to_budget(m, self.train_ds, self.eval_ds, self.example, self.out / "runs" / f"{tag}_{f}",
-                                     TrainConfig(epochs=epochs, optimizer="ramda", batch_size=BATCH),
-                                     Budget(flops=f), force=True, progress=False, console=_quiet_console())
-            small, _ = extract(res.model, res.groups, self.example)
-            last = res.metrics[-1] if res.metrics else {}
-            extra["train_loss"] = last.get("train_loss")
+            got = ours_budget(copy.deepcopy(self.model), self.train_ds, self.eval_ds, self.example,
+                              self.out / "runs" / f"{tag}_{f}",
+                              {"epochs": epochs, "optimizer": "ramda", "batch_size": BATCH}, f)
+            if got is None:
+                self.log("ramda-budget: not run (compress.budget is missing)")
+                self.notes.append("ramda-budget not run: compress.budget is missing")
+                return
+            small, last = got
+            extra = {"train_loss": last.get("train_loss")}
             if ft_epochs:
                 extra["acc_before_ft"] = evaluate(small, self.xte, self.yte)["accuracy"]
                 extra["train_loss"] = self._finetune_adamw(small, ft_epochs)[-1]
@@ -227,16 +219,10 @@ class Digits:
                                              "seconds": t.seconds})
 
     def _ours(self, opt_name: str, lam: float) -> None:
-        from compress.extract import extract
-        from compress.train import TrainConfig, finetune
-
-        m = copy.deepcopy(self.model)
         with Timer() as t:
-            res = finetune(m, self.train_ds, self.eval_ds, self.example, self.out / "runs" / f"{opt_name}_lam{lam:g}",
-                           TrainConfig(epochs=self.cfg["epochs"], optimizer=opt_name, lam=lam, batch_size=BATCH),
-                           force=True, progress=False, console=_quiet_console())
-            small, _ = extract(res.model, res.groups, self.example)
-        last = res.metrics[-1] if res.metrics else {}
+            small, last = ours_lam(copy.deepcopy(self.model), self.train_ds, self.eval_ds, self.example,
+                                   self.out / "runs" / f"{opt_name}_lam{lam:g}",
+                                   {"epochs": self.cfg["epochs"], "optimizer": opt_name, "lam": lam, "batch_size": BATCH})
         self._row(opt_name, f"λ={lam:g}", small, {"train_loss": last.get("train_loss"),
                                                   "group_sparsity": last.get("group_sparsity"), "seconds": t.seconds})
 
@@ -279,11 +265,3 @@ class Digits:
                 getattr(self, name.replace("-", "_"))()
             self.log(f"{name}: {t.seconds:.0f} s")
         return self.rows
-
-
-def _quiet_console():
-    import io
-
-    from rich.console import Console
-
-    return Console(file=io.StringIO())

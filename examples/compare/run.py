@@ -24,7 +24,7 @@ import common  # noqa: E402,F401  (puts the checkout on sys.path)
 
 DIGITS_METHODS = ["tp-magnitude", "tp-magnitude-r8", "tp-regularized", "oto", "ours", "ours-budget",
                   "ours-budget-ft"]
-TEXT_METHODS = ["tp-magnitude", "ours-budget", "ours"]
+TEXT_METHODS = ["tp-magnitude", "ours-budget", "ours-budget-ft", "ours"]
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import Result, Timer, cosine_lr, measure, train_loop
+from common import Result, Timer, cosine_lr, measure, ours_budget, ours_lam, train_loop
 from compress.cost import count_flops, count_params
 
 BATCH = 32
@@ -39,7 +39,7 @@ def settings(quick: bool) -> dict:
     # RAMDA 1e-4 (the toolkit default 1e-2 and 1e-3 wrecked the pretrained encoder).
     lrs = {"adamw_lr": 1e-3, "ramda_lr": 1e-4}
     if quick:
-        return {"n_train": 64, "n_eval": 64, "epochs": 1, "fractions": [0.6], "lams": {"ramda": [1e-3]},
+        return {"n_train": 64, "n_eval": 64, "epochs": 2, "fractions": [0.6], "lams": {"ramda": [1e-3]},
                 "bench": {"quick": True, "seq_len": 16}, "tp_steps": 20, **lrs}
     return {"n_train": 2000, "n_eval": 1000, "epochs": 4, "fractions": [0.7, 0.5, 0.35],
             "lams": {"ramda": [1e-3, 3e-3, 1e-2]}, "bench": {"seq_len": BENCH_SEQ}, "tp_steps": 40, **lrs}
@@ -276,33 +276,6 @@ class Text:
         self.rows.append(r)
         return r
 
-    def ours_budget(self) -> None:
-        """`compress.budget.finetune_to_budget` at the peers' FLOP targets: λ is the controller's."""
-        try:
-            from compress.budget import Budget, finetune_to_budget
-        except ImportError as e:  # the budget controller is a separate piece of the toolkit
-            self.log(f"ramda-budget: not run ({e})")
-            self.notes.append(f"ramda-budget not run: {e}")
-            return
-        from compress.extract import extract
-        from compress.train import TrainConfig
-
-        for f in self.cfg["fractions"]:
-            m = copy.deepcopy(self.model)
-            with Timer() as t:
-                res = finetune_to_budget(m, self.loader(self.train_tok, self.t_train, True),
-                                         self.loader(self.eval_tok, self.t_eval, False), self.example,
-                                         self.out / "runs" / f"ramda-budget_{f}",
-                                         TrainConfig(epochs=self.cfg["epochs"], optimizer="ramda", batch_size=BATCH,
-                                                     lr=self.cfg["ramda_lr"]),
-                                         Budget(flops=f), loss_fn=distill_loss, force=True, progress=False,
-                                         console=_quiet_console())
-                small, _ = extract(res.model, res.groups, self.example)
-            last = res.metrics[-1] if res.metrics else {}
-            self._row("ramda-budget", f"flops≤{f}", small, {"train_loss": last.get("train_loss"),
-                                                           "group_sparsity": last.get("group_sparsity"),
-                                                           "seconds": t.seconds})
-
     def _distill_adamw(self, m, epochs: int) -> list[float]:
         params = [p for p in m.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.cfg["adamw_lr"], weight_decay=0.01)
@@ -339,26 +312,52 @@ class Text:
                                                        "seconds": t.seconds, **reached})
 
     # -- ours -----------------------------------------------------------------------------
-    def ours(self) -> None:
-        from compress.extract import extract
-        from compress.train import TrainConfig, finetune
+    def _data(self):
+        return self.loader(self.train_tok, self.t_train, True), self.loader(self.eval_tok, self.t_eval, False)
 
-        E = self.cfg["epochs"]
+    def ours(self) -> None:
+        """`compress.finetune` at fixed λ for all epochs, then `compress.extract`."""
         for opt_name, lams in self.cfg["lams"].items():
             for lam in lams:
-                m = copy.deepcopy(self.model)
-                run_dir = self.out / "runs" / f"{opt_name}_lam{lam:g}"
                 with Timer() as t:
-                    res = finetune(m, self.loader(self.train_tok, self.t_train, True),
-                                   self.loader(self.eval_tok, self.t_eval, False), self.example, run_dir,
-                                   TrainConfig(epochs=E, optimizer=opt_name, lam=lam, batch_size=BATCH,
-                                               lr=self.cfg.get(f"{opt_name}_lr")),
-                                   loss_fn=distill_loss, force=True, progress=False, console=_quiet_console())
-                    small, _ = extract(res.model, res.groups, self.example)
-                last = res.metrics[-1] if res.metrics else {}
+                    small, last = ours_lam(copy.deepcopy(self.model), *self._data(), self.example,
+                                           self.out / "runs" / f"{opt_name}_lam{lam:g}",
+                                           {"epochs": self.cfg["epochs"], "optimizer": opt_name, "lam": lam,
+                                            "batch_size": BATCH, "lr": self.cfg.get(f"{opt_name}_lr")},
+                                           loss_fn=distill_loss)
                 self._row(opt_name, f"λ={lam:g}", small, {"train_loss": last.get("train_loss"),
                                                           "group_sparsity": last.get("group_sparsity"),
                                                           "seconds": t.seconds})
+
+    def ours_budget(self) -> None:
+        """`compress.budget.finetune_to_budget` at the peers' FLOP targets for all epochs, then extract."""
+        for f in self.cfg["fractions"]:
+            self._budget(f, self.cfg["epochs"], 0)
+
+    def ours_budget_ft(self) -> None:
+        """2/3 of the epochs to the budget, extract, 1/3 distillation with the peers' AdamW routine."""
+        E = self.cfg["epochs"]
+        ft = max(1, E // 3)
+        for f in self.cfg["fractions"]:
+            self._budget(f, E - ft, ft)
+
+    def _budget(self, f: float, epochs: int, ft_epochs: int) -> None:
+        tag = "ramda-budget+ft" if ft_epochs else "ramda-budget"
+        with Timer() as t:
+            got = ours_budget(copy.deepcopy(self.model), *self._data(), self.example, self.out / "runs" / f"{tag}_{f}",
+                              {"epochs": epochs, "optimizer": "ramda", "batch_size": BATCH, "lr": self.cfg["ramda_lr"]},
+                              f, loss_fn=distill_loss)
+            if got is None:
+                self.log("ramda-budget: not run (compress.budget is missing)")
+                self.notes.append("ramda-budget not run: compress.budget is missing")
+                return
+            small, last = got
+            extra = {"train_loss": last.get("train_loss")}
+            if ft_epochs:
+                extra["cos_before_ft"] = self.evaluate(small)["cosine"]
+                extra["train_loss"] = self._distill_adamw(small, ft_epochs)[-1]
+        self._row(tag, f"flops≤{f}", small, {**extra, "group_sparsity": last.get("group_sparsity"),
+                                             "seconds": t.seconds})
 
     # -- report ---------------------------------------------------------------------------
     def header(self) -> str:
@@ -371,7 +370,8 @@ class Text:
             f"embeddings frozen; batch {BATCH}; **{c['epochs']} epochs** for every method (tp-magnitude: prune to the "
             f"FLOP target, then AdamW lr {c['adamw_lr']:g} wd 0.01 cosine; ramda: `compress.finetune` (lr "
             f"{c['ramda_lr']:g}, λ as stated) then `compress.extract`; ramda-budget: `compress.budget.finetune_to_budget` "
-            "given the peers' FLOP target, then `compress.extract`). Learning rates: the lower training loss of "
+            "given the peers' FLOP target, then `compress.extract`; ramda-budget+ft: 2/3 of the epochs to the budget, "
+            "extract, 1/3 the peers' AdamW distillation). Learning rates: the lower training loss of "
             "{1e-3, 1e-4} in a 1-epoch pilot on 512 sentences, for each method family.",
             f"Metric: mean cosine to the dense embeddings on held-out sentences; NN agreement = share of held-out "
             f"sentences whose nearest other held-out sentence is the dense model's. FLOPs and latency at sequence "
@@ -399,11 +399,3 @@ def _structure(model) -> tuple[int, int]:
     heads = sum(layer.attention.self.num_attention_heads for layer in model.bert.encoder.layer)
     neurons = sum(layer.intermediate.dense.out_features for layer in model.bert.encoder.layer)
     return heads, neurons
-
-
-def _quiet_console():
-    import io
-
-    from rich.console import Console
-
-    return Console(file=io.StringIO())
