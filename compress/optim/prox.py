@@ -269,14 +269,17 @@ def make_prox_kernels(ad: Callable, finish: Callable) -> dict[str, Callable]:
         _, d = ad(state, scal)
         return (d + torch.zeros_like(state[0])).amax((0, 2))
 
+    def pg_obj(state, scal, w):
+        """Σw² and Σ(½dw² − aw) at w: the subproblem objective at the starting point."""
+        a, d = ad(state, scal)
+        return (w * w).sum((0, 2)), ((0.5 * d * w - a) * w).sum((0, 2))
+
     def pg_sums(state, scal, w, theta, free):
-        """For y = w − θ(d w − a): Σy², Σ½dy², Σay, and at w: Σw², Σ(½dw² − aw)."""
+        """For y = w − θ(d w − a): Σy², Σ½dy², Σay (the shrink factor and the new objective)."""
         a, d = ad(state, scal)
         th = _col(free) / d + _col(1.0 - free) * _col(theta)
         y = w - th * (d * w - a)
-        dy = 0.5 * d * y
-        return (y * y).sum((0, 2)), (dy * y).sum((0, 2)), (a * y).sum((0, 2)), (w * w).sum((0, 2)), \
-            ((0.5 * d * w - a) * w).sum((0, 2))
+        return (y * y).sum((0, 2)), (0.5 * d * y * y).sum((0, 2)), (a * y).sum((0, 2))
 
     def pg_step(state, scal, w, theta, free, factor):
         """w ← factor · (w − θ(d w − a)): one proximal-gradient step (factor = group shrink)."""
@@ -288,7 +291,7 @@ def make_prox_kernels(ad: Callable, finish: Callable) -> dict[str, Callable]:
         finish(state, w, scal)
 
     return {"sums0": sums0, "sums": sums, "sq": sq, "final": final, "dmax": dmax,
-            "pg_sums": pg_sums, "pg_step": pg_step, "pg_final": pg_final}
+            "pg_obj": pg_obj, "pg_sums": pg_sums, "pg_step": pg_step, "pg_final": pg_final}
 
 
 # --------------------------------------------------------------------------- solvers
@@ -419,16 +422,17 @@ class ProxProblem:
         theta = torch.where(dm > 0, 1.0 / dm, 0.0)
         th, fr = self._expand(theta, 0.0), self._expand(free.to(torch.float64), 1.0)
         wl = [w[k] if k in set(grouped) else None for k in range(len(self.states))]
-        prev, it = None, 0
+        outs = self._run("pg_obj", grouped, wl)
+        w2, obj_w = (idx.sum_rows(grouped, [o[i] for o in outs]) for i in range(2))
+        prev = float((tau * w2.sqrt() + obj_w).sum())  # objective at the start (grouped entries only)
+        it = 0
         norms = torch.zeros(G, dtype=torch.float64, device=idx.device)
         for it in range(1, max_iter + 1):
             outs = self._run("pg_sums", grouped, wl, th, fr)
-            y2, dy2, ay, w2, obj_w = (idx.sum_rows(grouped, [o[i] for o in outs]) for i in range(5))
+            y2, dy2, ay = (idx.sum_rows(grouped, [o[i] for o in outs]) for i in range(3))
             ny = y2.sqrt()
             factor = torch.where(ny > 0, (1.0 - theta * tau / torch.where(ny > 0, ny, 1.0)).clamp_min(0.0), 0.0)
             factor = torch.where(zero, 0.0, torch.where(free, 1.0, factor))
-            if prev is None:  # objective at the starting point (grouped entries only)
-                prev = float((tau * w2.sqrt() + obj_w).sum())
             norms = factor * ny
             cur = float((tau * norms + factor * factor * dy2 - factor * ay).sum())
             self._run("pg_step", grouped, wl, th, fr, self._expand(factor, 1.0))
