@@ -7,6 +7,7 @@ speedup comes from, so all methods are timed the same way.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -153,6 +154,80 @@ def ours_budget(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, f
                              force=True, progress=False, console=quiet_console(), **kw)
     small, _ = extract(res.model, res.groups, example)
     return small, (res.metrics[-1] if res.metrics else {})
+
+
+class Task:
+    """What both tasks share: the method loop, ours at fixed λ and at a FLOP budget, the notes.
+
+    A task provides `setup()` (dense model, data, dense ONNX), `_row(method, setting, model,
+    extra)` (evaluate + measure + append), `_data()` (train, eval data for the product),
+    `_train_kw(optimizer)` (TrainConfig fields beyond epochs/optimizer/λ), `_loss_kw` (extra
+    arguments for finetune), `_score(model)` (the metric, before fine-tuning) and
+    `_finetune(model, epochs)` (the peers' fine-tuning routine, returns per-epoch losses).
+    """
+
+    before_key = "acc_before_ft"
+    _loss_kw: dict = {}
+
+    def __init__(self, out: Path, quick: bool, log=print):
+        self.out, self.quick, self.log = out, quick, log
+        self.cfg = self.settings(quick)
+        self.notes: list[str] = []
+        self.rows: list[Result] = []
+
+    def run(self, methods: list[str]) -> list[Result]:
+        (self.out / "onnx").mkdir(parents=True, exist_ok=True)
+        self.setup()
+        for name in methods:
+            with Timer() as t:
+                getattr(self, name.replace("-", "_"))()
+            self.log(f"{name}: {t.seconds:.0f} s")
+        return self.rows
+
+    def with_notes(self, lines: list[str]) -> str:
+        return "\n\n".join(lines + [f"Note: {n}" for n in self.notes])
+
+    def ours(self) -> None:
+        """`compress.finetune` at fixed λ for all epochs, then `compress.extract`."""
+        for opt_name, lams in self.cfg["lams"].items():
+            for lam in lams:
+                with Timer() as t:
+                    small, last = ours_lam(copy.deepcopy(self.model), *self._data(), self.example,
+                                           self.out / "runs" / f"{opt_name}_lam{lam:g}",
+                                           {"epochs": self.cfg["epochs"], "optimizer": opt_name, "lam": lam,
+                                            **self._train_kw(opt_name)}, **self._loss_kw)
+                self._row(opt_name, f"λ={lam:g}", small, {"train_loss": last.get("train_loss"),
+                                                          "group_sparsity": last.get("group_sparsity"),
+                                                          "seconds": t.seconds})
+
+    def ours_budget(self) -> None:
+        """`compress.budget.finetune_to_budget` at the peers' FLOP targets for all epochs, then extract."""
+        for f in self.cfg["fractions"]:
+            self._budget(f, self.cfg["epochs"], 0)
+
+    def ours_budget_ft(self) -> None:
+        """tp-regularized's split: 2/3 of the epochs to the budget, extract, 1/3 with the peers' fine-tuning."""
+        E = self.cfg["epochs"]
+        ft = max(1, E // 3)
+        for f in self.cfg["fractions"]:
+            self._budget(f, E - ft, ft)
+
+    def _budget(self, f: float, epochs: int, ft_epochs: int) -> None:
+        tag = "ramda-budget+ft" if ft_epochs else "ramda-budget"
+        with Timer() as t:
+            got = ours_budget(copy.deepcopy(self.model), *self._data(), self.example, self.out / "runs" / f"{tag}_{f}",
+                              {"epochs": epochs, "optimizer": "ramda", **self._train_kw("ramda")}, f, **self._loss_kw)
+            if got is None:
+                self.log("ramda-budget: not run (compress.budget is missing)")
+                self.notes.append("ramda-budget not run: compress.budget is missing")
+                return
+            small, last = got
+            extra = {"train_loss": last.get("train_loss")}
+            if ft_epochs:
+                extra[self.before_key] = self._score(small)
+                extra["train_loss"] = self._finetune(small, ft_epochs)[-1]
+        self._row(tag, f"flops≤{f}", small, {**extra, "group_sparsity": last.get("group_sparsity"),
+                                             "seconds": t.seconds})
 
 
 # ----------------------------------------------------------------------------- measurement

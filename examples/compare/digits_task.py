@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import Result, Timer, cosine_lr, measure, ours_budget, ours_lam, tensor_batches, train_loop
+from common import Result, Task, Timer, cosine_lr, measure, tensor_batches, train_loop
 from compress.cost import count_flops, count_params
 from compress.models import get_model
 
@@ -48,12 +48,10 @@ def evaluate(model, x, y) -> dict:
     return {"accuracy": float((out.argmax(1) == y).float().mean()), "loss": float(F.cross_entropy(out, y))}
 
 
-class Digits:
-    def __init__(self, out: Path, quick: bool, log=print):
-        self.out = out
-        self.quick = quick
-        self.log = log
-        self.cfg = settings(quick)
+class Digits(Task):
+    settings = staticmethod(settings)
+
+    def setup(self) -> None:
         spec = get_model("digits-resnet")
         self.spec = spec
         tr, te = spec.data()
@@ -62,7 +60,7 @@ class Digits:
         self.train_ds, self.eval_ds = tr, te
         self.example = spec.example_input(1)
         self.batches = tensor_batches((self.xtr,), self.ytr, BATCH, seed=0)
-        self.rows: list[Result] = []
+        self.dense()
 
     # -- dense starting point -------------------------------------------------------------
     def dense(self) -> None:
@@ -107,22 +105,14 @@ class Digits:
 
     # -- peers ----------------------------------------------------------------------------
     def tp_magnitude(self) -> None:
-        from tp_peers import make_pruner, prune_to_flops
-
-        E = self.cfg["epochs"]
-        for f in self.cfg["fractions"]:
-            m = copy.deepcopy(self.model)
-            with Timer() as t:
-                pr = make_pruner("magnitude", m, self.example, [m.fc], steps=self.cfg["tp_steps"], max_ratio=0.95)
-                reached = prune_to_flops(m, pr, self.example, f, steps=self.cfg["tp_steps"])
-                before = evaluate(m, self.xte, self.yte)["accuracy"]
-                losses = self._finetune_adamw(m, E)
-            self._row("tp-magnitude", f"flops≤{f}", m, {"acc_before_ft": before, "train_loss": losses[-1],
-                                                       "seconds": t.seconds, **reached})
+        self._tp_magnitude("tp-magnitude")
 
     def tp_magnitude_r8(self) -> None:
         """tp-magnitude with `round_to=8`: kept channel counts are multiples of 8, which ONNX Runtime's
         blocked (NCHWc) convolutions need to run fast (see the README's alignment note)."""
+        self._tp_magnitude("tp-magnitude-r8", round_to=8)
+
+    def _tp_magnitude(self, method: str, **pruner_kw) -> None:
         from tp_peers import make_pruner, prune_to_flops
 
         E = self.cfg["epochs"]
@@ -130,12 +120,12 @@ class Digits:
             m = copy.deepcopy(self.model)
             with Timer() as t:
                 pr = make_pruner("magnitude", m, self.example, [m.fc], steps=self.cfg["tp_steps"], max_ratio=0.95,
-                                 round_to=8)
+                                 **pruner_kw)
                 reached = prune_to_flops(m, pr, self.example, f, steps=self.cfg["tp_steps"])
                 before = evaluate(m, self.xte, self.yte)["accuracy"]
                 losses = self._finetune_adamw(m, E)
-            self._row("tp-magnitude-r8", f"flops≤{f}", m, {"acc_before_ft": before, "train_loss": losses[-1],
-                                                          "seconds": t.seconds, **reached})
+            self._row(method, f"flops≤{f}", m, {"acc_before_ft": before, "train_loss": losses[-1],
+                                                "seconds": t.seconds, **reached})
 
     def tp_regularized(self) -> None:
         from tp_peers import make_pruner, prune_to_flops
@@ -180,51 +170,18 @@ class Digits:
                                                                "group_sparsity": st["group_sparsity"],
                                                                "seconds": t.seconds})
 
-    # -- ours -----------------------------------------------------------------------------
-    def ours(self) -> None:
-        """`compress.finetune` for all E epochs, then `compress.extract` (the product pipeline as is)."""
-        for opt_name, lams in self.cfg["lams"].items():
-            for lam in lams:
-                self._ours(opt_name, lam)
+    # -- ours (the shared Task methods) -------------------------------------------------
+    def _data(self):
+        return self.train_ds, self.eval_ds
 
-    def ours_budget(self) -> None:
-        """`compress.budget.finetune_to_budget` for all E epochs at the peers' FLOP targets, then extract."""
-        for f in self.cfg["fractions"]:
-            self._budget(f, self.cfg["epochs"], 0)
+    def _train_kw(self, optimizer: str) -> dict:
+        return {"batch_size": BATCH}
 
-    def ours_budget_ft(self) -> None:
-        """tp-regularized's budget split: 2/3 of the epochs to the budget, extract, 1/3 AdamW fine-tuning
-        of the extracted model (the peers' fine-tuning routine)."""
-        E = self.cfg["epochs"]
-        ft = max(1, E // 3)
-        for f in self.cfg["fractions"]:
-            self._budget(f, E - ft, ft)
+    def _score(self, model) -> float:
+        return evaluate(model, self.xte, self.yte)["accuracy"]
 
-    def _budget(self, f: float, epochs: int, ft_epochs: int) -> None:
-        tag = "ramda-budget+ft" if ft_epochs else "ramda-budget"
-        with Timer() as t:
-            got = ours_budget(copy.deepcopy(self.model), self.train_ds, self.eval_ds, self.example,
-                              self.out / "runs" / f"{tag}_{f}",
-                              {"epochs": epochs, "optimizer": "ramda", "batch_size": BATCH}, f)
-            if got is None:
-                self.log("ramda-budget: not run (compress.budget is missing)")
-                self.notes.append("ramda-budget not run: compress.budget is missing")
-                return
-            small, last = got
-            extra = {"train_loss": last.get("train_loss")}
-            if ft_epochs:
-                extra["acc_before_ft"] = evaluate(small, self.xte, self.yte)["accuracy"]
-                extra["train_loss"] = self._finetune_adamw(small, ft_epochs)[-1]
-        self._row(tag, f"flops≤{f}", small, {**extra, "group_sparsity": last.get("group_sparsity"),
-                                             "seconds": t.seconds})
-
-    def _ours(self, opt_name: str, lam: float) -> None:
-        with Timer() as t:
-            small, last = ours_lam(copy.deepcopy(self.model), self.train_ds, self.eval_ds, self.example,
-                                   self.out / "runs" / f"{opt_name}_lam{lam:g}",
-                                   {"epochs": self.cfg["epochs"], "optimizer": opt_name, "lam": lam, "batch_size": BATCH})
-        self._row(opt_name, f"λ={lam:g}", small, {"train_loss": last.get("train_loss"),
-                                                  "group_sparsity": last.get("group_sparsity"), "seconds": t.seconds})
+    def _finetune(self, model, epochs: int) -> list[float]:
+        return self._finetune_adamw(model, epochs)
 
     metric_name = "accuracy"
     extra_cols = [("eval loss", "eval_loss", ".3f"), ("train loss", "train_loss", ".3f"),
@@ -248,20 +205,9 @@ class Digits:
             "CPU, 1 intra-op thread, our `benchmark` (interleaved), both models exported by our `export_onnx` "
             "(verified against torch and re-scored on the held-out data).",
         ]
-        lines += [f"Note: {n}" for n in self.notes]
-        return "\n\n".join(lines)
+        return self.with_notes(lines)
 
     def meta(self) -> dict:
         import oto_peer
 
         return {"settings": self.cfg, "batch": BATCH, "notes": self.notes, "oto_patches": oto_peer.PATCHES}
-
-    def run(self, methods: list[str]) -> list[Result]:
-        self.notes: list[str] = []
-        (self.out / "onnx").mkdir(parents=True, exist_ok=True)
-        self.dense()
-        for name in methods:
-            with Timer() as t:
-                getattr(self, name.replace("-", "_"))()
-            self.log(f"{name}: {t.seconds:.0f} s")
-        return self.rows

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import Result, Timer, cosine_lr, measure, ours_budget, ours_lam, train_loop
+from common import Result, Task, Timer, cosine_lr, measure, train_loop
 from compress.cost import count_flops, count_params
 
 BATCH = 32
@@ -196,18 +196,15 @@ def fix_hf_heads(model: nn.Module, num_heads: dict) -> None:
             m.all_head_size = m.query.out_features
 
 
-class Text:
+class Text(Task):
+    settings = staticmethod(settings)
+    before_key = "cos_before_ft"
+    _loss_kw = {"loss_fn": distill_loss}
     metric_name = "mean cosine to dense"
     extra_cols = [("NN agreement", "nn_agreement", ".3f"), ("cos p10", "cosine_p10", ".3f"),
                   ("held-out loss", "eval_loss", ".4f"), ("train loss", "train_loss", ".4f"),
                   ("cos before FT", "cos_before_ft", ".3f"), ("heads", "heads", "d"), ("neurons", "neurons", "d"),
                   ("train s", "seconds", ".0f")]
-
-    def __init__(self, out: Path, quick: bool, log=print):
-        self.out, self.quick, self.log = out, quick, log
-        self.cfg = settings(quick)
-        self.notes: list[str] = []
-        self.rows: list[Result] = []
 
     # -- data and the dense model ---------------------------------------------------------
     def setup(self) -> None:
@@ -311,53 +308,18 @@ class Text:
             self._row("tp-magnitude", f"flops≤{f}", m, {"cos_before_ft": before, "train_loss": losses[-1],
                                                        "seconds": t.seconds, **reached})
 
-    # -- ours -----------------------------------------------------------------------------
+    # -- ours (the shared Task methods) -------------------------------------------------
     def _data(self):
         return self.loader(self.train_tok, self.t_train, True), self.loader(self.eval_tok, self.t_eval, False)
 
-    def ours(self) -> None:
-        """`compress.finetune` at fixed λ for all epochs, then `compress.extract`."""
-        for opt_name, lams in self.cfg["lams"].items():
-            for lam in lams:
-                with Timer() as t:
-                    small, last = ours_lam(copy.deepcopy(self.model), *self._data(), self.example,
-                                           self.out / "runs" / f"{opt_name}_lam{lam:g}",
-                                           {"epochs": self.cfg["epochs"], "optimizer": opt_name, "lam": lam,
-                                            "batch_size": BATCH, "lr": self.cfg.get(f"{opt_name}_lr")},
-                                           loss_fn=distill_loss)
-                self._row(opt_name, f"λ={lam:g}", small, {"train_loss": last.get("train_loss"),
-                                                          "group_sparsity": last.get("group_sparsity"),
-                                                          "seconds": t.seconds})
+    def _train_kw(self, optimizer: str) -> dict:
+        return {"batch_size": BATCH, "lr": self.cfg.get(f"{optimizer}_lr")}
 
-    def ours_budget(self) -> None:
-        """`compress.budget.finetune_to_budget` at the peers' FLOP targets for all epochs, then extract."""
-        for f in self.cfg["fractions"]:
-            self._budget(f, self.cfg["epochs"], 0)
+    def _score(self, model) -> float:
+        return self.evaluate(model)["cosine"]
 
-    def ours_budget_ft(self) -> None:
-        """2/3 of the epochs to the budget, extract, 1/3 distillation with the peers' AdamW routine."""
-        E = self.cfg["epochs"]
-        ft = max(1, E // 3)
-        for f in self.cfg["fractions"]:
-            self._budget(f, E - ft, ft)
-
-    def _budget(self, f: float, epochs: int, ft_epochs: int) -> None:
-        tag = "ramda-budget+ft" if ft_epochs else "ramda-budget"
-        with Timer() as t:
-            got = ours_budget(copy.deepcopy(self.model), *self._data(), self.example, self.out / "runs" / f"{tag}_{f}",
-                              {"epochs": epochs, "optimizer": "ramda", "batch_size": BATCH, "lr": self.cfg["ramda_lr"]},
-                              f, loss_fn=distill_loss)
-            if got is None:
-                self.log("ramda-budget: not run (compress.budget is missing)")
-                self.notes.append("ramda-budget not run: compress.budget is missing")
-                return
-            small, last = got
-            extra = {"train_loss": last.get("train_loss")}
-            if ft_epochs:
-                extra["cos_before_ft"] = self.evaluate(small)["cosine"]
-                extra["train_loss"] = self._distill_adamw(small, ft_epochs)[-1]
-        self._row(tag, f"flops≤{f}", small, {**extra, "group_sparsity": last.get("group_sparsity"),
-                                             "seconds": t.seconds})
+    def _finetune(self, model, epochs: int) -> list[float]:
+        return self._distill_adamw(model, epochs)
 
     # -- report ---------------------------------------------------------------------------
     def header(self) -> str:
@@ -378,20 +340,10 @@ class Text:
             f"length {c['bench']['seq_len']}; speedup = dense / compressed median latency, ONNX Runtime CPU, 1 "
             "intra-op thread, our `benchmark` (interleaved), both exported by our `export_onnx`.",
         ]
-        lines += [f"Note: {n}" for n in self.notes]
-        return "\n\n".join(lines)
+        return self.with_notes(lines)
 
     def meta(self) -> dict:
         return {"settings": self.cfg, "batch": BATCH, "corpus": self.corpus, "notes": self.notes}
-
-    def run(self, methods: list[str]) -> list[Result]:
-        (self.out / "onnx").mkdir(parents=True, exist_ok=True)
-        self.setup()
-        for name in methods:
-            with Timer() as t:
-                getattr(self, name.replace("-", "_"))()
-            self.log(f"{name}: {t.seconds:.0f} s")
-        return self.rows
 
 
 def _structure(model) -> tuple[int, int]:
