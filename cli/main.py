@@ -118,6 +118,13 @@ def finetune(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda. [default: auto]"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch. Small models train fastest on 1, "
                                           "and so does any model on a busy machine. [default: torch's]"),
+    target_flops: Optional[float] = typer.Option(None, help="Budget instead of λ: the exported model's FLOPs as a "
+                                                 "fraction of the dense model, e.g. 0.5. λ is found automatically."),
+    target_params: Optional[float] = typer.Option(None, help="Budget: parameters as a fraction of the dense model."),
+    target_latency_ms: Optional[float] = typer.Option(None, help="Budget: ONNX Runtime CPU latency in ms on this "
+                                                      "machine, at --bench-batch with --bench-threads."),
+    bench_batch: Optional[int] = typer.Option(None, help="Batch size of a latency target. [default: 1]"),
+    bench_threads: Optional[int] = typer.Option(None, help="Intra-op threads of a latency target. [default: all cores]"),
     config: Optional[Path] = typer.Option(None, help="TOML file whose keys mirror these flags (flags win)."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run directory exactly where it stopped."),
     force: bool = typer.Option(False, "--force", help="Overwrite the run files in an existing --out directory."),
@@ -144,6 +151,15 @@ def finetune(
         if any(given[k] is not None for k in _NOT_ON_RESUME):
             raise UserError("--resume continues a run with its saved settings; only --lr (e.g. lower after a NaN "
                             "loss) and --quiet may be given with it")
+        if "budget" in saved:
+            from compress.budget import finetune_to_budget
+
+            if lr is not None:
+                raise UserError("a budget run resumes with its saved settings; --lr cannot be changed")
+            finetune_to_budget(spec.build(), train_data, eval_data, spec.example_input(1), resume, resume=True,
+                               console=console, progress=not quiet)
+            console.print(f"[green]done[/] → {resume}   next: compress export {resume}")
+            return
         run_finetune(spec.build(), train_data, eval_data, spec.example_input(1), resume, resume=True,
                      resume_lr=lr, console=console, progress=not quiet)
         console.print(f"[green]done[/] → {resume}   next: compress export {resume}")
@@ -153,7 +169,9 @@ def finetune(
     flags = dict(model=model, out=out, data=data, epochs=epochs, lr=lr, lam=lam, optimizer=optimizer,
                  momentum=momentum, batch_size=batch_size, milestones=milestones, gamma=gamma, schedule=schedule,
                  weight_decay=weight_decay, group_weight=group_weight, solver=solver, seed=seed, init=init,
-                 device=device, input_shape=input_shape, threads=threads)
+                 device=device, input_shape=input_shape, threads=threads, target_flops=target_flops,
+                 target_params=target_params, target_latency_ms=target_latency_ms, bench_batch=bench_batch,
+                 bench_threads=bench_threads)
     unknown = set(opts) - set(flags)
     if unknown:
         raise UserError(f"config file {config} has unknown keys: {', '.join(sorted(unknown))}")
@@ -165,6 +183,7 @@ def finetune(
     out_dir = Path(merged.pop("out"))
     init_path = merged.pop("init", None)
     shape_text = merged.pop("input_shape", None)
+    budget = _budget_from(merged)
     merged["milestones"] = _parse_milestones(merged.get("milestones"))
     cfg = TrainConfig(**merged)
     cfg.validate()
@@ -180,16 +199,43 @@ def finetune(
                         f"or --resume {out_dir} to continue it")
     console.print(f"[bold]compress finetune[/] model={model_name} optimizer={cfg.optimizer} lr={cfg.lr:g} "
                   f"λ={cfg.lam:g} epochs={cfg.epochs} milestones={cfg.milestones} → {out_dir}")
-    run_finetune(net, train_data, eval_data, example, out_dir, cfg, init_weights=init_weights,
-                 run_info={"model": model_name, "data": data_spec, "input_shape": shape_text,
-                           "init": str(init_path) if init_path else None},
-                 force=force, console=console, progress=not quiet)
+    run_info = {"model": model_name, "data": data_spec, "input_shape": shape_text,
+                "init": str(init_path) if init_path else None}
+    if budget is not None:
+        from compress.budget import finetune_to_budget
+
+        console.print(f"[bold]budget[/]: {budget.describe()} — λ is found automatically")
+        finetune_to_budget(net, train_data, eval_data, example, out_dir, cfg, budget, init_weights=init_weights,
+                           run_info=run_info, force=force, console=console, progress=not quiet)
+    else:
+        run_finetune(net, train_data, eval_data, example, out_dir, cfg, init_weights=init_weights,
+                     run_info=run_info, force=force, console=console, progress=not quiet)
     console.print(f"[green]done[/] → {out_dir}   next: compress export {out_dir}")
+
+
+def _budget_from(opts: dict):
+    """Pop the budget flags; a Budget when a target is given (then --lam must not be)."""
+    from compress.io import UserError
+
+    keys = ("target_flops", "target_params", "target_latency_ms", "bench_batch", "bench_threads")
+    vals = {k: opts.pop(k, None) for k in keys}
+    if all(vals[k] is None for k in keys[:3]):
+        if vals["bench_batch"] is not None or vals["bench_threads"] is not None:
+            raise UserError("--bench-batch and --bench-threads only apply to --target-latency-ms")
+        return None
+    if opts.get("lam") is not None:
+        raise UserError("give either --lam or a target (--target-flops/--target-params/--target-latency-ms): "
+                        "with a target, λ is found automatically")
+    from compress.budget import Budget
+
+    return Budget(flops=vals["target_flops"], params=vals["target_params"], latency_ms=vals["target_latency_ms"],
+                  batch=vals["bench_batch"] or 1, threads=vals["bench_threads"])
 
 
 _NOT_ON_RESUME = ("model", "data", "epochs", "lam", "optimizer", "momentum", "batch_size", "milestones", "gamma",
                   "schedule", "weight_decay", "group_weight", "solver", "seed", "init", "device", "config",
-                  "input_shape", "threads")
+                  "input_shape", "threads", "target_flops", "target_params", "target_latency_ms", "bench_batch",
+                  "bench_threads")
 
 
 def _load_saved_run(run: Path) -> dict:

@@ -163,3 +163,15 @@ def test_resume_refuses_other_settings(tmp_path):
     out.mkdir()
     (out / "config.json").write_text('{"model": "digits-resnet", "train": {}}')
     assert_one_line_error(cli("finetune", "--resume", out, "--epochs", "5"), "only --lr")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--target-flops", "0.5", "--lam", "0.01"], "either --lam or a target"),
+    (["--target-flops", "1.5"], "in (0, 1)"),
+    (["--target-flops", "0.5", "--target-params", "0.5"], "exactly one budget target"),
+    (["--bench-batch", "4"], "only apply to --target-latency-ms"),
+    (["--target-flops", "0.0001"], "below the smallest valid model"),
+])
+def test_budget_flag_errors(tmp_path, args, needle):
+    res = cli("finetune", *args, "--epochs", "2", "--out", tmp_path / "r")
+    assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
