@@ -6,8 +6,9 @@ of the epochs: RAMDA/RMDA restart there and ramp their averaging weight to 1), f
 several λ each. Each run ends on the structured point with BatchNorm statistics
 recalibrated, is extracted (zero groups physically removed, outputs verified) and
 counted. Reported: accuracy, group sparsity and weighted group sparsity, FLOP reduction
-after extraction, and the optimizer step / whole training step time relative to AdamW's
-(same model, same process, median over the run's steps).
+after extraction, and the optimizer step time relative to AdamW's: measured apart, every
+method alternated with AdamW round by round on the same gradients (one λ per method, the
+middle of its grid), median over rounds; "train step" adds one forward+backward to both.
 
     python examples/compare_optimizers.py                # the full table (README)
     python examples/compare_optimizers.py --quick        # a minute: every method once
@@ -40,20 +41,22 @@ from compress.optim.dsgd import model_layers, plot_layer_picks
 from compress.train import TrainConfig, evaluate, lr_at, momentum_at, recalibrate_batchnorm
 
 # Fine-tuning from a good dense point: small learning rates (RAMDA 3e-4 keeps ~99% on digits;
-# 1e-2 destroys the model). The λ grids come from a pilot sweep (6 epochs, factor-3 steps,
-# extrapolated to 20 epochs) meant to span light to heavy group sparsity; λ means different things
+# 1e-2 destroys the model). The λ grids come from pilot sweeps (6 and 20 epochs) and span
+# light sparsity to the collapse (BatchNorm makes conv rows scale-invariant, so once the prox
+# outweighs the pull of γ/β a network goes to zero quickly); λ means different things
 # per method (RAMDA: α_t λ with α_t = Σ η√t; ProxAdam: η λ in Adam's metric; z-space: in
 # units of D^{1/2}), so the grids differ.
 METHODS = {
-    "ramda": dict(opt="ramda", lr=3e-4, kw={}, lams=[5e-3, 1e-2, 2e-2, 4e-2]),
-    "rmda": dict(opt="rmda", lr=1e-2, kw={}, lams=[1e-2, 3e-2, 1e-1, 3e-1]),
-    "proxsgd": dict(opt="proxsgd", lr=1e-2, kw={"momentum": 0.9}, lams=[0.1, 0.2, 0.4, 0.8]),
-    "proxadam": dict(opt="proxadam", lr=1e-4, kw={"reg_space": "param"}, lams=[0.02, 0.05, 0.1, 0.2]),
-    "proxadam-z": dict(opt="proxadam", lr=1e-4, kw={"reg_space": "preconditioned"}, lams=[0.2, 0.4, 0.8, 1.6]),
-    "asgo": dict(opt="asgo", lr=3e-4, kw={"precond_every": 10}, lams=[0.01, 0.02, 0.04, 0.08]),
-    "dasgo": dict(opt="dasgo", lr=3e-4, kw={}, lams=[0.02, 0.05, 0.1, 0.2]),
-    "dsgd": dict(opt="dsgd", lr=1e-2, kw={"k": 1}, lams=[0.1, 0.2, 0.4, 0.8]),
+    "ramda": dict(opt="ramda", lr=3e-4, kw={}, lams=[5e-3, 1e-2, 1.5e-2, 2e-2, 3e-2]),
+    "rmda": dict(opt="rmda", lr=1e-2, kw={}, lams=[0.04, 0.05, 0.06, 0.08]),
+    "proxsgd": dict(opt="proxsgd", lr=1e-2, kw={"momentum": 0.9}, lams=[0.01, 0.02, 0.04, 0.07]),
+    "proxadam": dict(opt="proxadam", lr=1e-4, kw={"reg_space": "param"}, lams=[0.02, 0.05, 0.07, 0.085]),
+    "proxadam-z": dict(opt="proxadam", lr=1e-4, kw={"reg_space": "preconditioned"}, lams=[0.2, 0.25, 0.3, 0.35]),
+    "asgo": dict(opt="asgo", lr=3e-4, kw={"precond_every": 10}, lams=[0.01, 0.02, 0.03, 0.04]),
+    "dasgo": dict(opt="dasgo", lr=3e-4, kw={}, lams=[0.015, 0.02, 0.03, 0.04]),
+    "dsgd": dict(opt="dsgd", lr=1e-2, kw={"k": 1}, lams=[0.1, 0.2, 0.28, 0.35]),
 }
+ADAMW = dict(opt="adamw", lr=1e-4, kw={"weight_decay": 0.0}, lams=[0.0])
 BATCH = 64
 
 
@@ -88,7 +91,8 @@ def fresh_groups(groups, model):
     return bind_groups(GroupList([dataclasses.replace(g, tensors=[]) for g in groups]), model)
 
 
-def run_method(label, m, lam, dense, groups, train, test, example, epochs, seed, out):
+def build(m, lam, dense, groups):
+    """A fresh copy of the dense model, its bound groups and the method's optimizer."""
     model = copy.deepcopy(dense)
     gl = fresh_groups(groups, model)
     kw = dict(m["kw"])
@@ -97,6 +101,11 @@ def run_method(label, m, lam, dense, groups, train, test, example, epochs, seed,
         kw.update(layers=layers, layer_names=names)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(m["opt"], params, groups=None if m["opt"] == "adamw" else gl, lr=m["lr"], lam=lam, **kw)
+    return model, gl, opt
+
+
+def run_method(label, m, lam, dense, groups, train, test, example, epochs, seed, out):
+    model, gl, opt = build(m, lam, dense, groups)
     cfg = TrainConfig(epochs=epochs, lr=m["lr"], optimizer=m["opt"], lam=lam).resolved()
     step_ms, full_ms = [], []
     for e in range(epochs):
@@ -139,14 +148,49 @@ def run_method(label, m, lam, dense, groups, train, test, example, epochs, seed,
     return row
 
 
-def markdown(rows, base) -> str:
-    head = ("| method | λ | accuracy | groups zero | weighted | FLOP reduction | opt step vs AdamW | "
-            "train step vs AdamW |\n|---|---|---|---|---|---|---|---|\n")
+def time_steps(entries, dense, groups, train, rounds: int = 12, per: int = 10) -> dict:
+    """Median ms of one optimizer step per method, all methods alternated round by round on the
+    same fixed gradients (machine noise hits every method alike), plus one forward+backward."""
+    x, y = next(batches(train, 0, 0))
+    setups = {}
+    for label, m, lam in entries:
+        model, _, opt = build(m, lam, dense, groups)
+        model.train()
+        F.cross_entropy(model(x), y).backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        setups[label] = (model, opt, grads)
+    times = {label: [] for label in setups}
+    fb = []
+    for r in range(rounds + 1):  # round 0: warm-up, not counted
+        for label, (model, opt, grads) in setups.items():
+            t = 0.0
+            for _ in range(per):
+                for p, g in zip(model.parameters(), grads):
+                    p.grad = g.clone()
+                t0 = time.perf_counter()
+                opt.step()
+                t += time.perf_counter() - t0
+            if r:
+                times[label].append(1e3 * t / per)
+        model = setups["adamw"][0]
+        t0 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        if r:
+            fb.append(1e3 * (time.perf_counter() - t0))
+    return {"step_ms": {k: statistics.median(v) for k, v in times.items()}, "fwd_bwd_ms": statistics.median(fb)}
+
+
+def markdown(rows, timing) -> str:
+    st, fb = timing["step_ms"], timing["fwd_bwd_ms"]
+    head = ("| method | λ | accuracy | groups zero | weighted | FLOP reduction | opt step | vs AdamW | "
+            "train step vs AdamW |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
+        ms = st[r["method"]]
         lines.append(f"| {r['method']} | {r['lam']:g} | {100 * r['accuracy']:.2f}% | {100 * r['group_sparsity']:.1f}% | "
                      f"{100 * r['weighted_group_sparsity']:.1f}% | {100 * r['flop_reduction']:.1f}% | "
-                     f"{r['step_ms'] / base['step_ms']:.1f}× | {r['full_step_ms'] / base['full_step_ms']:.2f}× |")
+                     f"{ms:.2f} ms | {ms / st['adamw']:.1f}× | {(fb + ms) / (fb + st['adamw']):.2f}× |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -212,10 +256,8 @@ def main(argv=None) -> int:
     print(f"dense: {100 * dense_acc:.2f}% after {a.dense_epochs} epochs ({time.perf_counter() - t0:.0f}s)", flush=True)
     groups = find_groups(dense, example)
 
-    adamw = dict(opt="adamw", lr=1e-4, kw={"weight_decay": 0.0}, lams=[0.0])
-    rows = [run_method("adamw", adamw, 0.0, dense, groups, train, test, example, a.epochs, a.seed, out)]
-    base = rows[0]
-    print(f"adamw fine-tuned (λ=0): {100 * base['accuracy']:.2f}%, step {base['step_ms']:.2f} ms", flush=True)
+    rows = [run_method("adamw", ADAMW, 0.0, dense, groups, train, test, example, a.epochs, a.seed, out)]
+    print(f"adamw fine-tuned (λ=0): {100 * rows[0]['accuracy']:.2f}%", flush=True)
     for name in methods:
         for lam in grids[name]:
             t1 = time.perf_counter()
@@ -223,13 +265,16 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"{name:11s} λ={lam:<7g} acc {100 * r['accuracy']:6.2f}%  zero {100 * r['group_sparsity']:5.1f}% "
                   f"(weighted {100 * r['weighted_group_sparsity']:5.1f}%)  FLOPs -{100 * r['flop_reduction']:5.1f}%  "
-                  f"step {r['step_ms']:6.2f} ms  [{time.perf_counter() - t1:.0f}s]", flush=True)
-    table = markdown(rows, base)
+                  f"in-run step {r['step_ms']:6.2f} ms  [{time.perf_counter() - t1:.0f}s]", flush=True)
+    entries = [("adamw", ADAMW, 0.0)] + [(n, METHODS[n], grids[n][len(grids[n]) // 2]) for n in methods]
+    timing = time_steps(entries, dense, groups, train, rounds=3 if a.quick else 12)
+    table = markdown(rows, timing)
     cmd = "python examples/compare_optimizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     atomic_write_text(out / "table.md", f"`{cmd.strip()}` — dense {100 * dense_acc:.2f}%, {a.epochs} fine-tuning "
                                         f"epochs, torch {torch.__version__}, {a.threads} thread(s)\n\n" + table)
     atomic_write_json(out / "results.json", {"dense_accuracy": dense_acc, "epochs": a.epochs,
-                                             "dense_epochs": a.dense_epochs, "rows": rows, "command": cmd})
+                                             "dense_epochs": a.dense_epochs, "rows": rows, "timing": timing,
+                                             "command": cmd})
     plot(rows, out / "compare_optimizers.png")
     print()
     print(table)
