@@ -285,13 +285,15 @@ def export_cmd(
     run: Path = typer.Argument(..., help="Run directory made by `compress finetune`."),
     opset: int = typer.Option(17, help="ONNX opset (≥ 17)."),
     simplify: bool = typer.Option(False, help="Simplify the graph (onnxslim, if installed) and verify again."),
-    align: int = typer.Option(8, help="Keep a multiple of this many channels/neurons per layer (extra zero channels "
-                              "are kept: exact). CPU kernels run 8-aligned widths much faster; 1 removes every zero group."),
+    align: Optional[int] = typer.Option(None, help="Keep a multiple of this many channels/neurons per layer (extra zero "
+                                        "channels are kept: exact). CPU kernels run 8-aligned widths much faster; 1 "
+                                        "removes every zero group. [default: 8; 1 for a FLOP or parameter budget run, "
+                                        "whose promise is on FLOPs/params]"),
 ):
     """Remove the zero structures, export RUN/dense.onnx and RUN/model.onnx, verify, write RUN/report.json."""
     from compress.pipeline import export_run
 
-    if align < 1:
+    if align is not None and align < 1:
         from compress.io import UserError
 
         raise UserError(f"--align must be ≥ 1, got {align}")
