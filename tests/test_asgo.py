@@ -431,6 +431,7 @@ def finetune_resume_bit_exact(name, tmp_path, **cfg_kw):
     return runs
 
 
+@pytest.mark.slow
 def test_finetune_resume_bit_exact(tmp_path):
     runs = finetune_resume_bit_exact("asgo", tmp_path, lam=0.5)
     assert isinstance(runs[1].optimizer, ASGO) and runs[1].optimizer.group_sparsity()[0] > 0
