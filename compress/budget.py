@@ -675,6 +675,8 @@ class BudgetController:
             rec = None
             phase = "final"
         zero, _ = _structured_zero(opt, self.groups)
+        if self.frozen is not None:
+            zero = zero | self.frozen  # revived groups' Ŵ is still zero until the next step
         out = {"cost": float(self.cm.cost(zero, self.kind)), "cost_flops": float(self.cm.cost(zero, "flops")),
                "cost_params": float(self.cm.cost(zero, "params")), "target": self.target, "phase": phase,
                "lam": lam_used, "lam_next": self._lam(opt), "groups_zero": int(zero.sum()), **self.counts}
@@ -872,26 +874,70 @@ class LatencyModel:
             raise UserError(f"--target-latency-ms {target_ms:g} is not below the dense model's {self.dense_ms:.3f} ms "
                             f"(batch {self.batch}): nothing to compress")
 
-    def settle(self, mask, norms, ctl: "BudgetController", max_rounds: int = 3):
-        """At the freeze: measure the frozen pattern; while it is slower than the target, refit,
-        lower the blocked-FLOP target accordingly and enforce again. Returns (mask, info)."""
+    def latency_of(self, pt: dict) -> float:
+        """A point's latency on the session's scale: its ratio to the dense model timed in the same
+        interleaved run × the dense model's median over all runs (load drift cancels)."""
+        return pt["ratio"] * self.dense_ms
+
+    def settle(self, mask, norms, ctl: "BudgetController", max_probes: int = 7):
+        """At the freeze, by measurement: if the frozen pattern is slower than the target, remove
+        the weakest groups (per unit of blocked FLOPs) in the fewest number that measures ≤ target,
+        found by bisection over the ranking (each probe: extract, export, benchmark). Returns (mask, info)."""
         target_ms = ctl.budget.latency_ms
-        pred = self.predict(mask)
-        pt = self.measure(mask, tag="frozen pattern")
-        rounds = [{"target_fraction": ctl.target, "predicted_ms": pred, "measured_ms": pt["latency_ms"]}]
-        for _ in range(max_rounds):
-            if pt["latency_ms"] <= target_ms:
+        probes = []
+
+        def probe(m, tag):
+            pred = self.predict(m)
+            pt = self.measure(m, tag=tag)
+            probes.append({"groups": int(m.sum()), "flops_blocked": pt["flops_blocked"], "predicted_ms": pred,
+                           "measured_ms": self.latency_of(pt), "raw_ms": pt["latency_ms"]})
+            return self.latency_of(pt) <= target_ms
+
+        if probe(mask, "frozen pattern"):
+            return mask, {"probes": probes}
+        zero = mask.clone()
+        sav = self.cm.savings(zero, "flops_blocked")
+        score = norms.double() / sav.clamp_min(1e-300)
+        score[zero | (sav <= 0)] = math.inf
+        order = torch.argsort(score, stable=True)[: int((~zero).sum())]
+
+        def prefix(k):
+            m = zero.clone()
+            m[order[:k]] = True
+            return m
+
+        # a first guess from the fitted model, pushed down until it measures ≤ target
+        self._refit()
+        a, b = self.fit
+        guess = (target_ms / self.dense_ms - a) / max(b, 1e-6)
+        lo, hi = 0, None
+        kl, kh = 0, len(order)  # the fewest removals the model says reach the guess (cost falls with k)
+        while kl < kh:
+            mid = (kl + kh) // 2
+            if self.cm.cost(prefix(mid), "flops_blocked") <= guess:
+                kh = mid
+            else:
+                kl = mid + 1
+        k = min(max(kl, 1), len(order))
+        while len(probes) < max_probes:
+            if probe(prefix(k), f"freeze probe, {k} more groups"):
+                hi = k
                 break
-            self._refit()
-            a, b = self.fit
-            step = (pt["latency_ms"] - target_ms) / (self.dense_ms * max(b, 1e-3))
-            new_target = max(self.min_point["flops_blocked"], min(ctl.target, pt["flops_blocked"]) - step - 0.01)
-            mask, _ = enforce(self.cm, mask, norms, "flops_blocked", new_target)
-            ctl.target = new_target
-            pred = self.predict(mask)
-            pt = self.measure(mask, tag="frozen pattern, tightened")
-            rounds.append({"target_fraction": new_target, "predicted_ms": pred, "measured_ms": pt["latency_ms"]})
-        return mask, {"rounds": rounds}
+            lo = k
+            if k == len(order):
+                raise UserError(f"--target-latency-ms {target_ms:g} is not reached even with every group removed")
+            k = min(len(order), 2 * k)
+        if hi is None:
+            hi = len(order)  # probes exhausted: the smallest model, measured at calibration to be fast enough
+        while hi - lo > max(1, len(order) // 64) and len(probes) < max_probes:
+            mid = (lo + hi) // 2
+            if probe(prefix(mid), f"freeze probe, {mid} more groups"):
+                hi = mid
+            else:
+                lo = mid
+        self._refit()
+        ctl.target = float(self.cm.cost(prefix(hi), "flops_blocked"))
+        return prefix(hi), {"probes": probes}
 
     def table(self) -> dict:
         return {"batch": self.batch, "threads": self.threads, "block": self.cm.block,
@@ -966,6 +1012,9 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
         cfg = (config or TrainConfig()).resolved()
         cfg.validate()
         info = None
+    if budget.kind == "latency" and int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("a latency target is measured on this machine and cannot be used under torchrun; "
+                        "use --target-flops or --target-params for data-parallel runs")
     if cfg.optimizer == "adamw":
         raise UserError("a budget needs a group-sparse optimizer (ramda, rmda, proxsgd or proxadam); adamw trains dense models")
     lam0 = (controller or {}).get("lam0") or (cfg.lam if cfg.lam > 0 else 1e-4)
@@ -1063,13 +1112,17 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
         predicted_cal = latency.predict(final_zero, latency.fit_calibration) if latency.fit_calibration else None
         with console.status("measuring the latency of the compressed model"):
             pt = latency.measure(final_zero, model=small, tag="final model")
-        meas = pt["latency_ms"]
-        lat = {"measured_ms": meas, "dense_ms": pt["dense_ms"], "target_ms": budget.latency_ms, "batch": budget.batch,
-               "threads": pt["threads"],
+        meas = latency.latency_of(pt)
+        lat = {"measured_ms": meas, "measured_raw_ms": pt["latency_ms"], "dense_ms": latency.dense_ms,
+               "dense_raw_ms": pt["dense_ms"], "ratio_to_dense": pt["ratio"], "target_ms": budget.latency_ms,
+               "batch": budget.batch, "threads": pt["threads"],
+               "measured_note": "ratio to the dense model timed interleaved in the same run × the dense model's "
+                                "median latency over all runs of this session",
                # from the fit to the calibration patterns only (before training): the model's own prediction
                "predicted_ms": predicted_cal,
                "prediction_error": None if predicted_cal is None else (predicted_cal - meas) / meas,
-               # from the fit to every pattern measured before the final model (incl. during training)
+               # refit on every pattern measured before the final export, incl. the freeze probes (one of
+               # which has the final architecture): a consistency check of the measurements, not a model
                "predicted_ms_refit": predicted,
                "prediction_error_refit": None if predicted is None else (predicted - meas) / meas}
         if latency.fit:
