@@ -60,13 +60,20 @@ def test_proxadam_matches_transcription():
            lrs=[0.02] * 10 + [0.005] * 10)
 
 
-def test_proxadam_lam_zero_is_adam():
+@pytest.mark.parametrize("ours,theirs", [
+    # ProxAdam with λ = 0 is Adam
+    (lambda ps: ProxAdam(ps, lr=0.01, lam=0.0, betas=(0.8, 0.95)),
+     lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-8)),
+    # ProxSGD's momentum is SGD(momentum=μ, dampening=μ): at a fixed point m = g
+    (lambda ps: ProxSGD(ps, lr=0.05, lam=0.0, momentum=0.8),
+     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, dampening=0.8)),
+])
+def test_lam_zero_is_the_torch_optimizer(ours, theirs):
     torch.manual_seed(0)
     a = torch.nn.Linear(5, 3).double()
     b = torch.nn.Linear(5, 3).double()
     b.load_state_dict(a.state_dict())
-    oa = ProxAdam(a.parameters(), lr=0.01, lam=0.0, betas=(0.8, 0.95))
-    ob = torch.optim.Adam(b.parameters(), lr=0.01, betas=(0.8, 0.95), eps=1e-8)
+    oa, ob = ours(a.parameters()), theirs(b.parameters())
     for _ in range(10):
         x = torch.randn(8, 5, dtype=DT)
         for m, o in ((a, oa), (b, ob)):
@@ -155,21 +162,3 @@ def test_everything_zero_and_nothing_grouped():
         b.grad = torch.ones(3)
         o.step()
         assert o.index.n_groups == 0 and o.group_sparsity() == (0.0, 0.0) and o.group_norms().numel() == 0
-
-
-def test_proxsgd_lam_zero_is_damped_momentum_sgd():
-    """ProxSGD's momentum is torch.optim.SGD(momentum=μ, dampening=μ): fixed points m = g."""
-    torch.manual_seed(0)
-    a = torch.nn.Linear(5, 3).double()
-    b = torch.nn.Linear(5, 3).double()
-    b.load_state_dict(a.state_dict())
-    oa = ProxSGD(a.parameters(), lr=0.05, lam=0.0, momentum=0.8)
-    ob = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.8, dampening=0.8)
-    for _ in range(10):
-        x = torch.randn(8, 5, dtype=DT)
-        for m, o in ((a, oa), (b, ob)):
-            o.zero_grad()
-            m(x).pow(2).sum().backward()
-            o.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)

@@ -13,6 +13,7 @@ compiled kernel does not recompile when the learning rate changes).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import types
 import warnings
@@ -155,6 +156,34 @@ class ProxOptimizer(torch.optim.Optimizer):
     def _init_state(self, p: Tensor, state: dict) -> None:
         raise NotImplementedError
 
+    def _step(self) -> None:
+        """One optimizer step (gradients in p.grad); the subclass's method."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step()
+        return loss
+
+    @staticmethod
+    def _check_lr_lam(lr: float, lam: float) -> None:
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+
+    @staticmethod
+    def _buffers(p: Tensor, st: dict, zeros: Sequence[str] = (), copies: Sequence[str] = ()) -> None:
+        """Contiguous per-parameter state: `zeros` start at 0, `copies` at the current point."""
+        for key in zeros:
+            st[key] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        for key in copies:
+            st[key] = p.detach().clone(memory_format=torch.contiguous_format)
+
     # ------------------------------------------------------------------ step helpers
 
     def _prepare(self):
@@ -290,3 +319,48 @@ class ProxOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._r_cache = None
+
+
+class DualAveraging(ProxOptimizer):
+    """Stages, restarts and the averaging weight c shared by RAMDA and RMDA.
+
+    Per stage: s_t = η_t·sqrt(t+1), α_t = α_{t-1} + s_t; `restart()` resets t, α and the
+    buffers in `_stage_zero` and sets W⁰ ("w0") to the current point W.
+    """
+
+    _has_w_hat = True
+    _stage_zero: tuple[str, ...] = ()
+
+    def _advance(self) -> list[tuple[float, float]]:
+        """Advance every param group by one step: returns (s_t, sqrt(t+1)) per group."""
+        out = []
+        for g in self.param_groups:
+            beta = math.sqrt(g["t"] + 1)
+            s = g["lr"] * beta
+            g["alpha"] += s
+            g["t"] += 1
+            out.append((s, beta))
+        return out
+
+    def _restart_group(self, group: dict) -> None:
+        """Per-group extras of a restart (RAMDA: ε *= eps_restart_factor)."""
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """New stage: t, α and the stage buffers reset; W⁰ = the current point W."""
+        for g in self.param_groups:
+            g["t"], g["alpha"] = 0, 0.0
+            self._restart_group(g)
+            for p in g["params"]:
+                st = self.state.get(p)
+                if st:
+                    for key in self._stage_zero:
+                        st[key].zero_()
+                    st["w0"].copy_(p.detach())
+
+    def set_momentum(self, c: float) -> None:
+        """Set the averaging weight c (the training loop ramps it to 1 in the final stage)."""
+        if not 0 < c <= 1:
+            raise ValueError(f"momentum must be in (0, 1], got {c}")
+        for g in self.param_groups:
+            g["momentum"] = c

@@ -29,10 +29,7 @@ class ProxAdam(ProxOptimizer):
     def __init__(self, params, lr: float, lam: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, groups=None, newton_tol: float | None = None, max_newton: int = 50,
                  compile: bool | None = None, reg_space: str = "param"):
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
+        self._check_lr_lam(lr, lam)
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if not eps > 0:
@@ -60,15 +57,9 @@ class ProxAdam(ProxOptimizer):
         state[0].copy_(w)
 
     def _init_state(self, p, st):
-        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        self._buffers(p, st, zeros=("exp_avg", "exp_avg_sq"))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         vals = []
         for g in self.param_groups:
             g["t"] += 1
@@ -80,4 +71,3 @@ class ProxAdam(ProxOptimizer):
         r, info = prob.solve_exact(tau, self._get_r(), tol=self.newton_tol, max_iter=self.max_newton)
         self._set_r(r)
         self._end(back, info)
-        return loss

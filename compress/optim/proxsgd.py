@@ -22,10 +22,7 @@ class ProxSGD(ProxOptimizer):
 
     def __init__(self, params, lr: float, lam: float = 0.0, momentum: float = 0.9, groups=None,
                  compile: bool | None = None):
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
+        self._check_lr_lam(lr, lam)
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         super().__init__(params, dict(lr=lr, lam=lam, momentum=momentum, t=0), groups=groups, compile=compile)
@@ -46,14 +43,9 @@ class ProxSGD(ProxOptimizer):
         state[0].copy_(w)
 
     def _init_state(self, p, st):
-        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        self._buffers(p, st, zeros=("momentum_buffer",))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         vals = []
         for g in self.param_groups:
             g["t"] += 1
@@ -63,4 +55,3 @@ class ProxSGD(ProxOptimizer):
         tau = self._tau([g["lr"] * g["lam"] for g in self.param_groups])
         _, info = prob.solve_closed_form(tau, torch.ones_like(tau))
         self._end(back, info)
-        return loss

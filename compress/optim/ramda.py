@@ -21,11 +21,10 @@ Newton steps, accurate to about one ulp.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
-from .base import ProxOptimizer
+from .base import DualAveraging
 
 
 def _cbrt_bits_newton(x):
@@ -51,17 +50,18 @@ def _cbrt(x):
     return torch.where(c > 0, c - (c * c * c - x) / (3.0 * c * c), c)
 
 
-class RAMDA(ProxOptimizer):
+class RAMDA(DualAveraging):
     """RAMDA with the exact metric group prox (`solver="exact"`) or the paper's pg solver.
 
     `groups=None`: every parameter with >= 2 dims is grouped by dim-0 rows with weight
     sqrt(row size); 1-D parameters are trained but not regularized. `lam`, `lr`,
     `momentum` (c) and `eps` live in param_groups (schedulers and the budget controller
-    may change them). `restart()` starts a new stage; `set_momentum(c)` sets c.
+    may change them). `restart()` starts a new stage (also ε *= eps_restart_factor);
+    `set_momentum(c)` sets c.
     """
 
     _state_keys = ("v", "u_cbrt", "w0", "w_hat")
-    _has_w_hat = True
+    _stage_zero = ("v", "u_cbrt")
 
     reg_space = "param"  # "preconditioned": the group lasso on z = D^{1/2} W (regspace.py, ALGORITHMS §5)
 
@@ -75,10 +75,7 @@ class RAMDA(ProxOptimizer):
                  newton_tol: float | None = None, max_newton: int = 50,
                  pg_rtol: float = 1e-8, pg_min_iter: int = 2, pg_max_iter: int = 100,
                  compile: bool | None = None, reg_space: str = "param"):
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
+        self._check_lr_lam(lr, lam)
         if not 0 < momentum <= 1:
             raise ValueError(f"momentum (the averaging weight c) must be in (0, 1], got {momentum}")
         if not eps > 0:
@@ -117,47 +114,13 @@ class RAMDA(ProxOptimizer):
         state[0].lerp_(w, scal[2])
 
     def _init_state(self, p, st):
-        st["v"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        st["u_cbrt"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        st["w0"] = p.detach().clone(memory_format=torch.contiguous_format)
-        st["w_hat"] = p.detach().clone(memory_format=torch.contiguous_format)
+        self._buffers(p, st, zeros=("v", "u_cbrt"), copies=("w0", "w_hat"))
 
-    # ---- stages and momentum
+    def _restart_group(self, group: dict) -> None:
+        group["eps"] = group["eps"] * group["eps_restart_factor"]
 
-    @torch.no_grad()
-    def restart(self) -> None:
-        """New stage: t, α, V, U reset; W⁰ = the current point W; ε *= eps_restart_factor."""
-        for g in self.param_groups:
-            g["t"], g["alpha"] = 0, 0.0
-            g["eps"] = g["eps"] * g["eps_restart_factor"]
-            for p in g["params"]:
-                st = self.state.get(p)
-                if st:
-                    st["v"].zero_()
-                    st["u_cbrt"].zero_()
-                    st["w0"].copy_(p.detach())
-
-    def set_momentum(self, c: float) -> None:
-        """Set the averaging weight c (the training loop ramps it to 1 in the final stage)."""
-        if not 0 < c <= 1:
-            raise ValueError(f"momentum must be in (0, 1], got {c}")
-        for g in self.param_groups:
-            g["momentum"] = c
-
-    # ---- the step
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        vals = []
-        for g in self.param_groups:
-            s = g["lr"] * math.sqrt(g["t"] + 1)
-            g["alpha"] += s
-            g["t"] += 1
-            vals.append((s, g["eps"], g["momentum"]))
+    def _step(self) -> None:
+        vals = [(s, g["eps"], g["momentum"]) for (s, _), g in zip(self._advance(), self.param_groups)]
         prob, back = self._begin(vals)
         tau = self._tau([g["alpha"] * g["lam"] for g in self.param_groups])
         if self.solver == "exact":
@@ -168,4 +131,3 @@ class RAMDA(ProxOptimizer):
             w_hat = [idx.view3(k, self.state[p]["w_hat"]) for k, p in enumerate(idx.params)]
             _, info = prob.solve_pg(tau, w_hat, rtol=self.pg_rtol, min_iter=self.pg_min_iter, max_iter=self.pg_max_iter)
         self._end(back, info)
-        return loss
