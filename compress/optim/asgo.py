@@ -131,12 +131,7 @@ class ASGO(ProxOptimizer):
                 st["q"].copy_(q[i])
                 st["h"].copy_(floored_root(lam[i], g["eps_rel"], g["eps"]))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         idx = self.index
         params = idx.params
         for g in self.param_groups:
@@ -185,7 +180,6 @@ class ASGO(ProxOptimizer):
         for p, w in zip(params, out):
             p.detach().copy_(w)
         self.last_stats = info
-        return loss
 
     def _direction(self, k: int, p: Tensor):
         """(z, metric of the step) for parameter k: the unregularized step and its prox metric."""

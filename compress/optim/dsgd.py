@@ -230,12 +230,7 @@ class DSGD(ProxOptimizer):
 
     # ------------------------------------------------------------------ step
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         idx = self.index
         params = idx.params
         self._ensure_layer_state()
@@ -296,7 +291,6 @@ class DSGD(ProxOptimizer):
         pg0["layer_L"], pg0["layer_fresh"], pg0["layer_picks"] = L, new_fresh, picks
         self.pick_history.append(picked)
         self.last_stats = {"picked": [self.layer_names[i] for i in picked]}
-        return loss
 
 
 def plot_layer_picks(opt: DSGD, path) -> None:
