@@ -31,6 +31,9 @@ def test_every_method_has_a_measured_row(quick_run):
     out, rep, _ = quick_run
     methods = [r["method"] for r in rep["rows"]]
     assert methods[0] == "dense"
+    dense = rep["rows"][0]
+    assert dense["params"] == dense["params_dense"] == 37_802  # digits-resnet, counted by hand in PEERS.md
+    assert dense["flops"] == dense["flops_dense"] and dense["speedup_b1"] == dense["speedup_b32"] == 1.0
     for m in ("tp-magnitude", "tp-regularized", "ramda"):
         assert m in methods
     # OTO either ran or the reason it could not is in the notes

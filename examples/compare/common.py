@@ -343,6 +343,7 @@ def pareto_plot(rows: list[Result], metric_name: str, path: Path, title: str) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     from compress.io import atomic_write_with
 
@@ -357,10 +358,12 @@ def pareto_plot(rows: list[Result], metric_name: str, path: Path, title: str) ->
             pts = sorted((x, y) for x, y in pts if x is not None)
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], color=f"C{i % 10}",
                     linestyle="-" if len(pts) > 1 else "none", label=m)
         ax.set_xlabel(label)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "235" else ""))
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel(metric_name)
     axes[0].legend(fontsize=8)

@@ -81,7 +81,7 @@ class Digits(Task):
         self.dense_eval = ev
         self.log(f"dense: {ev['accuracy']:.4f} accuracy, {self.flops_dense} FLOPs, {t.seconds:.1f}s")
         self.rows.append(Result("digits", "dense", f"AdamW {e} ep", ev["accuracy"], self.flops_dense, self.flops_dense,
-                                self.params_dense, 1.0, 1.0, extra={"eval_loss": ev["loss"], "train_loss": losses[-1],
+                                self.params_dense, self.params_dense, 1.0, 1.0, extra={"eval_loss": ev["loss"], "train_loss": losses[-1],
                                                                     "seconds": t.seconds, "min_speedup_b1": 1.0,
                                                                     "min_speedup_b32": 1.0}))
 
