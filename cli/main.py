@@ -100,7 +100,11 @@ def finetune(
                                        "ramda 3e-4, rmda/proxsgd 1e-2, proxadam 1e-4; adamw 3e-3)."),
     lam: Optional[float] = typer.Option(None, help="Group-lasso strength λ; 0 trains a dense model. Larger λ → more "
                                         "structures removed. [default: 1.5e-2, 0 for adamw]"),
-    optimizer: Optional[str] = typer.Option(None, help="ramda | rmda | proxsgd | proxadam | adamw. [default: ramda]"),
+    optimizer: Optional[str] = typer.Option(None, help="ramda | rmda | proxsgd | proxadam | asgo | dasgo | dsgd | "
+                                            "adamw (dense). [default: ramda]"),
+    reg_space: Optional[str] = typer.Option(None, help="ramda/proxadam: group lasso on the parameters (param) or on "
+                                            "the preconditioned variables (preconditioned). [default: param]"),
+    dsgd_k: Optional[int] = typer.Option(None, help="dsgd: layers updated per step. [default: 1]"),
     momentum: Optional[float] = typer.Option(None, help="RAMDA/RMDA averaging weight c0 (ramped to 1 in the final "
                                              "stage); SGD momentum for proxsgd. [default: 0.1]"),
     batch_size: Optional[int] = typer.Option(None, help="Mini-batch size. [default: 64]"),
@@ -167,7 +171,7 @@ def finetune(
 
     opts = _read_config(config)
     flags = dict(model=model, out=out, data=data, epochs=epochs, lr=lr, lam=lam, optimizer=optimizer,
-                 momentum=momentum, batch_size=batch_size, milestones=milestones, gamma=gamma, schedule=schedule,
+                 momentum=momentum, reg_space=reg_space, dsgd_k=dsgd_k, batch_size=batch_size, milestones=milestones, gamma=gamma, schedule=schedule,
                  weight_decay=weight_decay, group_weight=group_weight, solver=solver, seed=seed, init=init,
                  device=device, input_shape=input_shape, threads=threads, target_flops=target_flops,
                  target_params=target_params, target_latency_ms=target_latency_ms, bench_batch=bench_batch,
@@ -232,7 +236,7 @@ def _budget_from(opts: dict):
                   batch=vals["bench_batch"] or 1, threads=vals["bench_threads"])
 
 
-_NOT_ON_RESUME = ("model", "data", "epochs", "lam", "optimizer", "momentum", "batch_size", "milestones", "gamma",
+_NOT_ON_RESUME = ("model", "data", "epochs", "lam", "optimizer", "reg_space", "dsgd_k", "momentum", "batch_size", "milestones", "gamma",
                   "schedule", "weight_decay", "group_weight", "solver", "seed", "init", "device", "config",
                   "input_shape", "threads", "target_flops", "target_params", "target_latency_ms", "bench_batch",
                   "bench_threads")

@@ -24,7 +24,8 @@ from .io import UserError, atomic_write_json, atomic_write_text
 # Defaults for fine-tuning a trained model. RAMDA's were chosen on digits-resnet from a 99.33% dense
 # model (20-30 epochs): lr 1e-2 destroyed it, lr 1e-3 with λ 1e-2 kept 95.6% with 43% of groups zero,
 # lr 3e-4 with λ 1.5e-2 kept 99.33% with 45% zero. adamw's is for dense training from scratch.
-DEFAULT_LR = {"ramda": 3e-4, "rmda": 1e-2, "proxsgd": 1e-2, "proxadam": 1e-4, "adamw": 3e-3}
+DEFAULT_LR = {"ramda": 3e-4, "rmda": 1e-2, "proxsgd": 1e-2, "proxadam": 1e-4, "adamw": 3e-3,
+              "asgo": 3e-4, "dasgo": 3e-4, "dsgd": 1e-2}
 DEFAULT_LAM = 1.5e-2  # prox optimizers; adamw trains dense (λ = 0)
 
 RUN_FILES = {
@@ -55,6 +56,8 @@ class TrainConfig:
     group_weight: str = "sqrt"  # sqrt | unit
     solver: str = "exact"
     eps_restart_factor: float = 1.0
+    reg_space: str = "param"  # param | preconditioned (ramda, proxadam: group lasso on z = D^{1/2} W)
+    dsgd_k: int = 1  # dsgd: layers updated per step
     seed: int = 0
     device: str = "auto"
     amp: str = "none"  # none | bf16 | fp16 (autocast; optimizer state and prox math stay float32)
@@ -88,7 +91,14 @@ class TrainConfig:
         if self.amp not in ("none", "bf16", "fp16"):
             raise UserError(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.optimizer == "adamw" and (self.lam or 0) > 0:
-            raise UserError("adamw trains dense models: use --lam 0, or choose --optimizer ramda|rmda|proxsgd|proxadam")
+            raise UserError("adamw trains dense models: use --lam 0, or choose --optimizer "
+                            "ramda|rmda|proxsgd|proxadam|asgo|dasgo|dsgd")
+        if self.reg_space not in ("param", "preconditioned"):
+            raise UserError(f"--reg-space must be param or preconditioned, got {self.reg_space!r}")
+        if self.reg_space == "preconditioned" and self.optimizer not in ("ramda", "proxadam"):
+            raise UserError("--reg-space preconditioned applies to ramda and proxadam only")
+        if self.dsgd_k < 1:
+            raise UserError(f"--dsgd-k must be ≥ 1, got {self.dsgd_k}")
         for m in self.milestones or []:
             if not 0 < m < self.epochs:
                 raise UserError(f"milestone {m} is outside 1..{self.epochs - 1}")
@@ -280,6 +290,13 @@ def make_optimizer(cfg: TrainConfig, model, groups):
     if cfg.optimizer == "ramda":
         kw["solver"] = cfg.solver
         kw["eps_restart_factor"] = cfg.eps_restart_factor
+    if cfg.optimizer in ("ramda", "proxadam") and cfg.reg_space != "param":
+        kw["reg_space"] = cfg.reg_space
+    if cfg.optimizer == "dsgd":
+        from .optim.dsgd import model_layers
+
+        kw["k"] = cfg.dsgd_k
+        kw["layers"], kw["layer_names"] = model_layers(model, groups)
     if cfg.optimizer == "adamw":
         kw["weight_decay"] = cfg.weight_decay
     try:
@@ -348,7 +365,7 @@ def prepare_run_dir(out: Path, force: bool) -> None:
                             "or --resume to continue it")
         if force:
             for name in list(RUN_FILES.values()) + ["report.json", "bench.json", "model.onnx", "dense.onnx",
-                                                    "bench.png", "compressed.safetensors", "budget.json"]:
+                                                    "bench.png", "compressed.safetensors", "budget.json", "dsgd_picks.png"]:
                 (out / name).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -579,5 +596,9 @@ def finetune(
         recalibrate_batchnorm(model, train_data, device)
     if main:
         save_weights(out / RUN_FILES["weights"], model)
+        if hasattr(opt, "layer_picks"):  # DSGD: which layers it chose to update
+            from .optim.dsgd import plot_layer_picks
+
+            plot_layer_picks(opt, out / "dsgd_picks.png")
     ctx.barrier()
     return RunResult(out=out, metrics=metrics, model=model, optimizer=opt, groups=groups)

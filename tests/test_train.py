@@ -1,4 +1,5 @@
 """Training loop: schedule, exact resume after an interruption, validation of settings."""
+import math
 import os
 import signal
 
@@ -96,3 +97,14 @@ def test_existing_output_dir_is_refused_and_untouched(tmp_path, digits_small):
         finetune(DigitsResNet(channels=8), *digits_small, torch.rand(1, 1, 8, 8), out, TrainConfig(epochs=1),
                  progress=False)
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("name, extra", [("ramda", {}), ("ramda", {"reg_space": "preconditioned"}), ("rmda", {}),
+                                         ("proxsgd", {}), ("proxadam", {}), ("asgo", {}), ("dasgo", {}),
+                                         ("dsgd", {"dsgd_k": 2}), ("adamw", {"lam": 0.0})])
+def test_every_optimizer_trains_through_the_loop(tmp_path, digits_small, name, extra):
+    cfg = TrainConfig(epochs=2, optimizer=name, batch_size=100, **{"lam": 0.05, **extra})
+    res = finetune(DigitsResNet(channels=8), *digits_small, torch.rand(1, 1, 8, 8), tmp_path / "r", cfg, progress=False)
+    assert len(res.metrics) == 2 and all(math.isfinite(m["train_loss"]) for m in res.metrics)
+    assert (tmp_path / "r" / "weights.safetensors").is_file()
+    assert (tmp_path / "r" / "dsgd_picks.png").is_file() == (name == "dsgd")
