@@ -4,7 +4,8 @@ Every optimizer steps the same model on the same recorded gradients (a few real
 backward passes, replayed in turn); steps of all optimizers are interleaved in rounds so
 that machine noise hits every one alike, and each is reported as a ratio to AdamW
 (foreach=True) measured in the same run. Compiled kernels are warmed up (compiled)
-before timing. Run:
+before timing. Other processes on the machine distort the numbers, multi-threaded ones
+most (OpenMP threads wait on busy cores): the header prints the load average. Run:
 
     .venv/bin/python examples/bench_optimizers.py                 # both models
     .venv/bin/python examples/bench_optimizers.py --model cnn --rounds 30
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -121,8 +123,10 @@ def bench(model_name: str, rounds: int, steps_per_round: int, warmup: int, n_gra
                 r["step"]()
             r["times"].append((time.perf_counter() - t0) / steps_per_round * 1e3)
     ref = statistics.median(runs[0]["times"])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n{model_name}: {n_params / 1e6:.2f}M parameters, {torch.get_num_threads()} threads, "
-          f"{rounds} rounds x {steps_per_round} steps (median ms per step)")
+          f"{rounds} rounds x {steps_per_round} steps (median ms per step), load average {load:.1f} "
+          f"on {os.cpu_count()} CPUs")
     print(f"{'optimizer':<15} {'ms/step':>9} {'vs AdamW':>9} {'compiled':>9} {'prox evals':>11} {'warm-up s':>10}")
     for r in runs:
         med = statistics.median(r["times"])

@@ -107,8 +107,21 @@ class ProxOptimizer(torch.optim.Optimizer):
             flag = False
         self._use_compile = bool(flag)
         self._eager_only: set[str] = set()
-        self._big = [p.numel() >= COMPILE_MIN_TENSOR for p in params]
         self._r_cache = None
+        # Vectors (biases, BatchNorm γ/β) are stepped packed: one flat tensor per (param group,
+        # dtype), so a model with many of them costs a few ops per step, not a few per tensor.
+        # (Packing matrices too would turn their row sums into per-element index_adds, which
+        # cost more than the ops they save.)
+        packs: dict = {}
+        for k, p in enumerate(params):
+            if p.dim() <= 1 and p.numel() < COMPILE_MIN_TENSOR:
+                packs.setdefault((pg_of[k], p.dtype), []).append(k)
+        self._packs = [ks for ks in packs.values() if len(ks) >= 2]
+        self._step_index, self._layout = idx.packed(self._packs)
+        self._step_pg = [pg_of[k] if kind == "param" else pg_of[self._packs[k][0]] for kind, k in self._layout]
+        self._big = [e.shape3[0] * e.shape3[1] * e.shape3[2] >= COMPILE_MIN_TENSOR for e in self._step_index.entries]
+        self._flat: list[dict] = [{} for _ in self._packs]
+        self._state_packed = False
 
     # ------------------------------------------------------------------ kernels
 
@@ -187,28 +200,67 @@ class ProxOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step helpers
 
     def _prepare(self):
-        """Lazily create state; return (work tensors aligned with index.params, write-backs, grads)."""
-        work, back, grads = [], [], []
+        """Lazily create state; return (work tensors aligned with the step index, write-backs, grads)."""
+        fresh = False
         for p in self.index.params:
             st = self.state[p]
             if not st:
                 self._init_state(p, st)
+                fresh = True
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            w = p.detach()
-            if not w.is_contiguous():  # kernels use reshaped views: work on a contiguous copy
-                w = w.contiguous()
-                back.append((p, w))
-            work.append(w)
-            # a missing gradient is a zero gradient: the dual-averaging point still moves with α
-            grads.append(torch.zeros_like(w) if p.grad is None else p.grad.detach())
+        if fresh or not self._state_packed:
+            self._pack_state()
+
+        def grad_of(p):  # a missing gradient is a zero gradient: the dual-averaging point still moves with α
+            return torch.zeros_like(p) if p.grad is None else p.grad.detach()
+
+        work, back, grads = [], [], []
+        for kind, k in self._layout:
+            if kind == "param":
+                p = self.index.params[k]
+                w = p.detach()
+                if not w.is_contiguous():  # kernels use reshaped views: work on a contiguous copy
+                    w = w.contiguous()
+                    back.append(([p], w))
+                work.append(w)
+                grads.append(grad_of(p))
+            else:
+                ps = [self.index.params[i] for i in self._packs[k]]
+                w = torch.cat([p.detach().reshape(-1) for p in ps])
+                back.append((ps, w))
+                work.append(w)
+                grads.append(torch.cat([grad_of(p).reshape(-1) for p in ps]))
         return work, back, grads
 
-    def _state_views(self, k: int, work: Sequence[Tensor]) -> tuple:
-        p = self.index.params[k]
-        st = self.state[p]
-        v3 = self.index.view3
-        return (v3(k, work[k]),) + tuple(v3(k, st[key]) for key in self._state_keys)
+    def _pack_state(self) -> None:
+        """Move the state of packed parameters into flat buffers; state[p][key] become views of them."""
+        for i, ks in enumerate(self._packs):
+            ps = [self.index.params[k] for k in ks]
+            for key in self._state_keys:
+                flat = torch.cat([self.state[p][key].reshape(-1) for p in ps])
+                off = 0
+                for p in ps:
+                    self.state[p][key] = flat[off:off + p.numel()].view(p.shape)
+                    off += p.numel()
+                self._flat[i][key] = flat
+        self._state_packed = True
+
+    def _step_views(self, key: str) -> list[Tensor]:
+        """State buffer `key` as 3-D views aligned with the step index."""
+        out = []
+        for j, (kind, k) in enumerate(self._layout):
+            t = self.state[self.index.params[k]][key] if kind == "param" else self._flat[k][key]
+            out.append(self._step_index.view3(j, t))
+        return out
+
+    def _state_views(self, j: int, work: Sequence[Tensor]) -> tuple:
+        kind, k = self._layout[j]
+        v3 = self._step_index.view3
+        if kind == "param":
+            st = self.state[self.index.params[k]]
+            return (v3(j, work[j]),) + tuple(v3(j, st[key]) for key in self._state_keys)
+        return (v3(j, work[j]),) + tuple(v3(j, self._flat[k][key]) for key in self._state_keys)
 
     def _scal_tensors(self, values: Sequence[float], like: Tensor) -> tuple:
         return tuple(torch.tensor(v, dtype=like.dtype, device=like.device) for v in values)
@@ -249,22 +301,23 @@ class ProxOptimizer(torch.optim.Optimizer):
         `vals[i]`: the scalars of param group i, handed to the kernels as 0-dim tensors.
         """
         work, back, grads = self._prepare()
-        idx = self.index
+        idx = self._step_index
         cache: dict = {}
         scals, states = [], []
-        for k, w in enumerate(work):
-            key = (self._pg_of[k], w.dtype)
+        for j, w in enumerate(work):
+            key = (self._step_pg[j], w.dtype)
             if key not in cache:
-                cache[key] = self._scal_tensors(vals[self._pg_of[k]], w)
+                cache[key] = self._scal_tensors(vals[self._step_pg[j]], w)
             scals.append(cache[key])
-            states.append(self._state_views(k, work))
-        for k in range(len(work)):
-            self._call("update", k, idx.view3(k, grads[k]), states[k], scals[k])
+            states.append(self._state_views(j, work))
+        for j in range(len(work)):
+            self._call("update", j, idx.view3(j, grads[j]), states[j], scals[j])
         return ProxProblem(idx, self._call, states, scals), back
 
     def _end(self, back, info: dict) -> None:
-        for p, w in back:  # non-contiguous parameters were updated in a contiguous copy
-            p.detach().copy_(w)
+        for ps, w in back:  # packed and non-contiguous parameters were updated in a copy
+            parts = [v.view(p.shape) for p, v in zip(ps, w.reshape(-1).split([p.numel() for p in ps]))]
+            torch._foreach_copy_([p.detach() for p in ps], parts)
         self.last_stats = info
 
     # ------------------------------------------------------------------ structured point
@@ -319,6 +372,7 @@ class ProxOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._r_cache = None
+        self._state_packed = False
 
 
 class DualAveraging(ProxOptimizer):

@@ -124,18 +124,22 @@ class GroupIndex:
         self.sizes = torch.tensor(sizes, dtype=torch.float64, device=device)
         if bool((self.weights < 0).any()):
             raise ValueError("group weights must be >= 0")
-        self.entries: list[ParamEntry] = []
-        pair_e, pair_g = [], []
-        G = self.n_groups
+        entries = []
         for k, p in enumerate(self.params):
             d = dims[k]
             if d is None:
-                gid = torch.full((1,), -1, dtype=torch.long)
-                shape3 = (1, 1, p.numel())
+                entries.append((None, (1, 1, p.numel()), torch.full((1,), -1, dtype=torch.long)))
             else:
-                gid = gid_lists[k]
-                shape3 = (math.prod(p.shape[:d]), p.shape[d], math.prod(p.shape[d + 1:]))
-            used = torch.unique(gid[gid >= 0])
+                entries.append((d, (math.prod(p.shape[:d]), p.shape[d], math.prod(p.shape[d + 1:])), gid_lists[k]))
+        self._set_entries(entries)
+
+    def _set_entries(self, entries) -> None:
+        """entries: (dim, [A, n, B], gid [n] with -1 = ungrouped) per parameter."""
+        G, device = self.n_groups, self.device
+        self.entries: list[ParamEntry] = []
+        pair_e, pair_g = [], []
+        for k, (d, shape3, gid) in enumerate(entries):
+            used = torch.unique(gid[gid >= 0].cpu())
             pair_e.append(torch.full_like(used, k))
             pair_g.append(used)
             gid = gid.to(device)
@@ -147,6 +151,33 @@ class GroupIndex:
             torch.zeros(0, dtype=torch.long, device=device)
         self._splits = [len(e.gid_ext) for e in self.entries]
         self._gid_cache: dict = {}
+
+    def packed(self, packs: Sequence[Sequence[int]]) -> tuple["GroupIndex", list]:
+        """An index for stepping in which each list of parameters in `packs` becomes one flat
+        parameter [1, N, 1] with a group id per element (many small tensors, one set of ops).
+
+        Returns (index, layout): layout[j] is ("param", k) or ("pack", i) for the j-th
+        entry of the new index (packs after the unpacked parameters, in order).
+        """
+        out = object.__new__(GroupIndex)
+        out.n_groups, out.device, out.weights, out.sizes, out.names = \
+            self.n_groups, self.device, self.weights, self.sizes, self.names
+        in_pack = {k for pk in packs for k in pk}
+        layout = [("param", k) for k in range(len(self.params)) if k not in in_pack]
+        entries = [(self.entries[k].dim, self.entries[k].shape3, self.entries[k].gid) for _, k in layout]
+        params = [self.params[k] for _, k in layout]
+        for i, pk in enumerate(packs):
+            ids = []
+            for k in pk:
+                A, n, B = self.entries[k].shape3
+                ids.append(self.entries[k].gid.view(1, n, 1).expand(A, n, B).reshape(-1))
+            gid = torch.cat(ids)
+            entries.append((0, (1, len(gid), 1), gid))
+            params.append(self.params[pk[0]].new_empty(0))  # dtype/device stand-in
+            layout.append(("pack", i))
+        out.params = params
+        out._set_entries(entries)
+        return out, layout
 
     # ---- views and group vectors
 
@@ -169,13 +200,13 @@ class GroupIndex:
         """Per-group sums (float64 [n_groups]) of per-index rows of parameters `ks`, one index_add."""
         out = torch.zeros(self.n_groups + 1, dtype=torch.float64, device=self.device)
         if ks:
-            out.index_add_(0, self._gid_cat(ks), torch.cat([r.to(torch.float64) for r in rows]))
+            out.index_add_(0, self._gid_cat(ks), torch.cat(list(rows)).to(torch.float64))
         return out[: self.n_groups]
 
     def amax_rows(self, ks: Sequence[int], rows: Sequence[Tensor]) -> Tensor:
         out = torch.zeros(self.n_groups + 1, dtype=torch.float64, device=self.device)
         if ks:
-            out.scatter_reduce_(0, self._gid_cat(ks), torch.cat([r.to(torch.float64) for r in rows]), reduce="amax")
+            out.scatter_reduce_(0, self._gid_cat(ks), torch.cat(list(rows)).to(torch.float64), reduce="amax")
         return out[: self.n_groups]
 
     def _gid_cat(self, ks: Sequence[int]) -> Tensor:

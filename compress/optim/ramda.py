@@ -127,7 +127,6 @@ class RAMDA(DualAveraging):
             r, info = prob.solve_exact(tau, self._get_r(), tol=self.newton_tol, max_iter=self.max_newton)
             self._set_r(r)
         else:
-            idx = self.index
-            w_hat = [idx.view3(k, self.state[p]["w_hat"]) for k, p in enumerate(idx.params)]
-            _, info = prob.solve_pg(tau, w_hat, rtol=self.pg_rtol, min_iter=self.pg_min_iter, max_iter=self.pg_max_iter)
+            _, info = prob.solve_pg(tau, self._step_views("w_hat"), rtol=self.pg_rtol, min_iter=self.pg_min_iter,
+                                    max_iter=self.pg_max_iter)
         self._end(back, info)
