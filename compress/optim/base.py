@@ -8,7 +8,11 @@ A subclass defines three tensor functions (static, compile-friendly):
   `_finish(state, w, scal)`      where the prox result goes (Ŵ buffer and/or the parameter)
 where `state` is a tuple of 3-D views ([A, n, B], see prox.GroupIndex) whose first entry
 is the parameter itself, and `scal` a tuple of 0-dim tensors (never Python floats, so a
-compiled kernel does not recompile when the learning rate changes).
+compiled kernel does not recompile when the learning rate changes), plus `_step()`.
+
+Steps run over a "step index": large tensors one by one (compiled when worth it), 1-D
+tensors of a param group packed into one flat tensor whose state buffers back the
+per-parameter state entries (which are views into them).
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ def compile_available(device: torch.device) -> bool:
 class ProxOptimizer(torch.optim.Optimizer):
     """Base of RAMDA, RMDA, ProxSGD and ProxAdam (see the module docstring for the hooks)."""
 
-    # keys of per-parameter state tensors, in the order `state_of` hands them to the kernels
+    # keys of per-parameter state tensors, in the order `_state_views` hands them to the kernels
     _state_keys: tuple[str, ...] = ()
     _has_w_hat = False  # True: the structured point Ŵ is kept apart from the iterate W
 
