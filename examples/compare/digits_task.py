@@ -124,6 +124,9 @@ class Digits(Task):
                 reached = prune_to_flops(m, pr, self.example, f, steps=self.cfg["tp_steps"])
                 before = evaluate(m, self.xte, self.yte)["accuracy"]
                 losses = self._finetune_adamw(m, E)
+            if not reached["target_met"]:
+                self.notes.append(f"{method} stopped at FLOP fraction {reached['flop_fraction']:.3f} above its target "
+                                  f"{f} (pruner's maximum ratio reached)")
             self._row(method, f"flops≤{f}", m, {"acc_before_ft": before, "train_loss": losses[-1],
                                                 "seconds": t.seconds, **reached})
 

@@ -35,7 +35,7 @@ def prune_to_flops(model: torch.nn.Module, pruner, example, target_fraction: flo
         flops = count_flops(model, example)
         if flops <= target_fraction * dense:
             break
-    return {"pruning_steps": done, "flop_fraction": flops / dense}
+    return {"pruning_steps": done, "flop_fraction": flops / dense, "target_met": flops <= target_fraction * dense}
 
 
 def make_pruner(kind: str, model, example, ignored_layers, steps: int, max_ratio: float, reg: float = 0.0,
