@@ -106,7 +106,7 @@ def finetune(
                                             "the preconditioned variables (preconditioned). [default: param]"),
     dsgd_k: Optional[int] = typer.Option(None, help="dsgd: layers updated per step. [default: 1]"),
     momentum: Optional[float] = typer.Option(None, help="RAMDA/RMDA averaging weight c0 (ramped to 1 in the final "
-                                             "stage); SGD momentum for proxsgd. [default: 0.1]"),
+                                             "stage). [default: 0.1]"),
     batch_size: Optional[int] = typer.Option(None, help="Mini-batch size. [default: 64]"),
     milestones: Optional[str] = typer.Option(None, help="Epochs where the learning rate decays by --gamma and RAMDA "
                                              "restarts, e.g. 15,22. [default: half and 3/4 of --epochs]"),

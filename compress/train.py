@@ -285,7 +285,7 @@ def make_optimizer(cfg: TrainConfig, model, groups):
 
     params = [p for p in model.parameters() if p.requires_grad]
     kw = {}
-    if cfg.optimizer in ("ramda", "rmda", "proxsgd"):
+    if cfg.optimizer in ("ramda", "rmda"):  # ProxSGD's momentum is a different quantity (averaging μ, default 0.9)
         kw["momentum"] = cfg.momentum
     if cfg.optimizer == "ramda":
         kw["solver"] = cfg.solver
