@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .groups import _as_args, _slice_numel, attention_units
+from .groups import _as_args, attention_units
 from .io import UserError, atomic_write_json
 
 __all__ = ["CostModel", "Budget", "BudgetController", "LatencyModel", "finetune_to_budget", "budget_summary"]
@@ -531,12 +531,14 @@ class BudgetController:
     """Drives the structured point's cost to the target by the freeze epoch, then keeps the
     frozen zero pattern exactly zero while the survivors train with λ = `final_lam`.
 
-    Sparsity phase (epochs before `freeze_epoch`): `controls_per_epoch` times per epoch the
-    cost c of Ŵ is compared with a planned trajectory p(s) = T + (1 − T)(1 − s)³ (the gradual
-    pruning schedule of Zhu & Gupta, reaching T at `plan_end` of the phase). c > p: λ is
-    multiplied by exp(gain·(c − p)/(1 − T)), at most `max_factor`; c < T − tol: divided the
-    same way; otherwise held. RAMDA's zero test ‖P W⁰ − V‖_g ≤ α λ w_g reacts to λ at the
-    next step, and dual averaging can bring groups back, so both directions work.
+    Sparsity phase (epochs before `freeze_epoch`): after the first step and `controls_per_epoch`
+    times per epoch, λ is set for a planned cost p(s) = T + (1 − T)(1 − s)³ (the gradual
+    pruning schedule of Zhu & Gupta, reaching T at `plan_end` of the phase). RAMDA/RMDA
+    (`critical_lams`): λ is the smallest value whose zero pattern at the current dual state
+    costs ≤ p — exact, so the cost tracks the plan instead of oscillating around it (a
+    multiplicative rule did: the cost of Ŵ falls off a cliff over a 2× range of λ). Other
+    optimizers: λ is multiplied by exp(gain·(c − p)/(1 − T)), at most `max_factor`, when the
+    cost c is above plan, divided likewise when c < T − tol, held otherwise.
 
     Freeze (end of epoch `freeze_epoch` − 1): Ŵ is committed into the parameters; if the cost
     is above T, `enforce` removes the weakest groups; if it is below T − tol, `revive` gives
@@ -698,7 +700,8 @@ class BudgetController:
         if self.do_revive and not bool(added.any()) and c0 < self.target - self.tol and bool((iterate_norms[zero] > 0).any()):
             mask, _ = revive(self.cm, zero, torch.where(zero, iterate_norms, torch.zeros_like(iterate_norms)),
                              self.kind, self.target)
-        info = {"epoch": None if epoch is None else epoch + 1, "cost_optimizer": c0, "zero_optimizer": n_opt}
+        info = {"epoch": None if epoch is None else epoch + 1, "cost_optimizer": c0, "zero_optimizer": n_opt,
+                "lam_at_freeze": self._lam(opt)}
         if self.latency is not None:
             mask, info["latency"] = self.latency.settle(mask, norms, self)
         added, revived = mask & ~zero, zero & ~mask
@@ -1002,6 +1005,7 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
             raise UserError(f"{out} was not trained to a budget; resume it with compress finetune --resume")
         budget = Budget(**saved["budget"])
         cfg = TrainConfig(**saved["train"])
+        controller = {**saved.get("budget_controller", {}), **(controller or {})}
         groups = load_groups(out / RUN_FILES["groups"], model)
         state_path = out / BUDGET_FILES["state"]
         restore = json.loads(state_path.read_text()) if state_path.is_file() else None
@@ -1073,6 +1077,7 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     user_step = list(finetune_kwargs.pop("step_callbacks", ()))
     run_info = dict(finetune_kwargs.pop("run_info", None) or {})
     run_info["budget"] = dataclasses.asdict(budget)
+    run_info["budget_controller"] = {**ctl_kw, "freeze_epoch": ctl.freeze_epoch, "lam0": lam0}
     t0 = time.perf_counter()
     result = finetune(model, train_data, eval_data, example_inputs, out, None if resume else cfg, groups=groups,
                       resume=resume, run_info=run_info, epoch_callbacks=[save_state, *user_epoch],
@@ -1147,7 +1152,7 @@ def budget_summary(budget: Budget, ctl: BudgetController, dense: dict, achieved:
         "met": (achieved["latency_ms"] <= budget.target if kind == "latency"
                 else achieved[f"{kind}_fraction"] <= budget.target),
         **accuracy,
-        "lam_final": float(ctl.freeze_info and next((m["lam"] for m in reversed(metrics) if m.get("phase") == "sparsity"), 0.0) or 0.0),
+        "lam_final": ctl.freeze_info.get("lam_at_freeze"),  # λ that produced the frozen pattern
         "lam_final_phase": ctl.final_lam,
         "groups_total": ctl.cm.n_groups,
         "removed_by_optimizer": ctl.counts["removed_by_optimizer"],

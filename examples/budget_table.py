@@ -79,7 +79,8 @@ def main(argv=None):
     ap.add_argument("--dense-epochs", type=int, default=30)
     ap.add_argument("--targets", default="0.5,0.3")
     ap.add_argument("--group-weights", default="sqrt,unit")
-    ap.add_argument("--milestones", default="20", help="lr decays (RAMDA restarts); the last one starts the final phase")
+    ap.add_argument("--milestones", default="", help="lr decays (RAMDA restarts) for digits-resnet; none: the final "
+                    "phase (last quarter) starts its own RAMDA stage at the same lr")
     ap.add_argument("--latency-ms", type=float, default=None, help="resnet20 target (default: 0.55 x dense, measured)")
     ap.add_argument("--latency-epochs", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for every latency")
