@@ -41,8 +41,10 @@ def settings(quick: bool) -> dict:
     if quick:
         return {"n_train": 64, "n_eval": 64, "epochs": 2, "fractions": [0.6], "lams": {"ramda": [1e-3]},
                 "bench": {"quick": True, "seq_len": 16}, "tp_steps": 20, **lrs}
-    return {"n_train": 2000, "n_eval": 1000, "epochs": 4, "fractions": [0.7, 0.5, 0.35],
-            "lams": {"ramda": [1e-3, 3e-3, 1e-2]}, "bench": {"seq_len": BENCH_SEQ}, "tp_steps": 40, **lrs}
+    # FLOP targets: 0.85 added and 0.35 dropped after a first full run (magnitude pruning kept only
+    # 0.82 cosine at 0.35 and 0.89 at 0.7: the ≥ 0.98-cosine regime of the issue lies above 0.7)
+    return {"n_train": 2000, "n_eval": 1000, "epochs": 4, "fractions": [0.85, 0.7, 0.5],
+            "lams": {"ramda": [3e-4, 1e-3, 3e-3]}, "bench": {"seq_len": BENCH_SEQ}, "tp_steps": 40, **lrs}
 
 
 class MeanPoolEmbedder(nn.Module):
