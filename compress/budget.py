@@ -544,15 +544,17 @@ class BudgetController:
     is above T, `enforce` removes the weakest groups; if it is below T − tol, `revive` gives
     back the zero groups whose iterate W is strongest (RAMDA's W keeps their values) while the
     cost stays ≤ T. Then a new optimizer stage starts (`restart`, when the next epoch is not
-    already a milestone), λ = `final_lam`, and `on_step` re-zeroes the frozen groups in the
-    parameters and the optimizer's Ŵ / W⁰ after every step.
+    already a milestone; `restart_at_freeze=False` skips it), λ = `final_lam` (None: keep λ),
+    and `on_step` re-zeroes the frozen groups in the parameters and the optimizer's Ŵ / W⁰
+    after every step. Best with an lr decay at the freeze epoch (finetune_to_budget's default).
     """
 
     def __init__(self, budget: Budget, cost_model: CostModel, groups, cfg, steps_per_epoch: int, *,
                  target: float | None = None, kind: str | None = None, lam0: float | None = None,
                  freeze_epoch: int | None = None, plan_end: float = 0.8, controls_per_epoch: int = 4,
                  gain: float = 4.0, max_factor: float = 2.0, tol: float = 0.02, revive: bool = True,
-                 final_lam: float = 0.0, exact: bool = True, latency=None, bn_data=None, log=None):
+                 final_lam: float | None = 0.0, restart_at_freeze: bool = True, exact: bool = True,
+                 latency=None, bn_data=None, log=None):
         self.budget, self.cm, self.groups, self.cfg = budget, cost_model, groups, cfg
         self.kind = kind or ("flops_blocked" if budget.kind == "latency" else budget.kind)
         self.target = float(target if target is not None else budget.target)
@@ -563,7 +565,7 @@ class BudgetController:
             raise UserError(f"freeze epoch {self.freeze_epoch} is outside 1..{cfg.epochs}")
         self.plan_end, self.controls, self.gain = plan_end, max(1, controls_per_epoch), gain
         self.max_factor, self.tol, self.do_revive, self.final_lam = max_factor, tol, revive, final_lam
-        self.exact = exact
+        self.exact, self.restart_at_freeze = exact, restart_at_freeze
         self.latency, self.bn_data, self.log = latency, bn_data, log or (lambda msg: None)
         self.step = 0
         self.frozen: torch.Tensor | None = None
@@ -719,9 +721,10 @@ class BudgetController:
         self.keeper.apply(opt)
         self.frozen = mask
         milestones = getattr(cfg, "milestones", None) or []
-        if hasattr(opt, "restart") and epoch is not None and (epoch + 1) not in milestones:
+        if self.restart_at_freeze and hasattr(opt, "restart") and epoch is not None and (epoch + 1) not in milestones:
             opt.restart()  # the final phase starts a clean stage from the committed point
-        self._set_lam(opt, self.final_lam)
+        if self.final_lam is not None:  # None: survivors keep the λ they were trained with
+            self._set_lam(opt, self.final_lam)
         if self.bn_data is not None:
             from .train import recalibrate_batchnorm
 
@@ -976,7 +979,8 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
                        console=None, **finetune_kwargs) -> BudgetRunResult:
     """Fine-tune `model` so that the exported model meets `budget`; λ is found by the controller.
 
-    `config.lam` (if > 0) is only λ's starting value. `controller`: keyword arguments for
+    `config.lam` (if > 0) is only λ's starting value; `config.milestones=None` means one lr decay
+    at 3/4 of the epochs, where the final phase (frozen structure) begins. `controller`: keyword arguments for
     `BudgetController` (freeze_epoch, plan_end, gain, tol, revive, ...). Other keyword
     arguments go to `compress.train.finetune` (force, init_weights, run_info, loss_fn, callbacks,
     progress, ...). After training the zero groups are extracted and
@@ -1013,7 +1017,12 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     else:
         if budget is None:
             raise UserError("finetune_to_budget needs a budget, e.g. Budget(flops=0.5)")
-        cfg = (config or TrainConfig()).resolved()
+        cfg = config or TrainConfig()
+        if cfg.milestones is None and cfg.schedule == "step" and cfg.epochs >= 4:
+            # one decay where the final phase starts: the frozen structure then trains at lr·γ and
+            # settles (digits-resnet at 0.5 FLOPs: 0.993 vs 0.891 with no decay, same dense start)
+            cfg = dataclasses.replace(cfg, milestones=[round(0.75 * cfg.epochs)])
+        cfg = cfg.resolved()
         cfg.validate()
         info = None
     if budget.kind == "latency" and int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
