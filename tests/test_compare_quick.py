@@ -89,3 +89,4 @@ def test_table_json_and_plot_agree(quick_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "| tp-magnitude |" in stdout  # the table is printed too
     assert np.isfinite(json.loads((out / "summary.json").read_text())["seconds"])
+    assert md in (out / "results.md").read_text()  # the combined page carries the task's table unchanged

@@ -43,19 +43,24 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    summary = {"quick": args.quick, "tasks": {}, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    summary = {"command": " ".join(["python", "examples/compare/run.py", *(argv if argv is not None else sys.argv[1:])]),
+               "quick": args.quick, "tasks": {}, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     tasks = ["digits", "text"] if args.task == "all" else [args.task]
+    tables = []
     for task in tasks:
         t_task = time.perf_counter()
         md = run_task(task, args)
         summary["tasks"][task] = {"seconds": time.perf_counter() - t_task}
+        tables.append(md)
         print(md, flush=True)
     summary["seconds"] = time.perf_counter() - t0
-    from compress.io import atomic_write_json
+    from compress.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(args.out / "summary.json", summary)
-    print(f"total {summary['seconds']:.0f} s on {summary['torch_threads']} torch threads: "
-          + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in summary["tasks"].items()))
+    timing = (f"total {summary['seconds']:.0f} s on {summary['torch_threads']} torch threads "
+              f"({summary['cpu_count']} CPUs): " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in summary["tasks"].items()))
+    atomic_write_text(args.out / "results.md", f"`{summary['command']}` — {timing}\n\n" + "\n".join(tables))
+    print(timing)
     return 0
 
 
