@@ -114,7 +114,9 @@ def finetune(
     schedule: Optional[str] = typer.Option(None, help="step (milestones, RAMDA restarts) or cosine (dense "
                                            "training). [default: step]"),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (dense training). [default: 0]"),
-    group_weight: Optional[str] = typer.Option(None, help="Group weight w_g: sqrt (√size, the paper's) or unit."),
+    group_weight: Optional[str] = typer.Option(None, help="Group weight w_g: size (√entries, the paper's) or flops "
+                                               "(∝ the FLOPs removing the group saves: the regularizer prefers "
+                                               "removing the costliest structures). [default: size]"),
     solver: Optional[str] = typer.Option(None, help="RAMDA subproblem solver: exact or pg. [default: exact]"),
     seed: Optional[int] = typer.Option(None, help="Random seed (init, data order). [default: 0]"),
     init: Optional[Path] = typer.Option(None, help="Start from these weights (safetensors, a checkpoint, or a "

@@ -36,7 +36,8 @@ from torch import nn
 from .groups import _as_args, attention_units
 from .io import UserError, atomic_write_json
 
-__all__ = ["CostModel", "Budget", "BudgetController", "LatencyModel", "finetune_to_budget", "budget_summary"]
+__all__ = ["CostModel", "Budget", "BudgetController", "LatencyModel", "align_widths", "finetune_to_budget",
+           "budget_summary"]
 
 
 # --------------------------------------------------------------------------- cost model
@@ -481,6 +482,80 @@ def revive(cm: CostModel, zero: torch.Tensor, strength: torch.Tensor, kind: str,
     return mask, zero & ~mask
 
 
+def _aligned_once(cm: CostModel, zero, weak, strong, kind, target, align, kinds):
+    """One alignment pass (see `align_widths`): round down per layer, then give back blocks greedily."""
+    mask = zero.clone()
+    members = [torch.nonzero(cm._layer_of == li).flatten() for li in range(len(cm.layers))]
+    active = [li for li, m in enumerate(members) if kinds[int(m[0])] != "head" and len(m) >= align]
+    # round down: drop each width's weakest extra groups (‖Ŵ_g‖, ties by ‖W_g‖)
+    for li in active:
+        m = members[li]
+        kept = m[~mask[m]]
+        k = len(kept)
+        if align <= k < len(m) and k % align:
+            by_weak = kept[torch.argsort(strong[kept], stable=True)]
+            by_weak = by_weak[torch.argsort(weak[by_weak], stable=True)]
+            mask[by_weak[: k % align]] = True
+    # give back: the strongest whole block (per unit of cost) that still fits, until none fits
+    while True:
+        blocks = []
+        for li in active:
+            m = members[li]
+            k = int((~mask[m]).sum())
+            if k == len(m):
+                continue
+            need = min(len(m), (k // align + 1) * align) - k
+            cand = m[mask[m]]
+            blocks.append(cand[torch.argsort(strong[cand], descending=True, stable=True)[:need]])
+        if not blocks:
+            break
+        trials = mask.expand(len(blocks), -1).clone()
+        for j, b in enumerate(blocks):
+            trials[j, b] = False
+        cost = torch.as_tensor(cm.cost(trials, kind), dtype=torch.float64).reshape(-1)
+        fits = cost <= target
+        if not bool(fits.any()):
+            break
+        base = float(cm.cost(mask, kind))
+        score = torch.tensor([float(strong[b].sum()) for b in blocks], dtype=torch.float64) \
+            / (cost - base).clamp_min(1e-300)
+        score[~fits] = -math.inf
+        mask[blocks[int(torch.argmax(score))]] = False
+    return mask
+
+
+def align_widths(cm: CostModel, groups, zero, weak, strong, kind: str, target: float, align: int,
+                 floor: float | None = None):
+    """The zero pattern whose every channel/neuron width keeps a multiple of `align` groups.
+
+    ONNX Runtime's CPU convolutions run in blocks of `simd_block()` channels: 8-aligned
+    digits-resnet widths 32;14,7 ran 1.70× faster than dense (batch 1), unaligned widths at
+    0.44 of the FLOPs 0.94×. Each width with ≥ `align` kept groups drops its weakest extra ones
+    (`weak`: ‖Ŵ_g‖, like `enforce`), then whole blocks of zero groups come back, the strongest
+    per unit of cost first (`strong`: ‖W_g‖, like `revive`), while the exact cost stays ≤
+    `target`; a give-back takes a width to its next multiple of `align` (or to its full size).
+    Widths of fewer than `align` kept groups, layers of fewer than `align` groups, and heads are
+    left alone; a full width is always allowed. `zero` must cost ≤ target; so does the result.
+    If the aligned cost falls below `floor`, `align` is halved (down to 8), then alignment is
+    skipped, so a FLOP budget still lands in its window. Returns (mask, info).
+    """
+    zero = torch.as_tensor(zero, dtype=torch.bool).clone()
+    weak, strong = torch.as_tensor(weak).double().cpu(), torch.as_tensor(strong).double().cpu()
+    kinds = [g.kind for g in groups]
+    info = {"align_requested": int(align), "align": 1, "cost_before": float(cm.cost(zero, kind))}
+    a = int(align)
+    while a > 1:
+        mask = _aligned_once(cm, zero, weak, strong, kind, target, a, kinds)
+        c = float(cm.cost(mask, kind))
+        if floor is None or c >= floor or c >= info["cost_before"]:
+            info.update(align=a, cost=c, removed=int((mask & ~zero).sum()), given_back=int((zero & ~mask).sum()))
+            return mask, info
+        info.setdefault("rejected", []).append({"align": a, "cost": c})
+        a = a // 2 if a // 2 >= 8 else 1
+    info.update(cost=info["cost_before"], removed=0, given_back=0)
+    return zero, info
+
+
 # --------------------------------------------------------------------------- λ controller
 
 
@@ -554,6 +629,7 @@ class BudgetController:
                  freeze_epoch: int | None = None, plan_end: float = 0.8, controls_per_epoch: int = 4,
                  gain: float = 4.0, max_factor: float = 2.0, tol: float = 0.02, revive: bool = True,
                  final_lam: float | None = 0.0, restart_at_freeze: bool = True, exact: bool = True,
+                 align: int | None = None, align_window: float = 0.05,
                  latency=None, bn_data=None, log=None):
         self.budget, self.cm, self.groups, self.cfg = budget, cost_model, groups, cfg
         self.kind = kind or ("flops_blocked" if budget.kind == "latency" else budget.kind)
@@ -566,11 +642,15 @@ class BudgetController:
         self.plan_end, self.controls, self.gain = plan_end, max(1, controls_per_epoch), gain
         self.max_factor, self.tol, self.do_revive, self.final_lam = max_factor, tol, revive, final_lam
         self.exact, self.restart_at_freeze = exact, restart_at_freeze
+        self.align = simd_block() if align is None else int(align)
+        if self.align < 1:
+            raise UserError(f"align must be ≥ 1 (1 = no alignment), got {align}")
+        self.align_window = align_window
         self.latency, self.bn_data, self.log = latency, bn_data, log or (lambda msg: None)
         self.step = 0
         self.frozen: torch.Tensor | None = None
         self.keeper: ZeroKeeper | None = None
-        self.counts = {"removed_by_optimizer": 0, "removed_by_enforcement": 0, "revived": 0}
+        self.counts = {"removed_by_optimizer": 0, "removed_by_enforcement": 0, "removed_by_alignment": 0, "revived": 0}
         self.history: list[dict] = []
         self.freeze_info: dict = {}
         self._measured_mid = False
@@ -704,8 +784,18 @@ class BudgetController:
                              self.kind, self.target)
         info = {"epoch": None if epoch is None else epoch + 1, "cost_optimizer": c0, "zero_optimizer": n_opt,
                 "lam_at_freeze": self._lam(opt)}
+        if self.latency is None and self.align > 1:
+            pre = mask
+            mask, info["alignment"] = align_widths(self.cm, self.groups, mask, norms, iterate_norms, self.kind,
+                                                   self.target, self.align, floor=self.target - self.align_window)
         if self.latency is not None:
             mask, info["latency"] = self.latency.settle(mask, norms, self)
+            pre = mask
+            if self.align > 1:  # aligned widths never cost more blocked FLOPs than the settled pattern
+                mask, info["alignment"] = align_widths(self.cm, self.groups, mask, norms, iterate_norms, self.kind,
+                                                       float(self.cm.cost(mask, self.kind)), self.align)
+        if self.align <= 1:
+            pre = mask
         added, revived = mask & ~zero, zero & ~mask
         # W ← Ŵ, except revived groups, which keep the iterate's values so they can train again
         saved = None
@@ -729,12 +819,15 @@ class BudgetController:
             from .train import recalibrate_batchnorm
 
             recalibrate_batchnorm(model, self.bn_data, next(model.parameters()).device)
-        self.counts = {"removed_by_optimizer": int((zero & mask).sum()), "removed_by_enforcement": int(added.sum()),
-                       "revived": int(revived.sum())}
+        self.counts = {"removed_by_optimizer": int((zero & mask).sum()),
+                       "removed_by_enforcement": int((added & pre).sum()),
+                       "removed_by_alignment": int((added & ~pre).sum()), "revived": int(revived.sum())}
         info.update(self.counts, cost_frozen=float(self.cm.cost(mask, self.kind)), groups_frozen=int(mask.sum()))
         self.freeze_info = info
         self.log(f"budget: froze {int(mask.sum())} zero groups at epoch {info['epoch']} — {self.counts['removed_by_optimizer']} "
-                 f"by the optimizer, {self.counts['removed_by_enforcement']} by enforcement, {self.counts['revived']} revived; "
+                 f"by the optimizer, {self.counts['removed_by_enforcement']} by enforcement, "
+                 f"{self.counts['removed_by_alignment']} by alignment to {info.get('alignment', {}).get('align', 1)}, "
+                 f"{self.counts['revived']} revived; "
                  f"{self.kind} {info['cost_frozen']:.4f} (target {self.target:.4f})")
         return info
 
@@ -973,7 +1066,7 @@ BUDGET_FILES = {"summary": "budget.json", "state": "budget_state.json"}
 
 def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, out, config=None,
                        budget: Budget | None = None, *, groups=None, resume: bool = False,
-                       controller: dict | None = None,
+                       controller: dict | None = None, align: int | None = None,
                        measure_latency: bool | None = None, latency_calibration=(0.75, 0.5, 0.3),
                        latency_time_budget_s: float = 1.5,
                        console=None, **finetune_kwargs) -> BudgetRunResult:
@@ -981,7 +1074,9 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
 
     `config.lam` (if > 0) is only λ's starting value; `config.milestones=None` means one lr decay
     at 3/4 of the epochs, where the final phase (frozen structure) begins. `controller`: keyword arguments for
-    `BudgetController` (freeze_epoch, plan_end, gain, tol, revive, ...). Other keyword
+    `BudgetController` (freeze_epoch, plan_end, gain, tol, revive, ...). `align`: at the freeze every
+    channel/neuron width keeps a multiple of this many groups (`align_widths`; None: `simd_block()`,
+    1: off), so the exported model runs on ONNX Runtime's blocked kernels. Other keyword
     arguments go to `compress.train.finetune` (force, init_weights, run_info, loss_fn, callbacks,
     progress, ...). After training the zero groups are extracted and
     counted for real, a latency target (or `measure_latency=True`) is measured with ONNX
@@ -1060,6 +1155,8 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
                           f"(fit latency/dense = {latency.fit[0]:.3f} + {latency.fit[1]:.3f}·blocked FLOPs)")
 
     ctl_kw = {k: v for k, v in (controller or {}).items() if k != "lam0"}
+    if align is not None:
+        ctl_kw["align"] = align
     ctl = BudgetController(budget, cm, groups, cfg, _num_batches(train_data, cfg.batch_size), target=target,
                            lam0=lam0, latency=latency if budget.kind == "latency" else None,
                            bn_data=train_data, log=console.print, **ctl_kw)
@@ -1086,7 +1183,7 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     user_step = list(finetune_kwargs.pop("step_callbacks", ()))
     run_info = dict(finetune_kwargs.pop("run_info", None) or {})
     run_info["budget"] = dataclasses.asdict(budget)
-    run_info["budget_controller"] = {**ctl_kw, "freeze_epoch": ctl.freeze_epoch, "lam0": lam0}
+    run_info["budget_controller"] = {**ctl_kw, "freeze_epoch": ctl.freeze_epoch, "lam0": lam0, "align": ctl.align}
     t0 = time.perf_counter()
     result = finetune(model, train_data, eval_data, example_inputs, out, None if resume else cfg, groups=groups,
                       resume=resume, run_info=run_info, epoch_callbacks=[save_state, *user_epoch],
@@ -1166,6 +1263,8 @@ def budget_summary(budget: Budget, ctl: BudgetController, dense: dict, achieved:
         "groups_total": ctl.cm.n_groups,
         "removed_by_optimizer": ctl.counts["removed_by_optimizer"],
         "removed_by_enforcement": ctl.counts["removed_by_enforcement"] + post_hoc,
+        "removed_by_alignment": ctl.counts.get("removed_by_alignment", 0),
+        "align": ctl.freeze_info.get("alignment", {}).get("align", 1),
         "revived": ctl.counts["revived"],
         "removed_post_hoc_without_finetuning": post_hoc,
         "freeze": ctl.freeze_info,

@@ -464,7 +464,10 @@ def _channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
     return out, None
 
 
-def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: str = "sqrt") -> GroupList:
+GROUP_WEIGHTS = ("size", "flops", "sqrt", "unit")
+
+
+def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: str = "size") -> GroupList:
     """All zero-invariant groups of `model`, bound to its live parameters.
 
     Channels/neurons come from torch-pruning's DependencyGraph: for each conv/linear
@@ -479,12 +482,13 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
     head plus the out-projection columns. Structures whose removal would not be exact
     are listed in `.not_prunable` with the reason.
 
-    weight: "sqrt" (w_g = √entries, the RAMDA paper's choice) or "unit" (w_g = 1).
+    weight: the regularizer's w_g (`group_weights`): "size" (√entries, the RAMDA paper's choice;
+    "sqrt" is the old name), "flops" (∝ the FLOPs removing the group saves) or "unit" (1).
     """
     import torch_pruning as tp
 
-    if weight not in ("sqrt", "unit"):
-        raise UserError(f"weight must be 'sqrt' or 'unit', got {weight!r}")
+    if weight not in GROUP_WEIGHTS:
+        raise UserError(f"group weight must be one of {', '.join(GROUP_WEIGHTS)}, got {weight!r}")
     ignored = set(ignored_layers or [])
     ignored |= {model.get_submodule(n) for n in list(ignored) if isinstance(n, str)}
     named = dict(model.named_modules())
@@ -559,9 +563,32 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
     found.sort(key=lambda t: t[0])
     groups = GroupList([g for _, gs in found for g in gs], not_prunable)
     bind_groups(groups, model)
-    for g in groups:
-        g.weight = math.sqrt(g.size) if weight == "sqrt" else 1.0
+    for g, w in zip(groups, group_weights(model, groups, example_inputs, weight).tolist()):
+        g.weight = w
     return groups
+
+
+def group_weights(model: nn.Module, groups, example_inputs, weight: str = "size") -> torch.Tensor:
+    """w_g for every group (float64): "size"/"sqrt" √entries; "unit" 1; "flops" the FLOPs that
+    removing the group alone saves in the dense model (`CostModel.savings` with nothing zero:
+    its slices and dependents, i.e. the consumers' input columns too), scaled so the mean equals
+    the mean √entries — λ keeps the scale it has with size weights, while the penalty moves to
+    the structures that cost the most to run."""
+    if weight in ("size", "sqrt"):
+        return torch.tensor([math.sqrt(g.size) for g in groups], dtype=torch.float64)
+    if weight == "unit":
+        return torch.ones(len(groups), dtype=torch.float64)
+    if weight != "flops":
+        raise UserError(f"group weight must be one of {', '.join(GROUP_WEIGHTS)}, got {weight!r}")
+    from .budget import CostModel
+
+    sav = CostModel(model, groups, example_inputs).savings(torch.zeros(len(groups), dtype=torch.bool), "flops")
+    if not len(groups):
+        return sav
+    if not bool((sav > 0).any()):
+        raise UserError("--group-weight flops: no group saves any FLOPs on the example input; use size")
+    size = torch.tensor([math.sqrt(g.size) for g in groups], dtype=torch.float64)
+    return sav * (size.mean() / sav.mean())
 
 
 # --------------------------------------------------------------------------- binding, files

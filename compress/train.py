@@ -53,7 +53,7 @@ class TrainConfig:
     gamma: float = 0.1
     schedule: str = "step"  # step | cosine (cosine: no restarts, for dense training)
     weight_decay: float = 0.0
-    group_weight: str = "sqrt"  # sqrt | unit
+    group_weight: str = "size"  # size (√entries) | flops (∝ FLOPs saved) | unit; "sqrt" = size (old configs)
     solver: str = "exact"
     eps_restart_factor: float = 1.0
     reg_space: str = "param"  # param | preconditioned (ramda, proxadam: group lasso on z = D^{1/2} W)
@@ -97,6 +97,10 @@ class TrainConfig:
             raise UserError(f"--reg-space must be param or preconditioned, got {self.reg_space!r}")
         if self.reg_space == "preconditioned" and self.optimizer not in ("ramda", "proxadam"):
             raise UserError("--reg-space preconditioned applies to ramda and proxadam only")
+        from .groups import GROUP_WEIGHTS
+
+        if self.group_weight not in GROUP_WEIGHTS:
+            raise UserError(f"--group-weight must be size or flops (or unit), got {self.group_weight!r}")
         if self.dsgd_k < 1:
             raise UserError(f"--dsgd-k must be ≥ 1, got {self.dsgd_k}")
         for m in self.milestones or []:
