@@ -482,45 +482,65 @@ def revive(cm: CostModel, zero: torch.Tensor, strength: torch.Tensor, kind: str,
     return mask, zero & ~mask
 
 
-def _aligned_once(cm: CostModel, zero, weak, strong, kind, target, align, kinds):
-    """One alignment pass (see `align_widths`): round down per layer, then give back blocks greedily."""
-    mask = zero.clone()
+def _aligned_once(cm: CostModel, zero, weak, strong, kind, target, align, kinds, floor=None):
+    """One alignment pass (see `align_widths`): round down per layer, then give back blocks greedily;
+    below `floor`, exchange moves (one width some blocks down, then the greedy again) while the cost rises."""
     members = [torch.nonzero(cm._layer_of == li).flatten() for li in range(len(cm.layers))]
     active = [li for li, m in enumerate(members) if kinds[int(m[0])] != "head" and len(m) >= align]
-    # round down: drop each width's weakest extra groups (‖Ŵ_g‖, ties by ‖W_g‖)
-    for li in active:
+
+    def drop_weakest(mask, li, n):
         m = members[li]
         kept = m[~mask[m]]
-        k = len(kept)
-        if align <= k < len(m) and k % align:
-            by_weak = kept[torch.argsort(strong[kept], stable=True)]
-            by_weak = by_weak[torch.argsort(weak[by_weak], stable=True)]
-            mask[by_weak[: k % align]] = True
-    # give back: the strongest whole block (per unit of cost) that still fits, until none fits
-    while True:
-        blocks = []
+        by_weak = kept[torch.argsort(strong[kept], stable=True)]
+        by_weak = by_weak[torch.argsort(weak[by_weak], stable=True)]  # ‖Ŵ_g‖, ties by ‖W_g‖
+        mask[by_weak[:n]] = True
+
+    def give_back(mask, skip=None):
+        """The strongest whole block (per unit of cost) that still fits, until none fits."""
+        while True:
+            blocks = []
+            for li in active:
+                m = members[li]
+                k = int((~mask[m]).sum())
+                if k == len(m) or li == skip:
+                    continue
+                need = min(len(m), (k // align + 1) * align) - k
+                cand = m[mask[m]]
+                blocks.append(cand[torch.argsort(strong[cand], descending=True, stable=True)[:need]])
+            if not blocks:
+                return mask
+            trials = mask.expand(len(blocks), -1).clone()
+            for j, b in enumerate(blocks):
+                trials[j, b] = False
+            cost = torch.as_tensor(cm.cost(trials, kind), dtype=torch.float64).reshape(-1)
+            fits = cost <= target
+            if not bool(fits.any()):
+                return mask
+            base = float(cm.cost(mask, kind))
+            score = torch.tensor([float(strong[b].sum()) for b in blocks], dtype=torch.float64) \
+                / (cost - base).clamp_min(1e-300)
+            score[~fits] = -math.inf
+            mask[blocks[int(torch.argmax(score))]] = False
+
+    mask = zero.clone()
+    for li in active:  # round down: each width drops its weakest extra groups
+        k = int((~mask[members[li]]).sum())
+        if align <= k < len(members[li]) and k % align:
+            drop_weakest(mask, li, k % align)
+    mask = give_back(mask)
+    best = float(cm.cost(mask, kind))
+    improved = True
+    while floor is not None and best < floor and improved:
+        improved, current = False, mask
         for li in active:
-            m = members[li]
-            k = int((~mask[m]).sum())
-            if k == len(m):
-                continue
-            need = min(len(m), (k // align + 1) * align) - k
-            cand = m[mask[m]]
-            blocks.append(cand[torch.argsort(strong[cand], descending=True, stable=True)[:need]])
-        if not blocks:
-            break
-        trials = mask.expand(len(blocks), -1).clone()
-        for j, b in enumerate(blocks):
-            trials[j, b] = False
-        cost = torch.as_tensor(cm.cost(trials, kind), dtype=torch.float64).reshape(-1)
-        fits = cost <= target
-        if not bool(fits.any()):
-            break
-        base = float(cm.cost(mask, kind))
-        score = torch.tensor([float(strong[b].sum()) for b in blocks], dtype=torch.float64) \
-            / (cost - base).clamp_min(1e-300)
-        score[~fits] = -math.inf
-        mask[blocks[int(torch.argmax(score))]] = False
+            k = int((~current[members[li]]).sum())
+            for lower in range((k - 1) // align * align, align - 1, -align):
+                trial = current.clone()
+                drop_weakest(trial, li, k - lower)
+                trial = give_back(trial, skip=li)
+                c = float(cm.cost(trial, kind))
+                if c > best:
+                    mask, best, improved = trial, c, True
     return mask
 
 
@@ -536,24 +556,37 @@ def align_widths(cm: CostModel, groups, zero, weak, strong, kind: str, target: f
     `target`; a give-back takes a width to its next multiple of `align` (or to its full size).
     Widths of fewer than `align` kept groups, layers of fewer than `align` groups, and heads are
     left alone; a full width is always allowed. `zero` must cost ≤ target; so does the result.
-    If the aligned cost falls below `floor`, `align` is halved (down to 8), then alignment is
-    skipped, so a FLOP budget still lands in its window. Returns (mask, info).
+    If the aligned cost falls below `floor` (the greedy stops at a cheap corner: digits-resnet at
+    0.45 FLOPs, align 8, turned 32;19,9 into 32;16,8 = 0.38 where 16;32,24 = 0.44 fits), exchange
+    moves take one width one or more blocks down and run the give-back again while the cost rises
+    (the best move per sweep); still below `floor`,
+    `align` is halved (down to 8), then alignment is skipped, so a FLOP budget still lands in its
+    window. Returns (mask, info).
     """
     zero = torch.as_tensor(zero, dtype=torch.bool).clone()
     weak, strong = torch.as_tensor(weak).double().cpu(), torch.as_tensor(strong).double().cpu()
     kinds = [g.kind for g in groups]
-    info = {"align_requested": int(align), "align": 1, "cost_before": float(cm.cost(zero, kind))}
+    info = {"align_requested": int(align), "align": 1, "cost_before": float(cm.cost(zero, kind)),
+            "widths_before": _kept_widths(cm, zero)}
     a = int(align)
     while a > 1:
-        mask = _aligned_once(cm, zero, weak, strong, kind, target, a, kinds)
+        mask = _aligned_once(cm, zero, weak, strong, kind, target, a, kinds, floor)
         c = float(cm.cost(mask, kind))
         if floor is None or c >= floor or c >= info["cost_before"]:
-            info.update(align=a, cost=c, removed=int((mask & ~zero).sum()), given_back=int((zero & ~mask).sum()))
+            info.update(align=a, cost=c, removed=int((mask & ~zero).sum()), given_back=int((zero & ~mask).sum()),
+                        widths=_kept_widths(cm, mask))
             return mask, info
-        info.setdefault("rejected", []).append({"align": a, "cost": c})
+        info.setdefault("rejected", []).append({"align": a, "cost": c, "widths": _kept_widths(cm, mask)})
         a = a // 2 if a // 2 >= 8 else 1
-    info.update(cost=info["cost_before"], removed=0, given_back=0)
+    info.update(cost=info["cost_before"], removed=0, given_back=0, widths=info["widths_before"])
     return zero, info
+
+
+def _kept_widths(cm: CostModel, mask) -> dict:
+    """Groups kept per layer (what extraction leaves: an all-zero layer keeps one)."""
+    removed = cm.removed(mask).long()
+    cut = torch.zeros(len(cm.layers), dtype=torch.long).index_add_(0, cm._layer_of, removed)
+    return dict(zip(cm.layers, (cm._layer_size - cut).tolist()))
 
 
 # --------------------------------------------------------------------------- λ controller

@@ -140,7 +140,10 @@ def print_report(report: dict, console) -> None:
 
 def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds: int | None = None,
               console=None) -> dict:
-    """Benchmark RUN/dense.onnx against RUN/model.onnx; writes bench.json and bench.png."""
+    """Benchmark RUN/dense.onnx against RUN/model.onnx; writes bench.json and bench.png.
+
+    A run trained to a latency target (RUN/budget.json) is also timed at the target's batch and
+    threads, and its measured latency is printed next to the prediction made while training."""
     from rich.console import Console
 
     from .bench import benchmark, plot_bench, print_bench_table
@@ -151,6 +154,12 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
     for p in (dense, comp):
         if not p.is_file():
             raise UserError(f"{p} does not exist; run `compress export {run}` first")
+    budget_path = run / "budget.json"
+    lat = json.loads(budget_path.read_text()).get("latency") if budget_path.is_file() else None
+    lat = lat if lat and lat.get("target_ms") is not None else None
+    if lat:
+        batch_sizes = tuple(dict.fromkeys([*batch_sizes, lat["batch"]]))
+        threads = tuple(dict.fromkeys([*threads, lat["threads"]]))
     kw = {"batch_sizes": tuple(batch_sizes), "threads": tuple(threads)}
     if rounds is not None:
         kw["rounds"] = rounds
@@ -160,7 +169,39 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
         kw["flops"] = (rep["flops_dense"], rep["flops_compressed"])
     with console.status("benchmarking ONNX Runtime: dense vs compressed, interleaved"):
         result = benchmark(dense, comp, **kw)
+    if lat:
+        result["latency_target"] = latency_vs_prediction(lat, result)
     atomic_write_json(run / "bench.json", result)
     plot_bench(result, run / "bench.png")
     print_bench_table(result, console)
+    if lat:
+        print_latency_vs_prediction(result["latency_target"], console)
     return result
+
+
+def latency_vs_prediction(lat: dict, result: dict) -> dict:
+    """The latency target of a budget run beside this benchmark's measurement at its batch/threads.
+
+    The prediction is a ratio to the dense model (fit at calibration), so it is also scaled by
+    the dense latency measured now: load on the machine moves both alike."""
+    row = next(r for r in result["results"] if r["engine"] == "onnxruntime" and r["provider"] == "CPU"
+               and r["batch"] == lat["batch"] and r["threads"] == lat["threads"])
+    measured, dense_now = row["compressed"]["median_ms"], row["dense"]["median_ms"]
+    pred = lat.get("predicted_ms")
+    pred_now = None if pred is None else pred / lat["dense_ms"] * dense_now
+    return {"target_ms": lat["target_ms"], "batch": lat["batch"], "threads": lat["threads"],
+            "predicted_ms": pred, "measured_at_training_ms": lat["measured_ms"], "dense_at_training_ms": lat["dense_ms"],
+            "measured_ms": measured, "dense_ms": dense_now, "predicted_now_ms": pred_now,
+            "prediction_error": None if pred_now is None else (pred_now - measured) / measured,
+            "met": measured <= lat["target_ms"]}
+
+
+def print_latency_vs_prediction(v: dict, console) -> None:
+    pred = "–" if v["predicted_ms"] is None else f"{v['predicted_ms']:.3f} ms"
+    now = "" if v["predicted_now_ms"] is None else (f" (× today's dense {v['dense_ms']:.3f} / training's "
+                                                    f"{v['dense_at_training_ms']:.3f}: {v['predicted_now_ms']:.3f} ms, "
+                                                    f"error {100 * v['prediction_error']:+.1f}%)")
+    console.print(f"latency target {v['target_ms']:g} ms (batch {v['batch']}, {v['threads']} thread"
+                  f"{'s' * (v['threads'] > 1)}): measured {v['measured_ms']:.3f} ms "
+                  f"({'met' if v['met'] else 'NOT met'}), predicted {pred}{now}; "
+                  f"measured at training {v['measured_at_training_ms']:.3f} ms")
