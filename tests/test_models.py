@@ -15,6 +15,7 @@ from compress.models import get_model, model_names
 #   mobilenetv2: stem 32 (coupled with block 1's depthwise) + expand widths of the t=6 blocks
 #                + one coupled projection group per stage (16+24+32+64+96+160+320) + last 1280
 #   vit-tiny: 12 blocks x (3 heads + 768 MLP neurons); bert-mini: 4 x (4 heads + 1024) + 256 pooler
+#   digits-vit: 3 blocks x (4 heads + 128 MLP neurons)
 _MBV2_EXPAND = 96 + 144 + 144 + 192 * 2 + 192 + 384 * 3 + 384 + 576 * 2 + 576 + 960 * 2 + 960
 EXPECTED = {
     "digits-resnet": {"channel": 96},
@@ -24,6 +25,7 @@ EXPECTED = {
     "mobilenetv2": {"channel": 32 + _MBV2_EXPAND + (16 + 24 + 32 + 64 + 96 + 160 + 320) + 1280},
     "vit-tiny": {"head": 36, "neuron": 12 * 768},
     "bert-mini": {"head": 16, "neuron": 4 * 1024 + 256},
+    "digits-vit": {"head": 12, "neuron": 3 * 128},
 }
 SLOW = {"resnet50"}
 
@@ -181,6 +183,37 @@ def test_all_groups_of_one_layer_zero(name):
     x2 = _inputs(name, spec, 2, seed=3)
     with torch.no_grad():
         assert _max_rel(model(x2), small(x2)) <= 1e-5
+
+
+def test_digits_vit_random_zero_pattern_extracts_to_the_zeroed_model():
+    """Hand count: a head is q,k,v rows (64 in, 16 out) + biases and 16 out columns; a neuron fc1 row + bias and
+    an fc2 column. Extracted logits equal the zeroed model's on held-out digits (not the inputs it traced)."""
+    from compress.models.digits import digits_datasets
+
+    spec, model, x = _setup("digits-vit")
+    assert sum(p.numel() for p in model.parameters()) == 103_434  # patch 1*64*16+64, cls+pos 64+17*64, ...
+    gl = find_groups(model, x)
+    heads = [i for i, g in enumerate(gl) if g.kind == "head"]
+    neurons = [i for i, g in enumerate(gl) if g.kind == "neuron"]
+    assert len(heads) == 12 and len(neurons) == 384
+    rng = random.Random(5)
+    chosen = rng.sample(heads, 5) + rng.sample(neurons, 150)
+    chosen += [i for i in heads if gl[i].layer == "blocks.1.attn" and i not in chosen]  # a whole layer: one head stays
+    for i in chosen:
+        _zero(gl[i])
+    small, rep = extract(model, gl, x)
+    removed = _removed_after_rule(gl, chosen)
+    assert len(removed) == len(chosen) - 1
+    n_heads = sum(1 for i in removed if gl[i].kind == "head")
+    expect = 103_434 - n_heads * (3 * (64 * 16 + 16) + 16 * 64) - (len(removed) - n_heads) * (64 + 1 + 64)
+    assert sum(p.numel() for p in small.parameters()) == rep["params_after"] == expect
+    assert small.blocks[1].attn.num_heads == 1
+    _, test = digits_datasets()
+    images = test.tensors[0][:64]
+    with torch.no_grad():
+        ref, out = model(images), small(images)
+    assert _max_rel(ref, out) <= 1e-5
+    assert rep["flops_after"] < rep["flops_before"]
 
 
 def test_nothing_zero_keeps_bert_identical():
