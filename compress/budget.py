@@ -548,9 +548,9 @@ def align_widths(cm: CostModel, groups, zero, weak, strong, kind: str, target: f
                  floor: float | None = None):
     """The zero pattern whose every channel/neuron width keeps a multiple of `align` groups.
 
-    ONNX Runtime's CPU convolutions run in blocks of `simd_block()` channels: 8-aligned
-    digits-resnet widths 32;14,7 ran 1.70× faster than dense (batch 1), unaligned widths at
-    0.44 of the FLOPs 0.94×. Each width with ≥ `align` kept groups drops its weakest extra ones
+    ONNX Runtime's CPU convolutions run in blocks of `simd_block()` channels: on digits-resnet at
+    0.5 of the FLOPs (ORT, 1 thread, AVX-512) 16-aligned widths ran 1.61× faster than dense at
+    batch 1, the unaligned pattern of the same run 0.85× (examples/budget_table.py). Each width with ≥ `align` kept groups drops its weakest extra ones
     (`weak`: ‖Ŵ_g‖, like `enforce`), then whole blocks of zero groups come back, the strongest
     per unit of cost first (`strong`: ‖W_g‖, like `revive`), while the exact cost stays ≤
     `target`; a give-back takes a width to its next multiple of `align` (or to its full size).
@@ -559,9 +559,8 @@ def align_widths(cm: CostModel, groups, zero, weak, strong, kind: str, target: f
     If the aligned cost falls below `floor` (the greedy stops at a cheap corner: digits-resnet at
     0.45 FLOPs, align 8, turned 32;19,9 into 32;16,8 = 0.38 where 16;32,24 = 0.44 fits), exchange
     moves take one width one or more blocks down and run the give-back again while the cost rises
-    (the best move per sweep); still below `floor`,
-    `align` is halved (down to 8), then alignment is skipped, so a FLOP budget still lands in its
-    window. Returns (mask, info).
+    (the best move per sweep); still below `floor`, `align` is halved (down to 8), then alignment
+    is skipped, so a FLOP budget still lands in its window. Returns (mask, info).
     """
     zero = torch.as_tensor(zero, dtype=torch.bool).clone()
     weak, strong = torch.as_tensor(weak).double().cpu(), torch.as_tensor(strong).double().cpu()
@@ -651,8 +650,11 @@ class BudgetController:
     Freeze (end of epoch `freeze_epoch` − 1): Ŵ is committed into the parameters; if the cost
     is above T, `enforce` removes the weakest groups; if it is below T − tol, `revive` gives
     back the zero groups whose iterate W is strongest (RAMDA's W keeps their values) while the
-    cost stays ≤ T. Then a new optimizer stage starts (`restart`, when the next epoch is not
-    already a milestone; `restart_at_freeze=False` skips it), λ = `final_lam` (None: keep λ),
+    cost stays ≤ T. Then `align_widths` makes every channel/neuron width a multiple of `align`
+    (default `simd_block()`; 1 = off) at a cost still ≤ T, and for FLOP/parameter targets ≥ T −
+    `align_window` (else a smaller alignment, else none); for a latency target at no more blocked
+    FLOPs than the settled pattern. Then a new optimizer stage starts (`restart`, when the next
+    epoch is not already a milestone; `restart_at_freeze=False` skips it), λ = `final_lam` (None: keep λ),
     and `on_step` re-zeroes the frozen groups in the parameters and the optimizer's Ŵ / W⁰
     after every step. Best with an lr decay at the freeze epoch (finetune_to_budget's default).
     """
