@@ -130,13 +130,14 @@ def quiet_console():
 
 
 def ours_lam(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, **kw):
-    """The product at a fixed λ: `compress.finetune`, then `compress.extract`. Returns (small, last metrics)."""
+    """The product at a fixed λ: `compress.finetune`, then `compress.extract` with `compress export`'s align 8. Returns (small, last metrics)."""
     from compress.extract import extract
     from compress.train import TrainConfig, finetune
 
     res = finetune(model, train, eval_data, example, out_dir, TrainConfig(**cfg_kw), force=True, progress=False,
                    console=quiet_console(), **kw)
-    small, _ = extract(res.model, res.groups, example)
+    # as `compress export` does by default: keep a few zero channels so widths stay multiples of 8
+    small, _ = extract(res.model, res.groups, example, align=8)
     return small, (res.metrics[-1] if res.metrics else {})
 
 
