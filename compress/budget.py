@@ -487,6 +487,17 @@ def _aligned_once(cm: CostModel, zero, weak, strong, kind, target, align, kinds,
     below `floor`, exchange moves (one width some blocks down, then the greedy again) while the cost rises."""
     members = [torch.nonzero(cm._layer_of == li).flatten() for li in range(len(cm.layers))]
     active = [li for li, m in enumerate(members) if kinds[int(m[0])] != "head" and len(m) >= align]
+    sub = 8 if align > 8 and align % 8 == 0 else align  # below one block: ORT's smallest block (AVX2)
+
+    def valid(k, n):
+        """Widths that need no rounding: multiples of `align`, below it multiples of `sub`, below
+        `sub` anything (rounding down would empty the layer), and the full width."""
+        return k == n or k < sub or k % (align if k >= align else sub) == 0
+
+    def next_valid(k, n):
+        if k >= align:
+            return min(n, (k // align + 1) * align)
+        return min(n, align, (k // sub + 1) * sub)
 
     def drop_weakest(mask, li, n):
         m = members[li]
@@ -504,7 +515,7 @@ def _aligned_once(cm: CostModel, zero, weak, strong, kind, target, align, kinds,
                 k = int((~mask[m]).sum())
                 if k == len(m) or li == skip:
                     continue
-                need = min(len(m), (k // align + 1) * align) - k
+                need = next_valid(k, len(m)) - k
                 cand = m[mask[m]]
                 blocks.append(cand[torch.argsort(strong[cand], descending=True, stable=True)[:need]])
             if not blocks:
@@ -524,17 +535,17 @@ def _aligned_once(cm: CostModel, zero, weak, strong, kind, target, align, kinds,
 
     mask = zero.clone()
     for li in active:  # round down: each width drops its weakest extra groups
-        k = int((~mask[members[li]]).sum())
-        if align <= k < len(members[li]) and k % align:
-            drop_weakest(mask, li, k % align)
+        k, n = int((~mask[members[li]]).sum()), len(members[li])
+        if not valid(k, n):
+            drop_weakest(mask, li, k - max(w for w in range(k) if valid(w, n)))
     mask = give_back(mask)
     best = float(cm.cost(mask, kind))
     improved = True
     while floor is not None and best < floor and improved:
         improved, current = False, mask
         for li in active:
-            k = int((~current[members[li]]).sum())
-            for lower in range((k - 1) // align * align, align - 1, -align):
+            k, n = int((~current[members[li]]).sum()), len(members[li])
+            for lower in [w for w in range(k - 1, sub - 1, -1) if valid(w, n)]:
                 trial = current.clone()
                 drop_weakest(trial, li, k - lower)
                 trial = give_back(trial, skip=li)
@@ -553,9 +564,11 @@ def align_widths(cm: CostModel, groups, zero, weak, strong, kind: str, target: f
     batch 1, the unaligned pattern of the same run 0.85× (examples/budget_table.py). Each width with ≥ `align` kept groups drops its weakest extra ones
     (`weak`: ‖Ŵ_g‖, like `enforce`), then whole blocks of zero groups come back, the strongest
     per unit of cost first (`strong`: ‖W_g‖, like `revive`), while the exact cost stays ≤
-    `target`; a give-back takes a width to its next multiple of `align` (or to its full size).
-    Widths of fewer than `align` kept groups, layers of fewer than `align` groups, and heads are
-    left alone; a full width is always allowed. `zero` must cost ≤ target; so does the result.
+    `target`; a give-back takes a width to its next valid size. Valid: multiples of `align`; below
+    `align`, multiples of 8 when `align` is a multiple of 8 above it (AVX-512's 16 here: a width
+    of 13 runs as 16, while 8 matches AVX2's block and `compress export --align 8`); any width
+    below that (rounding down would empty the layer); the full width. Layers of fewer than
+    `align` groups and heads are left alone. `zero` must cost ≤ target; so does the result.
     If the aligned cost falls below `floor` (the greedy stops at a cheap corner: digits-resnet at
     0.45 FLOPs, align 8, turned 32;19,9 into 32;16,8 = 0.38 where 16;32,24 = 0.44 fits), exchange
     moves take one width one or more blocks down and run the give-back again while the cost rises
