@@ -32,8 +32,11 @@ def test_bench_optimizers_small(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_optimizers(tmp_path):
-    run(tmp_path, ROOT / "examples/compare_optimizers.py", "--quick", "--out", tmp_path / "o")
+@pytest.mark.parametrize("model", ["digits-resnet", "digits-vit"])
+def test_compare_optimizers(tmp_path, model):
+    run(tmp_path, ROOT / "examples/compare_optimizers.py", "--quick", "--model", model, "--out", tmp_path / "o")
+    table = (tmp_path / "o" / "table.md").read_text()
+    assert model in table and sum(line.startswith("| ") for line in table.splitlines()) == 1 + 9  # header, adamw, 8 methods
 
 
 @pytest.mark.slow
