@@ -560,7 +560,7 @@ def align_widths(cm: CostModel, groups, zero, weak, strong, kind: str, target: f
     """The zero pattern whose every channel/neuron width keeps a multiple of `align` groups.
 
     ONNX Runtime's CPU convolutions run in blocks of `simd_block()` channels: on digits-resnet at
-    0.5 of the FLOPs (ORT, 1 thread, AVX-512) 16-aligned widths ran 1.61× faster than dense at
+    0.5 of the FLOPs (ORT, 1 thread, AVX-512) 16-aligned widths ran 1.62× faster than dense at
     batch 1, the unaligned pattern of the same run 0.85× (examples/budget_table.py). Each width with ≥ `align` kept groups drops its weakest extra ones
     (`weak`: ‖Ŵ_g‖, like `enforce`), then whole blocks of zero groups come back, the strongest
     per unit of cost first (`strong`: ‖W_g‖, like `revive`), while the exact cost stays ≤
