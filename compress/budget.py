@@ -36,8 +36,8 @@ from torch import nn
 from .groups import _as_args, attention_units
 from .io import UserError, atomic_write_json
 
-__all__ = ["CostModel", "Budget", "BudgetController", "LatencyModel", "align_widths", "finetune_to_budget",
-           "budget_summary"]
+__all__ = ["CostModel", "Budget", "BudgetController", "CosineAdamW", "LatencyModel", "align_widths",
+           "budget_config", "finetune_to_budget", "budget_summary"]
 
 
 # --------------------------------------------------------------------------- cost model
@@ -331,13 +331,14 @@ def simd_block() -> int:
 
 
 class ZeroKeeper:
-    """Keeps a fixed set of groups exactly zero: in the parameters and in optimizer state buffers.
+    """Keeps a fixed set of groups exactly zero: in the parameters and in optimizer state buffers
+    (RAMDA's Ŵ and W⁰, Adam's moments: a frozen entry's state never feeds a survivor's update).
 
     The (tensor, dim, indices) triples are built once, so re-zeroing after every optimizer
     step is a few `index_fill_` calls per parameter, not a loop over groups.
     """
 
-    def __init__(self, groups, mask: torch.Tensor, state_keys=("w_hat", "w0")):
+    def __init__(self, groups, mask: torch.Tensor, state_keys=("w_hat", "w0", "exp_avg", "exp_avg_sq")):
         by_pd: dict[tuple[int, int], tuple[torch.Tensor, int, list]] = {}
         for i in torch.nonzero(torch.as_tensor(mask, dtype=torch.bool)).flatten().tolist():
             g = groups[i]
@@ -604,6 +605,27 @@ def _kept_widths(cm: CostModel, mask) -> dict:
 # --------------------------------------------------------------------------- λ controller
 
 
+class CosineAdamW(torch.optim.AdamW):
+    """AdamW whose lr follows a cosine from `lr` to 0 over `total_steps` of its own steps.
+
+    The budget run's final phase owns its schedule: every step sets the lr from AdamW's own step
+    count (overriding the training loop's per-epoch lr), so a checkpoint restores the position exactly."""
+
+    def __init__(self, params, lr: float, total_steps: int, weight_decay: float = 1e-4):
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
+        self.base_lr, self.total_steps = float(lr), max(1, int(total_steps))
+
+    def lr_at(self, k: int) -> float:
+        return self.base_lr * 0.5 * (1 + math.cos(math.pi * min(k, self.total_steps) / self.total_steps))
+
+    def step(self, closure=None):
+        k = next((int(st["step"]) for st in self.state.values() if "step" in st), 0)
+        for g in self.param_groups:
+            g["lr"] = self.lr_at(k)
+        return super().step(closure)
+
+
+
 def _structured_zero(opt, groups) -> tuple[torch.Tensor, torch.Tensor]:
     """(zero mask, ‖Ŵ_g‖) of the structured point: the optimizer's Ŵ when it keeps one."""
     if hasattr(opt, "group_norms"):
@@ -670,6 +692,11 @@ class BudgetController:
     epoch is not already a milestone; `restart_at_freeze=False` skips it), λ = `final_lam` (None: keep λ),
     and `on_step` re-zeroes the frozen groups in the parameters and the optimizer's Ŵ / W⁰
     after every step. Best with an lr decay at the freeze epoch (finetune_to_budget's default).
+
+    `final_optimizer="adamw"`: the final phase trains the frozen structure with `CosineAdamW`
+    (`final_lr` → 0, weight decay `final_weight_decay`) instead of RAMDA at λ = 0 — the peers'
+    fine-tuning routine, on the same architecture; the frozen groups and their Adam moments are
+    re-zeroed after every step, and the exported point is the final W. "same": RAMDA as above.
     """
 
     def __init__(self, budget: Budget, cost_model: CostModel, groups, cfg, steps_per_epoch: int, *,
@@ -677,7 +704,8 @@ class BudgetController:
                  freeze_epoch: int | None = None, plan_end: float = 0.8, controls_per_epoch: int = 4,
                  gain: float = 4.0, max_factor: float = 2.0, tol: float = 0.02, revive: bool = True,
                  final_lam: float | None = 0.0, restart_at_freeze: bool = True, exact: bool = True,
-                 align: int | None = None, align_window: float = 0.05,
+                 align: int | None = None, align_window: float = 0.05, final_optimizer: str = "same",
+                 final_lr: float = 1e-3, final_weight_decay: float = 1e-4,
                  latency=None, bn_data=None, log=None):
         self.budget, self.cm, self.groups, self.cfg = budget, cost_model, groups, cfg
         self.kind = kind or ("flops_blocked" if budget.kind == "latency" else budget.kind)
@@ -694,6 +722,9 @@ class BudgetController:
         if self.align < 1:
             raise UserError(f"align must be ≥ 1 (1 = no alignment), got {align}")
         self.align_window = align_window
+        if final_optimizer not in FINAL_OPTIMIZERS:
+            raise UserError(f"--final-optimizer must be {' or '.join(FINAL_OPTIMIZERS)}, got {final_optimizer!r}")
+        self.final_optimizer, self.final_lr, self.final_weight_decay = final_optimizer, final_lr, final_weight_decay
         self.latency, self.bn_data, self.log = latency, bn_data, log or (lambda msg: None)
         self.step = 0
         self.frozen: torch.Tensor | None = None
@@ -786,7 +817,10 @@ class BudgetController:
             self._control(opt, self.step / self.steps_per_epoch)
 
     def on_epoch(self, state: dict) -> dict:
+        """λ control in the sparsity phase; at the freeze epoch the freeze, and with
+        `final_optimizer="adamw"` the switch: state["optimizer"] becomes the final phase's optimizer."""
         opt, epoch = state["optimizer"], int(state["epoch"])
+        trained_by = type(opt).__name__
         self.step = (epoch + 1) * self.steps_per_epoch
         lam_used = self._lam(opt)
         if self.keeper is None and epoch + 1 < self.freeze_epoch:
@@ -804,6 +838,8 @@ class BudgetController:
         else:
             if self.keeper is None:
                 self.freeze(opt, state["model"], state.get("config"), epoch)
+                if self.final_optimizer == "adamw":
+                    opt = state["optimizer"] = self.make_final_optimizer(state["model"])
             rec = None
             phase = "final"
         zero, _ = _structured_zero(opt, self.groups)
@@ -811,10 +847,18 @@ class BudgetController:
             zero = zero | self.frozen  # revived groups' Ŵ is still zero until the next step
         out = {"cost": float(self.cm.cost(zero, self.kind)), "cost_flops": float(self.cm.cost(zero, "flops")),
                "cost_params": float(self.cm.cost(zero, "params")), "target": self.target, "phase": phase,
-               "lam": lam_used, "lam_next": self._lam(opt), "groups_zero": int(zero.sum()), **self.counts}
+               "lam": lam_used, "lam_next": self._lam(opt), "groups_zero": int(zero.sum()), "optimizer": trained_by,
+               **self.counts}
         if rec is not None:
             out["plan"] = rec["plan"]
         return out
+
+    def make_final_optimizer(self, model) -> CosineAdamW:
+        """The final phase's AdamW over every trainable parameter, its cosine spanning the epochs after
+        the freeze (also what a resumed run rebuilds before loading the checkpoint's state)."""
+        steps = (self.cfg.epochs - self.freeze_epoch) * self.steps_per_epoch
+        return CosineAdamW([p for p in model.parameters() if p.requires_grad], lr=self.final_lr,
+                           total_steps=steps, weight_decay=self.final_weight_decay)
 
     # ---- freeze: commit, enforce or revive, keep zero
 
@@ -883,6 +927,9 @@ class BudgetController:
         return {"target": self.target, "kind": self.kind, "freeze_epoch": self.freeze_epoch, "counts": self.counts,
                 "frozen": None if self.frozen is None else torch.nonzero(self.frozen).flatten().tolist(),
                 "freeze_info": self.freeze_info, "history": self.history}
+
+
+FINAL_OPTIMIZERS = ("adamw", "same")
 
 
 def default_freeze_epoch(cfg) -> int:
@@ -1115,14 +1162,15 @@ BUDGET_FILES = {"summary": "budget.json", "state": "budget_state.json"}
 def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, out, config=None,
                        budget: Budget | None = None, *, groups=None, resume: bool = False,
                        controller: dict | None = None, align: int | None = None,
-                       measure_latency: bool | None = None, latency_calibration=(0.75, 0.5, 0.3),
+                       final_optimizer: str | None = None, measure_latency: bool | None = None, latency_calibration=(0.75, 0.5, 0.3),
                        latency_time_budget_s: float = 1.5,
                        console=None, **finetune_kwargs) -> BudgetRunResult:
     """Fine-tune `model` so that the exported model meets `budget`; λ is found by the controller.
 
     `config.lam` (if > 0) is only λ's starting value; `config.milestones=None` means one lr decay
-    at 3/4 of the epochs, where the final phase (frozen structure) begins. `controller`: keyword arguments for
-    `BudgetController` (freeze_epoch, plan_end, gain, tol, revive, ...). `align`: at the freeze every
+    at 3/4 of the epochs, where the final phase (frozen structure) begins (`budget_config`). `controller`: keyword
+    arguments for `BudgetController` (freeze_epoch, plan_end, gain, tol, revive, final_lr, ...).
+    `final_optimizer`: "adamw" or "same" (`BudgetController`; None: its default). `align`: at the freeze every
     channel/neuron width keeps a multiple of this many groups (`align_widths`; None: `simd_block()`,
     1: off), so the exported model runs on ONNX Runtime's blocked kernels. Other keyword
     arguments go to `compress.train.finetune` (force, init_weights, run_info, loss_fn, callbacks,
@@ -1152,7 +1200,8 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
             raise UserError(f"{out} was not trained to a budget; resume it with compress finetune --resume")
         budget = Budget(**saved["budget"])
         cfg = TrainConfig(**saved["train"])
-        controller = {**saved.get("budget_controller", {}), **(controller or {})}
+        # runs saved before the option existed trained their final phase with the same optimizer
+        controller = {"final_optimizer": "same", **saved.get("budget_controller", {}), **(controller or {})}
         groups = load_groups(out / RUN_FILES["groups"], model)
         state_path = out / BUDGET_FILES["state"]
         restore = json.loads(state_path.read_text()) if state_path.is_file() else None
@@ -1160,13 +1209,7 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     else:
         if budget is None:
             raise UserError("finetune_to_budget needs a budget, e.g. Budget(flops=0.5)")
-        cfg = config or TrainConfig()
-        if cfg.milestones is None and cfg.schedule == "step" and cfg.epochs >= 4:
-            # one decay where the final phase starts: the frozen structure then trains at lr·γ and
-            # settles (digits-resnet at 0.5 FLOPs: 0.993 vs 0.891 with no decay, same dense start)
-            cfg = dataclasses.replace(cfg, milestones=[round(0.75 * cfg.epochs)])
-        cfg = cfg.resolved()
-        cfg.validate()
+        cfg = budget_config(config or TrainConfig())
         info = None
     if budget.kind == "latency" and int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("a latency target is measured on this machine and cannot be used under torchrun; "
@@ -1205,6 +1248,8 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     ctl_kw = {k: v for k, v in (controller or {}).items() if k != "lam0"}
     if align is not None:
         ctl_kw["align"] = align
+    if final_optimizer is not None:
+        ctl_kw["final_optimizer"] = final_optimizer
     ctl = BudgetController(budget, cm, groups, cfg, _num_batches(train_data, cfg.batch_size), target=target,
                            lam0=lam0, latency=latency if budget.kind == "latency" else None,
                            bn_data=train_data, log=console.print, **ctl_kw)
@@ -1216,6 +1261,8 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
             mask[restore["frozen"]] = True
             ctl.frozen, ctl.keeper = mask, ZeroKeeper(groups, mask)
         ctl.step = info["epoch"] * ctl.steps_per_epoch + info["batch"]
+    if ctl.keeper is not None and ctl.final_optimizer == "adamw":  # the checkpoint holds the final phase's AdamW
+        finetune_kwargs["build_optimizer"] = lambda cfg, model, groups: ctl.make_final_optimizer(model)
 
     def save_state(st):
         extra = ctl.on_epoch(st)
@@ -1231,7 +1278,8 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     user_step = list(finetune_kwargs.pop("step_callbacks", ()))
     run_info = dict(finetune_kwargs.pop("run_info", None) or {})
     run_info["budget"] = dataclasses.asdict(budget)
-    run_info["budget_controller"] = {**ctl_kw, "freeze_epoch": ctl.freeze_epoch, "lam0": lam0, "align": ctl.align}
+    run_info["budget_controller"] = {**ctl_kw, "freeze_epoch": ctl.freeze_epoch, "lam0": lam0, "align": ctl.align,
+                                     "final_optimizer": ctl.final_optimizer}
     t0 = time.perf_counter()
     result = finetune(model, train_data, eval_data, example_inputs, out, None if resume else cfg, groups=groups,
                       resume=resume, run_info=run_info, epoch_callbacks=[save_state, *user_epoch],
@@ -1253,7 +1301,9 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
         post_hoc = int(added.sum())
         final_zero = zero_mask(groups).cpu()
     acc = {}
-    if post_hoc:  # finetune recalibrated BatchNorm for its final point; this one changed
+    # finetune recalibrates BatchNorm when it commits RAMDA's Ŵ; the AdamW phase ends on W (its running
+    # statistics), and a post-hoc removal changes the point: recalibrate like every epoch's evaluation did
+    if post_hoc or isinstance(result.optimizer, CosineAdamW):
         recalibrate_batchnorm(model, train_data, device)
         save_weights(out / RUN_FILES["weights"], model)
 
@@ -1294,6 +1344,18 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
                            groups=groups, budget=summary)
 
 
+def budget_config(cfg) -> "TrainConfig":
+    """`cfg` resolved for a budget run (the CLI and the API share this): with `milestones=None` and a
+    step schedule, one lr decay where the final phase starts (3/4 of the epochs) instead of the
+    plain runs' two — the frozen structure then trains at lr·γ and settles (digits-resnet at 0.5
+    FLOPs: 0.993 vs 0.891 with no decay, same dense start)."""
+    if cfg.milestones is None and cfg.schedule == "step" and cfg.epochs >= 4:
+        cfg = dataclasses.replace(cfg, milestones=[round(0.75 * cfg.epochs)])
+    cfg = cfg.resolved()
+    cfg.validate()
+    return cfg
+
+
 def budget_summary(budget: Budget, ctl: BudgetController, dense: dict, achieved: dict, accuracy: dict,
                    metrics: list, latency: dict | None, post_hoc: int, train_seconds: float, cfg) -> dict:
     """Target, achieved and dense cost side by side, how λ ended, and who removed which groups."""
@@ -1318,6 +1380,7 @@ def budget_summary(budget: Budget, ctl: BudgetController, dense: dict, achieved:
         "freeze": ctl.freeze_info,
         "group_weight": cfg.group_weight,
         "optimizer": cfg.optimizer,
+        "final_optimizer": ctl.final_optimizer,
         "epochs": cfg.epochs,
         "train_seconds": train_seconds,
         "control_history": ctl.history,

@@ -394,6 +394,7 @@ def finetune(
     loss_fn: Callable | None = None,
     epoch_callbacks: list[Callable] = (),
     step_callbacks: list[Callable] = (),
+    build_optimizer: Callable | None = None,
     console=None,
     progress: bool = True,
     dist_ctx=None,
@@ -405,7 +406,10 @@ def finetune(
     accuracy fine-tuning started from). `run_info`: extra JSON for config.json (the CLI
     stores the model and data spec there so `compress export RUN` can rebuild the model).
     `epoch_callbacks`: f(state: dict) called after each epoch with the optimizer, metrics
-    and config — the budget controller adjusts λ through it. `step_callbacks`: f(optimizer)
+    and config — the budget controller adjusts λ through it; a callback may put a new optimizer
+    in state["optimizer"], which trains from the next epoch on and is checkpointed (a budget run's
+    final phase switches to AdamW so). `build_optimizer`: f(cfg, model, groups) → the optimizer
+    whose state a resumed checkpoint holds (default `make_optimizer`). `step_callbacks`: f(optimizer)
     after every optimizer step (e.g. keeping removed groups exactly zero). Under torchrun the run is
     data-parallel (see compress.distributed); only rank 0 writes files and prints.
     """
@@ -461,7 +465,7 @@ def finetune(
         groups = load_groups(out / RUN_FILES["groups"], model)
     elif groups is None:
         groups = find_groups(model, example, weight=cfg.group_weight)
-    opt = make_optimizer(cfg, model, groups)
+    opt = (build_optimizer or make_optimizer)(cfg, model, groups) if resume else make_optimizer(cfg, model, groups)
 
     if not resume and main:
         atomic_write_json(out / RUN_FILES["config"], {"train": dataclasses.asdict(cfg), **(run_info or {})})
@@ -568,14 +572,16 @@ def finetune(
                     sp, wsp = _sparsity(opt, groups)
                 m = {"epoch": epoch + 1, "train_loss": carry["loss_sum"] / max(carry["seen"], 1),
                      "eval_loss": ev["loss"], "accuracy": ev["accuracy"], "group_sparsity": sp,
-                     "weighted_group_sparsity": wsp, "lr": lr, "lam": float(opt.param_groups[0].get("lam", 0.0)),
+                     "weighted_group_sparsity": wsp, "lr": float(opt.param_groups[0]["lr"]), "lam": float(opt.param_groups[0].get("lam", 0.0)),
                      "momentum": momentum_at(cfg, epoch) if cfg.optimizer in ("ramda", "rmda") else None,
                      "seconds": time.perf_counter() - t0}
+                cb_state = {"epoch": epoch, "optimizer": opt, "model": model, "groups": groups, "metrics": m,
+                            "config": cfg}
                 for cb in epoch_callbacks:
-                    extra = cb({"epoch": epoch, "optimizer": opt, "model": model, "groups": groups,
-                                "metrics": m, "config": cfg})
+                    extra = cb(cb_state)
                     if extra:
                         m.update(extra)
+                opt = cb_state["optimizer"]  # a callback may hand over a new optimizer (see the docstring)
                 metrics.append(m)
                 save(epoch + 1, 0, "done" if epoch + 1 == cfg.epochs else "running")
                 if main:
@@ -585,7 +591,7 @@ def finetune(
                     plot_training(metrics, out / RUN_FILES["plot"])
                 console.print(
                     f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {m['train_loss']:.4f}  acc {100 * m['accuracy']:6.2f}%  "
-                    f"groups zero {100 * sp:5.1f}% (weighted {100 * wsp:5.1f}%)  lr {lr:.3g}"
+                    f"groups zero {100 * sp:5.1f}% (weighted {100 * wsp:5.1f}%)  lr {m['lr']:.3g}"
                     + (f"  λ {m['lam']:.3g}" if m["lam"] else "") + f"  [{m['seconds']:.1f}s]", soft_wrap=True)
                 if interrupted["flag"]:
                     raise TrainingInterrupted(f"interrupted after epoch {epoch + 1}; "

@@ -652,3 +652,86 @@ def test_bench_of_a_latency_target_run_prints_measured_next_to_predicted(tmp_pat
     text = console.export_text()
     assert f"measured {v['measured_ms']:.3f} ms" in text and "predicted 0.030 ms" in text
     assert json.loads((tmp_path / "bench.json").read_text())["latency_target"] == v
+
+
+# --------------------------------------------------------------------------- AdamW final phase
+
+
+def test_adamw_final_phase_keeps_the_frozen_groups_zero_and_resumes_bit_exactly(tmp_path, digits_small):
+    """final_optimizer="adamw": after the freeze (epoch 2 of 5) the loop trains with AdamW, whose lr follows
+    the cosine by hand; frozen groups and their Adam moments stay exactly zero; the exported weights are the
+    final W. Stopped after epoch 3 (the checkpoint holds one epoch of AdamW state) and resumed: the same
+    weights bit for bit as one uninterrupted run."""
+    import json
+
+    from compress.budget import CosineAdamW, finetune_to_budget
+    from compress.groups import zero_mask
+    from compress.train import TrainConfig
+
+    tr, te = digits_small
+    cfg = TrainConfig(epochs=5, batch_size=64, milestones=[2], seed=3)
+    model, x = _digits_setup()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    ctl = {"freeze_epoch": 2, "final_lr": 2e-3}
+    seen = []  # (lr of the step, frozen entries all zero in W and in both moments)
+
+    def watch(opt):
+        if isinstance(opt, CosineAdamW):
+            zero = full_ctl_groups()
+            seen.append((opt.param_groups[0]["lr"], zero))
+
+    groups_ref = {}
+
+    def full_ctl_groups():
+        gl = groups_ref["g"]
+        return all(bool((t.index_select(s.dim, torch.tensor(s.indices)) == 0).all())
+                   for i in groups_ref["frozen"] for s, t in zip(gl[i].slices, gl[i].tensors))
+
+    def grab(state):
+        if state["epoch"] == 1:  # the freeze has happened in the budget callback before this one
+            groups_ref["g"] = state["groups"]
+            groups_ref["frozen"] = json.loads((tmp_path / "full" / "budget_state.json").read_text())["frozen"]
+
+    full = finetune_to_budget(model, tr, te, x, tmp_path / "full", cfg, Budget(flops=0.6), progress=False,
+                              controller=ctl, final_optimizer="adamw", epoch_callbacks=[grab], step_callbacks=[watch])
+    steps = 5  # 300 samples / 64
+    total = 3 * steps
+    assert [lr for lr, _ in seen] == pytest.approx([2e-3 * 0.5 * (1 + math.cos(math.pi * k / total)) for k in range(total)])
+    assert all(ok for _, ok in seen)
+    assert isinstance(full.optimizer, CosineAdamW)
+    st = full.optimizer.state
+    for i in groups_ref["frozen"]:
+        for s, t in zip(full.groups[i].slices, full.groups[i].tensors):
+            ix = torch.tensor(s.indices)
+            for buf in (st[t]["exp_avg"], st[t]["exp_avg_sq"]):
+                assert bool((buf.index_select(s.dim, ix) == 0).all())
+    m = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in m] == ["sparsity", "final", "final", "final", "final"]
+    assert [r["optimizer"] for r in m] == ["RAMDA", "RAMDA", "CosineAdamW", "CosineAdamW", "CosineAdamW"]
+    assert full.budget["final_optimizer"] == "adamw" and full.budget["achieved"]["flops_fraction"] <= 0.6
+    # the exported point is the final W (no Ŵ to commit) and its zero pattern is the frozen one
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "full" / "weights.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in full.model.state_dict().items())
+    assert sorted(torch.nonzero(zero_mask(full.groups)).flatten().tolist()) == sorted(groups_ref["frozen"])
+    assert m[-1]["accuracy"] == pytest.approx(full.budget["accuracy"])  # recalibrated like every epoch's eval
+
+    class Stop(Exception):
+        pass
+
+    def stop(state):
+        if state["epoch"] == 3:
+            raise Stop
+
+    model2, _ = _digits_setup()
+    model2.load_state_dict(init)
+    with pytest.raises(Stop):
+        finetune_to_budget(model2, tr, te, x, tmp_path / "cut", cfg, Budget(flops=0.6), progress=False,
+                           controller=ctl, final_optimizer="adamw", epoch_callbacks=[stop])
+    model3, _ = _digits_setup(seed=9)  # weights come from the checkpoint (end of epoch 3)
+    res = finetune_to_budget(model3, tr, te, x, tmp_path / "cut", resume=True, progress=False)
+    assert isinstance(res.optimizer, CosineAdamW)
+    assert res.budget["achieved"] == full.budget["achieved"]
+    sd_full, sd_res = full.model.state_dict(), res.model.state_dict()
+    assert all(torch.equal(sd_full[k], sd_res[k]) for k in sd_full)
