@@ -171,7 +171,31 @@ def test_resume_refuses_other_settings(tmp_path):
     (["--target-flops", "0.5", "--target-params", "0.5"], "exactly one budget target"),
     (["--bench-batch", "4"], "only apply to --target-latency-ms"),
     (["--target-flops", "0.0001"], "below the smallest valid model"),
+    (["--final-optimizer", "adamw"], "--final-optimizer applies to target runs only"),
+    (["--align", "8", "--lam", "0.01"], "--align applies to target runs only"),
+    (["--target-flops", "0.5", "--final-optimizer", "sgd"], "--final-optimizer must be adamw or same"),
+    (["--target-flops", "0.5", "--align", "0"], "align must be ≥ 1"),
 ])
 def test_budget_flag_errors(tmp_path, args, needle):
     res = cli("finetune", *args, "--epochs", "2", "--out", tmp_path / "r")
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_budget_run_from_the_cli_gets_the_api_defaults_and_its_flags(tmp_path):
+    """The CLI used to resolve two lr decays (2,3 of 4 epochs) before the budget API could apply its one
+    decay at the freeze; now a target run saves milestones [3], and --final-optimizer/--align reach the
+    controller (config.json for resume, the AdamW phase in metrics.jsonl, 8-aligned widths)."""
+    out = tmp_path / "r"
+    res = cli("finetune", "--target-flops", "0.5", "--epochs", "4", "--final-optimizer", "adamw", "--align", "8",
+              "--threads", "1", "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["milestones"] == [3]
+    assert saved["budget_controller"]["final_optimizer"] == "adamw" and saved["budget_controller"]["align"] == 8
+    m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in m] == ["sparsity", "sparsity", "final", "final"]
+    assert [r["optimizer"] for r in m] == ["RAMDA", "RAMDA", "RAMDA", "CosineAdamW"]
+    b = json.loads((out / "budget.json").read_text())
+    assert b["final_optimizer"] == "adamw" and b["achieved"]["flops_fraction"] <= 0.5
+    widths = b["freeze"]["alignment"]["widths"]
+    assert b["align"] == 8 and all(w % 8 == 0 or w < 8 or w == 32 for w in widths.values()), widths
