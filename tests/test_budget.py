@@ -354,6 +354,24 @@ def test_latency_target_below_the_smallest_model_is_a_one_line_error(tmp_path, d
     assert not (tmp_path / "run").exists()  # refused before any training or run files
 
 
+def _stopped_run(out, data, init, cfg, stop_at: int, **kw):
+    """A budget run from `init` stopped by an exception in epoch `stop_at`'s callbacks (0-based): its
+    checkpoint is the end of the epoch before, as after a crash."""
+    from compress.budget import finetune_to_budget
+
+    class Stop(Exception):
+        pass
+
+    def stop(state):
+        if state["epoch"] == stop_at:
+            raise Stop
+
+    model, x = _digits_setup()
+    model.load_state_dict(init)
+    with pytest.raises(Stop):
+        finetune_to_budget(model, *data, x, out, cfg, Budget(flops=0.6), progress=False, epoch_callbacks=[stop], **kw)
+
+
 def test_budget_run_resumes_after_the_freeze_bit_exactly(tmp_path, digits_small):
     """Stopped after the freeze (epoch 2) and resumed from the epoch-2 checkpoint: the frozen pattern comes
     back from budget_state.json, and the final weights equal one uninterrupted run's bit for bit."""
@@ -367,19 +385,7 @@ def test_budget_run_resumes_after_the_freeze_bit_exactly(tmp_path, digits_small)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     ctl = {"freeze_epoch": 2}
     full = finetune_to_budget(model, tr, te, x, tmp_path / "full", cfg, Budget(flops=0.6), progress=False, controller=ctl)
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_third(state):
-        if state["epoch"] == 2:
-            raise Stop
-
-    model2, _ = _digits_setup()
-    model2.load_state_dict(init)
-    with pytest.raises(Stop):
-        finetune_to_budget(model2, tr, te, x, tmp_path / "cut", cfg, Budget(flops=0.6), progress=False,
-                           controller=ctl, epoch_callbacks=[stop_after_third])
+    _stopped_run(tmp_path / "cut", digits_small, init, cfg, 2, controller=ctl)
     state = __import__("json").loads((tmp_path / "cut" / "budget_state.json").read_text())
     assert state["frozen"] and state["freeze_info"]["epoch"] == 2
     model3, _ = _digits_setup(seed=9)  # weights come from the checkpoint
@@ -673,24 +679,18 @@ def test_adamw_final_phase_keeps_the_frozen_groups_zero_and_resumes_bit_exactly(
     model, x = _digits_setup()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     ctl = {"freeze_epoch": 2, "final_lr": 2e-3}
-    seen = []  # (lr of the step, frozen entries all zero in W and in both moments)
-
-    def watch(opt):
-        if isinstance(opt, CosineAdamW):
-            zero = full_ctl_groups()
-            seen.append((opt.param_groups[0]["lr"], zero))
-
-    groups_ref = {}
-
-    def full_ctl_groups():
-        gl = groups_ref["g"]
-        return all(bool((t.index_select(s.dim, torch.tensor(s.indices)) == 0).all())
-                   for i in groups_ref["frozen"] for s, t in zip(gl[i].slices, gl[i].tensors))
+    seen, ref = [], {}  # per AdamW step: (its lr, frozen groups all zero in W)
 
     def grab(state):
         if state["epoch"] == 1:  # the freeze has happened in the budget callback before this one
-            groups_ref["g"] = state["groups"]
-            groups_ref["frozen"] = json.loads((tmp_path / "full" / "budget_state.json").read_text())["frozen"]
+            ref["groups"] = state["groups"]
+            ref["frozen"] = json.loads((tmp_path / "full" / "budget_state.json").read_text())["frozen"]
+
+    def watch(opt):
+        if isinstance(opt, CosineAdamW):
+            seen.append((opt.param_groups[0]["lr"], all(
+                bool((t.index_select(s.dim, torch.tensor(s.indices)) == 0).all())
+                for i in ref["frozen"] for s, t in zip(ref["groups"][i].slices, ref["groups"][i].tensors))))
 
     full = finetune_to_budget(model, tr, te, x, tmp_path / "full", cfg, Budget(flops=0.6), progress=False,
                               controller=ctl, final_optimizer="adamw", epoch_callbacks=[grab], step_callbacks=[watch])
@@ -700,7 +700,7 @@ def test_adamw_final_phase_keeps_the_frozen_groups_zero_and_resumes_bit_exactly(
     assert all(ok for _, ok in seen)
     assert isinstance(full.optimizer, CosineAdamW)
     st = full.optimizer.state
-    for i in groups_ref["frozen"]:
+    for i in ref["frozen"]:
         for s, t in zip(full.groups[i].slices, full.groups[i].tensors):
             ix = torch.tensor(s.indices)
             for buf in (st[t]["exp_avg"], st[t]["exp_avg_sq"]):
@@ -714,21 +714,10 @@ def test_adamw_final_phase_keeps_the_frozen_groups_zero_and_resumes_bit_exactly(
 
     saved = load_file(tmp_path / "full" / "weights.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in full.model.state_dict().items())
-    assert sorted(torch.nonzero(zero_mask(full.groups)).flatten().tolist()) == sorted(groups_ref["frozen"])
+    assert sorted(torch.nonzero(zero_mask(full.groups)).flatten().tolist()) == sorted(ref["frozen"])
     assert m[-1]["accuracy"] == pytest.approx(full.budget["accuracy"])  # recalibrated like every epoch's eval
 
-    class Stop(Exception):
-        pass
-
-    def stop(state):
-        if state["epoch"] == 3:
-            raise Stop
-
-    model2, _ = _digits_setup()
-    model2.load_state_dict(init)
-    with pytest.raises(Stop):
-        finetune_to_budget(model2, tr, te, x, tmp_path / "cut", cfg, Budget(flops=0.6), progress=False,
-                           controller=ctl, final_optimizer="adamw", epoch_callbacks=[stop])
+    _stopped_run(tmp_path / "cut", digits_small, init, cfg, 3, controller=ctl, final_optimizer="adamw")
     model3, _ = _digits_setup(seed=9)  # weights come from the checkpoint (end of epoch 3)
     res = finetune_to_budget(model3, tr, te, x, tmp_path / "cut", resume=True, progress=False)
     assert isinstance(res.optimizer, CosineAdamW)
