@@ -572,8 +572,10 @@ def finetune(
                     sp, wsp = _sparsity(opt, groups)
                 m = {"epoch": epoch + 1, "train_loss": carry["loss_sum"] / max(carry["seen"], 1),
                      "eval_loss": ev["loss"], "accuracy": ev["accuracy"], "group_sparsity": sp,
-                     "weighted_group_sparsity": wsp, "lr": float(opt.param_groups[0]["lr"]), "lam": float(opt.param_groups[0].get("lam", 0.0)),
-                     "momentum": momentum_at(cfg, epoch) if cfg.optimizer in ("ramda", "rmda") else None,
+                     "weighted_group_sparsity": wsp, "lr": float(opt.param_groups[0]["lr"]),  # the last step's
+                     "lam": float(opt.param_groups[0].get("lam", 0.0)),
+                     "momentum": momentum_at(cfg, epoch) if hasattr(opt, "set_momentum") and cfg.optimizer in ("ramda", "rmda")
+                     else None,
                      "seconds": time.perf_counter() - t0}
                 cb_state = {"epoch": epoch, "optimizer": opt, "model": model, "groups": groups, "metrics": m,
                             "config": cfg}
