@@ -625,7 +625,6 @@ class CosineAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-
 def _structured_zero(opt, groups) -> tuple[torch.Tensor, torch.Tensor]:
     """(zero mask, ‖Ŵ_g‖) of the structured point: the optimizer's Ŵ when it keeps one."""
     if hasattr(opt, "group_norms"):
@@ -1162,8 +1161,8 @@ BUDGET_FILES = {"summary": "budget.json", "state": "budget_state.json"}
 def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, out, config=None,
                        budget: Budget | None = None, *, groups=None, resume: bool = False,
                        controller: dict | None = None, align: int | None = None,
-                       final_optimizer: str | None = None, measure_latency: bool | None = None, latency_calibration=(0.75, 0.5, 0.3),
-                       latency_time_budget_s: float = 1.5,
+                       final_optimizer: str | None = None, measure_latency: bool | None = None,
+                       latency_calibration=(0.75, 0.5, 0.3), latency_time_budget_s: float = 1.5,
                        console=None, **finetune_kwargs) -> BudgetRunResult:
     """Fine-tune `model` so that the exported model meets `budget`; λ is found by the controller.
 
