@@ -133,8 +133,8 @@ def finetune(
     bench_threads: Optional[int] = typer.Option(None, help="Intra-op threads of a latency target. [default: all cores]"),
     final_optimizer: Optional[str] = typer.Option(None, help="Target runs: the optimizer of the final phase, which "
                                                   "trains the frozen structure (zero groups kept exactly zero): "
-                                                  "adamw (lr 1e-3 cosine to 0, wd 1e-4) or same (RAMDA at λ=0). "
-                                                  "[default: same]"),
+                                                  "adamw (lr 1e-3 cosine to 0, wd 1e-4) or same (RAMDA at λ=0; "
+                                                  "noisier and less accurate on digits). [default: adamw]"),
     align: Optional[int] = typer.Option(None, help="Target runs: at the freeze every channel/neuron width keeps a "
                                         "multiple of this many, at the same budget. ONNX Runtime's CPU convolutions "
                                         "compute channels in blocks of 8 (AVX2) or 16 (AVX-512), so a width of 17 "

@@ -692,10 +692,13 @@ class BudgetController:
     and `on_step` re-zeroes the frozen groups in the parameters and the optimizer's Ŵ / W⁰
     after every step. Best with an lr decay at the freeze epoch (finetune_to_budget's default).
 
-    `final_optimizer="adamw"`: the final phase trains the frozen structure with `CosineAdamW`
-    (`final_lr` → 0, weight decay `final_weight_decay`) instead of RAMDA at λ = 0 — the peers'
-    fine-tuning routine, on the same architecture; the frozen groups and their Adam moments are
-    re-zeroed after every step, and the exported point is the final W. "same": RAMDA as above.
+    `final_optimizer="adamw"` (default): the final phase trains the frozen structure with
+    `CosineAdamW` (`final_lr` → 0, weight decay `final_weight_decay`) instead of RAMDA at λ = 0 —
+    the peers' fine-tuning routine, on the same architecture; the frozen groups and their Adam
+    moments are re-zeroed after every step, and the exported point is the final W. "same": RAMDA
+    at λ = `final_lam` as above. digits-resnet from a 99.78% dense model, 30 epochs, freeze at 22:
+    adamw 99.1-99.6% at 0.3 of the FLOPs (RAMDA 95.6-98.4%, ±7 points epoch to epoch), 87-95% at
+    0.1 (RAMDA 71-77%), over 2-3 seeds.
     """
 
     def __init__(self, budget: Budget, cost_model: CostModel, groups, cfg, steps_per_epoch: int, *,
@@ -703,7 +706,7 @@ class BudgetController:
                  freeze_epoch: int | None = None, plan_end: float = 0.8, controls_per_epoch: int = 4,
                  gain: float = 4.0, max_factor: float = 2.0, tol: float = 0.02, revive: bool = True,
                  final_lam: float | None = 0.0, restart_at_freeze: bool = True, exact: bool = True,
-                 align: int | None = None, align_window: float = 0.05, final_optimizer: str = "same",
+                 align: int | None = None, align_window: float = 0.05, final_optimizer: str = "adamw",
                  final_lr: float = 1e-3, final_weight_decay: float = 1e-4,
                  latency=None, bn_data=None, log=None):
         self.budget, self.cm, self.groups, self.cfg = budget, cost_model, groups, cfg

@@ -383,7 +383,7 @@ def test_budget_run_resumes_after_the_freeze_bit_exactly(tmp_path, digits_small)
 
     model, x = _digits_setup()
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    ctl = {"freeze_epoch": 2}
+    ctl = {"freeze_epoch": 2, "final_optimizer": "same"}  # RAMDA's final phase (the AdamW one: below)
     full = finetune_to_budget(model, tr, te, x, tmp_path / "full", cfg, Budget(flops=0.6), progress=False, controller=ctl)
     _stopped_run(tmp_path / "cut", digits_small, init, cfg, 2, controller=ctl)
     state = __import__("json").loads((tmp_path / "cut" / "budget_state.json").read_text())
@@ -664,8 +664,8 @@ def test_bench_of_a_latency_target_run_prints_measured_next_to_predicted(tmp_pat
 
 
 def test_adamw_final_phase_keeps_the_frozen_groups_zero_and_resumes_bit_exactly(tmp_path, digits_small):
-    """final_optimizer="adamw": after the freeze (epoch 2 of 5) the loop trains with AdamW, whose lr follows
-    the cosine by hand; frozen groups and their Adam moments stay exactly zero; the exported weights are the
+    """final_optimizer="adamw" (the default): after the freeze (epoch 2 of 5) the loop trains with AdamW,
+    whose lr follows the cosine by hand; frozen groups and their Adam moments stay exactly zero; the exported weights are the
     final W. Stopped after epoch 3 (the checkpoint holds one epoch of AdamW state) and resumed: the same
     weights bit for bit as one uninterrupted run."""
     import json
@@ -693,7 +693,7 @@ def test_adamw_final_phase_keeps_the_frozen_groups_zero_and_resumes_bit_exactly(
                 for i in ref["frozen"] for s, t in zip(ref["groups"][i].slices, ref["groups"][i].tensors))))
 
     full = finetune_to_budget(model, tr, te, x, tmp_path / "full", cfg, Budget(flops=0.6), progress=False,
-                              controller=ctl, final_optimizer="adamw", epoch_callbacks=[grab], step_callbacks=[watch])
+                              controller=ctl, epoch_callbacks=[grab], step_callbacks=[watch])
     steps = 5  # 300 samples / 64
     total = 3 * steps
     assert [lr for lr, _ in seen] == pytest.approx([2e-3 * 0.5 * (1 + math.cos(math.pi * k / total)) for k in range(total)])
