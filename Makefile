@@ -15,12 +15,13 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 venv: $(BIN)/.installed
 
-# Dense training (AdamW) → RAMDA group-lasso fine-tuning → extract + ONNX export + verify → ORT benchmark.
+# Dense training (AdamW) → RAMDA group-lasso fine-tuning to 30% of the FLOPs (λ found by the budget
+# controller) → extract + ONNX export + verify → ORT benchmark.
 demo: venv
 	$(BIN)/compress finetune --model digits-resnet --optimizer adamw --lam 0 --epochs 30 --schedule cosine \
 		--weight-decay 1e-4 --threads 1 --out $(RUNS)/digits-dense --force --quiet
-	$(BIN)/compress finetune --model digits-resnet --init $(RUNS)/digits-dense/weights.safetensors --lam 1.5e-2 \
-		--threads 1 --out $(RUNS)/digits-ramda --force --quiet
+	$(BIN)/compress finetune --model digits-resnet --init $(RUNS)/digits-dense/weights.safetensors \
+		--target-flops 0.3 --threads 1 --out $(RUNS)/digits-ramda --force --quiet
 	$(BIN)/compress export $(RUNS)/digits-ramda
 	$(BIN)/compress bench $(RUNS)/digits-ramda
 
