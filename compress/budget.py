@@ -692,6 +692,12 @@ class BudgetController:
     and `on_step` re-zeroes the frozen groups in the parameters and the optimizer's Ŵ / W⁰
     after every step. Best with an lr decay at the freeze epoch (finetune_to_budget's default).
 
+    `rewind="init"` (with the AdamW final phase): at the freeze the whole model is reset to
+    `rewind_weights` (a state dict, or a callable returning one: the weights the run started from),
+    the frozen groups zeroed and BatchNorm recalibrated, so AdamW trains the chosen structure from the
+    dense weights instead of the group lasso's shrunken survivors (all-MiniLM-L6-v2 distillation: the
+    median encoder matrix ended at 0.24 of its dense norm).
+
     `final_optimizer="adamw"` (default): the final phase trains the frozen structure with
     `CosineAdamW` (`final_lr` → 0, weight decay `final_weight_decay`) instead of RAMDA at λ = 0 —
     the peers' fine-tuning routine, on the same architecture; the frozen groups and their Adam
@@ -707,8 +713,8 @@ class BudgetController:
                  gain: float = 4.0, max_factor: float = 2.0, tol: float = 0.02, revive: bool = True,
                  final_lam: float | None = 0.0, restart_at_freeze: bool = True, exact: bool = True,
                  align: int | None = None, align_window: float = 0.05, final_optimizer: str = "adamw",
-                 final_lr: float = 1e-3, final_weight_decay: float = 1e-4,
-                 latency=None, bn_data=None, log=None):
+                 final_lr: float = 1e-3, final_weight_decay: float = 1e-4, rewind: str = "none",
+                 rewind_weights=None, latency=None, bn_data=None, log=None):
         self.budget, self.cm, self.groups, self.cfg = budget, cost_model, groups, cfg
         self.kind = kind or ("flops_blocked" if budget.kind == "latency" else budget.kind)
         self.target = float(target if target is not None else budget.target)
@@ -727,6 +733,12 @@ class BudgetController:
         if final_optimizer not in FINAL_OPTIMIZERS:
             raise UserError(f"--final-optimizer must be {' or '.join(FINAL_OPTIMIZERS)}, got {final_optimizer!r}")
         self.final_optimizer, self.final_lr, self.final_weight_decay = final_optimizer, final_lr, final_weight_decay
+        if rewind not in REWINDS:
+            raise UserError(f"rewind must be {' or '.join(REWINDS)}, got {rewind!r}")
+        if rewind != "none" and final_optimizer != "adamw":
+            raise UserError("rewind='init' restarts the survivors from the starting weights for the AdamW final phase; "
+                            "it needs final_optimizer='adamw'")
+        self.rewind, self.rewind_weights = rewind, rewind_weights
         self.latency, self.bn_data, self.log = latency, bn_data, log or (lambda msg: None)
         self.step = 0
         self.frozen: torch.Tensor | None = None
@@ -901,6 +913,13 @@ class BudgetController:
             opt.commit_structured_point()
         for t, d, ix, vals in saved or []:
             t.detach().index_copy_(d, ix, vals)
+        if self.rewind == "init":  # in place (load_state_dict copies), so the groups' tensors stay bound
+            w = self.rewind_weights() if callable(self.rewind_weights) else self.rewind_weights
+            if w is None:
+                raise UserError("rewind='init' needs the starting weights (rewind_weights)")
+            dev = next(model.parameters()).device
+            model.load_state_dict({k: v.to(dev) for k, v in w.items()})
+            info["rewound_to"] = "init"
         self.keeper = ZeroKeeper(self.groups, mask)
         self.keeper.apply(opt)
         self.frozen = mask
@@ -932,6 +951,7 @@ class BudgetController:
 
 
 FINAL_OPTIMIZERS = ("adamw", "same")
+REWINDS = ("none", "init")
 
 
 def default_freeze_epoch(cfg) -> int:
@@ -1164,7 +1184,7 @@ BUDGET_FILES = {"summary": "budget.json", "state": "budget_state.json"}
 def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, out, config=None,
                        budget: Budget | None = None, *, groups=None, resume: bool = False,
                        controller: dict | None = None, align: int | None = None,
-                       final_optimizer: str | None = None, measure_latency: bool | None = None,
+                       final_optimizer: str | None = None, rewind: str | None = None, measure_latency: bool | None = None,
                        latency_calibration=(0.75, 0.5, 0.3), latency_time_budget_s: float = 1.5,
                        console=None, **finetune_kwargs) -> BudgetRunResult:
     """Fine-tune `model` so that the exported model meets `budget`; λ is found by the controller.
@@ -1172,7 +1192,8 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     `config.lam` (if > 0) is only λ's starting value; `config.milestones=None` means one lr decay
     at 3/4 of the epochs, where the final phase (frozen structure) begins (`budget_config`). `controller`: keyword
     arguments for `BudgetController` (freeze_epoch, plan_end, gain, tol, revive, final_lr, ...).
-    `final_optimizer`: "adamw" or "same" (`BudgetController`; None: its default). `align`: at the freeze every
+    `final_optimizer`: "adamw" or "same" (`BudgetController`; None: its default). `rewind`: "init" resets
+    the model to its starting weights (out/init.safetensors) at the freeze, before the AdamW phase. `align`: at the freeze every
     channel/neuron width keeps a multiple of this many groups (`align_widths`; None: `simd_block()`,
     1: off), so the exported model runs on ONNX Runtime's blocked kernels. Other keyword
     arguments go to `compress.train.finetune` (force, init_weights, run_info, loss_fn, callbacks,
@@ -1252,9 +1273,17 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
         ctl_kw["align"] = align
     if final_optimizer is not None:
         ctl_kw["final_optimizer"] = final_optimizer
+    if rewind is not None:
+        ctl_kw["rewind"] = rewind
+
+    def start_weights():  # what finetune saved before its first step (also there when resuming before the freeze)
+        from safetensors.torch import load_file
+
+        return load_file(out / RUN_FILES["init"])
+
     ctl = BudgetController(budget, cm, groups, cfg, _num_batches(train_data, cfg.batch_size), target=target,
                            lam0=lam0, latency=latency if budget.kind == "latency" else None,
-                           bn_data=train_data, log=console.print, **ctl_kw)
+                           bn_data=train_data, log=console.print, rewind_weights=start_weights, **ctl_kw)
     if restore:
         ctl.counts, ctl.history, ctl.freeze_info = restore["counts"], restore["history"], restore["freeze_info"]
         ctl.target = restore["target"]
@@ -1281,7 +1310,7 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     run_info = dict(finetune_kwargs.pop("run_info", None) or {})
     run_info["budget"] = dataclasses.asdict(budget)
     run_info["budget_controller"] = {**ctl_kw, "freeze_epoch": ctl.freeze_epoch, "lam0": lam0, "align": ctl.align,
-                                     "final_optimizer": ctl.final_optimizer}
+                                     "final_optimizer": ctl.final_optimizer, "rewind": ctl.rewind}
     t0 = time.perf_counter()
     result = finetune(model, train_data, eval_data, example_inputs, out, None if resume else cfg, groups=groups,
                       resume=resume, run_info=run_info, epoch_callbacks=[save_state, *user_epoch],
@@ -1383,6 +1412,7 @@ def budget_summary(budget: Budget, ctl: BudgetController, dense: dict, achieved:
         "group_weight": cfg.group_weight,
         "optimizer": cfg.optimizer,
         "final_optimizer": ctl.final_optimizer,
+        "rewind": ctl.rewind,
         "epochs": cfg.epochs,
         "train_seconds": train_seconds,
         "control_history": ctl.history,

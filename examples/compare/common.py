@@ -210,6 +210,16 @@ class Task:
         for f in self.cfg["fractions"]:
             self._budget(f, self.cfg["epochs"], 0)
 
+    def ours_budget_rewind(self) -> None:
+        """As ours-budget, but at the freeze the survivors restart from the dense weights (`rewind="init"`)
+        for the AdamW final phase: the group lasso chose the structure, not the surviving values."""
+        for f in self.cfg["fractions"]:
+            self._budget(f, self.cfg["epochs"], 0, rewind="init")
+
+    def _budget_kw(self) -> dict:
+        """Task hook: extra `finetune_to_budget` arguments (e.g. the final phase's lr)."""
+        return {}
+
     def ours_budget_ft(self) -> None:
         """tp-regularized's split: 2/3 of the epochs to the budget, extract, 1/3 with the peers' fine-tuning."""
         E = self.cfg["epochs"]
@@ -217,11 +227,12 @@ class Task:
         for f in self.cfg["fractions"]:
             self._budget(f, E - ft, ft)
 
-    def _budget(self, f: float, epochs: int, ft_epochs: int) -> None:
-        tag = "ramda-budget+ft" if ft_epochs else "ramda-budget"
+    def _budget(self, f: float, epochs: int, ft_epochs: int, rewind: str | None = None) -> None:
+        tag = "ramda-budget+ft" if ft_epochs else "ramda-budget-rewind" if rewind == "init" else "ramda-budget"
+        kw = {**self._loss_kw, **self._budget_kw(), **({"rewind": rewind} if rewind else {})}
         with Timer() as t:
             got = ours_budget(copy.deepcopy(self.model), *self._data(), self.example, self.out / "runs" / f"{tag}_{f}",
-                              {"epochs": epochs, "optimizer": "ramda", **self._train_kw("ramda")}, f, **self._loss_kw)
+                              {"epochs": epochs, "optimizer": "ramda", **self._train_kw("ramda")}, f, **kw)
             if got is None:
                 self.log("ramda-budget: not run (compress.budget is missing)")
                 self.notes.append("ramda-budget not run: compress.budget is missing")

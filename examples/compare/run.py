@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (puts the checkout on sys.path)
 
 DIGITS_METHODS = ["tp-magnitude", "tp-magnitude-r8", "tp-regularized", "oto", "ours", "ours-budget",
-                  "ours-budget-ft"]
-TEXT_METHODS = ["tp-magnitude", "ours-budget", "ours-budget-ft", "ours"]
+                  "ours-budget-ft", "ours-budget-rewind"]
+TEXT_METHODS = ["tp-magnitude", "ours-budget", "ours-budget-rewind", "ours-budget-ft", "ours"]
 
 
 def main(argv=None) -> int:
@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated subset (digits: %s; text: %s)"
                     % (",".join(DIGITS_METHODS), ",".join(TEXT_METHODS)))
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
+    ap.add_argument("--fractions", default=None, help="comma-separated FLOP targets instead of the task's (e.g. 0.95,0.9)")
     args = ap.parse_args(argv)
 
     import torch
@@ -81,6 +82,8 @@ def run_task(task: str, args) -> str:
     if args.methods:
         methods = [m for m in args.methods.split(",") if m in methods]
     t = Task(out, args.quick, log=log)
+    if args.fractions:
+        t.cfg["fractions"] = [float(f) for f in args.fractions.split(",")]
     rows = t.run(methods)
     header = t.header()
     return common.write_report(args.out, task, rows, t.metric_name, header, t.extra_cols, meta=t.meta())
