@@ -724,3 +724,66 @@ def test_adamw_final_phase_keeps_the_frozen_groups_zero_and_resumes_bit_exactly(
     assert res.budget["achieved"] == full.budget["achieved"]
     sd_full, sd_res = full.model.state_dict(), res.model.state_dict()
     assert all(torch.equal(sd_full[k], sd_res[k]) for k in sd_full)
+
+
+# --------------------------------------------------------------------------- rewind to the starting weights
+
+
+def test_rewind_init_restarts_survivors_from_the_start_and_resumes_bit_exactly(tmp_path, digits_small):
+    """rewind="init": right after the freeze (epoch 2 of 4, before AdamW's first step) every parameter equals
+    the run's starting weights except the frozen groups' slices, which are zero — checked entry by entry
+    against the test's own copy of the start. Resumed after the freeze (the checkpoint holds the rewound,
+    trained W) and before it (the rewind then reads out/init.safetensors): both equal one uninterrupted run."""
+    import json
+
+    from compress.budget import finetune_to_budget
+    from compress.train import TrainConfig
+
+    tr, te = digits_small
+    cfg = TrainConfig(epochs=4, batch_size=64, milestones=[2], seed=3)
+    model, x = _digits_setup()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    ctl = {"freeze_epoch": 2, "final_lr": 2e-3}
+    got = {}
+
+    def grab(state):
+        if state["epoch"] == 1:  # the budget callback (first) has frozen and rewound
+            got["params"] = {k: p.detach().clone() for k, p in state["model"].named_parameters()}
+            got["groups"] = state["groups"]
+            got["frozen"] = json.loads((tmp_path / "full" / "budget_state.json").read_text())["frozen"]
+
+    full = finetune_to_budget(model, tr, te, x, tmp_path / "full", cfg, Budget(flops=0.6), progress=False,
+                              controller=ctl, rewind="init", epoch_callbacks=[grab])
+    assert got["frozen"] and full.budget["rewind"] == "init" and full.budget["freeze"]["rewound_to"] == "init"
+    expect = {k: init[k].clone() for k in got["params"]}
+    names = {id(p): k for k, p in full.model.named_parameters()}
+    for i in got["frozen"]:
+        for s, t in zip(got["groups"][i].slices, got["groups"][i].tensors):
+            for j in s.indices:
+                expect[names[id(t)]].select(s.dim, j).zero_()
+    for k, v in got["params"].items():
+        assert torch.equal(v, expect[k]), k
+    # a trained (not rewound) freeze would differ from the start in the survivors
+    assert not all(torch.equal(init[k], v) for k, v in full.model.named_parameters())
+    assert full.budget["achieved"]["flops_fraction"] <= 0.6
+
+    for stop_at, name in [(2, "after"), (1, "before")]:
+        _stopped_run(tmp_path / name, digits_small, init, cfg, stop_at, controller=ctl, rewind="init")
+        model3, _ = _digits_setup(seed=9)  # weights come from the checkpoint
+        res = finetune_to_budget(model3, tr, te, x, tmp_path / name, resume=True, progress=False)
+        assert res.budget["rewind"] == "init"
+        sd_full, sd_res = full.model.state_dict(), res.model.state_dict()
+        assert all(torch.equal(sd_full[k], sd_res[k]) for k in sd_full), name
+
+
+def test_rewind_needs_the_adamw_final_phase(tmp_path, digits_small):
+    from compress.budget import finetune_to_budget
+    from compress.train import TrainConfig
+
+    model, x = _digits_setup()
+    with pytest.raises(UserError, match="final_optimizer='adamw'"):
+        finetune_to_budget(model, *digits_small, x, tmp_path / "r", TrainConfig(epochs=2, batch_size=64),
+                           Budget(flops=0.6), progress=False, final_optimizer="same", rewind="init")
+    with pytest.raises(UserError, match="rewind must be"):
+        finetune_to_budget(model, *digits_small, x, tmp_path / "r2", TrainConfig(epochs=2, batch_size=64),
+                           Budget(flops=0.6), progress=False, rewind="best")
