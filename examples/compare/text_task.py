@@ -364,7 +364,9 @@ class Text(Task):
             f"embeddings frozen, dropout off; batch {BATCH}; **{c['epochs']} epochs** for every method (tp-magnitude: "
             f"prune to the FLOP target, then AdamW lr {c['adamw_lr']:g} wd 0.01 cosine; ramda: `compress.finetune` (lr "
             f"{c['ramda_lr']:g}, λ as stated) then `compress.extract`; ramda-budget: `compress.budget.finetune_to_budget` "
-            "given the peers' FLOP target, then `compress.extract`; ramda-budget+ft: 2/3 of the epochs to the budget, "
+            f"given the peers' FLOP target (its final phase after the freeze: AdamW at the peers' lr {c['adamw_lr']:g}), then "
+            "`compress.extract`; ramda-budget-rewind: the same with rewind=\"init\" (at the freeze the survivors restart "
+            "from the dense weights); ramda-budget+ft: 2/3 of the epochs to the budget, "
             "extract, 1/3 the peers' AdamW distillation). " + pilot_text(),
             f"Metric: mean cosine to the dense embeddings on held-out sentences; NN agreement = share of held-out "
             f"sentences whose nearest other held-out sentence is the dense model's. FLOPs and latency at sequence "
