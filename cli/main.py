@@ -89,64 +89,64 @@ def _read_config(path: Optional[Path]) -> dict:
 @user_errors
 def finetune(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Built-in name (see `compress inspect --list`), "
-                                        "module:factory or path/to/file.py:factory. [default: digits-resnet]"),
+                                        "module:factory or path/to/file.py:factory. \\[default: digits-resnet]"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to create."),
     data: Optional[str] = typer.Option(None, help="module:function returning (train, eval) datasets or loaders. "
                                        "Built-in models bring their own data."),
     input_shape: Optional[str] = typer.Option(None, help="Example input shape for a custom model, batch first, "
                                               "e.g. 1,3,32,32 (or give the model an example_input(batch) method)."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs. [default: 30]"),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs. \\[default: 30]"),
     lr: Optional[float] = typer.Option(None, help="Learning rate (defaults are for fine-tuning a trained model: "
                                        "ramda 3e-4, rmda/proxsgd 1e-2, proxadam 1e-4; adamw 3e-3)."),
     lam: Optional[float] = typer.Option(None, help="Group-lasso strength λ; 0 trains a dense model. Larger λ → more "
-                                        "structures removed. [default: 1.5e-2, 0 for adamw]"),
+                                        "structures removed. \\[default: 1.5e-2, 0 for adamw]"),
     optimizer: Optional[str] = typer.Option(None, help="ramda | rmda | proxsgd | proxadam | asgo | dasgo | dsgd | "
-                                            "adamw (dense). [default: ramda]"),
+                                            "adamw (dense). \\[default: ramda]"),
     reg_space: Optional[str] = typer.Option(None, help="ramda/proxadam: group lasso on the parameters (param) or on "
-                                            "the preconditioned variables (preconditioned). [default: param]"),
-    dsgd_k: Optional[int] = typer.Option(None, help="dsgd: layers updated per step. [default: 1]"),
+                                            "the preconditioned variables (preconditioned). \\[default: param]"),
+    dsgd_k: Optional[int] = typer.Option(None, help="dsgd: layers updated per step. \\[default: 1]"),
     momentum: Optional[float] = typer.Option(None, help="RAMDA/RMDA averaging weight c0 (ramped to 1 in the final "
-                                             "stage). [default: 0.1]"),
-    batch_size: Optional[int] = typer.Option(None, help="Mini-batch size. [default: 64]"),
+                                             "stage). \\[default: 0.1]"),
+    batch_size: Optional[int] = typer.Option(None, help="Mini-batch size. \\[default: 64]"),
     milestones: Optional[str] = typer.Option(None, help="Epochs where the learning rate decays by --gamma and RAMDA "
-                                             "restarts, e.g. 15,22. [default: half and 3/4 of --epochs]"),
-    gamma: Optional[float] = typer.Option(None, help="Learning-rate decay factor at milestones. [default: 0.1]"),
+                                             "restarts, e.g. 15,22. \\[default: half and 3/4 of --epochs]"),
+    gamma: Optional[float] = typer.Option(None, help="Learning-rate decay factor at milestones. \\[default: 0.1]"),
     schedule: Optional[str] = typer.Option(None, help="step (milestones, RAMDA restarts) or cosine (dense "
-                                           "training). [default: step]"),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (dense training). [default: 0]"),
+                                           "training). \\[default: step]"),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (dense training). \\[default: 0]"),
     group_weight: Optional[str] = typer.Option(None, help="Group weight w_g: size (√entries, the paper's) or flops "
                                                "(∝ the FLOPs removing the group saves: the regularizer prefers "
-                                               "removing the costliest structures). [default: size]"),
-    solver: Optional[str] = typer.Option(None, help="RAMDA subproblem solver: exact or pg. [default: exact]"),
-    seed: Optional[int] = typer.Option(None, help="Random seed (init, data order). [default: 0]"),
+                                               "removing the costliest structures). \\[default: size]"),
+    solver: Optional[str] = typer.Option(None, help="RAMDA subproblem solver: exact or pg. \\[default: exact]"),
+    seed: Optional[int] = typer.Option(None, help="Random seed (init, data order). \\[default: 0]"),
     init: Optional[Path] = typer.Option(None, help="Start from these weights (safetensors, a checkpoint, or a "
                                         "state_dict saved with torch.save; never unpickles code)."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda. [default: auto]"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda. \\[default: auto]"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch. Small models train fastest on 1, "
-                                          "and so does any model on a busy machine. [default: torch's]"),
+                                          "and so does any model on a busy machine. \\[default: torch's]"),
     target_flops: Optional[float] = typer.Option(None, help="Budget instead of λ: the exported model's FLOPs as a "
                                                  "fraction of the dense model, e.g. 0.5. λ is found automatically."),
     target_params: Optional[float] = typer.Option(None, help="Budget: parameters as a fraction of the dense model."),
     target_latency_ms: Optional[float] = typer.Option(None, help="Budget: ONNX Runtime CPU latency in ms on this "
                                                       "machine, at --bench-batch with --bench-threads."),
-    bench_batch: Optional[int] = typer.Option(None, help="Batch size of a latency target. [default: 1]"),
-    bench_threads: Optional[int] = typer.Option(None, help="Intra-op threads of a latency target. [default: all cores]"),
+    bench_batch: Optional[int] = typer.Option(None, help="Batch size of a latency target. \\[default: 1]"),
+    bench_threads: Optional[int] = typer.Option(None, help="Intra-op threads of a latency target. \\[default: all cores]"),
     final_optimizer: Optional[str] = typer.Option(None, help="Target runs: the optimizer of the final phase, which "
                                                   "trains the frozen structure (zero groups kept exactly zero): "
                                                   "adamw (lr 1e-3 cosine to 0, wd 1e-4) or same (RAMDA at λ=0; "
-                                                  "noisier and less accurate on digits). [default: adamw]"),
+                                                  "noisier and less accurate on digits). \\[default: adamw]"),
     align: Optional[int] = typer.Option(None, help="Target runs: at the freeze every channel/neuron width keeps a "
                                         "multiple of this many, at the same budget. ONNX Runtime's CPU convolutions "
                                         "compute channels in blocks of 8 (AVX2) or 16 (AVX-512), so a width of 17 "
                                         "costs as much as 32: aligned widths turn saved FLOPs into real speed "
                                         "(digits-resnet at half the FLOPs, batch 1: 1.62× faster than dense aligned, "
                                         "0.85× unaligned). 1 = off. "
-                                        "[default: 16 with AVX-512, else 8]"),
+                                        "\\[default: 16 with AVX-512, else 8]"),
     rewind: Optional[str] = typer.Option(None, help="Target runs: init restarts the surviving weights from the "
                                          "starting (--init) weights at the freeze, so the final AdamW phase trains "
                                          "them free of the group lasso's shrinkage (all-MiniLM-L6-v2 at 0.95 FLOPs: "
                                          "cosine 0.989 vs 0.918); none keeps the trained survivors (better on "
-                                         "digits-resnet at 0.1 FLOPs: 90.7% vs 86.9%). [default: none]"),
+                                         "digits-resnet at 0.1 FLOPs: 90.7% vs 86.9%). \\[default: none]"),
     config: Optional[Path] = typer.Option(None, help="TOML file whose keys mirror these flags (flags win)."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run directory exactly where it stopped."),
     force: bool = typer.Option(False, "--force", help="Overwrite the run files in an existing --out directory."),
@@ -318,7 +318,7 @@ def export_cmd(
     simplify: bool = typer.Option(False, help="Simplify the graph (onnxslim, if installed) and verify again."),
     align: Optional[int] = typer.Option(None, help="Keep a multiple of this many channels/neurons per layer (extra zero "
                                         "channels are kept: exact). CPU kernels run 8-aligned widths much faster; 1 "
-                                        "removes every zero group. [default: 8; 1 for a FLOP or parameter budget run, "
+                                        "removes every zero group. \\[default: 8; 1 for a FLOP or parameter budget run, "
                                         "whose promise is on FLOPs/params]"),
 ):
     """Remove the zero structures, export RUN/dense.onnx and RUN/model.onnx, verify, write RUN/report.json."""
