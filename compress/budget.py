@@ -890,18 +890,16 @@ class BudgetController:
                              self.kind, self.target)
         info = {"epoch": None if epoch is None else epoch + 1, "cost_optimizer": c0, "zero_optimizer": n_opt,
                 "lam_at_freeze": self._lam(opt)}
-        if self.latency is None and self.align > 1:
-            pre = mask
-            mask, info["alignment"] = align_widths(self.cm, self.groups, mask, norms, iterate_norms, self.kind,
-                                                   self.target, self.align, floor=self.target - self.align_window)
         if self.latency is not None:
             mask, info["latency"] = self.latency.settle(mask, norms, self)
-            pre = mask
-            if self.align > 1:  # aligned widths never cost more blocked FLOPs than the settled pattern
-                mask, info["alignment"] = align_widths(self.cm, self.groups, mask, norms, iterate_norms, self.kind,
-                                                       float(self.cm.cost(mask, self.kind)), self.align)
-        if self.align <= 1:
-            pre = mask
+        pre = mask  # the pattern before alignment (what the alignment removed is counted apart)
+        if self.align > 1:
+            if self.latency is None:  # FLOP/param target: aligned and still in [T − window, T]
+                target, floor = self.target, self.target - self.align_window
+            else:  # aligned widths never cost more blocked FLOPs than the settled pattern
+                target, floor = float(self.cm.cost(mask, self.kind)), None
+            mask, info["alignment"] = align_widths(self.cm, self.groups, mask, norms, iterate_norms, self.kind,
+                                                   target, self.align, floor=floor)
         added, revived = mask & ~zero, zero & ~mask
         # W ← Ŵ, except revived groups, which keep the iterate's values so they can train again
         saved = None
