@@ -222,6 +222,9 @@ def finetune(
         cfg.validate()
     spec = resolve_model(model_name, parse_input_shape(shape_text))
     init_weights = ckpt.load_weights(Path(init_path)) if init_path else None
+    import torch
+
+    torch.manual_seed(cfg.seed)  # the model's random init is part of the run: same seed, same bits
     net = spec.build()
     example = _checked_example(spec, net)
     train_data, eval_data = _data_for(spec, data_spec)
