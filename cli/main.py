@@ -8,10 +8,10 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import tomllib
 from pathlib import Path
 from typing import Optional
 
+import tomllib
 import typer
 from rich.console import Console
 
@@ -40,8 +40,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from compress.io import UserError
-        from compress.train import TrainingInterrupted
+        from compress.errors import TrainingInterrupted, UserError
 
         try:
             return fn(*args, **kwargs)
@@ -63,7 +62,7 @@ def user_errors(fn):
 def _parse_milestones(text: Optional[str]):
     if text is None or isinstance(text, list):
         return text
-    from compress.io import UserError
+    from compress.errors import UserError
 
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -74,7 +73,7 @@ def _parse_milestones(text: Optional[str]):
 def _read_config(path: Optional[Path]) -> dict:
     if path is None:
         return {}
-    from compress.io import UserError
+    from compress.errors import UserError
 
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
@@ -158,10 +157,11 @@ def finetune(
     epoch), metrics.jsonl, training.png and, at the end, weights.safetensors (the structured
     point that `compress export` extracts).
     """
-    from compress import checkpoint as ckpt
-    from compress.io import UserError
-    from compress.train import TrainConfig, finetune as run_finetune
-    from compress.userspec import parse_input_shape, resolve_model
+    from compress.errors import UserError
+    from compress.models.userspec import parse_input_shape, resolve_model
+    from compress.train import checkpoint as ckpt
+    from compress.train.config import TrainConfig
+    from compress.train.loop import finetune as run_finetune
 
     if resume is not None:
         if out is not None and Path(out) != resume:
@@ -174,7 +174,7 @@ def finetune(
             raise UserError("--resume continues a run with its saved settings; only --lr (e.g. lower after a NaN "
                             "loss) and --quiet may be given with it")
         if "budget" in saved:
-            from compress.budget import finetune_to_budget
+            from compress.budget.runner import finetune_to_budget
 
             if lr is not None:
                 raise UserError("a budget run resumes with its saved settings; --lr cannot be changed")
@@ -214,7 +214,7 @@ def finetune(
     cfg = TrainConfig(**merged)
     cfg.validate()
     if budget is not None:
-        from compress.budget import budget_config
+        from compress.budget.runner import budget_config
 
         cfg = budget_config(cfg)  # the same defaults as the Python API (one lr decay, at the freeze)
     else:
@@ -236,7 +236,7 @@ def finetune(
     run_info = {"model": model_name, "data": data_spec, "input_shape": shape_text,
                 "init": str(init_path) if init_path else None}
     if budget is not None:
-        from compress.budget import finetune_to_budget
+        from compress.budget.runner import finetune_to_budget
 
         console.print(f"[bold]budget[/]: {budget.describe()} — λ is found automatically")
         finetune_to_budget(net, train_data, eval_data, example, out_dir, cfg, budget, init_weights=init_weights,
@@ -249,7 +249,7 @@ def finetune(
 
 def _budget_from(opts: dict):
     """Pop the budget flags; a Budget when a target is given (then --lam must not be)."""
-    from compress.io import UserError
+    from compress.errors import UserError
 
     keys = ("target_flops", "target_params", "target_latency_ms", "bench_batch", "bench_threads")
     vals = {k: opts.pop(k, None) for k in keys}
@@ -260,7 +260,7 @@ def _budget_from(opts: dict):
     if opts.get("lam") is not None:
         raise UserError("give either --lam or a target (--target-flops/--target-params/--target-latency-ms): "
                         "with a target, λ is found automatically")
-    from compress.budget import Budget
+    from compress.budget.target import Budget
 
     return Budget(flops=vals["target_flops"], params=vals["target_params"], latency_ms=vals["target_latency_ms"],
                   batch=vals["bench_batch"] or 1, threads=vals["bench_threads"])
@@ -275,7 +275,7 @@ _NOT_ON_RESUME = ("model", "data", "epochs", "lam", "optimizer", "reg_space", "d
 def _load_saved_run(run: Path) -> dict:
     import json
 
-    from compress.io import UserError
+    from compress.errors import UserError
 
     cfg = run / "config.json"
     if not cfg.is_file():
@@ -284,8 +284,8 @@ def _load_saved_run(run: Path) -> dict:
 
 
 def _data_for(spec, data_spec):
-    from compress.io import UserError
-    from compress.userspec import resolve_data
+    from compress.errors import UserError
+    from compress.models.userspec import resolve_data
 
     if data_spec:
         return resolve_data(data_spec)
@@ -298,7 +298,7 @@ def _checked_example(spec, net):
     """The example input, with a clear error if the model cannot run on it."""
     import torch
 
-    from compress.io import UserError
+    from compress.errors import UserError
 
     example = spec.example_input(1)
     try:
@@ -325,10 +325,10 @@ def export_cmd(
                                         "whose promise is on FLOPs/params]"),
 ):
     """Remove the zero structures, export RUN/dense.onnx and RUN/model.onnx, verify, write RUN/report.json."""
-    from compress.pipeline import export_run
+    from compress.deploy.pipeline import export_run
 
     if align is not None and align < 1:
-        from compress.io import UserError
+        from compress.errors import UserError
 
         raise UserError(f"--align must be ≥ 1, got {align}")
     export_run(run, opset=opset, simplify=simplify, align=align, console=console)
@@ -344,7 +344,8 @@ def bench(
     out: Optional[Path] = typer.Option(None, help="Where to write the JSON (two-file form; a run uses RUN/bench.json)."),
 ):
     """Measure ONNX Runtime latency of dense vs compressed, interleaved in one process."""
-    from compress.io import UserError, atomic_write_json
+    from compress.errors import UserError
+    from compress.files import atomic_write_json
 
     try:
         batch_sizes = tuple(int(b) for b in batch.split(","))
@@ -352,13 +353,13 @@ def bench(
     except ValueError:
         raise UserError("--batch and --threads take comma-separated integers (threads may be 'all')") from None
     if len(paths) == 1:
-        from compress.pipeline import bench_run
+        from compress.deploy.pipeline import bench_run
 
         bench_run(paths[0], batch_sizes=batch_sizes, threads=thread_list, rounds=rounds, console=console)
         return
     if len(paths) != 2:
         raise UserError("give a run directory, or exactly two ONNX files (dense, compressed)")
-    from compress.bench import benchmark, print_bench_table
+    from compress.deploy.bench import benchmark, print_bench_table
 
     for p in paths:
         if not p.is_file():
@@ -380,7 +381,7 @@ def inspect(
     list_models: bool = typer.Option(False, "--list", help="List the built-in models."),
 ):
     """Show a model's removable structures (and what cannot be pruned, and why), or summarise a run."""
-    from compress.inspect import inspect_model, inspect_run, list_builtin
+    from compress.inspection import inspect_model, inspect_run, list_builtin
 
     if list_models:
         list_builtin(console)
@@ -389,7 +390,7 @@ def inspect(
     elif run is not None:
         inspect_run(run, console)
     else:
-        from compress.io import UserError
+        from compress.errors import UserError
 
         raise UserError("give a run directory, --model NAME, or --list")
 

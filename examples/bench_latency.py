@@ -17,23 +17,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
-from compress.cost import count_flops, count_params
-from compress.bench import all_cores, benchmark, plot_bench, print_bench_table
-from compress.export import export_onnx
-from compress.extract import extract
-from compress.groups import find_groups, group_norms
-from compress.io import atomic_write_json
+from compress.deploy.bench import all_cores, benchmark, plot_bench, print_bench_table
+from compress.deploy.export import export_onnx
+from compress.deploy.extract import extract
+from compress.files import atomic_write_json
 from compress.models import get_model
+from compress.structure.cost import count_flops, count_params
+from compress.structure.find import find_groups
+from compress.structure.sparsity import group_norms
 
 TARGETS = {  # model -> (group kinds thinned, fraction of speedup/FLOP-ratio required)
     "resnet50": (("channel",), 0.8),

@@ -63,7 +63,7 @@ def _setup(model_name: str, n_grads: int, seed: int = 0):
         nn.functional.cross_entropy(model(x), y).backward()
         grads.append([p.grad.detach().clone() for p in model.parameters()])
     try:
-        from compress.groups import find_groups
+        from compress.structure.find import find_groups
 
         groups_of = lambda m: find_groups(m, example)  # noqa: E731 (the toolkit's real groups)
         groups_of(copy.deepcopy(model))

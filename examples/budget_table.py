@@ -30,9 +30,12 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.budget import Budget, finetune_to_budget  # noqa: E402
+from compress.budget.runner import finetune_to_budget
+from compress.budget.target import Budget  # noqa: E402
 from compress.models import get_model  # noqa: E402
-from compress.train import TrainConfig, evaluate, finetune  # noqa: E402
+from compress.train.config import TrainConfig  # noqa: E402
+from compress.train.evaluate import evaluate
+from compress.train.loop import finetune
 
 
 def dense_model(name: str, out: Path, epochs: int, init: str | None, console) -> tuple[torch.nn.Module, float]:
@@ -57,9 +60,9 @@ def dense_model(name: str, out: Path, epochs: int, init: str | None, console) ->
 
 def run(name, dense, budget, cfg, out, console, measure_latency=True, align=None, threads=1):
     """One budget run, then compress export (align 1) and an ORT benchmark of model.onnx vs dense.onnx."""
-    from compress.bench import benchmark
-    from compress.extract import extract
-    from compress.pipeline import export_run
+    from compress.deploy.bench import benchmark
+    from compress.deploy.extract import extract
+    from compress.deploy.pipeline import export_run
 
     spec = get_model(name)
     train, test = spec.data()
@@ -144,8 +147,9 @@ def main(argv=None):
         console.print(f"dense resnet20 accuracy {r20_acc:.4f}")
         target = args.latency_ms
         if target is None:
-            from compress.budget import CostModel, LatencyModel
-            from compress.groups import find_groups
+            from compress.budget.latency import LatencyModel
+            from compress.structure.cost_model import CostModel
+            from compress.structure.find import find_groups
 
             x = get_model("resnet20").example_input(1)
             g = find_groups(r20, x)

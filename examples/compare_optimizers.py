@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import statistics
 import sys
@@ -32,14 +31,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from compress.cost import count_flops
-from compress.extract import extract
-from compress.groups import GroupList, bind_groups, find_groups
-from compress.io import atomic_write_json, atomic_write_text, atomic_write_with
+from compress.deploy.extract import extract
+from compress.files import atomic_write_json, atomic_write_text, atomic_write_with
 from compress.models import get_model
 from compress.optim import make_optimizer
 from compress.optim.dsgd import model_layers, plot_layer_picks
-from compress.train import TrainConfig, evaluate, lr_at, momentum_at, recalibrate_batchnorm
+from compress.structure.cost import count_flops
+from compress.structure.find import find_groups
+from compress.structure.group import GroupList, bind_groups
+from compress.train.config import TrainConfig, lr_at, momentum_at
+from compress.train.evaluate import evaluate, recalibrate_batchnorm
 
 # Fine-tuning from a good dense point: small learning rates (RAMDA 3e-4 keeps ~99% on digits;
 # 1e-2 destroys the model). The λ grids come from pilot sweeps (6 and 20 epochs) and span

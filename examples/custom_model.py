@@ -17,7 +17,7 @@ from torch import nn
 
 import compress
 from compress.models.digits import digits_datasets
-from compress.train import recalibrate_batchnorm
+from compress.train.evaluate import recalibrate_batchnorm
 
 
 class SmallNet(nn.Module):
@@ -101,7 +101,7 @@ def main(argv=None):
           f"max |ORT − torch| {c['max_abs_diff']:.1e}")
     result = compress.benchmark(args.out / "dense.onnx", args.out / "model.onnx", batch_sizes=(1, 32), threads=(1,),
                                 quick=args.quick)
-    from compress.bench import print_bench_table
+    from compress.deploy.bench import print_bench_table
 
     print_bench_table(result)
 

@@ -22,9 +22,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from compress.extract import extract
-from compress.groups import attention_units, find_groups, group_norms, group_sparsity
+from compress.deploy.extract import extract
 from compress.models import get_model
+from compress.structure.attention import attention_units
+from compress.structure.find import find_groups
+from compress.structure.sparsity import group_norms, group_sparsity
 
 
 def build(name: str, seq: int):

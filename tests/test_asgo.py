@@ -12,12 +12,12 @@ import math
 
 import pytest
 import torch
+from test_optim_reference import grads_at, groups_spec, tiny_groups, tiny_problem
 
 from compress.optim import make_optimizer
 from compress.optim.asgo import ASGO, DASGO
 from compress.optim.eigprox import EigMetric, eig_metric_group_prox
 from compress.optim.prox import GroupIndex
-from test_optim_reference import groups_spec, grads_at, tiny_groups, tiny_problem
 
 DT = torch.float64
 
@@ -182,7 +182,7 @@ def _prox_instance(seed):
     A = torch.nn.Parameter(torch.randn(6, 2, 2, 2, generator=gen, dtype=DT))  # rows, b = 8
     B = torch.nn.Parameter(torch.randn(5, 6, generator=gen, dtype=DT))  # columns, b = 5
     v = torch.nn.Parameter(torch.randn(6, generator=gen, dtype=DT))
-    from compress.groups import Group, Slice
+    from compress.structure.group import Group, Slice
 
     groups = []
     for i in range(6):  # row i of A + entry i of v + column i of B: one group over three metrics
@@ -402,7 +402,8 @@ def finetune_resume_bit_exact(name, tmp_path, **cfg_kw):
     checkpoint (safetensors + JSON) ends with the same weights as an uninterrupted run."""
     from compress.models import get_model
     from compress.models.digits import digits_datasets
-    from compress.train import TrainConfig, finetune
+    from compress.train.config import TrainConfig
+    from compress.train.loop import finetune
 
     spec = get_model("digits-resnet")
     tr, te = digits_datasets()

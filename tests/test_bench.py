@@ -11,9 +11,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
-import compress.bench as bench
-from compress.bench import benchmark, plot_bench, print_bench_table
-from compress.io import UserError
+import compress.deploy.bench as bench
+from compress.deploy.bench import benchmark, plot_bench, print_bench_table
+from compress.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchScript-based ONNX export:DeprecationWarning",
                                         "ignore:The feature will be removed:DeprecationWarning")

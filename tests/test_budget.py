@@ -7,12 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from compress.budget import Budget, CostModel, ZeroKeeper
-from compress.cost import count_flops, count_params
-from compress.extract import extract
-from compress.groups import find_groups
-from compress.io import UserError
+from compress.budget.patterns import ZeroKeeper
+from compress.budget.target import Budget
+from compress.deploy.extract import extract
+from compress.errors import UserError
 from compress.models import get_model, model_names
+from compress.structure.cost import count_flops, count_params
+from compress.structure.cost_model import CostModel
+from compress.structure.find import find_groups
 
 SLOW_MODELS = {"resnet50", "mobilenetv2", "vit-tiny"}  # full-size extraction: tens of seconds to minutes
 
@@ -222,7 +224,7 @@ def test_zero_keeper_zeroes_parameters_and_optimizer_buffers():
 def test_critical_lambda_predicts_the_next_prox(name):
     """λ*_g from the dual state: after one more step (zero gradient) at λ, Ŵ_g = 0 iff λ*_g ≤ λ."""
     import compress.optim as optim
-    from compress.budget import critical_lams
+    from compress.budget.controller import critical_lams
 
     torch.manual_seed(0)
     model, x = _spec_input("digits-resnet")
@@ -255,7 +257,7 @@ def _digits_setup(seed=0):
 @pytest.mark.parametrize("kind,target", [("flops", 0.5), ("params", 0.3)])
 def test_enforcement_never_leaves_the_pattern_above_target_and_is_minimal(kind, target):
     """Against a linear scan: the bisection finds the shortest prefix of the weakness ranking that fits."""
-    from compress.budget import enforce
+    from compress.budget.patterns import enforce
 
     model, x = _digits_setup()
     groups = find_groups(model, x)
@@ -281,8 +283,8 @@ def test_enforcement_never_leaves_the_pattern_above_target_and_is_minimal(kind, 
 def test_finetune_to_budget_enforcement_holds_the_target_when_the_optimizer_removes_nothing(tmp_path, digits_small):
     """λ pinned near zero (controller disabled): every removal is enforcement's, and the real
     extracted model is still within the target."""
-    from compress.budget import finetune_to_budget
-    from compress.train import TrainConfig
+    from compress.budget.runner import finetune_to_budget
+    from compress.train.config import TrainConfig
 
     model, x = _digits_setup()
     tr, te = digits_small
@@ -298,18 +300,19 @@ def test_finetune_to_budget_enforcement_holds_the_target_when_the_optimizer_remo
 
 
 def test_controller_reaches_a_flop_target_in_a_short_run(tmp_path, digits_small):
-    from compress.budget import finetune_to_budget
-    from compress.train import TrainConfig
+    from compress.budget.runner import finetune_to_budget
+    from compress.train.config import TrainConfig
 
     model, x = _digits_setup()
     tr, te = digits_small
     cfg = TrainConfig(epochs=6, batch_size=32, milestones=[4])
-    res = finetune_to_budget(model, tr, te, x, tmp_path / "run", cfg, Budget(flops=0.5), progress=False)
+    # align=1: the optimizer's own zeros are what this test counts; alignment (whose default follows the
+    # CPU: 16 with AVX-512) is tested on its own, and at 8 or 16 it revives this short run's zeros.
+    res = finetune_to_budget(model, tr, te, x, tmp_path / "run", cfg, Budget(flops=0.5), progress=False, align=1)
     b = res.budget
     f = b["achieved"]["flops_fraction"]
     assert 0.45 <= f <= 0.5, f
     # the real extracted model, counted independently of the cost model
-    from compress.groups import find_groups as fg
 
     small, _ = extract(res.model, res.groups, x)
     assert count_flops(small, x) / count_flops(get_model("digits-resnet").build(), x) == pytest.approx(f)
@@ -342,8 +345,8 @@ def test_blocked_flops_pad_channel_counts_like_nchwc_kernels():
 
 def test_latency_target_below_the_smallest_model_is_a_one_line_error(tmp_path, digits_small):
     """Measured, not assumed: the smallest valid model is exported and timed, then the target refused."""
-    from compress.budget import finetune_to_budget
-    from compress.train import TrainConfig
+    from compress.budget.runner import finetune_to_budget
+    from compress.train.config import TrainConfig
 
     model, x = _digits_setup()
     tr, te = digits_small
@@ -357,7 +360,7 @@ def test_latency_target_below_the_smallest_model_is_a_one_line_error(tmp_path, d
 def _stopped_run(out, data, init, cfg, stop_at: int, **kw):
     """A budget run from `init` stopped by an exception in epoch `stop_at`'s callbacks (0-based): its
     checkpoint is the end of the epoch before, as after a crash."""
-    from compress.budget import finetune_to_budget
+    from compress.budget.runner import finetune_to_budget
 
     class Stop(Exception):
         pass
@@ -375,8 +378,8 @@ def _stopped_run(out, data, init, cfg, stop_at: int, **kw):
 def test_budget_run_resumes_after_the_freeze_bit_exactly(tmp_path, digits_small):
     """Stopped after the freeze (epoch 2) and resumed from the epoch-2 checkpoint: the frozen pattern comes
     back from budget_state.json, and the final weights equal one uninterrupted run's bit for bit."""
-    from compress.budget import finetune_to_budget
-    from compress.train import TrainConfig
+    from compress.budget.runner import finetune_to_budget
+    from compress.train.config import TrainConfig
 
     tr, te = digits_small
     cfg = TrainConfig(epochs=4, batch_size=64, milestones=[2], seed=3)
@@ -448,7 +451,7 @@ def test_align_widths_is_aligned_within_target_and_maximal(align):
     digits-resnet (3 widths of 32): none that keeps at least as many groups in every width fits the target."""
     import itertools
 
-    from compress.budget import align_widths, enforce
+    from compress.budget.patterns import align_widths, enforce
 
     model, x = _digits_setup()
     groups = find_groups(model, x)
@@ -478,7 +481,7 @@ def test_align_widths_is_aligned_within_target_and_maximal(align):
 
 def test_align_widths_falls_back_when_alignment_leaves_the_window():
     """floor: an aligned pattern cheaper than `floor` is refused; the next alignment (16 → 8), then none."""
-    from compress.budget import align_widths, enforce
+    from compress.budget.patterns import align_widths, enforce
 
     model, x = _digits_setup()
     groups = find_groups(model, x)
@@ -505,7 +508,7 @@ def test_align_widths_exchange_moves_reach_the_best_aligned_cost_below_the_targe
     exchange moves find the configuration a brute force over every aligned width triple says is best."""
     import itertools
 
-    from compress.budget import align_widths
+    from compress.budget.patterns import align_widths
 
     model, x = _digits_setup()
     groups = find_groups(model, x)
@@ -534,8 +537,8 @@ def test_align_widths_exchange_moves_reach_the_best_aligned_cost_below_the_targe
 def test_aligned_budget_run_exports_the_same_with_align_1_or_8(tmp_path, digits_small, align, target):
     """A short aligned budget run: every extracted width is a multiple of 8 (or < 8), the FLOPs hold the
     target, and extraction with align 8 keeps nothing extra (nor, a width < 8 aside, with the default 16)."""
-    from compress.budget import finetune_to_budget
-    from compress.train import TrainConfig
+    from compress.budget.runner import finetune_to_budget
+    from compress.train.config import TrainConfig
 
     model, x = _digits_setup()
     tr, te = digits_small
@@ -562,7 +565,7 @@ def test_aligned_budget_run_exports_the_same_with_align_1_or_8(tmp_path, digits_
 def test_flops_group_weights_are_proportional_to_the_flops_a_removal_saves():
     """Direct count: zero one group, extract, torch's FLOP counter; the weights' ratios match, and their
     mean is the mean √size weight."""
-    from compress.groups import group_weights
+    from compress.structure.find import group_weights
 
     model, x = _digits_setup()
     groups = find_groups(model, x, weight="flops")
@@ -585,7 +588,7 @@ def test_flops_group_weights_are_proportional_to_the_flops_a_removal_saves():
     assert saved[0] != saved[1]  # the stem costs more: the weights really differ
     with pytest.raises(UserError, match="group weight"):
         find_groups(model, x, weight="cost")
-    from compress.train import TrainConfig
+    from compress.train.config import TrainConfig
 
     for ok in ("size", "flops", "sqrt", "unit"):
         TrainConfig(group_weight=ok).validate()
@@ -602,12 +605,12 @@ def test_cli_group_weight_flops_with_and_without_a_target(tmp_path):
     import sys
     from pathlib import Path
 
-    from compress.groups import group_weights
+    from compress.structure.find import group_weights
 
     root = Path(__file__).resolve().parents[1]
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True,
                               cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
 
     model, x = _digits_setup()
@@ -633,8 +636,8 @@ def test_bench_of_a_latency_target_run_prints_measured_next_to_predicted(tmp_pat
 
     from rich.console import Console
 
-    from compress.export import export_onnx
-    from compress.pipeline import bench_run
+    from compress.deploy.export import export_onnx
+    from compress.deploy.pipeline import bench_run
 
     model, x = _digits_setup()
     groups = find_groups(model, x)
@@ -670,9 +673,10 @@ def test_adamw_final_phase_keeps_the_frozen_groups_zero_and_resumes_bit_exactly(
     weights bit for bit as one uninterrupted run."""
     import json
 
-    from compress.budget import CosineAdamW, finetune_to_budget
-    from compress.groups import zero_mask
-    from compress.train import TrainConfig
+    from compress.budget.runner import finetune_to_budget
+    from compress.optim.cosine_adamw import CosineAdamW
+    from compress.structure.sparsity import zero_mask
+    from compress.train.config import TrainConfig
 
     tr, te = digits_small
     cfg = TrainConfig(epochs=5, batch_size=64, milestones=[2], seed=3)
@@ -736,8 +740,8 @@ def test_rewind_init_restarts_survivors_from_the_start_and_resumes_bit_exactly(t
     trained W) and before it (the rewind then reads out/init.safetensors): both equal one uninterrupted run."""
     import json
 
-    from compress.budget import finetune_to_budget
-    from compress.train import TrainConfig
+    from compress.budget.runner import finetune_to_budget
+    from compress.train.config import TrainConfig
 
     tr, te = digits_small
     cfg = TrainConfig(epochs=4, batch_size=64, milestones=[2], seed=3)
@@ -777,8 +781,8 @@ def test_rewind_init_restarts_survivors_from_the_start_and_resumes_bit_exactly(t
 
 
 def test_rewind_needs_the_adamw_final_phase(tmp_path, digits_small):
-    from compress.budget import finetune_to_budget
-    from compress.train import TrainConfig
+    from compress.budget.runner import finetune_to_budget
+    from compress.train.config import TrainConfig
 
     model, x = _digits_setup()
     with pytest.raises(UserError, match="final_optimizer='adamw'"):

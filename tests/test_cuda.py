@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from compress.groups import find_groups
 from compress.models.digits import DigitsResNet
 from compress.optim import RAMDA
+from compress.structure.find import find_groups
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False")
 
@@ -32,7 +32,8 @@ def test_ramda_on_cuda_matches_cpu():
 
 
 def test_finetune_on_cuda_with_bf16_autocast(tmp_path, digits_small):
-    from compress.train import TrainConfig, finetune
+    from compress.train.config import TrainConfig
+    from compress.train.loop import finetune
 
     cfg = TrainConfig(epochs=2, lr=1e-3, lam=1e-2, device="cuda", amp="bf16")
     res = finetune(DigitsResNet(channels=8), *digits_small, torch.rand(1, 1, 8, 8), tmp_path / "r", cfg, progress=False)

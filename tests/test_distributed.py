@@ -4,7 +4,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent('''
     import sys, torch
     import torch.distributed as dist
-    from compress.train import TrainConfig, finetune
+    from compress.train.config import TrainConfig
+    from compress.train.loop import finetune
     sys.path.insert(0, sys.argv[2])
     from ddp_common import build, data
 
@@ -61,7 +61,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         from ddp_common import build, data
     finally:
         sys.path.pop(0)
-    from compress.train import TrainConfig, finetune
+    from compress.train.config import TrainConfig
+    from compress.train.loop import finetune
 
     cfg = TrainConfig(epochs=2, lr=0.02, lam=3e-3, milestones=[1], batch_size=32, device="cpu")
     single = finetune(build(), *data(), torch.rand(1, 64), tmp_path / "single", cfg, progress=False)

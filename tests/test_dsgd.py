@@ -5,11 +5,17 @@ import math
 
 import pytest
 import torch
+from test_asgo import finetune_resume_bit_exact, resume_roundtrip
+from test_optim_reference import (
+    grads_at,
+    groups_spec,
+    soft_threshold,
+    tiny_groups,
+    tiny_problem,
+)
 
 from compress.optim import make_optimizer
 from compress.optim.dsgd import DSGD, model_layers, plot_layer_picks
-from test_asgo import finetune_resume_bit_exact, resume_roundtrip
-from test_optim_reference import groups_spec, grads_at, soft_threshold, tiny_groups, tiny_problem
 
 DT = torch.float64
 # TinyNet parameters: conv1.weight, bn.weight, bn.bias, conv2.weight, conv2.bias, fc.weight, fc.bias;
@@ -161,8 +167,8 @@ def test_layers_must_hold_whole_groups_and_names():
 
 
 def test_digits_resnet_layers():
-    from compress.groups import find_groups
     from compress.models import get_model
+    from compress.structure.find import find_groups
 
     spec = get_model("digits-resnet")
     m = spec.build()

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import compress.export as ex
-from compress.export import export_onnx
-from compress.io import UserError
+import compress.deploy.export as ex
+from compress.deploy.export import export_onnx
+from compress.errors import UserError
 from compress.models import get_model
 
 

@@ -1,14 +1,14 @@
 """Extraction: exact outputs, parameter counts predicted by hand, all-zero layers, failures named."""
-import copy
 import random
 
 import pytest
 import torch
 from torch import nn
 
-from compress.extract import ExtractionError, extract
-from compress.groups import Group, GroupList, Slice, bind_groups, find_groups
+from compress.deploy.extract import ExtractionError, extract
 from compress.models.digits import DigitsResNet
+from compress.structure.find import find_groups
+from compress.structure.group import Group, GroupList, Slice, bind_groups
 
 
 def _zero(group):

@@ -7,20 +7,18 @@ import pytest
 import torch
 from torch import nn
 
-from compress.groups import (
+from compress.errors import UserError
+from compress.models.digits import DigitsResNet
+from compress.structure.find import find_groups
+from compress.structure.group import (
     Group,
     GroupList,
     Slice,
     bind_groups,
-    find_groups,
-    group_norms,
-    group_sparsity,
     load_groups,
     save_groups,
-    zero_groups,
 )
-from compress.io import UserError
-from compress.models.digits import DigitsResNet
+from compress.structure.sparsity import group_norms, group_sparsity, zero_groups
 
 
 def _zero(group):
@@ -246,7 +244,7 @@ def test_layer_that_produces_and_consumes_one_group_keeps_its_input_columns_as_d
     """An expand=1 inverted residual with a shortcut: its projection conv writes the stem's channels
     (out rows, coupled by the add) and reads them (in columns, through the depthwise conv).
     Predicted sizes must equal the really extracted model's parameter count."""
-    from compress.extract import extract, predicted_params
+    from compress.deploy.extract import extract, predicted_params
     from compress.models.mobilenetv2 import InvertedResidual, _cbr
 
     torch.manual_seed(0)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress.extract import extract
-from compress.groups import find_groups
+from compress.deploy.extract import extract
 from compress.models import get_model, model_names
+from compress.structure.find import find_groups
 
 # Hand-derived group counts (see each model's docstring for the architecture):
 #   resnet20/56: per stage one coupled residual group (16/32/64) + every block's conv1 (n per stage)

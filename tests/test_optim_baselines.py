@@ -5,10 +5,17 @@ import io
 
 import pytest
 import torch
+from test_optim_reference import (
+    RefProxAdam,
+    RefProxSGD,
+    RefRMDA,
+    grads_at,
+    groups_spec,
+    tiny_groups,
+    tiny_problem,
+)
 
-from compress.optim import OPTIMIZERS, ProxAdam, ProxSGD, RMDA, make_optimizer
-from test_optim_reference import (RefProxAdam, RefProxSGD, RefRMDA, groups_spec, grads_at, tiny_groups,
-                                  tiny_problem)
+from compress.optim import OPTIMIZERS, RMDA, ProxAdam, ProxSGD, make_optimizer
 
 DT = torch.float64
 

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from compress.groups import Group, Slice
 from compress.optim import make_optimizer
+from compress.structure.group import Group, Slice
 
 DT = torch.float64
 C = 10

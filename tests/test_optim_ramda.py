@@ -7,9 +7,16 @@ import math
 
 import pytest
 import torch
+from test_optim_reference import (
+    RefRAMDA,
+    grads_at,
+    groups_spec,
+    rows_spec,
+    tiny_groups,
+    tiny_problem,
+)
 
 from compress.optim import RAMDA
-from test_optim_reference import RefRAMDA, groups_spec, grads_at, rows_spec, tiny_groups, tiny_problem
 
 DT = torch.float64
 

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from compress.groups import Group, Slice
+from compress.structure.group import Group, Slice
 
 DT = torch.float64
 

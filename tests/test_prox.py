@@ -5,10 +5,15 @@ import math
 
 import pytest
 import torch
-
-from compress.groups import Group, Slice
-from compress.optim.prox import GroupIndex, group_soft_threshold, metric_group_prox, metric_group_prox_pg
 from test_optim_reference import groups_spec, ref_prox, rows_spec, soft_threshold
+
+from compress.optim.prox import (
+    GroupIndex,
+    group_soft_threshold,
+    metric_group_prox,
+    metric_group_prox_pg,
+)
+from compress.structure.group import Group, Slice
 
 DT = torch.float64
 

@@ -5,11 +5,19 @@ import math
 
 import pytest
 import torch
+from test_asgo import resume_roundtrip
+from test_optim_reference import (
+    grads_at,
+    groups_spec,
+    soft_threshold,
+    taus,
+    tiny_groups,
+    tiny_problem,
+)
 
 from compress.optim import RAMDA, ProxAdam, make_optimizer
-from compress.optim.regspace import PrecondProxAdam, PrecondRAMDA
-from test_asgo import resume_roundtrip
-from test_optim_reference import groups_spec, grads_at, soft_threshold, taus, tiny_groups, tiny_problem
+from compress.optim.proxadam import PrecondProxAdam
+from compress.optim.ramda import PrecondRAMDA
 
 DT = torch.float64
 

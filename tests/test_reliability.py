@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.checkpoint import load_checkpoint, load_into, load_weights, save_checkpoint
-from compress.io import UserError
+from compress.errors import UserError
+from compress.train.checkpoint import (
+    load_checkpoint,
+    load_into,
+    load_weights,
+    save_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
@@ -54,7 +59,7 @@ def user_model(tmp_path):
 
 def test_ctrl_c_writes_resumable_checkpoint_and_resume_finishes(tmp_path, user_model):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "cli.main", "finetune", "--model", f"{user_model}:make", "--data",
+    args = [sys.executable, "-m", "compress", "finetune", "--model", f"{user_model}:make", "--data",
             f"{user_model}:data", "--epochs", "12", "--lam", "1e-3", "--batch-size", "32", "--out", str(out), "--quiet"]
     proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
@@ -66,7 +71,7 @@ def test_ctrl_c_writes_resumable_checkpoint_and_resume_finishes(tmp_path, user_m
     assert "--resume" in err and "Traceback" not in err
     info = load_checkpoint(out / "checkpoint.safetensors")["info"]
     assert info["status"] == "running" and info["epoch"] < 12
-    res = subprocess.run([sys.executable, "-m", "cli.main", "finetune", "--resume", str(out), "--quiet"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "compress", "finetune", "--resume", str(out), "--quiet"], cwd=ROOT,
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert load_checkpoint(out / "checkpoint.safetensors")["info"]["status"] == "done"
@@ -75,7 +80,7 @@ def test_ctrl_c_writes_resumable_checkpoint_and_resume_finishes(tmp_path, user_m
 
 WRITER = textwrap.dedent('''
     import sys, torch
-    from compress.checkpoint import save_checkpoint
+    from compress.train.checkpoint import save_checkpoint
     model = torch.nn.Linear(2000, 2000)
     i = 0
     print("ready", flush=True)
@@ -136,7 +141,7 @@ def _make_unwritable(d: Path):
 
 
 def test_unwritable_run_dir_is_clear_error_and_earlier_file_intact(tmp_path):
-    from compress.io import atomic_write_json
+    from compress.files import atomic_write_json
 
     d = tmp_path / "ro"
     d.mkdir()

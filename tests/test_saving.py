@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from compress.extract import extract
-from compress.groups import find_groups
-from compress.io import UserError
+from compress.deploy.extract import extract
+from compress.deploy.saving import load_compressed, save_compressed
+from compress.errors import UserError
 from compress.models import get_model
-from compress.saving import load_compressed, save_compressed
+from compress.structure.find import find_groups
 
 
 @pytest.mark.parametrize("name", ["digits-resnet", "mobilenetv2", "vit-tiny"])

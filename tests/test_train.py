@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.io import UserError
+from compress.errors import TrainingInterrupted, UserError
 from compress.models.digits import DigitsResNet
-from compress.train import TrainConfig, TrainingInterrupted, finetune, lr_at, momentum_at
+from compress.train.config import TrainConfig, lr_at, momentum_at
+from compress.train.loop import finetune
 
 
 def test_step_schedule_and_momentum_ramp_by_hand():
@@ -79,7 +80,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, digits_small
     with pytest.raises(UserError, match=r"loss became nan at epoch 2.*lower --lr"):
         finetune(model, *digits_small, torch.rand(1, 1, 8, 8), tmp_path / "r", cfg, loss_fn=loss_fn, progress=False)
     assert (tmp_path / "r" / "checkpoint.safetensors").is_file()
-    from compress.checkpoint import load_checkpoint
+    from compress.train.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "r" / "checkpoint.safetensors")["info"]["epoch"] == 1
     # --resume from the kept checkpoint, with a lower learning rate, finishes the run

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ModelSpec, register
-from .synthetic import synthetic_tokens
-from .transformer import EncoderBlock
+from compress.models import ModelSpec, register
+from compress.models.synthetic import synthetic_tokens
+from compress.models.transformer import EncoderBlock
 
 
 class BertMini(nn.Module):

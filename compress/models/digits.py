@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ModelSpec, register
+from compress.models import ModelSpec, register
 
 
 class BasicBlock(nn.Module):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ModelSpec, register
-from .synthetic import synthetic_images
+from compress.models import ModelSpec, register
+from compress.models.synthetic import synthetic_images
 
 
 def _cbr(cin, cout, k=3, stride=1, groups=1):

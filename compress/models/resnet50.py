@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ModelSpec, register
-from .synthetic import synthetic_images
+from compress.models import ModelSpec, register
+from compress.models.synthetic import synthetic_images
 
 
 class Bottleneck(nn.Module):

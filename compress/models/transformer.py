@@ -6,7 +6,6 @@ slicing the projections and lowering `num_heads` (compress.groups.AttentionUnit)
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 

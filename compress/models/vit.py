@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ModelSpec, register
-from .digits import digits_datasets
-from .synthetic import synthetic_images
-from .transformer import EncoderBlock
+from compress.models import ModelSpec, register
+from compress.models.digits import digits_datasets
+from compress.models.synthetic import synthetic_images
+from compress.models.transformer import EncoderBlock
 
 
 class ViT(nn.Module):

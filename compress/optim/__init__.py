@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import torch
 
-from .asgo import ASGO, DASGO
-from .base import ProxOptimizer
-from .dsgd import DSGD
-from .prox import GroupIndex, group_soft_threshold, metric_group_prox, metric_group_prox_pg
-from .proxadam import ProxAdam
-from .proxsgd import ProxSGD
-from .ramda import RAMDA
-from .rmda import RMDA
+from compress.optim.asgo import ASGO, DASGO
+from compress.optim.base import ProxOptimizer
+from compress.optim.dsgd import DSGD
+from compress.optim.prox import (
+    GroupIndex,
+    group_soft_threshold,
+    metric_group_prox,
+    metric_group_prox_pg,
+)
+from compress.optim.proxadam import ProxAdam
+from compress.optim.proxsgd import ProxSGD
+from compress.optim.ramda import RAMDA
+from compress.optim.rmda import RMDA
 
 OPTIMIZERS = ("ramda", "rmda", "proxsgd", "proxadam", "adamw")
 # The other seed methods (ALGORITHMS §3-§4), same constructor contract.

@@ -36,8 +36,8 @@ import math
 
 import torch
 
-from .base import ProxOptimizer
-from .eigprox import EigMetric, as_matrix, eig_metric_group_prox, side_for
+from compress.optim.base import ProxOptimizer
+from compress.optim.eigprox import EigMetric, as_matrix, eig_metric_group_prox, side_for
 
 Tensor = torch.Tensor
 

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .prox import GroupIndex, ProxProblem, make_prox_kernels
+from compress.optim.prox import GroupIndex, ProxProblem, make_prox_kernels
 
 Tensor = torch.Tensor
 

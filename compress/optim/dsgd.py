@@ -35,8 +35,8 @@ from typing import Sequence
 
 import torch
 
-from .base import ProxOptimizer
-from .prox import group_soft_threshold
+from compress.optim.base import ProxOptimizer
+from compress.optim.prox import group_soft_threshold
 
 Tensor = torch.Tensor
 
@@ -319,7 +319,7 @@ def plot_layer_picks(opt: DSGD, path) -> None:
         ax2.set_xlabel("step (this process)")
     fig.suptitle("DSGD layer picks")
     fig.tight_layout()
-    from ..io import atomic_write_with
+    from compress.files import atomic_write_with
 
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .prox import GroupIndex, metric_group_prox
+from compress.optim.prox import GroupIndex, metric_group_prox
 
 Tensor = torch.Tensor
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from .base import ProxOptimizer
+from compress.optim.base import ProxOptimizer
+from compress.optim.regspace import pick_variant, preconditioned_variant
 
 
 class ProxAdam(ProxOptimizer):
@@ -22,9 +21,7 @@ class ProxAdam(ProxOptimizer):
     reg_space = "param"  # "preconditioned": the group lasso on z = D^{1/2} W (regspace.py, ALGORITHMS §5)
 
     def __new__(cls, *args, reg_space: str = "param", **kwargs):
-        from .regspace import variant_for
-
-        return super().__new__(variant_for(cls, reg_space))
+        return super().__new__(pick_variant(cls, PrecondProxAdam, reg_space))
 
     def __init__(self, params, lr: float, lam: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, groups=None, newton_tol: float | None = None, max_newton: int = 50,
@@ -71,3 +68,7 @@ class ProxAdam(ProxOptimizer):
         r, info = prob.solve_exact(tau, self._get_r(), tol=self.newton_tol, max_iter=self.max_newton)
         self._set_r(r)
         self._end(back, info)
+
+
+PrecondProxAdam = preconditioned_variant(
+    ProxAdam, "ProxAdam with the group lasso on z = D^{1/2} W (D = sqrt(v̂) + ε).")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ProxOptimizer
+from compress.optim.base import ProxOptimizer
 
 
 class ProxSGD(ProxOptimizer):

@@ -21,10 +21,10 @@ Newton steps, accurate to about one ulp.
 """
 from __future__ import annotations
 
-
 import torch
 
-from .base import DualAveraging
+from compress.optim.base import DualAveraging
+from compress.optim.regspace import pick_variant, preconditioned_variant
 
 
 def _cbrt_bits_newton(x):
@@ -66,9 +66,7 @@ class RAMDA(DualAveraging):
     reg_space = "param"  # "preconditioned": the group lasso on z = D^{1/2} W (regspace.py, ALGORITHMS §5)
 
     def __new__(cls, *args, reg_space: str = "param", **kwargs):
-        from .regspace import variant_for
-
-        return super().__new__(variant_for(cls, reg_space))
+        return super().__new__(pick_variant(cls, PrecondRAMDA, reg_space))
 
     def __init__(self, params, lr: float, lam: float = 0.0, momentum: float = 0.1, eps: float = 1e-6,
                  groups=None, solver: str = "exact", eps_restart_factor: float = 1.0,
@@ -130,3 +128,7 @@ class RAMDA(DualAveraging):
             _, info = prob.solve_pg(tau, self._step_views("w_hat"), rtol=self.pg_rtol, min_iter=self.pg_min_iter,
                                     max_iter=self.pg_max_iter)
         self._end(back, info)
+
+
+PrecondRAMDA = preconditioned_variant(
+    RAMDA, "RAMDA with the group lasso on z = P^{1/2} W (P = cbrt(U) + ε): Ŵ = P^{-1/2} shrink(P^{1/2}(W⁰ − V/P)).")

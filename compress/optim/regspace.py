@@ -14,17 +14,15 @@ Implementation: only the two kernel hooks change. `_ad` hands the shared solver 
 z-space problem (a = D^{1/2} Z, d = 1, whose secular equation Newton solves in one step)
 and `_finish` maps the result back by D^{-1/2}; the step, restarts, state and
 checkpoints are the parent's. `ProxAdam(..., reg_space="preconditioned")` and
-`RAMDA(..., reg_space="preconditioned")` construct these classes.
+`RAMDA(..., reg_space="preconditioned")` construct the variants their modules define
+with `preconditioned_variant` (PrecondProxAdam, PrecondRAMDA).
 """
 from __future__ import annotations
-
-from .proxadam import ProxAdam
-from .ramda import RAMDA
 
 REG_SPACES = ("param", "preconditioned")
 
 
-def _preconditioned(parent: type, doc: str) -> type:
+def preconditioned_variant(parent: type, doc: str) -> type:
     """`parent` with its subproblem handed over in z-space and the result mapped back by D^{-1/2}."""
 
     def _ad(state, scal):
@@ -36,21 +34,12 @@ def _preconditioned(parent: type, doc: str) -> type:
         parent._finish(state, w / d.sqrt(), scal)
 
     return type(f"Precond{parent.__name__}", (parent,), {
-        "__doc__": doc, "__module__": __name__, "reg_space": "preconditioned",
+        "__doc__": doc, "__module__": parent.__module__, "reg_space": "preconditioned",
         "_ad": staticmethod(_ad), "_finish": staticmethod(_finish)})
 
 
-PrecondProxAdam = _preconditioned(ProxAdam, "ProxAdam with the group lasso on z = D^{1/2} W (D = sqrt(v̂) + ε).")
-PrecondRAMDA = _preconditioned(
-    RAMDA, "RAMDA with the group lasso on z = P^{1/2} W (P = cbrt(U) + ε): Ŵ = P^{-1/2} shrink(P^{1/2}(W⁰ − V/P)).")
-
-_VARIANTS = {ProxAdam: PrecondProxAdam, RAMDA: PrecondRAMDA}
-
-
-def variant_for(cls: type, reg_space: str) -> type:
-    """The class that regularizes in `reg_space` ("param" | "preconditioned") for ProxAdam / RAMDA."""
+def pick_variant(cls: type, variant: type, reg_space: str) -> type:
+    """The class that regularizes in `reg_space`: `cls` for "param", its `variant` for "preconditioned"."""
     if reg_space not in REG_SPACES:
         raise ValueError(f"reg_space must be one of {REG_SPACES}, got {reg_space!r}")
-    if reg_space == "preconditioned":
-        return _VARIANTS.get(cls, cls)
-    return cls
+    return variant if reg_space == "preconditioned" else cls

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DualAveraging
+from compress.optim.base import DualAveraging
 
 
 class RMDA(DualAveraging):

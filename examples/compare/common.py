@@ -8,7 +8,6 @@ speedup comes from, so all methods are timed the same way.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 import time
@@ -22,7 +21,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: use this checkou
 
 import torch  # noqa: E402
 
-from compress.cost import count_flops, count_params  # noqa: E402
+from compress.structure.cost import count_flops, count_params  # noqa: E402
 
 
 @dataclass
@@ -131,8 +130,9 @@ def quiet_console():
 
 def ours_lam(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, **kw):
     """The product at a fixed λ: `compress.finetune`, then `compress.extract` with `compress export`'s align 8. Returns (small, last metrics, run result)."""
-    from compress.extract import extract
-    from compress.train import TrainConfig, finetune
+    from compress.deploy.extract import extract
+    from compress.train.config import TrainConfig
+    from compress.train.loop import finetune
 
     res = finetune(model, train, eval_data, example, out_dir, TrainConfig(**cfg_kw), force=True, progress=False,
                    console=quiet_console(), **kw)
@@ -145,11 +145,12 @@ def ours_budget(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, f
     """The product given a FLOP target: `compress.budget.finetune_to_budget` (λ is its controller's),
     then `compress.extract`. Returns (small, last metrics, run result), or None when the budget module is absent."""
     try:
-        from compress.budget import Budget, finetune_to_budget
+        from compress.budget.runner import finetune_to_budget
+        from compress.budget.target import Budget
     except ImportError:
         return None
-    from compress.extract import extract
-    from compress.train import TrainConfig
+    from compress.deploy.extract import extract
+    from compress.train.config import TrainConfig
 
     res = finetune_to_budget(model, train, eval_data, example, out_dir, TrainConfig(**cfg_kw), Budget(flops=flops),
                              force=True, progress=False, console=quiet_console(), **kw)
@@ -251,7 +252,7 @@ class Task:
 
 def export(model: torch.nn.Module, example, path: Path, **kw) -> dict:
     """Our verified export (ORT must agree with torch) — every method goes through it."""
-    from compress.export import export_onnx
+    from compress.deploy.export import export_onnx
 
     model.eval()
     return export_onnx(model, example, path, **kw)
@@ -263,7 +264,7 @@ def bench_pair(dense_onnx: Path, comp_onnx: Path, rounds: int | None, flops: tup
 
     Returns {batch: (speedup, compressed median ms, dense median ms)} plus the raw report.
     """
-    from compress.bench import benchmark
+    from compress.deploy.bench import benchmark
 
     args = {"batch_sizes": (1, 32), "threads": (1,), "providers": ["CPUExecutionProvider"]}
     if rounds is not None:
@@ -343,7 +344,7 @@ def markdown_table(rows: list[Result], metric_name: str, extra_cols: list[tuple[
 def write_report(out: Path, task: str, rows: list[Result], metric_name: str, header: str,
                  extra_cols: list[tuple[str, str, str]] = (), meta: dict | None = None) -> str:
     """Write `<task>.md`, `<task>.json` and `<task>_pareto.png` under `out`; return the markdown."""
-    from compress.io import atomic_write_json, atomic_write_text
+    from compress.files import atomic_write_json, atomic_write_text
 
     md = f"## {task}\n\n{header}\n\n{markdown_table(rows, metric_name, extra_cols)}\n"
     atomic_write_text(out / f"{task}.md", md)
@@ -361,7 +362,7 @@ def pareto_plot(rows: list[Result], metric_name: str, path: Path, title: str) ->
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    from compress.io import atomic_write_with
+    from compress.files import atomic_write_with
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
     methods = list(dict.fromkeys(r.method for r in rows))

@@ -15,14 +15,13 @@ speed with our export + benchmark.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from common import Result, Task, Timer, cosine_lr, measure, tensor_batches, train_loop
-from compress.cost import count_flops, count_params
+
 from compress.models import get_model
+from compress.structure.cost import count_flops, count_params
 
 BATCH = 64
 

@@ -12,7 +12,6 @@ dense and compressed interleaved). Per task it writes <out>/<task>.md, .json and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
         tables.append(md)
         print(md, flush=True)
     summary["seconds"] = time.perf_counter() - t0
-    from compress.io import atomic_write_json, atomic_write_text
+    from compress.files import atomic_write_json, atomic_write_text
 
     atomic_write_json(args.out / "summary.json", summary)
     timing = (f"total {summary['seconds']:.0f} s on {summary['torch_threads']} torch threads "

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import Result, Task, Timer, cosine_lr, measure, train_loop
 from torch import nn
 
-from common import Result, Task, Timer, cosine_lr, measure, train_loop
-from compress.cost import count_flops, count_params
+from compress.structure.cost import count_flops, count_params
 
 BATCH = 32
 MAX_WORDS = 40
@@ -301,9 +301,8 @@ class Text(Task):
     def tp_magnitude(self) -> None:
         """Torch-Pruning: heads (global ranking) and MLP neurons (global ranking) at the same
         ratio, stepped until the FLOP target; the hidden size is kept (LayerNorm/residual)."""
-        from transformers.models.bert.modeling_bert import BertSelfAttention
-
         from tp_peers import make_pruner, prune_to_flops
+        from transformers.models.bert.modeling_bert import BertSelfAttention
 
         E, steps = self.cfg["epochs"], self.cfg["tp_steps"]
         for f in self.cfg["fractions"]:

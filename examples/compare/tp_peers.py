@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch_pruning as tp
 
-from compress.cost import count_flops
+from compress.structure.cost import count_flops
 
 
 def prune_to_flops(model: torch.nn.Module, pruner, example, target_fraction: float, steps: int,

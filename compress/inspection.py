@@ -5,13 +5,13 @@ import json
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-from .io import UserError
+from compress.errors import UserError
 
 
 def list_builtin(console) -> None:
     from rich.table import Table
 
-    from .models import get_model, model_names
+    from compress.models import get_model, model_names
 
     t = Table(title="built-in models")
     t.add_column("name")
@@ -27,9 +27,9 @@ def inspect_model(name: str, console) -> None:
     """Groups per layer (kind, count, entries) and the structures that are not prunable, with the reason."""
     from rich.table import Table
 
-    from .cost import count_flops, count_params
-    from .groups import find_groups
-    from .userspec import resolve_model
+    from compress.models.userspec import resolve_model
+    from compress.structure.cost import count_flops, count_params
+    from compress.structure.find import find_groups
 
     spec = resolve_model(name)
     model = spec.build().eval()
@@ -90,13 +90,13 @@ def inspect_run(run: Path, console) -> None:
     console.print(f"training: {status}")
     rep = run / "report.json"
     if rep.is_file():
-        from .pipeline import print_report
+        from compress.deploy.pipeline import print_report
 
         print_report(json.loads(rep.read_text()), console)
     else:
         console.print(f"not exported yet: compress export {run}")
     b = run / "bench.json"
     if b.is_file():
-        from .bench import print_bench_table
+        from compress.deploy.bench import print_bench_table
 
         print_bench_table(json.loads(b.read_text()), console)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .io import UserError
-from .models import ModelSpec, get_model
+from compress.errors import UserError
+from compress.models import ModelSpec, get_model
 
 
 def _load_callable(spec: str, what: str):

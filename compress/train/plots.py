@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io import atomic_write_with
+from compress.files import atomic_write_with
 
 
 def plot_training(metrics: list[dict], path: str | Path) -> None:

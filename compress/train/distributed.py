@@ -1,6 +1,6 @@
 """Data-parallel training with PyTorch's own engine (torchrun + DistributedDataParallel).
 
-`torchrun --nproc_per_node N -m cli.main finetune ...` sets RANK/WORLD_SIZE; `DistContext.from_env()`
+`torchrun --nproc_per_node N -m compress finetune ...` sets RANK/WORLD_SIZE; `DistContext.from_env()`
 joins the process group (gloo on CPU, nccl on GPU). Each rank takes an interleaved share of
 every global batch, so N processes with batch B/N see exactly the samples of one process
 with batch B, and the averaged gradient is the same. Only rank 0 writes files and prints.

@@ -14,7 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .io import UserError, atomic_write_with
+from compress.errors import UserError
+from compress.files import atomic_write_with
 
 _MODEL = "model/"
 _OPT = "optim/"
@@ -133,3 +134,25 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
             raise UserError(f"{source} does not match the model: {k!r} has shape {tuple(state[k].shape)} "
                             f"in the file but {tuple(v.shape)} in the model")
     model.load_state_dict(state)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            st[f"cuda{i}"] = s
+    return st
+
+
+def set_rng_state(st: dict[str, torch.Tensor]) -> None:
+    if "torch" in st:
+        torch.set_rng_state(st["torch"])
+    cuda = [st[k] for k in sorted(st) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_weights(path, model: torch.nn.Module) -> None:
+    """The model's state_dict as safetensors, atomically."""
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write_with(path, lambda tmp: save_file(sd, tmp))

@@ -15,7 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .io import UserError, atomic_write_with
+from compress.errors import UserError
+from compress.files import atomic_write_with
 
 _SCALARS = (int, float, bool, str, type(None))
 
@@ -81,7 +82,7 @@ def load_compressed(model: torch.nn.Module, path: str | Path) -> torch.nn.Module
                 mod._parameters[leaf] = torch.nn.Parameter(torch.empty_like(t), requires_grad=own[key].requires_grad)
             else:
                 mod._buffers[leaf] = torch.empty_like(t)
-    from .checkpoint import load_into
+    from compress.train.checkpoint import load_into
 
     load_into(model, sd, str(path))
     return model

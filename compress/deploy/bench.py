@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import UserError, atomic_write_with
+from compress.errors import UserError
+from compress.files import atomic_write_with
+
 
 def all_cores() -> int:
     try:
@@ -238,7 +240,7 @@ def benchmark(
 
     flop_info = None
     if torch_models is not None:
-        from .cost import count_flops, count_params
+        from compress.structure.cost import count_flops, count_params
 
         feed1 = make_feed(inputs, resolve_shapes(inputs, 1, seq_len, input_shapes), seed)
         args1 = _torch_args(feed1, inputs)

@@ -1,9 +1,4 @@
-"""Files that are never half-written and loads that never run code.
-
-Every file the toolkit writes goes through `atomic_write_*`: write to a temporary file in
-the same directory, fsync, then rename over the target, so a crash (even kill -9) leaves
-either the old file or the new one, never a torn one.
-"""
+"""Atomic file writes (temp file + rename): a crash never leaves a half-written file."""
 from __future__ import annotations
 
 import json
@@ -12,9 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-
-class UserError(Exception):
-    """A mistake the user can fix; the CLI prints it as one line (no traceback) and exits 2."""
+from compress.errors import UserError
 
 
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:

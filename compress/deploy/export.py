@@ -28,8 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .groups import _flatten_tensors  # outputs of any nesting (tuple, dict, ModelOutput)
-from .io import UserError, atomic_write_with
+from compress.errors import UserError
+from compress.files import atomic_write_with
+from compress.structure.tensors import (
+    flatten_tensors,  # outputs of any nesting (tuple, dict, ModelOutput)
+)
 
 _PROTO_LIMIT = 2**31 - 1  # protobuf's 2 GiB ceiling for a single-file ONNX model
 
@@ -119,14 +122,14 @@ def _resize(t: torch.Tensor, batch: int | None, seq: int | None, gen: torch.Gene
 
 
 def _torch_run(model, inputs, device) -> list[np.ndarray]:
-    outs = _flatten_tensors(_torch_forward(model, inputs, device))
+    outs = flatten_tensors(_torch_forward(model, inputs, device))
     return [o.detach().float().cpu().numpy() if o.dtype.is_floating_point else o.detach().cpu().numpy() for o in outs]
 
 
 def _output_dynamic_axes(model, inputs, device, dyn_batch, dyn_seq, gen) -> list[dict[int, str]]:
     """Which output dims follow batch / seq, found by running torch at two sizes (the
     TorchScript exporter would otherwise freeze them at the example's values)."""
-    base = [o.shape for o in _flatten_tensors(_torch_forward(model, inputs, device))]
+    base = [o.shape for o in flatten_tensors(_torch_forward(model, inputs, device))]
     axes = [dict() for _ in base]
     probes = []
     if dyn_batch:
@@ -134,7 +137,7 @@ def _output_dynamic_axes(model, inputs, device, dyn_batch, dyn_seq, gen) -> list
     if dyn_seq:
         probes.append(("seq", [_resize(x, None, x.shape[1] + 1 if s else None, gen) for x, s in zip(inputs, dyn_seq)]))
     for name, probe in probes:
-        shapes = [o.shape for o in _flatten_tensors(_torch_forward(model, probe, device))]
+        shapes = [o.shape for o in flatten_tensors(_torch_forward(model, probe, device))]
         for i, (a, b) in enumerate(zip(base, shapes)):
             for d, (u, v) in enumerate(zip(a, b)):
                 if u != v:
@@ -314,7 +317,7 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        n_out = len(_flatten_tensors(_torch_forward(model, inputs, device)))
+        n_out = len(flatten_tensors(_torch_forward(model, inputs, device)))
         out_names = list(output_names) if output_names else (["output"] if n_out == 1 else
                                                              [f"output_{i}" for i in range(n_out)])
         if len(out_names) != n_out:
@@ -505,7 +508,7 @@ def _verify(model, inputs, device, onnx_path, names, dyn_in, dynamic_batch, dyn_
     return {"max_abs_diff": diff.max_abs, "max_rel_diff": diff.max_rel, "checks": checks, **res}
 
 
-def _batches(eval_data, batch_size=256):
+def _eval_batches(eval_data, batch_size=256):
     if isinstance(eval_data, torch.utils.data.Dataset):
         return torch.utils.data.DataLoader(eval_data, batch_size=batch_size, shuffle=False)
     return eval_data
@@ -515,7 +518,7 @@ def _eval(model, device, sess, names, eval_data, diff, example, dynamic_batch) -
     """Top-1 accuracy of torch and ORT on the same batches (first output, argmax of last dim)."""
     n = torch_ok = onnx_ok = 0
     worst = 0.0
-    for k, batch in enumerate(_batches(eval_data)):
+    for k, batch in enumerate(_eval_batches(eval_data)):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise UserError("eval_data must yield (inputs, labels) pairs")
         xs, y = _as_tuple(batch[0]), torch.as_tensor(batch[1]).cpu()

@@ -1,8 +1,4 @@
-"""Run-directory steps after training: `export_run` (extract → ONNX → verify → report) and `bench_run`.
-
-A run directory is self-describing: config.json names the model and data, so these
-steps rebuild everything from files and never need the Python objects of training.
-"""
+"""Run-level export and bench: rebuild the model from a run directory, extract, export, measure."""
 from __future__ import annotations
 
 import json
@@ -10,39 +6,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .io import UserError, atomic_write_json
-from .train import RUN_FILES, evaluate
-
-
-def load_run(run: str | Path) -> dict:
-    """Config, model spec, data and groups of a finished run (weights loaded = the structured point)."""
-    from .groups import load_groups
-    from .userspec import parse_input_shape, resolve_data, resolve_model
-
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist; create one with: compress finetune --out {run}")
-    cfg_path = run / RUN_FILES["config"]
-    if not cfg_path.is_file():
-        raise UserError(f"{run} is not a run directory (no {RUN_FILES['config']})")
-    config = json.loads(cfg_path.read_text())
-    if "model" not in config:
-        raise UserError(f"{run} was made from Python with a model object; export it with compress.extract and "
-                        "compress.export_onnx")
-    weights = run / RUN_FILES["weights"]
-    if not weights.is_file():
-        raise UserError(f"{run} has no {RUN_FILES['weights']}: training did not finish; "
-                        f"continue it with: compress finetune --resume {run}")
-    spec = resolve_model(config["model"], parse_input_shape(config.get("input_shape")))
-    model = spec.build()
-    ckpt.load_into(model, ckpt.load_weights(weights), str(weights))
-    dense = spec.build()
-    ckpt.load_into(dense, ckpt.load_weights(run / RUN_FILES["init"]), str(run / RUN_FILES["init"]))
-    data = resolve_data(config["data"]) if config.get("data") else (spec.data() if spec.data else None)
-    groups = load_groups(run / RUN_FILES["groups"], model)
-    return {"run": run, "config": config, "spec": spec, "model": model.eval(), "dense": dense.eval(),
-            "data": data, "groups": groups}
+from compress.errors import UserError
+from compress.files import atomic_write_json
+from compress.runs import load_run
+from compress.train.evaluate import evaluate
 
 
 def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, align: int | None = None,
@@ -54,10 +21,10 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
     """
     from rich.console import Console
 
-    from .cost import count_flops, count_params
-    from .export import export_onnx
-    from .extract import extract
-    from .groups import zero_groups
+    from compress.deploy.export import export_onnx
+    from compress.deploy.extract import extract
+    from compress.structure.cost import count_flops, count_params
+    from compress.structure.sparsity import zero_groups
 
     console = console or Console()
     r = load_run(run)
@@ -70,7 +37,7 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
 
     with console.status("extracting zero groups"):
         small, ext = extract(r["model"], r["groups"], example, align=align)
-    from .saving import save_compressed
+    from compress.deploy.saving import save_compressed
 
     save_compressed(small, run / "compressed.safetensors", {"model": r["config"]["model"]})
     dev = torch.device("cpu")
@@ -146,7 +113,7 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
     threads, and its measured latency is printed next to the prediction made while training."""
     from rich.console import Console
 
-    from .bench import benchmark, plot_bench, print_bench_table
+    from compress.deploy.bench import benchmark, plot_bench, print_bench_table
 
     console = console or Console()
     run = Path(run)

@@ -18,17 +18,12 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .cost import count_flops, count_params
-from .groups import (
-    AttentionUnit,
-    GroupList,
-    _as_args,
-    _flatten_tensors,
-    attention_units,
-    bind_groups,
-    zero_mask,
-)
-from .io import UserError
+from compress.errors import UserError
+from compress.structure.attention import AttentionUnit, attention_units
+from compress.structure.cost import count_flops, count_params
+from compress.structure.group import GroupList, bind_groups
+from compress.structure.sparsity import zero_mask
+from compress.structure.tensors import as_args, flatten_tensors
 
 
 class ExtractionError(UserError):
@@ -42,7 +37,7 @@ class ExtractionError(UserError):
 def _outputs(model, args, kwargs) -> list[torch.Tensor]:
     with torch.no_grad():
         out = model(*args, **kwargs)
-    return [t.detach().float() for t in _flatten_tensors(out) if t.is_floating_point()]
+    return [t.detach().float() for t in flatten_tensors(out) if t.is_floating_point()]
 
 
 def _compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, float]:
@@ -195,8 +190,8 @@ def extract(model: nn.Module, groups, example_inputs, atol: float = 1e-5, verify
     result is an unchanged copy. The returned model is in eval mode. `align`: keep a multiple
     of this many channels/neurons per layer (see `_plan`).
     """
-    args, kwargs = _as_args(example_inputs)
-    vargs, vkwargs = _as_args(verify_inputs) if verify_inputs is not None else (args, kwargs)
+    args, kwargs = as_args(example_inputs)
+    vargs, vkwargs = as_args(verify_inputs) if verify_inputs is not None else (args, kwargs)
     was_training = model.training
     model.eval()
     try:
@@ -262,7 +257,7 @@ def _locate(model, gl, plan, args, kwargs, vargs, vkwargs, ref, atol):
         try:
             _remove(work, g2, plan, [layer], args, kwargs)
             d, s = _compare(ref, _outputs(work.eval(), vargs, vkwargs))
-        except Exception as e:  # noqa: BLE001 - reported to the user
+        except Exception:  # noqa: BLE001 - reported to the user
             d, s = math.inf, 0.0
         if _ok(d, s, atol):
             continue

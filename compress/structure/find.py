@@ -1,0 +1,139 @@
+"""find_groups: the removable structures of a model, and their group weights."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from compress.errors import UserError
+from compress.structure.attention import attention_units, head_groups
+from compress.structure.channels import channel_groups
+from compress.structure.group import Group, GroupList, bind_groups
+from compress.structure.tensors import as_args, flatten_tensors
+
+GROUP_WEIGHTS = ("size", "flops", "sqrt", "unit")
+
+
+def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: str = "size") -> GroupList:
+    """All zero-invariant groups of `model`, bound to its live parameters.
+
+    Channels/neurons come from torch-pruning's DependencyGraph: for each conv/linear
+    (in module order) not yet covered, its output channels' pruning group is taken
+    and split per channel; coupled layers (e.g. the stem conv and every residual
+    branch of its stage) therefore form one group per channel. DepGraph's group also
+    lists the *consumers* (the next layer's input columns); those go to
+    `Group.dependents`, not to the regularized slices: once the producer rows, biases
+    and BN γ/β are zero the channel is exactly zero after any f(0)=0 activation, so
+    the consumer's columns multiply zeros and removing them changes nothing. Attention
+    heads (see `AttentionUnit`) are grouped directly: q, k, v rows and biases of the
+    head plus the out-projection columns. Structures whose removal would not be exact
+    are listed in `.not_prunable` with the reason.
+
+    weight: the regularizer's w_g (`group_weights`): "size" (√entries, the RAMDA paper's choice;
+    "sqrt" is the old name), "flops" (∝ the FLOPs removing the group saves) or "unit" (1).
+    """
+    import torch_pruning as tp
+
+    if weight not in GROUP_WEIGHTS:
+        raise UserError(f"group weight must be one of {', '.join(GROUP_WEIGHTS)}, got {weight!r}")
+    ignored = set(ignored_layers or [])
+    ignored |= {model.get_submodule(n) for n in list(ignored) if isinstance(n, str)}
+    named = dict(model.named_modules())
+    order = {m: i for i, (_, m) in enumerate(named.items())}
+    pnames = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    not_prunable: list[tuple[str, str]] = []
+    found: list[tuple[int, list[Group]]] = []
+
+    units = attention_units(model)
+    attn_linears = set()
+    for u in units:
+        for r in (u.q, u.k, u.v):
+            attn_linears.add(model.get_submodule(r))
+        if model.get_submodule(u.name) in ignored:
+            not_prunable.append((u.name, "ignored by the caller"))
+            continue
+        found.append((order[model.get_submodule(u.name)], head_groups(model, u)))
+    for name, m in named.items():
+        if isinstance(m, nn.MultiheadAttention):
+            not_prunable.append(
+                (name, "nn.MultiheadAttention: heads are not offered (rewrite it with separate q/k/v/out nn.Linear layers and num_heads/head_dim attributes to prune heads)")
+            )
+
+    was_training = model.training
+    args, kwargs = as_args(example_inputs)
+    outputs = []
+
+    def forward_fn(mod, _):
+        out = mod(*args, **kwargs)
+        outputs.append(out)
+        return out
+
+    try:
+        with torch.enable_grad():
+            DG = tp.DependencyGraph().build_dependency(
+                model, example_inputs=args, forward_fn=forward_fn, verbose=False
+            )
+    finally:
+        model.train(was_training)
+    out_fns = {t.grad_fn for t in flatten_tensors(outputs[0]) if t.grad_fn is not None}
+
+    visited = set(attn_linears)
+    for name, m in named.items():
+        if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m in visited:
+            continue
+        if m not in DG.module2node:
+            not_prunable.append((name, "not reached by the forward pass on the example inputs"))
+            continue
+        pruner = DG.get_pruner_of_module(m)
+        pg = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        members = []
+        for it in pg.items:
+            mod = it.dep.target.module
+            p = DG.get_pruner_of_module(mod) if isinstance(mod, nn.Module) else None
+            if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) and p is not None and it.dep.handler == p.prune_out_channels:
+                members.append(mod)
+        visited.update(members)
+        if any(x in ignored for x in members) or m in ignored:
+            not_prunable.append((name, "ignored by the caller"))
+            continue
+        if pruner.get_out_channels(m) <= 1:
+            not_prunable.append((name, "a single output channel"))
+            continue
+        gs, reason = channel_groups(DG, model, m, name, pnames, attn_linears, out_fns)
+        if reason:
+            not_prunable.append((name, reason))
+            for mod in members:  # every coupled layer is listed, so inspect can show each
+                if mod is not m and mod not in attn_linears:
+                    not_prunable.append((DG._module2name[mod], f"coupled with {name}: {reason}"))
+        else:
+            found.append((order[m], gs))
+    found.sort(key=lambda t: t[0])
+    groups = GroupList([g for _, gs in found for g in gs], not_prunable)
+    bind_groups(groups, model)
+    for g, w in zip(groups, group_weights(model, groups, example_inputs, weight).tolist()):
+        g.weight = w
+    return groups
+
+
+def group_weights(model: nn.Module, groups, example_inputs, weight: str = "size") -> torch.Tensor:
+    """w_g for every group (float64): "size"/"sqrt" √entries; "unit" 1; "flops" the FLOPs that
+    removing the group alone saves in the dense model (`CostModel.savings` with nothing zero:
+    its slices and dependents, i.e. the consumers' input columns too), scaled so the mean equals
+    the mean √entries — λ keeps the scale it has with size weights, while the penalty moves to
+    the structures that cost the most to run."""
+    if weight in ("size", "sqrt"):
+        return torch.tensor([math.sqrt(g.size) for g in groups], dtype=torch.float64)
+    if weight == "unit":
+        return torch.ones(len(groups), dtype=torch.float64)
+    if weight != "flops":
+        raise UserError(f"group weight must be one of {', '.join(GROUP_WEIGHTS)}, got {weight!r}")
+    from compress.structure.cost_model import CostModel
+
+    sav = CostModel(model, groups, example_inputs).savings(torch.zeros(len(groups), dtype=torch.bool), "flops")
+    if not len(groups):
+        return sav
+    if not bool((sav > 0).any()):
+        raise UserError("--group-weight flops: no group saves any FLOPs on the example input; use size")
+    size = torch.tensor([math.sqrt(g.size) for g in groups], dtype=torch.float64)
+    return sav * (size.mean() / sav.mean())
