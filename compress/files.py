@@ -18,6 +18,7 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise UserError(f"cannot write to {path.parent}: {e.strerror}; check the directory exists and is writable") from e
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files follow the umask like any file
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -37,6 +38,12 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _remove_stale_temps(path: Path, keep: str) -> None:

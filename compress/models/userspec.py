@@ -16,6 +16,15 @@ from compress.errors import UserError
 from compress.models import ModelSpec, get_model
 
 
+def _import_from_cwd(name: str):
+    """`mymodels:make_net` resolves against the current folder, as `python -m` does (the console
+    script's sys.path holds only its own bin/ folder)."""
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    return importlib.import_module(name)
+
+
 def _load_callable(spec: str, what: str):
     if ":" not in spec:
         raise UserError(f"{what} {spec!r} is neither a built-in name nor of the form module:function or file.py:function")
@@ -30,7 +39,7 @@ def _load_callable(spec: str, what: str):
             sys.modules[module_spec.name] = module
             module_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(mod_name)
+            module = _import_from_cwd(mod_name)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any import-time failure is the user's module's
