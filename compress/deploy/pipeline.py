@@ -113,7 +113,8 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
     threads, and its measured latency is printed next to the prediction made while training."""
     from rich.console import Console
 
-    from compress.deploy.bench import benchmark, plot_bench, print_bench_table
+    from compress.deploy.bench import benchmark
+    from compress.deploy.bench_report import plot_bench, print_bench_table
 
     console = console or Console()
     run = Path(run)
