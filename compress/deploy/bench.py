@@ -343,6 +343,16 @@ def _torch_args(feed, inputs):
     return tuple(torch.from_numpy(feed[n]) for n, _, _ in inputs)
 
 
+def _eager(model, args):
+    import torch
+
+    def run():
+        with torch.inference_mode():
+            model(*args)
+
+    return run
+
+
 def _torch_rows(torch_models, inputs, thread_list, batch_sizes, seq_len, input_shapes, warmup, rounds, budget_s,
                 flop_ratio, seed) -> list[dict]:
     """Eager torch on CPU, same feeds and interleaving: the reference ORT should beat."""
@@ -357,12 +367,7 @@ def _torch_rows(torch_models, inputs, thread_list, batch_sizes, seq_len, input_s
             for b in batch_sizes:
                 shapes = resolve_shapes(inputs, b, seq_len, input_shapes)
                 args = _torch_args(make_feed(inputs, shapes, seed), inputs)
-
-                def run(m):
-                    with torch.inference_mode():
-                        m(*args)
-
-                ta, tb = _interleaved(lambda: run(dense), lambda: run(comp), warmup, rounds, budget_s)
+                ta, tb = _interleaved(_eager(dense, args), _eager(comp, args), warmup, rounds, budget_s)
                 rows.append(_row("torch", "eager", t, b, shapes, ta, tb, flop_ratio))
     finally:
         torch.set_num_threads(old)
