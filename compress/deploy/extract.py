@@ -195,19 +195,7 @@ def extract(model: nn.Module, groups, example_inputs, atol: float = 1e-5, verify
     layers = list(plan)
     _remove(work, gl, plan, layers, args, kwargs)
     work.eval()
-    try:
-        got = _outputs(work, vargs, vkwargs)
-    except Exception as e:  # a shape error: some removal was inconsistent
-        got, err = None, e
-    diff, scale = _compare(ref, got) if got is not None else (math.inf, 0.0)
-    if not _ok(diff, scale, atol):
-        culprit, why = _locate(model, gl, plan, args, kwargs, vargs, vkwargs, ref, atol)
-        detail = f"max abs diff {diff:.3g} vs output scale {scale:.3g}" if got is not None else f"forward failed: {err}"
-        raise ExtractionError(
-            f"removing group {culprit} changes the model's output ({why}); overall {detail}. "
-            "The group is not zero-invariant: check the layers between it and its consumers",
-            culprit,
-        )
+    diff, scale = _check_equivalent(model, work, gl, plan, (args, kwargs), (vargs, vkwargs), ref, atol)
     report = {
         "params_before": params_before,
         "params_after": count_params(work),
@@ -230,6 +218,25 @@ def extract(model: nn.Module, groups, example_inputs, atol: float = 1e-5, verify
     for e in report["layers"].values():
         e.pop("remove")
     return work, report
+
+
+def _check_equivalent(model, work, gl, plan, inputs, verify, ref, atol) -> tuple[float, float]:
+    """(max |Δ|, output scale) of `work` against the dense outputs `ref`; ExtractionError naming
+    the first group that breaks equivalence when they disagree."""
+    try:
+        got = _outputs(work, *verify)
+    except Exception as e:  # a shape error: some removal was inconsistent
+        got, err = None, e
+    diff, scale = _compare(ref, got) if got is not None else (math.inf, 0.0)
+    if not _ok(diff, scale, atol):
+        culprit, why = _locate(model, gl, plan, *inputs, *verify, ref, atol)
+        detail = f"max abs diff {diff:.3g} vs output scale {scale:.3g}" if got is not None else f"forward failed: {err}"
+        raise ExtractionError(
+            f"removing group {culprit} changes the model's output ({why}); overall {detail}. "
+            "The group is not zero-invariant: check the layers between it and its consumers",
+            culprit,
+        )
+    return diff, scale
 
 
 def _locate(model, gl, plan, args, kwargs, vargs, vkwargs, ref, atol):
