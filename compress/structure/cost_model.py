@@ -93,7 +93,6 @@ class CostModel:
 
     def __init__(self, model: nn.Module, groups, example_inputs):
         self.n_groups = len(groups)
-        self.example_inputs = example_inputs
         named = dict(model.named_parameters())
         pair_ix, sizes = self._index_slices(groups, named)
         self._index_params(named, pair_ix, sizes)
