@@ -299,12 +299,13 @@ def _checked_example(spec, net):
     import torch
 
     from compress.errors import UserError
+    from compress.structure.tensors import call_model
 
     example = spec.example_input(1)
     try:
         with torch.no_grad():
             net.eval()
-            net(*example) if isinstance(example, tuple) else net(example)
+            call_model(net, example)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's model failing is the user's to fix

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import compress.deploy.export as ex
+import compress.deploy.verify as verify
 from compress.deploy.export import export_onnx
 from compress.errors import UserError
 from compress.models import get_model
@@ -173,14 +174,14 @@ def test_verification_failure_names_mismatch_and_keeps_old_file(digits, tmp_path
     spec, model = digits
     path = tmp_path / "m.onnx"
     path.write_bytes(b"previous export")
-    real = ex._torch_run
+    real = verify.torch_run
 
     def skewed(model, inputs, device):
         outs = real(model, inputs, device)
         outs[0][0, 3] += 0.01  # torch "disagrees" with ORT at output[0, 3]
         return outs
 
-    monkeypatch.setattr(ex, "_torch_run", skewed)
+    monkeypatch.setattr(verify, "torch_run", skewed)
     with pytest.raises(UserError) as e:
         export_onnx(model, spec.example_input(1), path)
     msg = str(e.value)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from compress.deploy.bench_report import plot_bench, print_bench_table  # noqa: F401 — importable here too
 from compress.errors import UserError
-from compress.files import atomic_write_with
 
 
 def all_cores() -> int:
@@ -31,7 +31,7 @@ def all_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _load(path) -> "object":
+def _load(path) -> object:
     import onnx
 
     path = Path(path)
@@ -202,8 +202,6 @@ def benchmark(
     positionally, timed in eager mode beside ORT and used for params and FLOPs (batch 1).
     flops: (dense, compressed) FLOPs if known and no torch models are given.
     """
-    import onnxruntime as ort
-
     if quick:
         warmup = 1 if warmup is None else warmup
         rounds = 5 if rounds is None else rounds
@@ -213,67 +211,14 @@ def benchmark(
     batch_sizes = tuple(int(b) for b in batch_sizes)
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserError("batch sizes must be positive integers")
-    thread_list = [all_cores() if t is None else int(t) for t in threads]
-    if any(t < 1 for t in thread_list):
-        raise UserError("thread counts must be ≥ 1 (None = all cores)")
-    thread_list = list(dict.fromkeys(thread_list))
-    if providers == "auto":
-        providers = ["CPUExecutionProvider"]
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.append("CUDAExecutionProvider")
-    for p in providers:
-        if p not in ort.get_available_providers():
-            raise UserError(f"ONNX Runtime provider {p} is not available here ({', '.join(ort.get_available_providers())})")
-
-    protos = [_load(dense_path), _load(compressed_path)]
-    ins = [_graph_inputs(p) for p in protos]
-    if [n for n, _, _ in ins[0]] != [n for n, _, _ in ins[1]]:
-        raise UserError(f"the models' inputs differ: {dense_path} takes {[n for n, _, _ in ins[0]]}, "
-                        f"{compressed_path} takes {[n for n, _, _ in ins[1]]}")
-    inputs = ins[0]
-    models = {}
-    for key, path, proto in (("dense", dense_path, protos[0]), ("compressed", compressed_path, protos[1])):
-        models[key] = {"path": str(path), "file_bytes": Path(path).stat().st_size,
-                       "params_onnx": _initializer_elements(proto),
-                       "inputs": {n: [d if d is not None else "?" for d in dims] for n, dims, _ in ins[0 if key == "dense" else 1]}}
-    del protos
-
-    flop_info = None
-    if torch_models is not None:
-        from compress.structure.cost import count_flops, count_params
-
-        feed1 = make_feed(inputs, resolve_shapes(inputs, 1, seq_len, input_shapes), seed)
-        args1 = _torch_args(feed1, inputs)
-        fd, fc = (count_flops(m, args1) for m in torch_models)
-        for key, m in zip(("dense", "compressed"), torch_models):
-            models[key]["params"] = count_params(m)
-        flop_info = {"dense": fd, "compressed": fc, "per": "sample (batch 1)", "source": "torch.utils.flop_counter"}
-    elif flops is not None:
-        fd, fc = (int(f) for f in flops)
-        flop_info = {"dense": fd, "compressed": fc, "per": "sample (batch 1)", "source": "given"}
+    thread_list = _thread_list(threads)
+    providers = _providers(providers)
+    inputs, models = _describe_models(dense_path, compressed_path)
+    flop_info = _flop_info(torch_models, flops, models, inputs, seq_len, input_shapes, seed)
     flop_ratio = flop_info["dense"] / max(flop_info["compressed"], 1) if flop_info else None
-
-    rows = []
-    for provider in providers:
-        tlist = thread_list if provider == "CPUExecutionProvider" else [thread_list[-1]]
-        for t in tlist:
-            sd = _session(dense_path, provider, t, spinning)
-            sc = _session(compressed_path, provider, t, spinning)
-            for b in batch_sizes:
-                shapes = resolve_shapes(inputs, b, seq_len, input_shapes)
-                feed = make_feed(inputs, shapes, seed)
-                for key, s in (("dense", sd), ("compressed", sc)):
-                    try:
-                        s.run(None, feed)
-                    except Exception as e:  # noqa: BLE001
-                        raise UserError(f"{models[key]['path']} does not run on inputs "
-                                        f"{ {k: list(v) for k, v in shapes.items()} }: "
-                                        f"{str(e).splitlines()[0][:200]}; override with input_shapes") from None
-                ta, tb = _interleaved(lambda: sd.run(None, feed), lambda: sc.run(None, feed),
-                                      warmup, rounds, time_budget_s)
-                rows.append(_row("onnxruntime", provider.replace("ExecutionProvider", ""), t, b, shapes,
-                                 ta, tb, flop_ratio))
-            del sd, sc
+    timing = {"warmup": warmup, "rounds": rounds, "budget_s": time_budget_s, "flop_ratio": flop_ratio, "seed": seed}
+    rows = _ort_rows((dense_path, compressed_path), models, providers, thread_list, batch_sizes, inputs,
+                     seq_len, input_shapes, spinning, timing)
     if torch_models is not None:
         rows += _torch_rows(torch_models, inputs, thread_list, batch_sizes, seq_len, input_shapes, warmup, rounds,
                             time_budget_s, flop_ratio, seed)
@@ -293,6 +238,96 @@ def benchmark(
     }
 
 
+def _thread_list(threads) -> list[int]:
+    """Distinct intra-op thread counts in the given order; None = all cores."""
+    thread_list = [all_cores() if t is None else int(t) for t in threads]
+    if any(t < 1 for t in thread_list):
+        raise UserError("thread counts must be ≥ 1 (None = all cores)")
+    return list(dict.fromkeys(thread_list))
+
+
+def _providers(providers) -> list[str]:
+    """"auto": CPU, plus CUDA where this onnxruntime has it; a given list must all be available."""
+    import onnxruntime as ort
+
+    if providers == "auto":
+        providers = ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.append("CUDAExecutionProvider")
+    for p in providers:
+        if p not in ort.get_available_providers():
+            raise UserError(f"ONNX Runtime provider {p} is not available here ({', '.join(ort.get_available_providers())})")
+    return providers
+
+
+def _describe_models(dense_path, compressed_path) -> tuple[list, dict]:
+    """(the shared graph inputs, per model: path, file size, ONNX parameter count, inputs)."""
+    protos = [_load(dense_path), _load(compressed_path)]
+    ins = [_graph_inputs(p) for p in protos]
+    if [n for n, _, _ in ins[0]] != [n for n, _, _ in ins[1]]:
+        raise UserError(f"the models' inputs differ: {dense_path} takes {[n for n, _, _ in ins[0]]}, "
+                        f"{compressed_path} takes {[n for n, _, _ in ins[1]]}")
+    models = {}
+    for key, path, proto, inp in zip(("dense", "compressed"), (dense_path, compressed_path), protos, ins):
+        models[key] = {"path": str(path), "file_bytes": Path(path).stat().st_size,
+                       "params_onnx": _initializer_elements(proto),
+                       "inputs": {n: [d if d is not None else "?" for d in dims] for n, dims, _ in inp}}
+    return ins[0], models
+
+
+def _flop_info(torch_models, flops, models, inputs, seq_len, input_shapes, seed) -> dict | None:
+    """FLOPs per sample: counted on the torch models (which also give `params`), or as given."""
+    if torch_models is not None:
+        from compress.structure.cost import count_flops, count_params
+
+        feed1 = make_feed(inputs, resolve_shapes(inputs, 1, seq_len, input_shapes), seed)
+        args1 = _torch_args(feed1, inputs)
+        fd, fc = (count_flops(m, args1) for m in torch_models)
+        for key, m in zip(("dense", "compressed"), torch_models):
+            models[key]["params"] = count_params(m)
+        return {"dense": fd, "compressed": fc, "per": "sample (batch 1)", "source": "torch.utils.flop_counter"}
+    if flops is not None:
+        fd, fc = (int(f) for f in flops)
+        return {"dense": fd, "compressed": fc, "per": "sample (batch 1)", "source": "given"}
+    return None
+
+
+def _ort_rows(paths, models, providers, thread_list, batch_sizes, inputs, seq_len, input_shapes, spinning,
+              timing) -> list[dict]:
+    """One row per (provider, threads, batch): both models timed interleaved on the same feed.
+    CUDA runs once, at the last thread count (intra-op threads barely matter there)."""
+    rows = []
+    for provider in providers:
+        tlist = thread_list if provider == "CPUExecutionProvider" else [thread_list[-1]]
+        for t in tlist:
+            sd, sc = (_session(p, provider, t, spinning) for p in paths)
+            for b in batch_sizes:
+                shapes = resolve_shapes(inputs, b, seq_len, input_shapes)
+                feed = make_feed(inputs, shapes, timing["seed"])
+                _first_run(sd, feed, models["dense"]["path"], shapes)
+                _first_run(sc, feed, models["compressed"]["path"], shapes)
+                ta, tb = _interleaved(_runner(sd, feed), _runner(sc, feed),
+                                      timing["warmup"], timing["rounds"], timing["budget_s"])
+                rows.append(_row("onnxruntime", provider.replace("ExecutionProvider", ""), t, b, shapes,
+                                 ta, tb, timing["flop_ratio"]))
+            del sd, sc
+    return rows
+
+
+def _runner(sess, feed):
+    return lambda: sess.run(None, feed)
+
+
+def _first_run(sess, feed, path, shapes) -> None:
+    """One untimed run that turns a shape mismatch into an error naming the inputs."""
+    try:
+        sess.run(None, feed)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path} does not run on inputs "
+                        f"{ {k: list(v) for k, v in shapes.items()} }: "
+                        f"{str(e).splitlines()[0][:200]}; override with input_shapes") from None
+
+
 def _row(engine, provider, threads, batch, shapes, ta, tb, flop_ratio) -> dict:
     d, c = _stats(ta), _stats(tb)
     speedup = d["median_ms"] / c["median_ms"] if c["median_ms"] > 0 else float("inf")
@@ -306,6 +341,16 @@ def _torch_args(feed, inputs):
     import torch
 
     return tuple(torch.from_numpy(feed[n]) for n, _, _ in inputs)
+
+
+def _eager(model, args):
+    import torch
+
+    def run():
+        with torch.inference_mode():
+            model(*args)
+
+    return run
 
 
 def _torch_rows(torch_models, inputs, thread_list, batch_sizes, seq_len, input_shapes, warmup, rounds, budget_s,
@@ -322,85 +367,8 @@ def _torch_rows(torch_models, inputs, thread_list, batch_sizes, seq_len, input_s
             for b in batch_sizes:
                 shapes = resolve_shapes(inputs, b, seq_len, input_shapes)
                 args = _torch_args(make_feed(inputs, shapes, seed), inputs)
-
-                def run(m):
-                    with torch.inference_mode():
-                        m(*args)
-
-                ta, tb = _interleaved(lambda: run(dense), lambda: run(comp), warmup, rounds, budget_s)
+                ta, tb = _interleaved(_eager(dense, args), _eager(comp, args), warmup, rounds, budget_s)
                 rows.append(_row("torch", "eager", t, b, shapes, ta, tb, flop_ratio))
     finally:
         torch.set_num_threads(old)
     return rows
-
-
-def print_bench_table(result: dict, console=None) -> None:
-    """The benchmark as a rich table: one row per engine, threads and batch size."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    m = result.get("machine", {})
-    wide = console.width >= 110  # p90 and IQR columns only where they fit; the JSON always has them
-    t = Table(title=f"latency, dense vs compressed (medians; interleaved) — {m.get('cpu', '?')}, "
-                    f"{m.get('cores', '?')} cores, onnxruntime {m.get('onnxruntime', '?')}",
-              box=box.SIMPLE_HEAD, padding=(0, 1))
-    cols = ["engine", "thr", "batch", "dense ms", "compr. ms"]
-    cols += ["p90 ms d / c", "IQR/med d / c"] if wide else []
-    for col in cols + ["speedup", "FLOP ×", "eff."]:
-        t.add_column(col, justify="left" if col == "engine" else "right", no_wrap=True)
-    for r in result["results"]:
-        d, c = r["dense"], r["compressed"]
-        fr, eff = r.get("flop_ratio"), r.get("efficiency")
-        eng = "ORT" if r["engine"] == "onnxruntime" else r["engine"]
-        eng += "" if r["provider"] in ("CPU", "eager") else f" {r['provider']}"
-        cells = [eng, str(r["threads"]), str(r["batch"]), f"{d['median_ms']:.3f}", f"{c['median_ms']:.3f}"]
-        if wide:
-            cells += [f"{d['p90_ms']:.3f} / {c['p90_ms']:.3f}", f"{d['spread']:.2f} / {c['spread']:.2f}"]
-        t.add_row(*cells, f"{r['speedup']:.2f}×", "–" if fr is None else f"{fr:.2f}×",
-                  "–" if eff is None else f"{eff:.2f}")
-    console.print(t)
-    dn, cp = result["dense"], result["compressed"]
-    pk = "params" if "params" in dn else "params_onnx"
-    line = (f"params {dn[pk]:,} → {cp[pk]:,} ({result['params_ratio']:.2f}×), "
-            f"file {dn['file_bytes'] / 1024:.0f} → {cp['file_bytes'] / 1024:.0f} KiB")
-    if result.get("flops"):
-        f = result["flops"]
-        line += f", FLOPs/sample {f['dense']:,} → {f['compressed']:,} ({result['flop_ratio']:.2f}×)"
-    console.print(line)
-    console.print("efficiency = speedup / FLOP ratio (1.0 = every removed FLOP became time)")
-
-
-def plot_bench(result: dict, png_path) -> None:
-    """Latency bars (log scale) per setting and the speedup against the FLOP ratio; PNG, atomic."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = result["results"]
-    labels = [f"{'ORT' if r['engine'] == 'onnxruntime' else r['engine']}"
-              f"{'' if r['provider'] in ('CPU', 'eager') else ' ' + r['provider']}\n{r['threads']}t b{r['batch']}"
-              for r in rows]
-    x = np.arange(len(rows))
-    fig = Figure(figsize=(max(6.0, 1.1 * len(rows) + 3), 4.2))
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    for off, key, color in ((-0.2, "dense", "#8c8c8c"), (0.2, "compressed", "#2b8cbe")):
-        med = [r[key]["median_ms"] for r in rows]
-        p90 = [r[key]["p90_ms"] for r in rows]
-        ax1.bar(x + off, med, 0.4, label=key, color=color,
-                yerr=[np.zeros(len(rows)), np.maximum(0, np.subtract(p90, med))], capsize=2)
-    ax1.set_yscale("log")
-    ax1.set_ylabel("latency ms (median, bar to p90)")
-    ax1.set_xticks(x, labels, fontsize=7)
-    ax1.legend(fontsize=8)
-    ax2.bar(x, [r["speedup"] for r in rows], 0.6, color="#2b8cbe", label="measured speedup")
-    if result.get("flop_ratio"):
-        ax2.axhline(result["flop_ratio"], color="#d95f0e", ls="--", label=f"FLOP ratio {result['flop_ratio']:.2f}×")
-    ax2.axhline(1.0, color="black", lw=0.8)
-    ax2.set_ylabel("speedup (dense / compressed)")
-    ax2.set_xticks(x, labels, fontsize=7)
-    ax2.legend(fontsize=8)
-    fig.suptitle(f"dense vs compressed — {result.get('machine', {}).get('cpu', '')}", fontsize=9)
-    fig.tight_layout()
-    atomic_write_with(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -51,22 +51,6 @@ def _compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, f
     return diff, scale
 
 
-class _Bound(nn.Module):
-    """`model` with its keyword inputs bound, so positional-only cost counters can call it."""
-
-    def __init__(self, model, args, kwargs):
-        super().__init__()
-        self.model, self.args, self.kwargs = model, args, kwargs
-
-    def forward(self):
-        return self.model(*self.args, **self.kwargs)
-
-
-def _flops(model, args, kwargs) -> int:
-    bound = _Bound(model, args, kwargs).train(model.training)  # keeps the model's mode
-    return count_flops(bound, ())
-
-
 def _ok(diff: float, scale: float, atol: float) -> bool:
     return diff <= atol * (scale if scale > 0 else 1.0)
 
@@ -197,7 +181,7 @@ def extract(model: nn.Module, groups, example_inputs, atol: float = 1e-5, verify
     try:
         ref = _outputs(model, vargs, vkwargs)
         params_before = count_params(model)
-        flops_before = _flops(model, args, kwargs)
+        flops_before = count_flops(model, example_inputs)
         work = copy.deepcopy(model)
     finally:
         model.train(was_training)
@@ -211,25 +195,13 @@ def extract(model: nn.Module, groups, example_inputs, atol: float = 1e-5, verify
     layers = list(plan)
     _remove(work, gl, plan, layers, args, kwargs)
     work.eval()
-    try:
-        got = _outputs(work, vargs, vkwargs)
-    except Exception as e:  # a shape error: some removal was inconsistent
-        got, err = None, e
-    diff, scale = _compare(ref, got) if got is not None else (math.inf, 0.0)
-    if not _ok(diff, scale, atol):
-        culprit, why = _locate(model, gl, plan, args, kwargs, vargs, vkwargs, ref, atol)
-        detail = f"max abs diff {diff:.3g} vs output scale {scale:.3g}" if got is not None else f"forward failed: {err}"
-        raise ExtractionError(
-            f"removing group {culprit} changes the model's output ({why}); overall {detail}. "
-            "The group is not zero-invariant: check the layers between it and its consumers",
-            culprit,
-        )
+    diff, scale = _check_equivalent(model, work, gl, plan, (args, kwargs), (vargs, vkwargs), ref, atol)
     report = {
         "params_before": params_before,
         "params_after": count_params(work),
         "params_predicted": predicted,
         "flops_before": flops_before,
-        "flops_after": _flops(work, args, kwargs),
+        "flops_after": count_flops(work, example_inputs),
         "groups_total": len(gl),
         "groups_zero": int(zero.sum()),
         "groups_removed": len(removed),
@@ -246,6 +218,25 @@ def extract(model: nn.Module, groups, example_inputs, atol: float = 1e-5, verify
     for e in report["layers"].values():
         e.pop("remove")
     return work, report
+
+
+def _check_equivalent(model, work, gl, plan, inputs, verify, ref, atol) -> tuple[float, float]:
+    """(max |Δ|, output scale) of `work` against the dense outputs `ref`; ExtractionError naming
+    the first group that breaks equivalence when they disagree."""
+    try:
+        got = _outputs(work, *verify)
+    except Exception as e:  # a shape error: some removal was inconsistent
+        got, err = None, e
+    diff, scale = _compare(ref, got) if got is not None else (math.inf, 0.0)
+    if not _ok(diff, scale, atol):
+        culprit, why = _locate(model, gl, plan, *inputs, *verify, ref, atol)
+        detail = f"max abs diff {diff:.3g} vs output scale {scale:.3g}" if got is not None else f"forward failed: {err}"
+        raise ExtractionError(
+            f"removing group {culprit} changes the model's output ({why}); overall {detail}. "
+            "The group is not zero-invariant: check the layers between it and its consumers",
+            culprit,
+        )
+    return diff, scale
 
 
 def _locate(model, gl, plan, args, kwargs, vargs, vkwargs, ref, atol):

@@ -21,10 +21,8 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
     """
     from rich.console import Console
 
-    from compress.deploy.export import export_onnx
     from compress.deploy.extract import extract
-    from compress.structure.cost import count_flops, count_params
-    from compress.structure.sparsity import zero_groups
+    from compress.deploy.saving import save_compressed
 
     console = console or Console()
     r = load_run(run)
@@ -37,25 +35,44 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
 
     with console.status("extracting zero groups"):
         small, ext = extract(r["model"], r["groups"], example, align=align)
-    from compress.deploy.saving import save_compressed
-
     save_compressed(small, run / "compressed.safetensors", {"model": r["config"]["model"]})
+    acc = _accuracies(r, small, eval_data, console)
+    onnx = {}
+    for key, model, name in (("dense", r["dense"], "dense.onnx"), ("compressed", small, "model.onnx")):
+        onnx[key] = _export_verified(model, example, run / name, opset, simplify, eval_data, console)
+    report = _run_report(r, small, example, ext, onnx, acc, align)
+    atomic_write_json(run / "report.json", report)
+    print_report(report, console)
+    return report
+
+
+def _accuracies(r: dict, small, eval_data, console) -> dict:
+    """Top-1 of the dense, fine-tuned and compressed models on the run's held-out data."""
+    if eval_data is None:
+        return {}
     dev = torch.device("cpu")
-    acc = {}
-    if eval_data is not None:
-        with console.status("evaluating dense, fine-tuned and compressed models"):
-            acc["dense_accuracy"] = evaluate(r["dense"], eval_data, dev)["accuracy"]
-            acc["finetuned_accuracy"] = evaluate(r["model"], eval_data, dev)["accuracy"]
-            acc["compressed_accuracy"] = evaluate(small, eval_data, dev)["accuracy"]
-    with console.status("exporting and verifying dense.onnx"):
-        dense_onnx = export_onnx(r["dense"], example, run / "dense.onnx", opset=opset, simplify=simplify,
-                                 eval_data=eval_data)
-    with console.status("exporting and verifying model.onnx"):
-        comp_onnx = export_onnx(small, example, run / "model.onnx", opset=opset, simplify=simplify,
-                                eval_data=eval_data)
+    with console.status("evaluating dense, fine-tuned and compressed models"):
+        return {"dense_accuracy": evaluate(r["dense"], eval_data, dev)["accuracy"],
+                "finetuned_accuracy": evaluate(r["model"], eval_data, dev)["accuracy"],
+                "compressed_accuracy": evaluate(small, eval_data, dev)["accuracy"]}
+
+
+def _export_verified(model, example, path: Path, opset, simplify, eval_data, console) -> dict:
+    from compress.deploy.export import export_onnx
+
+    with console.status(f"exporting and verifying {path.name}"):
+        return export_onnx(model, example, path, opset=opset, simplify=simplify, eval_data=eval_data)
+
+
+def _run_report(r: dict, small, example, ext: dict, onnx: dict, acc: dict, align: int) -> dict:
+    """report.json: accuracies, sizes, FLOPs, groups and the extraction/ONNX differences."""
+    from compress.structure.cost import count_flops, count_params
+    from compress.structure.sparsity import zero_groups
+
+    dense_onnx, comp_onnx = onnx["dense"], onnx["compressed"]
     flops_dense, flops_comp = count_flops(r["dense"], example), count_flops(small, example)
-    report = {
-        "run": str(run),
+    return {
+        "run": str(r["run"]),
         "model": r["config"]["model"],
         **acc,
         "onnx_accuracy": comp_onnx.get("onnx_accuracy"),
@@ -76,9 +93,6 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
         "onnx_bytes": comp_onnx["file_bytes"],
         "extraction": {k: v for k, v in ext.items() if k != "max_abs_diff"},
     }
-    atomic_write_json(run / "report.json", report)
-    print_report(report, console)
-    return report
 
 
 def print_report(report: dict, console) -> None:
@@ -113,7 +127,8 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
     threads, and its measured latency is printed next to the prediction made while training."""
     from rich.console import Console
 
-    from compress.deploy.bench import benchmark, plot_bench, print_bench_table
+    from compress.deploy.bench import benchmark
+    from compress.deploy.bench_report import plot_bench, print_bench_table
 
     console = console or Console()
     run = Path(run)

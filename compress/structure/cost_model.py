@@ -88,16 +88,25 @@ class CostModel:
 
     Ops that use no grouped parameter and sit outside an attention block are constant;
     `unattributed` lists those whose operands may still change width (none on the built-in
-    models) — `check()` compares against a real extraction for custom models.
+    models).
     """
 
     def __init__(self, model: nn.Module, groups, example_inputs):
         self.n_groups = len(groups)
-        self.example_inputs = example_inputs
         named = dict(model.named_parameters())
-        # ---- kept-size variables: one per (param, dim) touched by any group
+        pair_ix, sizes = self._index_slices(groups, named)
+        self._index_params(named, pair_ix, sizes)
+        self._index_layers(groups)
+        self._attribute_flops(model, named, pair_ix, len(sizes), example_inputs)
+        self.dense_params = int(sum(p.numel() for p in named.values()))
+        self.block = simd_block()
+        self.dense_flops_blocked = self.flops(torch.zeros(self.n_groups, dtype=torch.bool), self.block)
+
+    def _index_slices(self, groups, named) -> tuple[dict, list[int]]:
+        """Kept-size variables, one per (param, dim) any group touches, and for every index a
+        group removes its flat position among them. Returns ({(param, dim): variable}, sizes)."""
         pair_ix: dict[tuple[str, int], int] = {}
-        pos, gid, pair_of = [], [], []
+        pos, gid = [], []
         offsets: list[int] = []
         sizes: list[int] = []
         total = 0
@@ -122,7 +131,10 @@ class CostModel:
         self._pair_of_flat = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)) \
             if sizes else torch.zeros(0, dtype=torch.long)
         self._pair_size = torch.tensor(sizes, dtype=torch.long)
-        # ---- every parameter's numel = product of its dims' sizes (kept variables or constants)
+        return pair_ix, sizes
+
+    def _index_params(self, named, pair_ix, sizes) -> None:
+        """Every parameter's numel as a product over its dims of kept variables or constants."""
         const_vals = sorted({int(d) for p in named.values() for d in p.shape} | {1})
         const_ix = {v: len(sizes) + i for i, v in enumerate(const_vals)}
         self._consts = torch.tensor(const_vals, dtype=torch.long)
@@ -135,7 +147,9 @@ class CostModel:
                 dim_table[i, d] = pair_ix.get((name, d), const_ix[int(n)])
         self._dim_table = dim_table
         self._pair_param = torch.tensor([p_ix[p] for p, _ in self.pairs], dtype=torch.long)
-        # ---- extraction keeps one group of an all-zero layer: layer id per group, first group per layer
+
+    def _index_layers(self, groups) -> None:
+        """Extraction keeps one group of an all-zero layer: layer id per group, first group per layer."""
         layers: OrderedDict[str, list[int]] = OrderedDict()
         for i, g in enumerate(groups):
             layers.setdefault(g.layer, []).append(i)
@@ -146,7 +160,9 @@ class CostModel:
         self._layer_size = torch.tensor([len(v) for v in layers.values()], dtype=torch.long)
         self._layer_first = torch.tensor([v[0] for v in layers.values()], dtype=torch.long)
 
-        # ---- FLOPs: one traced forward pass, every counted op attributed to a unit
+    def _attribute_flops(self, model, named, pair_ix, n_pairs, example_inputs) -> None:
+        """One traced forward pass; every counted op's FLOPs go to the one weight matrix it
+        uses (per element of it), to an attention unit's kept heads, or to a constant."""
         args, kwargs = as_args(example_inputs)
         was = model.training
         model.eval()
@@ -160,8 +176,9 @@ class CostModel:
             key = (f"{u.q}.weight", 0)
             if key in pair_ix:
                 head_pair[u.holder] = (pair_ix[key], named[f"{u.q}.weight"].shape[0])
+        p_ix = {n: i for i, n in enumerate(self.param_names)}
         coef_param = torch.zeros(len(named), dtype=torch.long)
-        coef_pair = torch.zeros(len(sizes), dtype=torch.long)
+        coef_pair = torch.zeros(n_pairs, dtype=torch.long)
         const = 0
         self.unattributed: list[str] = []
         for n, params, stack, op in rec.records:
@@ -180,9 +197,6 @@ class CostModel:
             const += n
             self.unattributed.append(f"{op} in {stack[-1] if stack and stack[-1] else '<model>'} ({n} FLOPs)")
         self._coef_param, self._coef_pair, self._const = coef_param, coef_pair, const
-        self.dense_params = int(sum(p.numel() for p in named.values()))
-        self.block = simd_block()
-        self.dense_flops_blocked = self.flops(torch.zeros(self.n_groups, dtype=torch.bool), self.block)
 
     # ---- the pattern extraction really removes
 

@@ -33,32 +33,46 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
     weight: the regularizer's w_g (`group_weights`): "size" (√entries, the RAMDA paper's choice;
     "sqrt" is the old name), "flops" (∝ the FLOPs removing the group saves) or "unit" (1).
     """
-    import torch_pruning as tp
-
     if weight not in GROUP_WEIGHTS:
         raise UserError(f"group weight must be one of {', '.join(GROUP_WEIGHTS)}, got {weight!r}")
     ignored = set(ignored_layers or [])
     ignored |= {model.get_submodule(n) for n in list(ignored) if isinstance(n, str)}
-    named = dict(model.named_modules())
-    order = {m: i for i, (_, m) in enumerate(named.items())}
-    pnames = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    order = {m: i for i, (_, m) in enumerate(model.named_modules())}
     not_prunable: list[tuple[str, str]] = []
     found: list[tuple[int, list[Group]]] = []
+    attn_linears = _head_groups(model, ignored, order, found, not_prunable)
+    DG, out_fns = _dependency_graph(model, example_inputs)
+    _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not_prunable)
+    found.sort(key=lambda t: t[0])
+    groups = GroupList([g for _, gs in found for g in gs], not_prunable)
+    bind_groups(groups, model)
+    for g, w in zip(groups, group_weights(model, groups, example_inputs, weight).tolist()):
+        g.weight = w
+    return groups
 
-    units = attention_units(model)
+
+def _head_groups(model, ignored, order, found, not_prunable) -> set:
+    """Append the head groups of every attention unit to `found`; return their q/k/v linears,
+    which channel grouping must leave alone."""
     attn_linears = set()
-    for u in units:
+    for u in attention_units(model):
         for r in (u.q, u.k, u.v):
             attn_linears.add(model.get_submodule(r))
         if model.get_submodule(u.name) in ignored:
             not_prunable.append((u.name, "ignored by the caller"))
             continue
         found.append((order[model.get_submodule(u.name)], head_groups(model, u)))
-    for name, m in named.items():
+    for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
             not_prunable.append(
                 (name, "nn.MultiheadAttention: heads are not offered (rewrite it with separate q/k/v/out nn.Linear layers and num_heads/head_dim attributes to prune heads)")
             )
+    return attn_linears
+
+
+def _dependency_graph(model, example_inputs):
+    """DepGraph traced on the example, and the grad_fns of the model's outputs."""
+    import torch_pruning as tp
 
     was_training = model.training
     args, kwargs = as_args(example_inputs)
@@ -76,28 +90,39 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
             )
     finally:
         model.train(was_training)
-    out_fns = {t.grad_fn for t in flatten_tensors(outputs[0]) if t.grad_fn is not None}
+    return DG, {t.grad_fn for t in flatten_tensors(outputs[0]) if t.grad_fn is not None}
 
+
+def _out_members(DG, m) -> list:
+    """The conv/linear layers whose output channels are coupled with `m`'s (m included)."""
+    pruner = DG.get_pruner_of_module(m)
+    pg = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+    members = []
+    for it in pg.items:
+        mod = it.dep.target.module
+        p = DG.get_pruner_of_module(mod) if isinstance(mod, nn.Module) else None
+        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) and p is not None and it.dep.handler == p.prune_out_channels:
+            members.append(mod)
+    return members
+
+
+def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not_prunable) -> None:
+    """Append the channel/neuron groups of every conv/linear (in module order) not yet covered
+    by a coupled layer to `found`, and every layer that cannot be grouped to `not_prunable`."""
+    pnames = {n: i for i, (n, _) in enumerate(model.named_parameters())}
     visited = set(attn_linears)
-    for name, m in named.items():
+    for name, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m in visited:
             continue
         if m not in DG.module2node:
             not_prunable.append((name, "not reached by the forward pass on the example inputs"))
             continue
-        pruner = DG.get_pruner_of_module(m)
-        pg = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
-        members = []
-        for it in pg.items:
-            mod = it.dep.target.module
-            p = DG.get_pruner_of_module(mod) if isinstance(mod, nn.Module) else None
-            if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) and p is not None and it.dep.handler == p.prune_out_channels:
-                members.append(mod)
+        members = _out_members(DG, m)
         visited.update(members)
         if any(x in ignored for x in members) or m in ignored:
             not_prunable.append((name, "ignored by the caller"))
             continue
-        if pruner.get_out_channels(m) <= 1:
+        if DG.get_pruner_of_module(m).get_out_channels(m) <= 1:
             not_prunable.append((name, "a single output channel"))
             continue
         gs, reason = channel_groups(DG, model, m, name, pnames, attn_linears, out_fns)
@@ -108,12 +133,6 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
                     not_prunable.append((DG._module2name[mod], f"coupled with {name}: {reason}"))
         else:
             found.append((order[m], gs))
-    found.sort(key=lambda t: t[0])
-    groups = GroupList([g for _, gs in found for g in gs], not_prunable)
-    bind_groups(groups, model)
-    for g, w in zip(groups, group_weights(model, groups, example_inputs, weight).tolist()):
-        g.weight = w
-    return groups
 
 
 def group_weights(model: nn.Module, groups, example_inputs, weight: str = "size") -> torch.Tensor:

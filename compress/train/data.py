@@ -1,4 +1,7 @@
-"""Batches from a user's data: deterministic order, device moves, calling the model on inputs of any form."""
+"""Batches from a user's data: deterministic, resumable order and counts.
+
+Moving inputs and calling the model on them live in compress/structure/tensors.py
+(re-exported here for the training loop)."""
 from __future__ import annotations
 
 import math
@@ -6,24 +9,7 @@ import math
 import torch
 
 from compress.errors import UserError
-
-
-def to_device(x, device):
-    if torch.is_tensor(x):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(to_device(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    return x
-
-
-def call_model(model, x):
-    if isinstance(x, dict):
-        return model(**x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
+from compress.structure.tensors import call_model, to_device  # noqa: F401 — their home is structure/tensors.py
 
 
 def split_batch(batch):
