@@ -176,7 +176,7 @@ def test_resume_refuses_other_settings(tmp_path):
     (["--target-flops", "0.5", "--final-optimizer", "sgd"], "--final-optimizer must be adamw or same"),
     (["--target-flops", "0.5", "--align", "0"], "align must be ≥ 1"),
     (["--rewind", "init"], "--rewind applies to target runs only"),
-    (["--target-flops", "0.5", "--rewind", "init", "--final-optimizer", "same"], "final_optimizer='adamw'"),
+    (["--target-flops", "0.5", "--rewind", "init", "--final-optimizer", "same"], "needs --final-optimizer adamw"),
 ])
 def test_budget_flag_errors(tmp_path, args, needle):
     res = cli("finetune", *args, "--epochs", "2", "--out", tmp_path / "r")
