@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -32,7 +32,7 @@ _DEBUG = {"on": bool(os.environ.get("COMPRESS_DEBUG"))}
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")):
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False):
     _DEBUG["on"] = _DEBUG["on"] or debug
 
 
@@ -59,13 +59,13 @@ def user_errors(fn):
             if _DEBUG["on"]:
                 raise
             err_console.print(f"[bold red]error:[/] {escape(e.render(flag_of))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except TrainingInterrupted as e:
             err_console.print(f"[yellow]{escape(str(e))}[/]", highlight=False, soft_wrap=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -103,13 +103,11 @@ def finetune(
 @app.command("export")
 @user_errors
 def export_cmd(
-    run: Path = typer.Argument(..., help="Run directory made by `compress finetune`."),
-    opset: int = typer.Option(17, help="ONNX opset (≥ 17)."),
-    simplify: bool = typer.Option(False, help="Simplify the graph (onnxslim, if installed) and verify again."),
-    align: Optional[int] = typer.Option(None, help="Keep a multiple of this many channels/neurons per layer (extra zero "
-                                        "channels are kept: exact). CPU kernels run 8-aligned widths much faster; 1 "
-                                        "removes every zero group. \\[default: 8; 1 for a FLOP or parameter budget run, "
-                                        "whose promise is on FLOPs/params]"),
+    run: Annotated[Path, typer.Argument(help="Run directory made by `compress finetune`.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset (≥ 17).")] = 17,
+    simplify: Annotated[bool, typer.Option(help="Simplify the graph (onnxslim, if installed) and verify "
+                                           "again.")] = False,
+    align: o.ExportAlign = None,
 ):
     """Remove the zero structures, export RUN/dense.onnx and RUN/model.onnx, verify, write RUN/report.json."""
     from compress.deploy.pipeline import export_run
@@ -124,11 +122,13 @@ def export_cmd(
 @app.command()
 @user_errors
 def bench(
-    paths: list[Path] = typer.Argument(..., help="A run directory, or two ONNX files: DENSE.onnx COMPRESSED.onnx."),
-    batch: str = typer.Option("1,32", help="Batch sizes, comma-separated."),
-    threads: str = typer.Option("1,all", help="ORT intra-op threads, comma-separated ('all' = every core)."),
-    rounds: Optional[int] = typer.Option(None, help="Timed rounds per model and setting."),
-    out: Optional[Path] = typer.Option(None, help="Where to write the JSON (two-file form; a run uses RUN/bench.json)."),
+    paths: Annotated[list[Path], typer.Argument(help="A run directory, or two ONNX files: DENSE.onnx "
+                                                "COMPRESSED.onnx.")],
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,32",
+    threads: Annotated[str, typer.Option(help="ORT intra-op threads, comma-separated ('all' = every core).")] = "1,all",
+    rounds: Annotated[int | None, typer.Option(help="Timed rounds per model and setting.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write the JSON (two-file form; a run uses "
+                                                  "RUN/bench.json).")] = None,
 ):
     """Measure ONNX Runtime latency of dense vs compressed, interleaved in one process."""
     from compress.errors import UserError
@@ -163,9 +163,9 @@ def bench(
 @app.command()
 @user_errors
 def inspect(
-    run: Optional[Path] = typer.Argument(None, help="A run directory to summarise."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Show the removable groups of a model."),
-    list_models: bool = typer.Option(False, "--list", help="List the built-in models."),
+    run: Annotated[Path | None, typer.Argument(help="A run directory to summarise.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Show the removable groups of a model.")] = None,
+    list_models: Annotated[bool, typer.Option("--list", help="List the built-in models.")] = False,
 ):
     """Show a model's removable structures (and what cannot be pruned, and why), or summarise a run."""
     from compress.inspection import inspect_model, inspect_run, list_builtin

@@ -1,7 +1,7 @@
 """The exceptions a user sees: one-line messages the CLI prints without a traceback."""
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 
 class UserError(Exception):
@@ -26,7 +26,7 @@ class UserError(Exception):
             text = text.replace(f"`{f}`", name(f))
         return text
 
-    def renamed(self, names: Mapping[str, str]) -> "UserError":
+    def renamed(self, names: Mapping[str, str]) -> UserError:
         """The same error, with fields called as a caller that wraps this API calls them."""
         text = self.template
         for old, new in names.items():

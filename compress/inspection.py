@@ -5,7 +5,6 @@ import json
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-from compress.errors import UserError
 from compress.runs import RUN_FILES, read_config, read_metrics
 
 
@@ -83,7 +82,8 @@ def inspect_run(run: Path, console) -> None:
                       f"{100 * m['group_sparsity']:.1f}%", f"{100 * m['weighted_group_sparsity']:.1f}%",
                       f"{m['lr']:.3g}", f"{m.get('lam', 0):.3g}")
         console.print(t)
-    status = "finished" if (run / RUN_FILES["weights"]).is_file() else f"not finished; continue it with: compress finetune --resume {run}"
+    done = (run / RUN_FILES["weights"]).is_file()
+    status = "finished" if done else f"not finished; continue it with: compress finetune --resume {run}"
     console.print(f"training: {status}")
     rep = run / RUN_FILES["report"]
     if rep.is_file():

@@ -4,10 +4,11 @@ directory resumed. The CLI is one call of `finetune_from`; everything it used to
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from compress.budget.target import Budget
 from compress.errors import UserError

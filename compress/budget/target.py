@@ -31,7 +31,8 @@ class Budget:
             v = getattr(self, k)
             if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
                 raise UserError(f"`{k}` must be a fraction of the dense model in (0, 1), got {v}", field=k)
-        if self.latency_ms is not None and not (isinstance(self.latency_ms, (int, float)) and 0 < self.latency_ms < math.inf):
+        lat = self.latency_ms
+        if lat is not None and not (isinstance(lat, (int, float)) and 0 < lat < math.inf):
             raise UserError(f"`latency_ms` must be a positive number of milliseconds, got {self.latency_ms}",
                             field="latency_ms")
         if self.latency_ms is None and (self.batch != 1 or self.threads is not None):
