@@ -50,6 +50,8 @@ def test_unimportable_factory_and_bad_config(tmp_path):
     bad = tmp_path / "run.toml"
     bad.write_text("epochz = 3\n")
     assert_one_line_error(cli("finetune", "--config", bad, "--out", tmp_path / "r"), "unknown keys", "epochz")
+    bad.write_text('epochs = "three"\n')  # the library names the field, the CLI its flag
+    assert_one_line_error(cli("finetune", "--config", bad, "--out", tmp_path / "r"), "--epochs must be int, got 'three'")
 
 
 def test_untrusted_pickle_is_refused(tmp_path):
