@@ -39,6 +39,7 @@ def test_budget_request_gets_one_decay_at_the_freeze(tmp_path):
     (dict(milestones="1,x"), "milestones", "milestones must be comma-separated"),
     (dict(input_shape="1,-3"), "input_shape", "input_shape must be positive integers"),
     (dict(epochs="3"), "epochs", "epochs must be int, got '3'"),
+    (dict(device="tpu"), "device", "device must be auto, cpu or cuda"),  # before the model is built
 ])
 def test_errors_name_the_field(tmp_path, kw, field, text):
     with pytest.raises(UserError) as e:

@@ -75,6 +75,7 @@ class TrainConfig:
         _check(self.group_weight in GROUP_WEIGHTS, "group_weight",
                f"must be size or flops (or unit), got {self.group_weight!r}")
         _check(self.dsgd_k >= 1, "dsgd_k", f"must be ≥ 1, got {self.dsgd_k}")
+        _check(_is_device_name(self.device), "device", f"must be auto, cpu or cuda, got {self.device!r}")
         for m in self.milestones or []:
             if not 0 < m < self.epochs:
                 raise UserError(f"milestone {m} is outside 1..{self.epochs - 1}", field="milestones")
@@ -113,6 +114,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("`device` cuda was asked for but torch sees no GPU; use `device` cpu or auto", field="device")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"`device` must be auto, cpu or cuda, got {name!r}", field="device")
+    _check(_is_device_name(name), "device", f"must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
+
+
+def _is_device_name(name) -> bool:
+    return name in ("auto", "cpu", "cuda") or (isinstance(name, str) and name.startswith("cuda:"))
