@@ -5,7 +5,7 @@ import json
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-from compress.errors import UserError
+from compress.runs import RUN_FILES, read_config, read_metrics
 
 
 def list_builtin(console) -> None:
@@ -67,15 +67,11 @@ def inspect_run(run: Path, console) -> None:
     from rich.table import Table
 
     run = Path(run)
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{run} is not a run directory (no config.json)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_config(run)
     train = cfg.get("train", {})
     console.print(f"[bold]{run}[/]  model={cfg.get('model')}  optimizer={train.get('optimizer')}  "
                   f"lr={train.get('lr')}  λ={train.get('lam')}  epochs={train.get('epochs')}")
-    mpath = run / "metrics.jsonl"
-    metrics = [json.loads(x) for x in mpath.read_text().splitlines() if x.strip()] if mpath.is_file() else []
+    metrics = read_metrics(run)
     if metrics:
         t = Table(title="training")
         for c in ("epoch", "train loss", "accuracy", "group sparsity", "weighted", "lr", "λ"):
@@ -86,16 +82,17 @@ def inspect_run(run: Path, console) -> None:
                       f"{100 * m['group_sparsity']:.1f}%", f"{100 * m['weighted_group_sparsity']:.1f}%",
                       f"{m['lr']:.3g}", f"{m.get('lam', 0):.3g}")
         console.print(t)
-    status = "finished" if (run / "weights.safetensors").is_file() else "not finished (resume with --resume)"
+    done = (run / RUN_FILES["weights"]).is_file()
+    status = "finished" if done else f"not finished; continue it with: compress finetune --resume {run}"
     console.print(f"training: {status}")
-    rep = run / "report.json"
+    rep = run / RUN_FILES["report"]
     if rep.is_file():
         from compress.deploy.pipeline import print_report
 
         print_report(json.loads(rep.read_text()), console)
     else:
         console.print(f"not exported yet: compress export {run}")
-    b = run / "bench.json"
+    b = run / RUN_FILES["bench"]
     if b.is_file():
         from compress.deploy.bench import print_bench_table
 

@@ -50,6 +50,8 @@ def test_unimportable_factory_and_bad_config(tmp_path):
     bad = tmp_path / "run.toml"
     bad.write_text("epochz = 3\n")
     assert_one_line_error(cli("finetune", "--config", bad, "--out", tmp_path / "r"), "unknown keys", "epochz")
+    bad.write_text('epochs = "three"\n')  # the library names the field, the CLI its flag
+    assert_one_line_error(cli("finetune", "--config", bad, "--out", tmp_path / "r"), "--epochs must be int, got 'three'")
 
 
 def test_untrusted_pickle_is_refused(tmp_path):
@@ -176,7 +178,7 @@ def test_resume_refuses_other_settings(tmp_path):
     (["--target-flops", "0.5", "--final-optimizer", "sgd"], "--final-optimizer must be adamw or same"),
     (["--target-flops", "0.5", "--align", "0"], "align must be ≥ 1"),
     (["--rewind", "init"], "--rewind applies to target runs only"),
-    (["--target-flops", "0.5", "--rewind", "init", "--final-optimizer", "same"], "final_optimizer='adamw'"),
+    (["--target-flops", "0.5", "--rewind", "init", "--final-optimizer", "same"], "needs --final-optimizer adamw"),
 ])
 def test_budget_flag_errors(tmp_path, args, needle):
     res = cli("finetune", *args, "--epochs", "2", "--out", tmp_path / "r")

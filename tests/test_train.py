@@ -28,14 +28,16 @@ def test_default_milestones():
     assert TrainConfig(epochs=30, schedule="cosine").resolved().milestones == []
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(epochs=0), "--epochs"), (dict(lr=0.0), "--lr"), (dict(lam=-1.0), "--lam"),
-    (dict(lam=float("nan")), "--lam"), (dict(optimizer="adamw", lam=0.1), "adamw"),
-    (dict(epochs=5, milestones=[7]), "milestone"),
+@pytest.mark.parametrize("kw, msg, field", [
+    (dict(epochs=0), "^epochs must", "epochs"), (dict(lr=0.0), "^lr must", "lr"), (dict(lam=-1.0), "^lam must", "lam"),
+    (dict(lam=float("nan")), "^lam must", "lam"), (dict(optimizer="adamw", lam=0.1), "adamw", "lam"),
+    (dict(epochs=5, milestones=[7]), "milestone", "milestones"),
 ])
-def test_bad_settings_are_user_errors(kw, msg):
-    with pytest.raises(UserError, match=msg):
+def test_bad_settings_are_user_errors(kw, msg, field):
+    """Library errors name the library's fields (the CLI shows them as flags: tests/test_cli.py)."""
+    with pytest.raises(UserError, match=msg) as e:
         TrainConfig(**kw).resolved().validate()
+    assert "--" not in str(e.value) and e.value.field == field
 
 
 def _run(tmp_path, name, data, interrupt_at=None, resume=False, epochs=3):
@@ -94,9 +96,10 @@ def test_existing_output_dir_is_refused_and_untouched(tmp_path, digits_small):
     out = tmp_path / "r"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    with pytest.raises(UserError, match="--force"):
+    with pytest.raises(UserError, match="already exists; use force") as e:
         finetune(DigitsResNet(channels=8), *digits_small, torch.rand(1, 1, 8, 8), out, TrainConfig(epochs=1),
                  progress=False)
+    assert e.value.field == "force"
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 

@@ -115,16 +115,17 @@ class BudgetController:
         self.exact, self.restart_at_freeze = exact, restart_at_freeze
         self.align = simd_block() if align is None else int(align)
         if self.align < 1:
-            raise UserError(f"align must be ≥ 1 (1 = no alignment), got {align}")
+            raise UserError(f"`align` must be ≥ 1 (1 = no alignment), got {align}", field="align")
         self.align_window = align_window
         if final_optimizer not in FINAL_OPTIMIZERS:
-            raise UserError(f"--final-optimizer must be {' or '.join(FINAL_OPTIMIZERS)}, got {final_optimizer!r}")
+            raise UserError(f"`final_optimizer` must be {' or '.join(FINAL_OPTIMIZERS)}, got {final_optimizer!r}",
+                            field="final_optimizer")
         self.final_optimizer, self.final_lr, self.final_weight_decay = final_optimizer, final_lr, final_weight_decay
         if rewind not in REWINDS:
-            raise UserError(f"rewind must be {' or '.join(REWINDS)}, got {rewind!r}")
+            raise UserError(f"`rewind` must be {' or '.join(REWINDS)}, got {rewind!r}", field="rewind")
         if rewind != "none" and final_optimizer != "adamw":
-            raise UserError("rewind='init' restarts the survivors from the starting weights for the AdamW final phase; "
-                            "it needs final_optimizer='adamw'")
+            raise UserError("`rewind` init restarts the survivors from the starting weights for the AdamW final phase; "
+                            "it needs `final_optimizer` adamw", field="rewind", fields=("final_optimizer",))
         self.rewind, self.rewind_weights = rewind, rewind_weights
         self.latency, self.bn_data, self.log = latency, bn_data, log or (lambda msg: None)
         self.step = 0

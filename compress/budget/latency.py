@@ -135,11 +135,11 @@ class LatencyModel:
     def check_target(self, target_ms: float) -> None:
         lo = self.min_point["latency_ms"]
         if target_ms < lo:
-            raise UserError(f"--target-latency-ms {target_ms:g} is below what the smallest valid model reaches: "
-                            f"{lo:.3f} ms measured (batch {self.batch}, every removable group removed)")
+            raise UserError(f"`latency_ms` {target_ms:g} is below what the smallest valid model reaches: "
+                            f"{lo:.3f} ms measured (batch {self.batch}, every removable group removed)", field="latency_ms")
         if target_ms >= self.dense_ms:
-            raise UserError(f"--target-latency-ms {target_ms:g} is not below the dense model's {self.dense_ms:.3f} ms "
-                            f"(batch {self.batch}): nothing to compress")
+            raise UserError(f"`latency_ms` {target_ms:g} is not below the dense model's {self.dense_ms:.3f} ms "
+                            f"(batch {self.batch}): nothing to compress", field="latency_ms")
 
     def latency_of(self, pt: dict) -> float:
         """A point's latency on the session's scale: its ratio to the dense model timed in the same
@@ -192,7 +192,8 @@ class LatencyModel:
                 break
             lo = k
             if k == len(order):
-                raise UserError(f"--target-latency-ms {target_ms:g} is not reached even with every group removed")
+                raise UserError(f"`latency_ms` {target_ms:g} is not reached even with every group removed",
+                                field="latency_ms")
             k = min(len(order), 2 * k)
         if hi is None:
             hi = len(order)  # probes exhausted: the smallest model, measured at calibration to be fast enough

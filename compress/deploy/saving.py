@@ -13,10 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from compress.errors import UserError
-from compress.files import atomic_write_with
 
 _SCALARS = (int, float, bool, str, type(None))
 
@@ -40,10 +38,11 @@ def module_attributes(model: torch.nn.Module) -> dict[str, dict]:
 
 def save_compressed(model: torch.nn.Module, path: str | Path, info: dict | None = None) -> None:
     """Write the compressed model's weights and architecture attributes to one safetensors file."""
-    sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    from compress.train.checkpoint import write_tensors
+
     meta = {"format": "compress.compressed/1", "attributes": json.dumps(module_attributes(model)),
             "info": json.dumps(info or {})}
-    atomic_write_with(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    write_tensors(path, model.state_dict(), meta)
 
 
 def load_compressed(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:

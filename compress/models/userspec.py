@@ -1,4 +1,4 @@
-"""Turn the user's `--model` / `--data` strings into a model factory and data sets.
+"""Turn the user's model / data strings into a model factory and data sets.
 
 Accepted forms: a built-in name (`digits-resnet`), `package.module:factory`, or
 `path/to/file.py:factory`. Every failure is a UserError that says what to fix.
@@ -27,13 +27,14 @@ def _import_from_cwd(name: str):
 
 def _load_callable(spec: str, what: str):
     if ":" not in spec:
-        raise UserError(f"{what} {spec!r} is neither a built-in name nor of the form module:function or file.py:function")
+        raise UserError(f"`{what}` {spec!r} is neither a built-in name nor of the form module:function or "
+                        "file.py:function", field=what)
     mod_name, func_name = spec.rsplit(":", 1)
     try:
         if mod_name.endswith(".py"):
             path = Path(mod_name)
             if not path.is_file():
-                raise UserError(f"{what} file {path} does not exist")
+                raise UserError(f"`{what}` file {path} does not exist", field=what)
             module_spec = importlib.util.spec_from_file_location(f"compress_user_{path.stem}", path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[module_spec.name] = module
@@ -43,10 +44,10 @@ def _load_callable(spec: str, what: str):
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any import-time failure is the user's module's
-        raise UserError(f"cannot import {mod_name!r} for {what} {spec!r}: {type(e).__name__}: {e}") from e
+        raise UserError(f"cannot import {mod_name!r} for `{what}` {spec!r}: {type(e).__name__}: {e}", field=what) from e
     fn = getattr(module, func_name, None)
     if fn is None or not callable(fn):
-        raise UserError(f"{mod_name!r} has no callable {func_name!r} (from {what} {spec!r})")
+        raise UserError(f"{mod_name!r} has no callable {func_name!r} (from `{what}` {spec!r})", field=what)
     return fn
 
 
@@ -59,7 +60,8 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     except ValueError:
         shape = ()
     if len(shape) < 2 or any(d <= 0 for d in shape):
-        raise UserError(f"--input-shape must be positive integers like 1,3,32,32 (batch first), got {text!r}")
+        raise UserError(f"`input_shape` must be positive integers like 1,3,32,32 (batch first), got {text!r}",
+                        field="input_shape")
     return shape
 
 
@@ -74,7 +76,7 @@ def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Mode
             return get_model(spec)
         except KeyError as e:
             raise UserError(str(e.args[0])) from None
-    factory = _load_callable(spec, "--model")
+    factory = _load_callable(spec, "model")
 
     def build():
         try:
@@ -91,8 +93,8 @@ def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Mode
         model = build()
         ex = getattr(model, "example_input", None)
         if ex is None:
-            raise UserError(f"model from {spec!r} needs an example input: pass --input-shape 1,C,H,W, give "
-                            "the module an `example_input(batch)` method, or use the Python API")
+            raise UserError(f"model from {spec!r} needs an example input: give `input_shape` (1,C,H,W), give "
+                            "the module an example_input(batch) method, or use the Python API", field="input_shape")
         return ex(batch) if callable(ex) else ex
 
     return ModelSpec(name=spec, build=build, example_input=example_input, data=None, description=f"user model {spec}")
@@ -100,7 +102,7 @@ def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Mode
 
 def resolve_data(spec: str):
     """Call the user's data function; it must return (train, eval) datasets or data loaders."""
-    fn = _load_callable(spec, "--data")
+    fn = _load_callable(spec, "data")
     try:
         out = fn()
     except Exception as e:  # noqa: BLE001

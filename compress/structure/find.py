@@ -153,6 +153,7 @@ def group_weights(model: nn.Module, groups, example_inputs, weight: str = "size"
     if not len(groups):
         return sav
     if not bool((sav > 0).any()):
-        raise UserError("--group-weight flops: no group saves any FLOPs on the example input; use size")
+        raise UserError("`group_weight` flops: no group saves any FLOPs on the example input; use size",
+                        field="group_weight")
     size = torch.tensor([math.sqrt(g.size) for g in groups], dtype=torch.float64)
     return sav * (size.mean() / sav.mean())

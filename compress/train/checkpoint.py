@@ -47,15 +47,14 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, info: dict,
                     rng: dict[str, torch.Tensor] | None = None) -> None:
     """Write model weights, optimizer state, RNG states and `info` (JSON) to one file, atomically."""
-    tensors = {f"{_MODEL}{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {f"{_MODEL}{k}": v for k, v in model.state_dict().items()}
     opt_meta = None
     if optimizer is not None:
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         tensors.update(opt_tensors)
     for k, v in (rng or {}).items():
-        tensors[f"{_RNG}{k}"] = v.detach().cpu().contiguous().clone()
-    meta = {"info": json.dumps(info), "optimizer": json.dumps(opt_meta)}
-    atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        tensors[f"{_RNG}{k}"] = v
+    write_tensors(path, tensors, {"info": json.dumps(info), "optimizer": json.dumps(opt_meta)})
 
 
 def load_checkpoint(path) -> dict:
@@ -154,5 +153,11 @@ def set_rng_state(st: dict[str, torch.Tensor]) -> None:
 
 def save_weights(path, model: torch.nn.Module) -> None:
     """The model's state_dict as safetensors, atomically."""
-    sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_with(path, lambda tmp: save_file(sd, tmp))
+    write_tensors(path, model.state_dict())
+
+
+def write_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """The one writer of tensor files (weights, checkpoints, compressed models): CPU copies, written to a
+    temp file that is then renamed over `path`, so a crash never leaves a torn file."""
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    atomic_write_with(path, lambda tmp: save_file(sd, tmp, metadata=metadata))

@@ -52,38 +52,38 @@ class TrainConfig:
         return c
 
     def validate(self) -> None:
-        if self.epochs <= 0:
-            raise UserError(f"--epochs must be positive, got {self.epochs}")
-        if self.lr is not None and not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if self.lam is not None and (not self.lam >= 0 or math.isinf(self.lam)):
-            raise UserError(f"--lam must be a finite number ≥ 0, got {self.lam}")
-        if self.batch_size <= 0:
-            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
-        if not 0 < self.momentum <= 1 and self.optimizer in ("ramda", "rmda"):
-            raise UserError(f"--momentum must be in (0, 1] for {self.optimizer}, got {self.momentum}")
-        if self.schedule not in ("step", "cosine"):
-            raise UserError(f"--schedule must be step or cosine, got {self.schedule!r}")
-        if self.threads is not None and self.threads <= 0:
-            raise UserError(f"--threads must be positive, got {self.threads}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise UserError(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
+        """UserError naming the field at fault (`field`); the CLI shows it as its flag."""
+        _check(self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
+        _check(self.lr is None or self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(self.lam is None or (self.lam >= 0 and not math.isinf(self.lam)), "lam",
+               f"must be a finite number ≥ 0, got {self.lam}")
+        _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        _check(0 < self.momentum <= 1 or self.optimizer not in ("ramda", "rmda"), "momentum",
+               f"must be in (0, 1] for {self.optimizer}, got {self.momentum}")
+        _check(self.schedule in ("step", "cosine"), "schedule", f"must be step or cosine, got {self.schedule!r}")
+        _check(self.threads is None or self.threads > 0, "threads", f"must be positive, got {self.threads}")
+        _check(self.amp in ("none", "bf16", "fp16"), "amp", f"must be none, bf16 or fp16, got {self.amp!r}")
         if self.optimizer == "adamw" and (self.lam or 0) > 0:
-            raise UserError("adamw trains dense models: use --lam 0, or choose --optimizer "
-                            "ramda|rmda|proxsgd|proxadam|asgo|dasgo|dsgd")
-        if self.reg_space not in ("param", "preconditioned"):
-            raise UserError(f"--reg-space must be param or preconditioned, got {self.reg_space!r}")
+            raise UserError("adamw trains dense models: use `lam` 0, or choose `optimizer` "
+                            "ramda|rmda|proxsgd|proxadam|asgo|dasgo|dsgd", field="lam", fields=("optimizer",))
+        _check(self.reg_space in ("param", "preconditioned"), "reg_space",
+               f"must be param or preconditioned, got {self.reg_space!r}")
         if self.reg_space == "preconditioned" and self.optimizer not in ("ramda", "proxadam"):
-            raise UserError("--reg-space preconditioned applies to ramda and proxadam only")
+            raise UserError("`reg_space` preconditioned applies to ramda and proxadam only", field="reg_space")
         from compress.structure.find import GROUP_WEIGHTS
 
-        if self.group_weight not in GROUP_WEIGHTS:
-            raise UserError(f"--group-weight must be size or flops (or unit), got {self.group_weight!r}")
-        if self.dsgd_k < 1:
-            raise UserError(f"--dsgd-k must be ≥ 1, got {self.dsgd_k}")
+        _check(self.group_weight in GROUP_WEIGHTS, "group_weight",
+               f"must be size or flops (or unit), got {self.group_weight!r}")
+        _check(self.dsgd_k >= 1, "dsgd_k", f"must be ≥ 1, got {self.dsgd_k}")
+        _check(_is_device_name(self.device), "device", f"must be auto, cpu or cuda, got {self.device!r}")
         for m in self.milestones or []:
             if not 0 < m < self.epochs:
-                raise UserError(f"milestone {m} is outside 1..{self.epochs - 1}")
+                raise UserError(f"milestone {m} is outside 1..{self.epochs - 1}", field="milestones")
+
+
+def _check(ok: bool, field: str, text: str) -> None:
+    if not ok:
+        raise UserError(f"`{field}` {text}", field=field)
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -113,7 +113,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no GPU; use --device cpu or auto")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
+        raise UserError("`device` cuda was asked for but torch sees no GPU; use `device` cpu or auto", field="device")
+    _check(_is_device_name(name), "device", f"must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
+
+
+def _is_device_name(name) -> bool:
+    return name in ("auto", "cpu", "cuda") or (isinstance(name, str) and name.startswith("cuda:"))

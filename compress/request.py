@@ -1,0 +1,283 @@
+"""One fine-tuning request: the settings of a TOML file and of the caller (the caller's win), resolved
+and validated once into a `FinetuneRequest`, then run — the plain loop or the budget runner — or a run
+directory resumed. The CLI is one call of `finetune_from`; everything it used to decide lives here."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from compress.budget.target import Budget
+from compress.errors import UserError
+from compress.train.config import TrainConfig
+
+_TRAIN = ("epochs", "lr", "lam", "optimizer", "momentum", "batch_size", "milestones", "gamma", "schedule",
+          "weight_decay", "group_weight", "solver", "reg_space", "dsgd_k", "seed", "device", "threads")
+_TARGETS = ("target_flops", "target_params", "target_latency_ms")
+_BUDGET = {"target_flops": "flops", "target_params": "params", "target_latency_ms": "latency_ms",
+           "bench_batch": "batch", "bench_threads": "threads"}  # option → Budget field
+_CONTROLLER = ("final_optimizer", "align", "rewind")  # finetune_to_budget's keyword arguments
+
+
+@dataclass
+class FinetuneOptions:
+    """The settings as given, None where not given: one per TOML key (and CLI flag)."""
+
+    model: str | None = None
+    out: Path | None = None
+    data: str | None = None
+    input_shape: str | None = None
+    init: Path | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    lam: float | None = None
+    optimizer: str | None = None
+    momentum: float | None = None
+    batch_size: int | None = None
+    milestones: str | list[int] | None = None  # "15,22" or [15, 22]
+    gamma: float | None = None
+    schedule: str | None = None
+    weight_decay: float | None = None
+    group_weight: str | None = None
+    solver: str | None = None
+    reg_space: str | None = None
+    dsgd_k: int | None = None
+    seed: int | None = None
+    device: str | None = None
+    threads: int | None = None
+    target_flops: float | None = None
+    target_params: float | None = None
+    target_latency_ms: float | None = None
+    bench_batch: int | None = None
+    bench_threads: int | None = None
+    final_optimizer: str | None = None
+    align: int | None = None
+    rewind: str | None = None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> FinetuneOptions:
+        """The options of a TOML file whose keys are the field names (`batch-size` = `batch_size`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {path} is not valid TOML: {e}") from e
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise UserError(f"config file {path} has unknown keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def given(self) -> dict:
+        """The options that were given, type-checked (a TOML file can hold anything)."""
+        hints = typing.get_type_hints(type(self))
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = _checked_type(f.name, value, hints[f.name])
+        return out
+
+    def over(self, base: FinetuneOptions) -> FinetuneOptions:
+        """These options, falling back to `base` where not given (flags over a config file)."""
+        return dataclasses.replace(base, **{k: v for k, v in vars(self).items() if v is not None})
+
+
+def _checked_type(name: str, value, hint):
+    allowed = tuple(typing.get_origin(a) or a for a in typing.get_args(hint) if a is not type(None))
+    accepted = allowed + ((int,) if float in allowed else ()) + ((str,) if Path in allowed else ())
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        names = " or ".join("a list" if a is list else a.__name__ for a in allowed)
+        raise UserError(f"`{name}` must be {names}, got {value!r}", field=name)
+    return Path(value) if Path in allowed else value
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """A fine-tuning run, resolved and validated: what `run_request` trains, and where."""
+
+    out: Path
+    train: TrainConfig  # defaults resolved (a budget run's milestones too), validated
+    model: str = "digits-resnet"
+    data: str | None = None
+    input_shape: str | None = None
+    init: Path | None = None
+    budget: Budget | None = None
+    controller: dict = field(default_factory=dict)  # final_optimizer / align / rewind, where given
+    force: bool = False
+
+    def run_info(self) -> dict:
+        """What config.json keeps beside the TrainConfig, so export and resume can rebuild the model."""
+        return {"model": self.model, "data": self.data, "input_shape": self.input_shape,
+                "init": str(self.init) if self.init else None}
+
+
+def build_request(options: FinetuneOptions, config_file: str | Path | None = None,
+                  force: bool = False) -> FinetuneRequest:
+    """Merge `options` over the TOML `config_file`, resolve the defaults and validate — once."""
+    from compress.models.userspec import parse_input_shape
+    from compress.runs import check_out_dir
+
+    if config_file is not None:
+        options = options.over(FinetuneOptions.from_toml(config_file))
+    given = options.given()
+    if "out" not in given:
+        raise UserError("`out` (the run directory to create) is required", field="out")
+    budget = _budget(given)
+    controller = {k: given[k] for k in _CONTROLLER if k in given}
+    if budget is None and controller:
+        raise UserError(f"`{next(iter(controller))}` applies to target runs only "
+                        "(`target_flops`/`target_params`/`target_latency_ms`)",
+                        field=next(iter(controller)), fields=_TARGETS)
+    train = TrainConfig(**{k: given[k] for k in _TRAIN if k in given})
+    train.milestones = _milestones(train.milestones)
+    if budget is not None:
+        from compress.budget.runner import budget_config
+
+        train = budget_config(train)  # the Python API's defaults: one lr decay, at the freeze
+    else:
+        train = train.resolved()
+        train.validate()
+    parse_input_shape(given.get("input_shape"))
+    out = check_out_dir(given["out"], force)
+    return FinetuneRequest(out=out, train=train, model=given.get("model", "digits-resnet"), data=given.get("data"),
+                           input_shape=given.get("input_shape"), init=given.get("init"), budget=budget,
+                           controller=controller, force=force)
+
+
+def _budget(given: dict) -> Budget | None:
+    """The Budget of a target run (then `lam` must not be given); None for a plain run."""
+    if not any(k in given for k in _TARGETS):
+        extra = [k for k in ("bench_batch", "bench_threads") if k in given]
+        if extra:
+            raise UserError("`bench_batch` and `bench_threads` only apply to `target_latency_ms`", field=extra[0],
+                            fields=("bench_batch", "bench_threads", "target_latency_ms"))
+        return None
+    if "lam" in given:
+        raise UserError("give either `lam` or a target (`target_flops`/`target_params`/`target_latency_ms`): "
+                        "with a target, λ is found automatically", field="lam", fields=_TARGETS)
+    try:
+        return Budget(**{_BUDGET[k]: v for k, v in given.items() if k in _BUDGET})
+    except UserError as e:
+        raise e.renamed({b: k for k, b in _BUDGET.items()}) from None
+
+
+def _milestones(value) -> list[int] | None:
+    if value is None or isinstance(value, list):
+        return value
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"`milestones` must be comma-separated epoch numbers, e.g. 15,22; got {value!r}",
+                        field="milestones") from None
+
+
+def run_request(req: FinetuneRequest, console=None, progress: bool = True):
+    """Build the model (seeded), check it runs, and train: the budget runner for a target, else the loop."""
+    import torch
+    from rich.console import Console
+
+    from compress.models.userspec import parse_input_shape, resolve_model
+    from compress.train.checkpoint import load_weights
+
+    console = console or Console()
+    spec = resolve_model(req.model, parse_input_shape(req.input_shape))
+    init_weights = load_weights(req.init) if req.init else None
+    torch.manual_seed(req.train.seed)  # the model's random init is part of the run: same seed, same bits
+    net = spec.build()
+    example = checked_example(spec, net)
+    train_data, eval_data = data_for(spec, req.data)
+    cfg = req.train
+    console.print(f"[bold]compress finetune[/] model={req.model} optimizer={cfg.optimizer} lr={cfg.lr:g} "
+                  f"λ={cfg.lam:g} epochs={cfg.epochs} milestones={cfg.milestones} → {req.out}")
+    common = dict(init_weights=init_weights, run_info=req.run_info(), force=req.force, console=console,
+                  progress=progress)
+    if req.budget is not None:
+        from compress.budget.runner import finetune_to_budget
+
+        console.print(f"[bold]budget[/]: {req.budget.describe()} — λ is found automatically")
+        return finetune_to_budget(net, train_data, eval_data, example, req.out, cfg, req.budget, **common,
+                                  **req.controller)
+    from compress.train.loop import finetune
+
+    return finetune(net, train_data, eval_data, example, req.out, cfg, **common)
+
+
+def resume_run(run: str | Path, lr: float | None = None, console=None, progress: bool = True):
+    """Continue an interrupted run directory with its saved settings (`lr` may be lowered, not for a budget)."""
+    from compress.models.userspec import parse_input_shape, resolve_model
+    from compress.runs import read_config
+
+    run = Path(run)
+    saved = read_config(run, "nothing to resume")
+    if "model" not in saved:
+        raise UserError(f"{run} was made from Python with a model object; resume it with "
+                        "compress.finetune(model, ..., resume=True)")
+    spec = resolve_model(saved["model"], parse_input_shape(saved.get("input_shape")))
+    train_data, eval_data = data_for(spec, saved.get("data"))
+    if "budget" in saved:
+        from compress.budget.runner import finetune_to_budget
+
+        if lr is not None:
+            raise UserError("a budget run resumes with its saved settings; `lr` cannot be changed", field="lr")
+        return finetune_to_budget(spec.build(), train_data, eval_data, spec.example_input(1), run, resume=True,
+                                  console=console, progress=progress)
+    from compress.train.loop import finetune
+
+    return finetune(spec.build(), train_data, eval_data, spec.example_input(1), run, resume=True,
+                    resume_lr=lr, console=console, progress=progress)
+
+
+def finetune_from(options: FinetuneOptions, *, config_file: str | Path | None = None,
+                  resume: str | Path | None = None, force: bool = False, console=None,
+                  progress: bool = True) -> Path:
+    """The `compress finetune` command: a new run from options (+ TOML file), or `resume` a run.
+    Returns the run directory."""
+    if resume is None:
+        req = build_request(options, config_file, force)
+        run_request(req, console=console, progress=progress)
+        return req.out
+    given = options.given()
+    if "out" in given and Path(given["out"]) != Path(resume):
+        raise UserError("give either `resume` RUN or `out` RUN, not both", field="resume", fields=("out",))
+    extra = sorted(set(given) - {"out", "lr"}) + (["config"] if config_file is not None else [])
+    if extra:
+        raise UserError(f"`resume` continues a run with its saved settings; only `lr` (e.g. lower after a NaN "
+                        f"loss) may be given with it, not `{extra[0]}`", field=extra[0], fields=("resume", "lr"))
+    resume_run(resume, lr=given.get("lr"), console=console, progress=progress)
+    return Path(resume)
+
+
+def data_for(spec, data: str | None):
+    """(train, eval) data: the user's `data` function, else the built-in model's own."""
+    from compress.models.userspec import resolve_data
+
+    if data:
+        return resolve_data(data)
+    if spec.data is None:
+        raise UserError(f"model {spec.name!r} has no built-in data: give `data` module:function", field="data")
+    return spec.data()
+
+
+def checked_example(spec, net):
+    """The example input, with a clear error if the model cannot run on it."""
+    import torch
+
+    from compress.structure.tensors import call_model
+
+    example = spec.example_input(1)
+    try:
+        with torch.no_grad():
+            net.eval()
+            call_model(net, example)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's model failing is the user's to fix
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"the model's forward failed on its example input: {type(e).__name__}: {first}") from e
+    return example
