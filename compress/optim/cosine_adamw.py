@@ -1,28 +1,4 @@
-"""AdamW with its own cosine schedule: the final phase of a budget run."""
-from __future__ import annotations
+"""Where CosineAdamW used to live (it is in dense.py with the other dense optimizer)."""
+from compress.optim.dense import CosineAdamW
 
-import math
-
-import torch
-
-# --------------------------------------------------------------------------- λ controller
-
-
-class CosineAdamW(torch.optim.AdamW):
-    """AdamW whose lr follows a cosine from `lr` to 0 over `total_steps` of its own steps.
-
-    The budget run's final phase owns its schedule: every step sets the lr from AdamW's own step
-    count (overriding the training loop's per-epoch lr), so a checkpoint restores the position exactly."""
-
-    def __init__(self, params, lr: float, total_steps: int, weight_decay: float = 1e-4):
-        super().__init__(params, lr=lr, weight_decay=weight_decay)
-        self.base_lr, self.total_steps = float(lr), max(1, int(total_steps))
-
-    def lr_at(self, k: int) -> float:
-        return self.base_lr * 0.5 * (1 + math.cos(math.pi * min(k, self.total_steps) / self.total_steps))
-
-    def step(self, closure=None):
-        k = next((int(st["step"]) for st in self.state.values() if "step" in st), 0)
-        for g in self.param_groups:
-            g["lr"] = self.lr_at(k)
-        return super().step(closure)
+__all__ = ["CosineAdamW"]

@@ -8,13 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from compress.errors import UserError
+from compress.optim.registry import DEFAULT_LAM, REGISTRY, validate_config
 
-# Defaults for fine-tuning a trained model. RAMDA's were chosen on digits-resnet from a 99.33% dense
-# model (20-30 epochs): lr 1e-2 destroyed it, lr 1e-3 with λ 1e-2 kept 95.6% with 43% of groups zero,
-# lr 3e-4 with λ 1.5e-2 kept 99.33% with 45% zero. adamw's is for dense training from scratch.
-DEFAULT_LR = {"ramda": 3e-4, "rmda": 1e-2, "proxsgd": 1e-2, "proxadam": 1e-4, "adamw": 3e-3,
-              "asgo": 3e-4, "dasgo": 3e-4, "dsgd": 1e-2}
-DEFAULT_LAM = 1.5e-2  # prox optimizers; adamw trains dense (λ = 0)
+DEFAULT_LR = {name: s.default_lr for name, s in REGISTRY.items()}  # the optimizer table's (registry.py)
 
 
 @dataclass
@@ -46,7 +42,7 @@ class TrainConfig:
         if c.lr is None:
             c.lr = DEFAULT_LR.get(c.optimizer, 1e-3)
         if c.lam is None:
-            c.lam = 0.0 if c.optimizer == "adamw" else DEFAULT_LAM
+            c.lam = REGISTRY[c.optimizer].default_lam if c.optimizer in REGISTRY else DEFAULT_LAM
         if c.milestones is None:
             c.milestones = [] if c.schedule == "cosine" else sorted({c.epochs // 2, (3 * c.epochs) // 4} - {0})
         return c
@@ -60,21 +56,13 @@ class TrainConfig:
             raise UserError(f"--lam must be a finite number ≥ 0, got {self.lam}")
         if self.batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {self.batch_size}")
-        if not 0 < self.momentum <= 1 and self.optimizer in ("ramda", "rmda"):
-            raise UserError(f"--momentum must be in (0, 1] for {self.optimizer}, got {self.momentum}")
         if self.schedule not in ("step", "cosine"):
             raise UserError(f"--schedule must be step or cosine, got {self.schedule!r}")
         if self.threads is not None and self.threads <= 0:
             raise UserError(f"--threads must be positive, got {self.threads}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise UserError(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
-        if self.optimizer == "adamw" and (self.lam or 0) > 0:
-            raise UserError("adamw trains dense models: use --lam 0, or choose --optimizer "
-                            "ramda|rmda|proxsgd|proxadam|asgo|dasgo|dsgd")
-        if self.reg_space not in ("param", "preconditioned"):
-            raise UserError(f"--reg-space must be param or preconditioned, got {self.reg_space!r}")
-        if self.reg_space == "preconditioned" and self.optimizer not in ("ramda", "proxadam"):
-            raise UserError("--reg-space preconditioned applies to ramda and proxadam only")
+        validate_config(self)  # the optimizer-dependent checks
         from compress.structure.find import GROUP_WEIGHTS
 
         if self.group_weight not in GROUP_WEIGHTS:
