@@ -224,7 +224,6 @@ def test_zero_keeper_zeroes_parameters_and_optimizer_buffers():
 def test_critical_lambda_predicts_the_next_prox(name):
     """λ*_g from the dual state: after one more step (zero gradient) at λ, Ŵ_g = 0 iff λ*_g ≤ λ."""
     import compress.optim as optim
-    from compress.budget.controller import critical_lams
 
     torch.manual_seed(0)
     model, x = _spec_input("digits-resnet")
@@ -234,7 +233,7 @@ def test_critical_lambda_predicts_the_next_prox(name):
         opt.zero_grad()
         model(torch.rand(8, 1, 8, 8)).logsumexp(-1).mean().backward()
         opt.step()
-    crit = critical_lams(opt)
+    crit = opt.critical_lams()
     vals = crit.sort().values
     gaps = vals[1:] - vals[:-1]
     k = int(torch.argmax(gaps[len(gaps) // 3: 2 * len(gaps) // 3])) + len(gaps) // 3
