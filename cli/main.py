@@ -15,6 +15,8 @@ import tomllib
 import typer
 from rich.console import Console
 
+from compress.optim.registry import help_text as optimizer_help
+
 app = typer.Typer(
     help="Compress a PyTorch model: group-sparse fine-tuning (RAMDA) → extraction of the zero "
          "structures → verified ONNX export → ONNX Runtime latency benchmark.\n\n"
@@ -99,8 +101,7 @@ def finetune(
                                        "ramda 3e-4, rmda/proxsgd 1e-2, proxadam 1e-4; adamw 3e-3)."),
     lam: Optional[float] = typer.Option(None, help="Group-lasso strength λ; 0 trains a dense model. Larger λ → more "
                                         "structures removed. \\[default: 1.5e-2, 0 for adamw]"),
-    optimizer: Optional[str] = typer.Option(None, help="ramda | rmda | proxsgd | proxadam | asgo | dasgo | dsgd | "
-                                            "adamw (dense). \\[default: ramda]"),
+    optimizer: Optional[str] = typer.Option(None, help=f"{optimizer_help()} \\[default: ramda]"),
     reg_space: Optional[str] = typer.Option(None, help="ramda/proxadam: group lasso on the parameters (param) or on "
                                             "the preconditioned variables (preconditioned). \\[default: param]"),
     dsgd_k: Optional[int] = typer.Option(None, help="dsgd: layers updated per step. \\[default: 1]"),

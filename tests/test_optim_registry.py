@@ -86,6 +86,8 @@ def test_every_entry_builds_and_answers_the_interface():
         assert isinstance(opt, s.cls) and isinstance(opt, StructuredOptimizer), name
         assert s.structured == (name != "adamw") and s.momentum_schedule == (name in ("ramda", "rmda"))
         assert s.dual_averaging == (name in ("ramda", "rmda"))
+        assert (s.structured, s.momentum_schedule, s.dual_averaging) == \
+            (s.cls.structured, s.cls.momentum_schedule, issubclass(s.cls, optim.DualAveraging)), name  # table = class
         assert DEFAULT_LR[name] == s.default_lr and s.default_lam == (0.0 if name == "adamw" else 1.5e-2)
         assert name in help_text()
     assert spec("DASGO").cls is optim.DASGO

@@ -7,59 +7,35 @@ DSGD (greedy layer-wise steps: dsgd.py), all with the constructor contract
 the one table of names, defaults and capabilities (`make_optimizer` builds any of them by
 name); interface.py what the training loop and the budget controller ask of each.
 ProxAdam and RAMDA take reg_space="param"|"preconditioned" (regspace.py).
+
+Names are imported on first access, so the CLI can read the registry without loading torch.
 """
 from __future__ import annotations
 
-from compress.optim.asgo import ASGO, DASGO
-from compress.optim.base import ProxOptimizer
-from compress.optim.dense import AdamW, CosineAdamW
-from compress.optim.dsgd import DSGD
-from compress.optim.dual_averaging import DualAveraging
-from compress.optim.group_index import GroupIndex
-from compress.optim.interface import StructuredOptimizer, as_structured
-from compress.optim.prox import (
-    group_soft_threshold,
-    metric_group_prox,
-    metric_group_prox_pg,
-)
-from compress.optim.proxadam import PrecondProxAdam, ProxAdam
-from compress.optim.proxsgd import ProxSGD
-from compress.optim.ramda import RAMDA, PrecondRAMDA
-from compress.optim.registry import (
-    OPTIMIZERS,
-    REGISTRY,
-    OptimizerSpec,
-    build_optimizer,
-    help_text,
-)
-from compress.optim.rmda import RMDA
+import importlib
 
-make_optimizer = build_optimizer  # the name the API has always had
+_API = {
+    "ASGO": "asgo", "DASGO": "asgo", "ProxOptimizer": "base", "AdamW": "dense", "CosineAdamW": "dense",
+    "DSGD": "dsgd", "DualAveraging": "dual_averaging", "GroupIndex": "group_index",
+    "StructuredOptimizer": "interface", "as_structured": "interface",
+    "group_soft_threshold": "prox", "metric_group_prox": "prox", "metric_group_prox_pg": "prox",
+    "PrecondProxAdam": "proxadam", "ProxAdam": "proxadam", "ProxSGD": "proxsgd", "PrecondRAMDA": "ramda",
+    "RAMDA": "ramda", "RMDA": "rmda", "OPTIMIZERS": "registry", "REGISTRY": "registry", "OptimizerSpec": "registry",
+    "build_optimizer": "registry", "help_text": "registry",
+}
+_ALIASES = {"make_optimizer": ("registry", "build_optimizer")}  # the name the API has always had
 
-__all__ = [
-    "ASGO",
-    "DASGO",
-    "DSGD",
-    "OPTIMIZERS",
-    "RAMDA",
-    "REGISTRY",
-    "RMDA",
-    "AdamW",
-    "CosineAdamW",
-    "DualAveraging",
-    "GroupIndex",
-    "OptimizerSpec",
-    "PrecondProxAdam",
-    "PrecondRAMDA",
-    "ProxAdam",
-    "ProxOptimizer",
-    "ProxSGD",
-    "StructuredOptimizer",
-    "as_structured",
-    "build_optimizer",
-    "group_soft_threshold",
-    "help_text",
-    "make_optimizer",
-    "metric_group_prox",
-    "metric_group_prox_pg",
-]
+__all__ = sorted([*_API, *_ALIASES])
+
+
+def __getattr__(name: str):
+    module, attr = _ALIASES.get(name, (_API.get(name), name))
+    if module is None:
+        raise AttributeError(f"module 'compress.optim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"compress.optim.{module}"), attr)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
