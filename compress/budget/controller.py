@@ -253,21 +253,9 @@ class BudgetController:
             mask, info["alignment"] = align_widths(self.cm, self.groups, mask, norms, iterate_norms, self.kind,
                                                    target, self.align, floor=floor)
         added, revived = mask & ~zero, zero & ~mask
-        # W ← Ŵ, except revived groups, which keep the iterate's values so they can train again
-        saved = None
-        if bool(revived.any()):
-            saved = [(t, s.dim, torch.tensor(s.indices, device=t.device), t.detach().index_select(s.dim, torch.tensor(s.indices, device=t.device)).clone())
-                     for i in torch.nonzero(revived).flatten().tolist()
-                     for s, t in zip(self.groups[i].slices, self.groups[i].tensors)]
-        as_structured(opt, self.groups).commit_structured_point()
-        for t, d, ix, vals in saved or []:
-            t.detach().index_copy_(d, ix, vals)
-        if self.rewind == "init":  # in place (load_state_dict copies), so the groups' tensors stay bound
-            w = self.rewind_weights() if callable(self.rewind_weights) else self.rewind_weights
-            if w is None:
-                raise UserError("rewind='init' needs the starting weights (rewind_weights)")
-            dev = next(model.parameters()).device
-            model.load_state_dict({k: v.to(dev) for k, v in w.items()})
+        self._commit(opt, revived)
+        if self.rewind == "init":
+            self._rewind(model)
             info["rewound_to"] = "init"
         self.keeper = ZeroKeeper(self.groups, mask)
         self.keeper.apply(opt)
@@ -292,6 +280,27 @@ class BudgetController:
                  f"{self.counts['revived']} revived; "
                  f"{self.kind} {info['cost_frozen']:.4f} (target {self.target:.4f})")
         return info
+
+    def _commit(self, opt, revived: torch.Tensor) -> None:
+        """W ← Ŵ, except revived groups, which keep the iterate's values so they can train again."""
+        saved = None
+        if bool(revived.any()):
+            saved = [(t, s.dim, torch.tensor(s.indices, device=t.device),
+                      t.detach().index_select(s.dim, torch.tensor(s.indices, device=t.device)).clone())
+                     for i in torch.nonzero(revived).flatten().tolist()
+                     for s, t in zip(self.groups[i].slices, self.groups[i].tensors)]
+        as_structured(opt, self.groups).commit_structured_point()
+        for t, d, ix, vals in saved or []:
+            t.detach().index_copy_(d, ix, vals)
+
+    def _rewind(self, model) -> None:
+        """The whole model back to the starting weights, in place (load_state_dict copies), so the
+        groups' tensors stay bound."""
+        w = self.rewind_weights() if callable(self.rewind_weights) else self.rewind_weights
+        if w is None:
+            raise UserError("rewind='init' needs the starting weights (rewind_weights)")
+        dev = next(model.parameters()).device
+        model.load_state_dict({k: v.to(dev) for k, v in w.items()})
 
     def state(self) -> dict:
         return {"target": self.target, "kind": self.kind, "freeze_epoch": self.freeze_epoch, "counts": self.counts,

@@ -44,63 +44,10 @@ class GroupIndex:
         pos = {id(p): k for k, p in enumerate(self.params)}
         if len(pos) != len(self.params):
             raise ValueError("a parameter appears twice in the optimizer")
-        dims: list[int | None] = [None] * len(self.params)
-        gid_lists: list[Tensor | None] = [None] * len(self.params)
-        weights: list[float] = []
-        sizes: list[int] = []
-        self.names: list[str] = []
         if groups is None:
-            for k, p in enumerate(self.params):
-                if p.dim() < 2:
-                    continue
-                n = p.shape[0]
-                dims[k] = 0
-                gid_lists[k] = torch.arange(len(weights), len(weights) + n)
-                row = p.numel() // max(n, 1)
-                weights += [math.sqrt(row)] * n
-                sizes += [row] * n
-                self.names += [f"param{k}[{i}]" for i in range(n)]
+            dims, gid_lists, weights, sizes, self.names = self._row_groups()
         else:
-            for gi, g in enumerate(groups):
-                tensors = getattr(g, "tensors", None)
-                name = getattr(g, "name", f"group{gi}")
-                if not tensors or len(tensors) != len(g.slices):
-                    raise ValueError(f"group {name} is not bound to a model; call compress.groups.bind_groups")
-                size = 0
-                for s, t in zip(g.slices, tensors):
-                    k = pos.get(id(t))
-                    if k is None:
-                        raise ValueError(
-                            f"group {name}: parameter {s.param!r} is not among the optimizer's parameters "
-                            "(pass the same model's parameters, with requires_grad=True)"
-                        )
-                    p = self.params[k]
-                    if not 0 <= s.dim < p.dim():
-                        raise ValueError(f"group {name}: dim {s.dim} does not exist in {s.param!r} of shape {list(p.shape)}")
-                    if dims[k] is None:
-                        dims[k] = s.dim
-                        gid_lists[k] = torch.full((p.shape[s.dim],), -1, dtype=torch.long)
-                    elif dims[k] != s.dim:
-                        raise ValueError(
-                            f"parameter {s.param!r} carries groups on dims {dims[k]} and {s.dim}; "
-                            "a parameter may be grouped along one dim only"
-                        )
-                    idx = torch.as_tensor(list(s.indices), dtype=torch.long)
-                    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.shape[s.dim]):
-                        raise ValueError(f"group {name}: indices out of range for {s.param!r} of shape {list(p.shape)}")
-                    gl = gid_lists[k]
-                    taken = gl[idx]
-                    if bool((taken >= 0).any()):
-                        other = int(taken[taken >= 0][0])
-                        raise ValueError(
-                            f"groups {self.names[other] if other < len(self.names) else other} and {name} "
-                            f"overlap in {s.param!r}; groups must be disjoint"
-                        )
-                    gl[idx] = gi
-                    size += len(s.indices) * (p.numel() // max(p.shape[s.dim], 1))
-                weights.append(float(g.weight))
-                sizes.append(size)
-                self.names.append(name)
+            dims, gid_lists, weights, sizes, self.names = self._bound_groups(groups, pos)
         self.n_groups = len(weights)
         device = self.params[0].device if self.params else torch.device("cpu")
         for p in self.params:
@@ -119,6 +66,61 @@ class GroupIndex:
             else:
                 entries.append((d, (math.prod(p.shape[:d]), p.shape[d], math.prod(p.shape[d + 1:])), gid_lists[k]))
         self._set_entries(entries)
+
+    def _row_groups(self) -> tuple:
+        """Default grouping: every parameter with >= 2 dims by its dim-0 rows, weight sqrt(row size)."""
+        dims: list[int | None] = [None] * len(self.params)
+        gid_lists: list[Tensor | None] = [None] * len(self.params)
+        weights: list[float] = []
+        sizes: list[int] = []
+        names: list[str] = []
+        for k, p in enumerate(self.params):
+            if p.dim() < 2:
+                continue
+            n = p.shape[0]
+            dims[k] = 0
+            gid_lists[k] = torch.arange(len(weights), len(weights) + n)
+            row = p.numel() // max(n, 1)
+            weights += [math.sqrt(row)] * n
+            sizes += [row] * n
+            names += [f"param{k}[{i}]" for i in range(n)]
+        return dims, gid_lists, weights, sizes, names
+
+    def _bound_groups(self, groups, pos: dict) -> tuple:
+        """(dims, group id per index, weights, sizes, names) of bound groups, checked disjoint and in range."""
+        dims: list[int | None] = [None] * len(self.params)
+        gid_lists: list[Tensor | None] = [None] * len(self.params)
+        weights, sizes, names = [], [], []
+        for gi, g in enumerate(groups):
+            tensors = getattr(g, "tensors", None)
+            name = getattr(g, "name", f"group{gi}")
+            if not tensors or len(tensors) != len(g.slices):
+                raise ValueError(f"group {name} is not bound to a model; call compress.structure.group.bind_groups")
+            size = 0
+            for s, t in zip(g.slices, tensors):
+                k = pos.get(id(t))
+                if k is None:
+                    raise ValueError(
+                        f"group {name}: parameter {s.param!r} is not among the optimizer's parameters "
+                        "(pass the same model's parameters, with requires_grad=True)"
+                    )
+                p = self.params[k]
+                if not 0 <= s.dim < p.dim():
+                    raise ValueError(f"group {name}: dim {s.dim} does not exist in {s.param!r} of shape {list(p.shape)}")
+                if dims[k] is None:
+                    dims[k] = s.dim
+                    gid_lists[k] = torch.full((p.shape[s.dim],), -1, dtype=torch.long)
+                elif dims[k] != s.dim:
+                    raise ValueError(
+                        f"parameter {s.param!r} carries groups on dims {dims[k]} and {s.dim}; "
+                        "a parameter may be grouped along one dim only"
+                    )
+                _mark(gid_lists[k], s, p, gi, name, names)
+                size += len(s.indices) * (p.numel() // max(p.shape[s.dim], 1))
+            weights.append(float(g.weight))
+            sizes.append(size)
+            names.append(name)
+        return dims, gid_lists, weights, sizes, names
 
     def _set_entries(self, entries) -> None:
         """entries: (dim, [A, n, B], gid [n] with -1 = ungrouped) per parameter."""
@@ -237,3 +239,18 @@ class GroupIndex:
 
 
 # --------------------------------------------------------------------------- kernels
+
+
+def _mark(gl: Tensor, s, p: Tensor, gi: int, name: str, names: list[str]) -> None:
+    """Write group id `gi` at the slice's indices of `gl`; the indices must be in range and still free."""
+    idx = torch.as_tensor(list(s.indices), dtype=torch.long)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.shape[s.dim]):
+        raise ValueError(f"group {name}: indices out of range for {s.param!r} of shape {list(p.shape)}")
+    taken = gl[idx]
+    if bool((taken >= 0).any()):
+        other = int(taken[taken >= 0][0])
+        raise ValueError(
+            f"groups {names[other] if other < len(names) else other} and {name} "
+            f"overlap in {s.param!r}; groups must be disjoint"
+        )
+    gl[idx] = gi
