@@ -673,7 +673,7 @@ def test_adamw_final_phase_keeps_the_frozen_groups_zero_and_resumes_bit_exactly(
     import json
 
     from compress.budget.runner import finetune_to_budget
-    from compress.optim.cosine_adamw import CosineAdamW
+    from compress.optim.dense import CosineAdamW
     from compress.structure.sparsity import zero_mask
     from compress.train.config import TrainConfig
 
