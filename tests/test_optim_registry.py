@@ -137,3 +137,29 @@ def test_zero_keeper_zeroes_exactly_the_buffers_the_optimizer_names():
     st = opt.state[ps[0]]
     assert bool((ps[0][0] == 0).all()) and bool((st["v"][0] == 0).all())
     assert bool((st["w_hat"][0] != 0).any()) and bool((st["w0"][0] != 0).any())
+
+
+@pytest.mark.parametrize("reg_space", ["param", "preconditioned"])
+def test_budget_controller_sets_lambda_exactly_for_every_dual_averaging_variant(reg_space):
+    """The preconditioned RAMDA used to fall out of the exact rule (a dispatch on the class name)."""
+    from compress.budget.controller import BudgetController
+    from compress.budget.target import Budget
+    from compress.models import get_model
+    from compress.structure.cost_model import CostModel
+    from compress.structure.find import find_groups
+
+    spec_ = get_model("digits-resnet")
+    torch.manual_seed(0)
+    model, x = spec_.build(), spec_.example_input(1)
+    groups = find_groups(model, x)
+    cfg = TrainConfig(epochs=4, reg_space=reg_space).resolved()
+    ctl = BudgetController(Budget(flops=0.5), CostModel(model, groups, x), groups, cfg, steps_per_epoch=4)
+    opt = build_optimizer("ramda", model.parameters(), groups=groups, lr=0.01, lam=1e-4, reg_space=reg_space)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.rand(8, 1, 8, 8)).logsumexp(-1).mean().backward()
+        opt.step()
+    rec = ctl._control(opt, 2.0)
+    assert rec["rule"] == "exact"
+    crit = opt.critical_lams()
+    assert rec["zero"] == int((crit <= rec["lam"]).sum()) > 0 and rec["cost"] <= rec["plan"]
