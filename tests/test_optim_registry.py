@@ -8,11 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-import compress.optim as optim
+from compress import optim
 from compress.budget.patterns import ZeroKeeper
 from compress.errors import UserError
 from compress.optim.interface import StructuredOptimizer, as_structured
-from compress.optim.registry import REGISTRY, build_optimizer, help_text, spec, validate_config
+from compress.optim.registry import (
+    REGISTRY,
+    build_optimizer,
+    help_text,
+    spec,
+    validate_config,
+)
 from compress.structure.sparsity import group_norms
 from compress.train.config import DEFAULT_LR, TrainConfig
 
