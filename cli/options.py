@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from compress.optim.registry import help_text as optimizer_help
+
 Model = Annotated[str | None, typer.Option(
     "--model", "-m", help="Built-in name (see `compress inspect --list`), module:factory or "
     "path/to/file.py:factory. \\[default: digits-resnet]")]
@@ -21,8 +23,7 @@ Lr = Annotated[float | None, typer.Option(help="Learning rate (defaults are for 
                                              "ramda 3e-4, rmda/proxsgd 1e-2, proxadam 1e-4; adamw 3e-3).")]
 Lam = Annotated[float | None, typer.Option(help="Group-lasso strength λ; 0 trains a dense model. Larger λ → more "
                                               "structures removed. \\[default: 1.5e-2, 0 for adamw]")]
-Optimizer = Annotated[str | None, typer.Option(help="ramda | rmda | proxsgd | proxadam | asgo | dasgo | dsgd | "
-                                                  "adamw (dense). \\[default: ramda]")]
+Optimizer = Annotated[str | None, typer.Option(help=f"{optimizer_help()} \\[default: ramda]")]
 RegSpace = Annotated[str | None, typer.Option(help="ramda/proxadam: group lasso on the parameters (param) or on "
                                                  "the preconditioned variables (preconditioned). \\[default: param]")]
 DsgdK = Annotated[int | None, typer.Option(help="dsgd: layers updated per step. \\[default: 1]")]

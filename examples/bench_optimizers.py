@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from compress.optim import make_optimizer
+from compress.optim import REGISTRY, make_optimizer
 
 
 class BigCNN(nn.Module):
@@ -93,7 +93,7 @@ def bench(model_name: str, rounds: int, steps_per_round: int, warmup: int, n_gra
             continue
         m = copy.deepcopy(base)
         kw = dict(kw)
-        if name != "adamw":
+        if REGISTRY[name].structured:  # the dense one takes neither groups nor compile
             kw["groups"] = groups_of(m)
             kw["compile"] = compile_flag
         opt = make_optimizer(name, m.parameters(), **kw)

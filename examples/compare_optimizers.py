@@ -122,7 +122,7 @@ def build(m, lam, dense, groups):
         layers, names = model_layers(model, gl)
         kw.update(layers=layers, layer_names=names)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(m["opt"], params, groups=None if m["opt"] == "adamw" else gl, lr=m["lr"], lam=lam, **kw)
+    opt = make_optimizer(m["opt"], params, groups=gl, lr=m["lr"], lam=lam, **kw)
     return model, gl, opt
 
 
@@ -133,9 +133,9 @@ def run_method(label, m, lam, dense, groups, train, test, example, epochs, seed,
     for e in range(epochs):
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, e)
-        if e in cfg.milestones and hasattr(opt, "restart"):
+        if e in cfg.milestones:
             opt.restart()
-        if m["opt"] in ("ramda", "rmda"):
+        if opt.momentum_schedule:
             opt.set_momentum(momentum_at(cfg, e))
         model.train()
         for x, y in batches(train, e, seed + 1):
@@ -150,11 +150,10 @@ def run_method(label, m, lam, dense, groups, train, test, example, epochs, seed,
             full_ms.append(1e3 * (t2 - t0))
             if not math.isfinite(float(loss.detach())):
                 raise RuntimeError(f"{label} λ={lam}: loss became {float(loss.detach())}")
-    if hasattr(opt, "commit_structured_point"):
-        opt.commit_structured_point()
+    opt.commit_structured_point()
     recalibrate_batchnorm(model, train, torch.device("cpu"))
     acc = evaluate(model, test, torch.device("cpu"))["accuracy"]
-    sp, wsp = opt.group_sparsity() if hasattr(opt, "group_sparsity") else (0.0, 0.0)
+    sp, wsp = opt.group_sparsity()
     small, rep = extract(model, gl, example)
     small_acc = evaluate(small, test, torch.device("cpu"))["accuracy"]
     flops_before, flops_after = count_flops(model, example), count_flops(small, example)

@@ -129,7 +129,7 @@ def test_make_optimizer():
         opt = make_optimizer(name, lin.parameters(), lr=0.01, lam=1e-3)
         assert opt.param_groups[0]["lam"] == 1e-3
     assert isinstance(make_optimizer("adamw", lin.parameters(), lr=0.01, weight_decay=0.1), torch.optim.AdamW)
-    assert set(OPTIMIZERS) == {"ramda", "rmda", "proxsgd", "proxadam", "adamw"}
+    assert set(OPTIMIZERS) == {"ramda", "rmda", "proxsgd", "proxadam", "asgo", "dasgo", "dsgd", "adamw"}
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer("sgdx", lin.parameters())
     with pytest.raises(ValueError, match="lam=0"):

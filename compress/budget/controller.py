@@ -8,51 +8,15 @@ import torch
 from compress.budget.patterns import ZeroKeeper, align_widths, enforce, revive
 from compress.budget.target import Budget
 from compress.errors import UserError
-from compress.optim.cosine_adamw import CosineAdamW
+from compress.optim.dense import CosineAdamW
+from compress.optim.interface import as_structured
 from compress.structure.cost_model import CostModel, simd_block
 
 
 def _structured_zero(opt, groups) -> tuple[torch.Tensor, torch.Tensor]:
-    """(zero mask, ‖Ŵ_g‖) of the structured point: the optimizer's Ŵ when it keeps one."""
-    if hasattr(opt, "group_norms"):
-        norms = opt.group_norms().cpu()
-    else:
-        from compress.structure.sparsity import group_norms
-
-        norms = group_norms(groups).cpu()
+    """(zero mask, ‖Ŵ_g‖) of the structured point (the optimizer's Ŵ, or W for dense ones)."""
+    norms = as_structured(opt, groups).group_norms().cpu()
     return norms == 0, norms
-
-
-@torch.no_grad()
-def critical_lams(opt) -> torch.Tensor | None:
-    """Per group, the λ above which the optimizer's *next* prox makes the group exactly zero.
-
-    For the dual-averaging methods the structured point is a function of the dual state:
-    Ŵ_g = 0 iff ‖P W⁰ − V‖_g ≤ α λ w_g (ALGORITHMS §2a; RAMDA: P = cbrt(U) + ε, RMDA:
-    P = β = √(t+1)), so λ*_g = ‖P W⁰ − V‖_g / (α w_g) with the α of the next step (zero
-    gradient assumed). The controller uses it to pick the λ whose zero pattern is on plan
-    exactly. None for optimizers without such a state (ProxSGD, ProxAdam: the zero test
-    depends on the next gradient) or with several param groups.
-    """
-    kind = type(opt).__name__
-    if kind not in ("RAMDA", "RMDA") or len(opt.param_groups) != 1 or not hasattr(opt, "index"):
-        return None
-    g = opt.param_groups[0]
-    t = g.get("t", 0)
-    alpha = g.get("alpha", 0.0) + g["lr"] * math.sqrt(t + 1)
-    if alpha <= 0:
-        return None
-    rows = []
-    for p in opt.index.params:
-        st = opt.state.get(p)
-        if not st or "v" not in st or "w0" not in st:
-            return None
-        if kind == "RAMDA":
-            rows.append((st["u_cbrt"] + g["eps"]) * st["w0"] - st["v"])
-        else:
-            rows.append(math.sqrt(t + 1) * st["w0"] - st["v"])
-    a = opt.index.group_sq_norms(rows).sqrt().cpu()
-    return a / (alpha * opt.index.weights.cpu().clamp_min(1e-300))
 
 
 class BudgetController:
@@ -61,10 +25,11 @@ class BudgetController:
 
     Sparsity phase (epochs before `freeze_epoch`): after the first step and `controls_per_epoch`
     times per epoch, λ is set for a planned cost p(s) = T + (1 − T)(1 − s)³ (the gradual
-    pruning schedule of Zhu & Gupta, reaching T at `plan_end` of the phase). RAMDA/RMDA
-    (`critical_lams`): λ is the smallest value whose zero pattern at the current dual state
-    costs ≤ p — exact, so the cost tracks the plan instead of oscillating around it (a
-    multiplicative rule did: the cost of Ŵ falls off a cliff over a 2× range of λ). Other
+    pruning schedule of Zhu & Gupta, reaching T at `plan_end` of the phase). Dual averaging
+    (RAMDA, RMDA and their variants: `opt.critical_lams()`): λ is the smallest value whose zero
+    pattern at the current dual state costs ≤ p — exact, so the cost tracks the plan instead of
+    oscillating around it (a multiplicative rule did: the cost of Ŵ falls off a cliff over a 2×
+    range of λ). Other
     optimizers: λ is multiplied by exp(gain·(c − p)/(1 − T)), at most `max_factor`, when the
     cost c is above plan, divided likewise when c < T − tol, held otherwise.
 
@@ -153,7 +118,7 @@ class BudgetController:
         """Set λ for the plan at `epochs_done` epochs: exactly (critical λ) when the optimizer allows,
         otherwise multiplicatively from the cost gap."""
         p = self.planned(epochs_done)
-        crit = critical_lams(opt) if self.exact else None
+        crit = as_structured(opt, self.groups).critical_lams() if self.exact else None
         if crit is not None:
             lam, c = self._lam_on_plan(crit, p)
             zero_n = int((crit <= lam).sum())
@@ -260,7 +225,7 @@ class BudgetController:
         the freeze (also what a resumed run rebuilds before loading the checkpoint's state)."""
         steps = (self.cfg.epochs - self.freeze_epoch) * self.steps_per_epoch
         return CosineAdamW([p for p in model.parameters() if p.requires_grad], lr=self.final_lr,
-                           total_steps=steps, weight_decay=self.final_weight_decay)
+                           total_steps=steps, weight_decay=self.final_weight_decay, groups=self.groups)
 
     # ---- freeze: commit, enforce or revive, keep zero
 
@@ -289,29 +254,16 @@ class BudgetController:
             mask, info["alignment"] = align_widths(self.cm, self.groups, mask, norms, iterate_norms, self.kind,
                                                    target, self.align, floor=floor)
         added, revived = mask & ~zero, zero & ~mask
-        # W ← Ŵ, except revived groups, which keep the iterate's values so they can train again
-        saved = None
-        if bool(revived.any()):
-            saved = [(t, s.dim, torch.tensor(s.indices, device=t.device), t.detach().index_select(s.dim, torch.tensor(s.indices, device=t.device)).clone())
-                     for i in torch.nonzero(revived).flatten().tolist()
-                     for s, t in zip(self.groups[i].slices, self.groups[i].tensors)]
-        if hasattr(opt, "commit_structured_point"):
-            opt.commit_structured_point()
-        for t, d, ix, vals in saved or []:
-            t.detach().index_copy_(d, ix, vals)
-        if self.rewind == "init":  # in place (load_state_dict copies), so the groups' tensors stay bound
-            w = self.rewind_weights() if callable(self.rewind_weights) else self.rewind_weights
-            if w is None:
-                raise UserError("rewind='init' needs the starting weights (rewind_weights)")
-            dev = next(model.parameters()).device
-            model.load_state_dict({k: v.to(dev) for k, v in w.items()})
+        self._commit(opt, revived)
+        if self.rewind == "init":
+            self._rewind(model)
             info["rewound_to"] = "init"
         self.keeper = ZeroKeeper(self.groups, mask)
         self.keeper.apply(opt)
         self.frozen = mask
         milestones = getattr(cfg, "milestones", None) or []
-        if self.restart_at_freeze and hasattr(opt, "restart") and epoch is not None and (epoch + 1) not in milestones:
-            opt.restart()  # the final phase starts a clean stage from the committed point
+        if self.restart_at_freeze and epoch is not None and (epoch + 1) not in milestones:
+            as_structured(opt, self.groups).restart()  # the final phase starts a clean stage from the committed point
         if self.final_lam is not None:  # None: survivors keep the λ they were trained with
             self._set_lam(opt, self.final_lam)
         if self.bn_data is not None:
@@ -329,6 +281,27 @@ class BudgetController:
                  f"{self.counts['revived']} revived; "
                  f"{self.kind} {info['cost_frozen']:.4f} (target {self.target:.4f})")
         return info
+
+    def _commit(self, opt, revived: torch.Tensor) -> None:
+        """W ← Ŵ, except revived groups, which keep the iterate's values so they can train again."""
+        saved = None
+        if bool(revived.any()):
+            saved = [(t, s.dim, torch.tensor(s.indices, device=t.device),
+                      t.detach().index_select(s.dim, torch.tensor(s.indices, device=t.device)).clone())
+                     for i in torch.nonzero(revived).flatten().tolist()
+                     for s, t in zip(self.groups[i].slices, self.groups[i].tensors)]
+        as_structured(opt, self.groups).commit_structured_point()
+        for t, d, ix, vals in saved or []:
+            t.detach().index_copy_(d, ix, vals)
+
+    def _rewind(self, model) -> None:
+        """The whole model back to the starting weights, in place (load_state_dict copies), so the
+        groups' tensors stay bound."""
+        w = self.rewind_weights() if callable(self.rewind_weights) else self.rewind_weights
+        if w is None:
+            raise UserError("rewind='init' needs the starting weights (rewind_weights)")
+        dev = next(model.parameters()).device
+        model.load_state_dict({k: v.to(dev) for k, v in w.items()})
 
     def state(self) -> dict:
         return {"target": self.target, "kind": self.kind, "freeze_epoch": self.freeze_epoch, "counts": self.counts,

@@ -6,18 +6,19 @@ import math
 import torch
 
 from compress.errors import UserError
+from compress.optim.interface import as_structured
 from compress.structure.cost_model import CostModel
 
 
 class ZeroKeeper:
-    """Keeps a fixed set of groups exactly zero: in the parameters and in optimizer state buffers
-    (RAMDA's Ŵ and W⁰, Adam's moments: a frozen entry's state never feeds a survivor's update).
+    """Keeps a fixed set of groups exactly zero: in the parameters and in the optimizer's state buffers it names (`frozen_state_keys`: RAMDA's Ŵ and W⁰, Adam's
+    moments), so a frozen entry's state never feeds a survivor's update.
 
     The (tensor, dim, indices) triples are built once, so re-zeroing after every optimizer
     step is a few `index_fill_` calls per parameter, not a loop over groups.
     """
 
-    def __init__(self, groups, mask: torch.Tensor, state_keys=("w_hat", "w0", "exp_avg", "exp_avg_sq")):
+    def __init__(self, groups, mask: torch.Tensor):
         by_pd: dict[tuple[int, int], tuple[torch.Tensor, int, list]] = {}
         for i in torch.nonzero(torch.as_tensor(mask, dtype=torch.bool)).flatten().tolist():
             g = groups[i]
@@ -25,15 +26,16 @@ class ZeroKeeper:
                 by_pd.setdefault((id(t), s.dim), (t, s.dim, []))[2].extend(s.indices)
         self.items = [(t, d, torch.tensor(sorted(set(ix)), dtype=torch.long, device=t.device))
                       for t, d, ix in by_pd.values()]
-        self.state_keys = tuple(state_keys)
 
     @torch.no_grad()
     def apply(self, optimizer=None) -> None:
+        """Zero the groups in the parameters and in the buffers `optimizer.frozen_state_keys()` names."""
+        keys = as_structured(optimizer).frozen_state_keys() if optimizer is not None else ()
         for t, d, ix in self.items:
             t.index_fill_(d, ix, 0.0)
             st = optimizer.state.get(t) if optimizer is not None else None
             if st:
-                for k in self.state_keys:
+                for k in keys:
                     buf = st.get(k)
                     if isinstance(buf, torch.Tensor) and buf.shape == t.shape:
                         buf.index_fill_(d, ix, 0.0)

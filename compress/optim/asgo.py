@@ -56,6 +56,8 @@ class ASGO(ProxOptimizer):
     between is the last one, for the step and the prox alike).
     """
 
+    _frozen_keys = ("exp_avg", "exp_avg_sq")  # the preconditioners are not per entry
+
     def __init__(self, params, lr: float, lam: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, eps_rel: float = 1e-3, rms: float | None = 0.2, precond_every: int = 10,
                  diagonal: bool = False, max_precond_dim: int = 2048, groups=None,

@@ -17,52 +17,33 @@ per-parameter state entries (which are views into them).
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import types
 import warnings
 from typing import Sequence
 
 import torch
 
-from compress.optim.prox import GroupIndex, ProxProblem, make_prox_kernels
+from compress.optim.group_index import GroupIndex
+from compress.optim.interface import StructuredOptimizer
+from compress.optim.kernels import (
+    COMPILE_MIN_NUMEL,
+    COMPILE_MIN_TENSOR,
+    _clone_fn,
+    compile_available,
+)
+from compress.optim.prox import ProxProblem, make_prox_kernels
 
 Tensor = torch.Tensor
 
-# Below this many parameter entries compiling costs more than it saves (first compile: seconds).
-COMPILE_MIN_NUMEL = 1_000_000
-# Tensors smaller than this run eagerly even when compiling: a compiled call's fixed cost
-# (guards, wrappers) exceeds the few eager ops such a tensor needs.
-COMPILE_MIN_TENSOR = 32_768
 
-
-def _clone_fn(f, tag: str):
-    """A copy of `f` with its own code object: dynamo keeps one cache (and recompile budget) per code object."""
-    code = f.__code__.replace(co_name=f"{f.__name__}_{tag}")
-    g = types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__, f.__closure__)
-    g.__kwdefaults__ = f.__kwdefaults__
-    return g
-
-
-def compile_available(device: torch.device) -> bool:
-    """torch.compile is tried only where inductor has a backend (CPU with a C++ compiler, CUDA)."""
-    if os.environ.get("COMPRESS_COMPILE", "") == "0" or not hasattr(torch, "compile"):
-        return False
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    import shutil
-
-    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-
-
-class ProxOptimizer(torch.optim.Optimizer):
-    """Base of RAMDA, RMDA, ProxSGD and ProxAdam (see the module docstring for the hooks)."""
+class ProxOptimizer(StructuredOptimizer, torch.optim.Optimizer):
+    """Base of RAMDA, RMDA, ProxSGD, ProxAdam, ASGO and DSGD (see the module docstring for the hooks)."""
 
     # keys of per-parameter state tensors, in the order `_state_views` hands them to the kernels
     _state_keys: tuple[str, ...] = ()
+    structured = True
     _has_w_hat = False  # True: the structured point Ŵ is kept apart from the iterate W
+    # state buffers a frozen (removed) group must keep at zero: those that feed the entry's own update
+    _frozen_keys: tuple[str, ...] = ()
 
     _kernel_cache: dict = {}
 
@@ -371,54 +352,12 @@ class ProxOptimizer(torch.optim.Optimizer):
     def restart(self) -> None:
         """Start a new stage (a learning-rate decay). No-op unless the method has stages."""
 
+    def frozen_state_keys(self) -> tuple[str, ...]:
+        return self._frozen_keys
+
     # ------------------------------------------------------------------ state dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._r_cache = None
         self._state_packed = False
-
-
-class DualAveraging(ProxOptimizer):
-    """Stages, restarts and the averaging weight c shared by RAMDA and RMDA.
-
-    Per stage: s_t = η_t·sqrt(t+1), α_t = α_{t-1} + s_t; `restart()` resets t, α and the
-    buffers in `_stage_zero` and sets W⁰ ("w0") to the current point W.
-    """
-
-    _has_w_hat = True
-    _stage_zero: tuple[str, ...] = ()
-
-    def _advance(self) -> list[tuple[float, float]]:
-        """Advance every param group by one step: returns (s_t, sqrt(t+1)) per group."""
-        out = []
-        for g in self.param_groups:
-            beta = math.sqrt(g["t"] + 1)
-            s = g["lr"] * beta
-            g["alpha"] += s
-            g["t"] += 1
-            out.append((s, beta))
-        return out
-
-    def _restart_group(self, group: dict) -> None:
-        """Per-group extras of a restart (RAMDA: ε *= eps_restart_factor)."""
-
-    @torch.no_grad()
-    def restart(self) -> None:
-        """New stage: t, α and the stage buffers reset; W⁰ = the current point W."""
-        for g in self.param_groups:
-            g["t"], g["alpha"] = 0, 0.0
-            self._restart_group(g)
-            for p in g["params"]:
-                st = self.state.get(p)
-                if st:
-                    for key in self._stage_zero:
-                        st[key].zero_()
-                    st["w0"].copy_(p.detach())
-
-    def set_momentum(self, c: float) -> None:
-        """Set the averaging weight c (the training loop ramps it to 1 in the final stage)."""
-        if not 0 < c <= 1:
-            raise ValueError(f"momentum must be in (0, 1], got {c}")
-        for g in self.param_groups:
-            g["momentum"] = c

@@ -17,6 +17,7 @@ class ProxAdam(ProxOptimizer):
     """Adam + exact metric group prox; same constructor contract as RAMDA."""
 
     _state_keys = ("exp_avg", "exp_avg_sq")
+    _frozen_keys = ("exp_avg", "exp_avg_sq")
 
     reg_space = "param"  # "preconditioned": the group lasso on z = D^{1/2} W (regspace.py, ALGORITHMS §5)
 

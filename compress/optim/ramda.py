@@ -21,9 +21,11 @@ Newton steps, accurate to about one ulp.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from compress.optim.base import DualAveraging
+from compress.optim.dual_averaging import DualAveraging
 from compress.optim.regspace import pick_variant, preconditioned_variant
 
 
@@ -113,6 +115,9 @@ class RAMDA(DualAveraging):
 
     def _init_state(self, p, st):
         self._buffers(p, st, zeros=("v", "u_cbrt"), copies=("w0", "w_hat"))
+
+    def _next_scalars(self, group: dict) -> tuple:
+        return (group["lr"] * math.sqrt(group["t"] + 1), group["eps"], group["momentum"])
 
     def _restart_group(self, group: dict) -> None:
         group["eps"] = group["eps"] * group["eps_restart_factor"]

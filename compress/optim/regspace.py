@@ -19,7 +19,7 @@ with `preconditioned_variant` (PrecondProxAdam, PrecondRAMDA).
 """
 from __future__ import annotations
 
-REG_SPACES = ("param", "preconditioned")
+from compress.optim.registry import REG_SPACES
 
 
 def preconditioned_variant(parent: type, doc: str) -> type:

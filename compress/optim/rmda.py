@@ -7,9 +7,11 @@ State per parameter: v, w0, w_hat (three parameter-sized buffers).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from compress.optim.base import DualAveraging
+from compress.optim.dual_averaging import DualAveraging
 
 
 class RMDA(DualAveraging):
@@ -42,6 +44,10 @@ class RMDA(DualAveraging):
     def _finish(state, w, scal):
         state[3].copy_(w)
         state[0].lerp_(w, scal[2])
+
+    def _next_scalars(self, group: dict) -> tuple:
+        beta = math.sqrt(group["t"] + 1)
+        return (group["lr"] * beta, beta, group["momentum"])
 
     def _init_state(self, p, st):
         self._buffers(p, st, zeros=("v",), copies=("w0", "w_hat"))

@@ -8,13 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from compress.errors import UserError
+from compress.optim.registry import DEFAULT_LAM, REGISTRY, validate_config
 
-# Defaults for fine-tuning a trained model. RAMDA's were chosen on digits-resnet from a 99.33% dense
-# model (20-30 epochs): lr 1e-2 destroyed it, lr 1e-3 with λ 1e-2 kept 95.6% with 43% of groups zero,
-# lr 3e-4 with λ 1.5e-2 kept 99.33% with 45% zero. adamw's is for dense training from scratch.
-DEFAULT_LR = {"ramda": 3e-4, "rmda": 1e-2, "proxsgd": 1e-2, "proxadam": 1e-4, "adamw": 3e-3,
-              "asgo": 3e-4, "dasgo": 3e-4, "dsgd": 1e-2}
-DEFAULT_LAM = 1.5e-2  # prox optimizers; adamw trains dense (λ = 0)
+DEFAULT_LR = {name: s.default_lr for name, s in REGISTRY.items()}  # the optimizer table's (registry.py)
 
 
 @dataclass
@@ -46,7 +42,7 @@ class TrainConfig:
         if c.lr is None:
             c.lr = DEFAULT_LR.get(c.optimizer, 1e-3)
         if c.lam is None:
-            c.lam = 0.0 if c.optimizer == "adamw" else DEFAULT_LAM
+            c.lam = REGISTRY[c.optimizer].default_lam if c.optimizer in REGISTRY else DEFAULT_LAM
         if c.milestones is None:
             c.milestones = [] if c.schedule == "cosine" else sorted({c.epochs // 2, (3 * c.epochs) // 4} - {0})
         return c
@@ -58,18 +54,10 @@ class TrainConfig:
         _check(self.lam is None or (self.lam >= 0 and not math.isinf(self.lam)), "lam",
                f"must be a finite number ≥ 0, got {self.lam}")
         _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
-        _check(0 < self.momentum <= 1 or self.optimizer not in ("ramda", "rmda"), "momentum",
-               f"must be in (0, 1] for {self.optimizer}, got {self.momentum}")
         _check(self.schedule in ("step", "cosine"), "schedule", f"must be step or cosine, got {self.schedule!r}")
         _check(self.threads is None or self.threads > 0, "threads", f"must be positive, got {self.threads}")
         _check(self.amp in ("none", "bf16", "fp16"), "amp", f"must be none, bf16 or fp16, got {self.amp!r}")
-        if self.optimizer == "adamw" and (self.lam or 0) > 0:
-            raise UserError("adamw trains dense models: use `lam` 0, or choose `optimizer` "
-                            "ramda|rmda|proxsgd|proxadam|asgo|dasgo|dsgd", field="lam", fields=("optimizer",))
-        _check(self.reg_space in ("param", "preconditioned"), "reg_space",
-               f"must be param or preconditioned, got {self.reg_space!r}")
-        if self.reg_space == "preconditioned" and self.optimizer not in ("ramda", "proxadam"):
-            raise UserError("`reg_space` preconditioned applies to ramda and proxadam only", field="reg_space")
+        validate_config(self)  # the optimizer-dependent checks (registry.py)
         from compress.structure.find import GROUP_WEIGHTS
 
         _check(self.group_weight in GROUP_WEIGHTS, "group_weight",
