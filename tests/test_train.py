@@ -79,7 +79,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, digits_small
         return loss * float("nan") if calls["n"] > 12 and torch.is_grad_enabled() else loss
 
     cfg = TrainConfig(epochs=3, lr=0.01, lam=1e-3, batch_size=32)
-    with pytest.raises(UserError, match=r"loss became nan at epoch 2.*lower --lr"):
+    with pytest.raises(UserError, match=r"loss became nan at epoch 2.*lower lr"):
         finetune(model, *digits_small, torch.rand(1, 1, 8, 8), tmp_path / "r", cfg, loss_fn=loss_fn, progress=False)
     assert (tmp_path / "r" / "checkpoint.safetensors").is_file()
     from compress.train.checkpoint import load_checkpoint

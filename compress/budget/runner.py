@@ -159,7 +159,8 @@ def _check_runnable(budget: Budget, cfg: TrainConfig) -> None:
 
     if budget.kind == "latency" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("a latency target is measured on this machine and cannot be used under torchrun; "
-                        "use --target-flops or --target-params for data-parallel runs")
+                        "use `target_flops` or `target_params` for data-parallel runs", field="target_latency_ms",
+                        fields=("target_flops", "target_params"))
     if not spec(cfg.optimizer).structured:
         raise UserError(f"a budget needs a group-sparse optimizer ({', '.join(STRUCTURED)}); "
                         f"{cfg.optimizer} trains dense models")

@@ -25,7 +25,7 @@ def export_error(model, inputs, device, opset, errors) -> UserError:
             loc = f" in module {where}" if where else ""
             return UserError(f"cannot export to ONNX: operator {op}{loc} is not supported at opset {opset} "
                              f"by {' or '.join(n for n, _ in errors)} exporter; replace it with supported ops "
-                             f"or try a newer --opset")
+                             f"or try a newer `opset`", fields=("opset",))
     detail = "; ".join(f"{n}: {one_line(e)}" for n, e in errors)
     err = UserError(f"ONNX export failed ({detail})")
     err.__cause__ = errors[-1][1]

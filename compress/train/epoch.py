@@ -121,8 +121,8 @@ def _train_batches(run: Run, net, amp: tuple, epoch: int, advance: Callable) -> 
         if bad:
             raise NonFiniteLoss(
                 f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
-                f"({run.out / RUN_FILES['checkpoint']}) is kept: lower --lr (now {cfg.lr:g}) and start again, "
-                f"or resume with --resume {run.out}")
+                f"({run.out / RUN_FILES['checkpoint']}) is kept: lower `lr` (now {cfg.lr:g}) and "
+                f"start again, or `resume` {run.out} with a lower `lr`", field="lr", fields=("resume",))
         _step(run.opt, loss, scaler)
         for cb in run.step_callbacks:
             cb(run.opt)

@@ -116,7 +116,8 @@ def _config(out: Path, config: TrainConfig | None, resume: bool, resume_lr: floa
         saved["train"]["lr"] = resume_lr
         atomic_write_json(cfg_path, saved)
     if state["info"].get("status") == "done":
-        raise UserError(f"run {out} already finished; start a new run with --init {out / RUN_FILES['weights']}")
+        raise UserError(f"run {out} already finished; start a new run with `init` {out / RUN_FILES['weights']}",
+                        fields=("init",))
     cfg.validate()
     return cfg, state
 
@@ -151,7 +152,7 @@ def _start(run: Run, example_inputs, groups, init_weights, run_info, state, forc
     run.ctx.barrier()
     torch.manual_seed(cfg.seed)
     if init_weights is not None and not resume:
-        ckpt.load_into(model, init_weights, "--init weights")
+        ckpt.load_into(model, init_weights, "the init weights")
     model.to(run.device)
     example = to_device(example_inputs, run.device)
     if resume:
