@@ -323,15 +323,27 @@ def export_cmd(
                                         "channels are kept: exact). CPU kernels run 8-aligned widths much faster; 1 "
                                         "removes every zero group. \\[default: 8; 1 for a FLOP or parameter budget run, "
                                         "whose promise is on FLOPs/params]"),
+    quantize: Optional[str] = typer.Option(None, help="int8: also write RUN/model.int8.onnx (and dense.int8.onnx), "
+                                           "calibrated on the run's data, verified, the fastest form measured."),
+    max_accuracy_drop: Optional[float] = typer.Option(None, help="Refuse an INT8 model losing more than this: accuracy "
+                                                      "points, or cosine for non-classification outputs. "
+                                                      "\\[default: 1 point / 0.01 cosine]"),
 ):
     """Remove the zero structures, export RUN/dense.onnx and RUN/model.onnx, verify, write RUN/report.json."""
     from compress.deploy.pipeline import export_run
+    from compress.errors import UserError
 
     if align is not None and align < 1:
-        from compress.errors import UserError
-
         raise UserError(f"--align must be ≥ 1, got {align}")
+    if quantize is not None and quantize.lower() != "int8":
+        raise UserError(f"--quantize takes int8, got {quantize!r}")
+    if max_accuracy_drop is not None and quantize is None:
+        raise UserError("--max-accuracy-drop applies to --quantize int8")
     export_run(run, opset=opset, simplify=simplify, align=align, console=console)
+    if quantize is not None:
+        from compress.deploy.quantrun import quantize_run
+
+        quantize_run(run, max_accuracy_drop=max_accuracy_drop, console=console)
 
 
 @app.command()
@@ -371,6 +383,32 @@ def bench(
     print_bench_table(result, console)
     if out is not None:
         atomic_write_json(out, result)
+
+
+@app.command("quantize")
+@user_errors
+def quantize_cmd(
+    model: Path = typer.Argument(..., help="An FP32 ONNX file (any model)."),
+    calibration: Path = typer.Option(..., help=".npz with one array per ONNX input name (samples on axis 0), "
+                                     "optionally 'labels' for a top-1 accuracy check."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out .npz, same keys. \\[default: the "
+                                             "calibration samples not used to calibrate]"),
+    out: Optional[Path] = typer.Option(None, help="INT8 file to write. \\[default: MODEL with .int8.onnx]"),
+    max_accuracy_drop: Optional[float] = typer.Option(None, help="Refuse an INT8 model losing more than this: "
+                                                      "accuracy points with labels, else cosine. "
+                                                      "\\[default: 1 point / 0.01 cosine]"),
+    samples: int = typer.Option(256, help="Calibration samples (a seeded choice)."),
+    seed: int = typer.Option(0, help="Seed of the calibration sample."),
+):
+    """INT8-quantize an ONNX file: calibrate, verify against FP32, keep the fastest form measured."""
+    from compress.deploy.quantize import quantize_onnx
+    from compress.deploy.quantrun import print_quantize
+
+    out = out or model.with_name(model.name.removesuffix(".onnx") + ".int8.onnx")
+    rep = quantize_onnx(model, out, calibration, eval_data=eval_data, max_accuracy_drop=max_accuracy_drop,
+                        n_calibration=samples, seed=seed)
+    print_quantize({"files": {"model.onnx": rep}, "recommended": rep["recommended"]}, console)
+    console.print(f"[green]wrote[/] {out}")
 
 
 @app.command()

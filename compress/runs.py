@@ -28,7 +28,9 @@ def prepare_run_dir(out: Path, force: bool) -> None:
                             "or --resume to continue it")
         if force:
             for name in list(RUN_FILES.values()) + ["report.json", "bench.json", "model.onnx", "dense.onnx",
-                                                    "bench.png", "compressed.safetensors", "budget.json", "dsgd_picks.png"]:
+                                                    "bench.png", "compressed.safetensors", "budget.json", "dsgd_picks.png",
+                                                    "model.int8.onnx", "dense.int8.onnx", "quantize.json",
+                                                    "bench_int8.json"]:
                 (out / name).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
