@@ -126,13 +126,18 @@ def _preprocess(src: Path, tmp: Path) -> Path:
         try:
             quant_pre_process(str(src), str(dst), **kw)
             return dst
-        except Exception:  # noqa: BLE001 - an optional speed-up; quantization works without it
+        except Exception:  # noqa: BLE001, S112 - an optional speed-up; quantization works without it
             continue
     return src
 
 
 def _build(form: str, src: Path, dst: Path, cal_feeds: dict, batch: int) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     try:
         if form == "dynamic":
