@@ -14,6 +14,9 @@ Why it is built this way:
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import shutil
 import tempfile
@@ -117,6 +120,17 @@ def _fixed_batch(inputs) -> int | None:
     return first if isinstance(first, int) and first > 0 else None
 
 
+@contextlib.contextmanager
+def _quiet():
+    """ORT's quantization tools print shape-inference protos and log a warning per tensor: hide them."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
 def _preprocess(src: Path, tmp: Path) -> Path:
     """ORT's recommended pre-pass (shape inference + graph optimisation); the raw file when it fails."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -124,7 +138,8 @@ def _preprocess(src: Path, tmp: Path) -> Path:
     dst = tmp / "preprocessed.onnx"
     for kw in ({}, {"skip_symbolic_shape": True}):
         try:
-            quant_pre_process(str(src), str(dst), **kw)
+            with _quiet():
+                quant_pre_process(str(src), str(dst), **kw)
             return dst
         except Exception:  # noqa: BLE001, S112 - an optional speed-up; quantization works without it
             continue
@@ -132,6 +147,16 @@ def _preprocess(src: Path, tmp: Path) -> Path:
 
 
 def _build(form: str, src: Path, dst: Path, cal_feeds: dict, batch: int) -> None:
+    try:
+        with _quiet():
+            _build_form(form, src, dst, cal_feeds, batch)
+    except Exception as e:  # noqa: BLE001 - ORT's tools raise anything; the form is skipped with the reason
+        raise UserError(f"{form}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+
+
+def _build_form(form: str, src: Path, dst: Path, cal_feeds: dict, batch: int) -> None:
+    """Static: U8 activations (asymmetric), S8 per-channel weights (symmetric), the x86 fast path.
+    Dynamic: MatMul/Gemm weights only, activation scales computed per batch at run time."""
     from onnxruntime.quantization import (
         QuantFormat,
         QuantType,
@@ -139,17 +164,14 @@ def _build(form: str, src: Path, dst: Path, cal_feeds: dict, batch: int) -> None
         quantize_static,
     )
 
-    try:
-        if form == "dynamic":
-            quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gemm"])
-        else:
-            fmt = QuantFormat.QOperator if form == "qoperator" else QuantFormat.QDQ
-            quantize_static(str(src), str(dst), cal.reader(cal_feeds, batch), quant_format=fmt, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-    except Exception as e:  # noqa: BLE001 - ORT's tools raise anything; the form is skipped with the reason
-        raise UserError(f"{form}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    if form == "dynamic":
+        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+        return
+    fmt = QuantFormat.QOperator if form == "qoperator" else QuantFormat.QDQ
+    quantize_static(str(src), str(dst), cal.reader(cal_feeds, batch), quant_format=fmt, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
 
 
 def _check(path: Path) -> None:
