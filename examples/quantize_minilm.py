@@ -70,10 +70,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torchvision_op_schemas()
+    from text_task import load_encoder, split_corpus, stdlib_docstrings
+
     import compress
     from compress.deploy.calibration import model_inputs
     from compress.deploy.quantrun import QUANT_REPORT, bench_quantized
-    from text_task import load_encoder, split_corpus, stdlib_docstrings
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
