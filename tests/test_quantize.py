@@ -4,6 +4,7 @@ and no refusal or error leaves a file behind."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,9 @@ def test_run_export_quantize_and_bench(tmp_path):
     assert set(b["median_ms"]) == {"1", "8"}
     assert {"dense.onnx", "model.onnx", "model.int8.onnx"} <= set(b["median_ms"]["1"])
     assert "pruned INT8" in res.stdout
+    # exported again without --quantize: the INT8 file no longer matches model.onnx and is not benchmarked
+    model = out / "model.onnx"
+    os.utime(model, (model.stat().st_atime, (out / "model.int8.onnx").stat().st_mtime + 10))
+    from compress.deploy.quantrun import bench_quantized
+
+    assert bench_quantized(out, batch_sizes=(1,), rounds=1) is None

@@ -100,11 +100,13 @@ def print_quantize(result: dict, console) -> None:
     console.print(f"{m['note']}. Recommended file: {Path(result['recommended']).name}")
 
 
-def bench_quantized(run, *, batch_sizes=(1, 32), rounds: int | None = None, console=None) -> dict:
+def bench_quantized(run, *, batch_sizes=(1, 32), rounds: int | None = None, console=None) -> dict | None:
     """Dense FP32 / pruned FP32 / dense INT8 / pruned INT8 at 1 thread; RUN/bench_int8.json.
 
     Each INT8 file is timed interleaved with its own FP32 file (the comparison that decides
-    whether to ship it), so the dense and pruned columns come from two interleaved pairs."""
+    whether to ship it), so the dense and pruned columns come from two interleaved pairs. An INT8
+    file older than its FP32 file (the run was exported again without quantizing) is skipped: None
+    when that is the pruned one."""
     from rich.console import Console
 
     from compress.deploy.bench import benchmark
@@ -113,12 +115,19 @@ def bench_quantized(run, *, batch_sizes=(1, 32), rounds: int | None = None, cons
     run = Path(run)
     if not (run / "model.int8.onnx").is_file():
         raise UserError(f"{run} has no model.int8.onnx; export the run with INT8 quantization first")
+    stale = [d for s, d in INT8_FILES.items() if (run / d).is_file()
+             and (run / d).stat().st_mtime < (run / s).stat().st_mtime]
+    for d in stale:
+        console.print(f"[yellow]{d} is older than the FP32 file it was made from (the run was exported again "
+                      "since): not benchmarked; export again with INT8 quantization[/]")
+    if "model.int8.onnx" in stale:
+        return None
     kw = {"batch_sizes": tuple(batch_sizes), "threads": (1,), "providers": ["CPUExecutionProvider"]}
     if rounds is not None:
         kw["rounds"] = rounds
     cols = {}
     for src, dst in INT8_FILES.items():
-        if not (run / dst).is_file():
+        if not (run / dst).is_file() or dst in stale:
             continue
         with console.status(f"benchmarking {src} vs {dst}, interleaved"):
             rep = benchmark(str(run / src), str(run / dst), **kw)
