@@ -62,6 +62,18 @@ def test_calibration_sample_is_seeded_and_sorted():
     assert np.array_equal(small, np.arange(100)) and len(held) == 0
 
 
+def test_a_later_form_must_be_measurably_faster_to_win():
+    from compress.deploy.quantize import _fastest
+
+    def forms(*ratios):
+        return [{"form": f, "latency": {"ratio": r}} for f, r in zip(("qoperator", "qdq", "dynamic"), ratios)]
+
+    assert _fastest(forms(1.0, 0.98))["form"] == "qoperator"  # within noise: the first form stays
+    assert _fastest(forms(1.0, 0.96))["form"] == "qdq"
+    assert _fastest(forms(1.0, 0.96, 0.95))["form"] == "qdq"
+    assert _fastest(forms(1.0, 1.2, 0.5))["form"] == "dynamic"
+
+
 def test_same_inputs_give_the_same_int8_file(tiny, tmp_path):
     path, x, labels = tiny
     data = {"x": x, "labels": labels}
