@@ -8,7 +8,7 @@ models are exported, quantized with `compress.quantize_onnx` (calibrated on 256 
 sentences from the standard library's docstrings, checked on 300 held-out ones by cosine to
 their own FP32 model) and benchmarked side by side at batch 1 and 32, 1 thread, 128 tokens.
 
-    .venv/bin/python examples/quantize_minilm.py --out runs/minilm-int8
+    .venv/bin/python examples/quantize_minilm.py --out runs/minilm-int8      (--quick: a smoke test)
 """
 from __future__ import annotations
 
@@ -66,8 +66,11 @@ def tokens(tok, sentences, names) -> dict[str, np.ndarray]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/minilm-int8"))
-    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per model and batch (default: ~1 s each)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 32 + 32 sentences, 2 timed rounds")
     args = ap.parse_args()
+    n_train, n_eval = (32, 32) if args.quick else (256, 300)
+    args.rounds = 2 if args.quick and args.rounds is None else args.rounds
     torch.set_num_threads(1)
     torchvision_op_schemas()
     from text_task import load_encoder, split_corpus, stdlib_docstrings
@@ -90,7 +93,7 @@ def main() -> None:
     compress.export_onnx(dense, example, out / "dense.onnx")
     compress.export_onnx(small, example, out / "model.onnx")
     names = [n for n, _, _ in model_inputs(out / "model.onnx")]
-    train, held = split_corpus(stdlib_docstrings(), n_train=256, n_eval=300)
+    train, held = split_corpus(stdlib_docstrings(), n_train=n_train, n_eval=n_eval)
     cal, ev = tokens(tok, train, names), tokens(tok, held, names)
     with torch.no_grad():
         e_dense = dense(*(torch.from_numpy(ev[n]) for n in names)).numpy()
