@@ -121,6 +121,21 @@ def test_too_large_a_loss_is_refused_and_nothing_is_written(tiny, tmp_path):
     assert leftovers(tmp_path, set()) == []
 
 
+def test_a_fixed_batch_model_is_calibrated_checked_and_timed_at_its_batch(tiny, tmp_path):
+    """Exported without a dynamic batch axis, at batch 4: 600 samples → 256 calibrate, 344 checked."""
+    x = tiny[1]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(net, (torch.rand(4, 1, 8, 8),), str(path), dynamo=False, input_names=["x"], opset_version=17)
+    with torch.no_grad():
+        y = net(torch.from_numpy(x)).argmax(1).numpy()
+    rep = quantize_onnx(path, tmp_path / "fixed.int8.onnx", {"x": x, "labels": y}, forms=["qoperator"], rounds=2,
+                        max_accuracy_drop=5)  # a random net has near-ties: the check here is the batching
+    assert set(rep["latency"]["by_batch"]) == {"4"} and rep["fp32_accuracy"] == 100.0
+    assert rep["held_out_samples"] == 344 and rep["calibration_samples"] == 256
+
+
 @pytest.mark.parametrize("make, needle", [
     (lambda p, x: p.write_bytes(b"PK\x03\x04 this is not a zip archive"), "not a readable .npz"),
     (lambda p, x: np.savez(p, inputs=x, other=x), "lacks the model input(s) ['x']"),

@@ -77,8 +77,12 @@ def quantize_arrays(fp32_path: Path, out_path: Path, inputs, cal_feeds: dict, he
         raise UserError(f"unknown quantization form(s) {bad or forms}; choose from {list(FORMS)}")
     if not out_path.parent.is_dir():
         raise UserError(f"cannot write {out_path}: directory {out_path.parent} does not exist")
-    cal_batch = _fixed_batch(inputs) or 32
-    fp32_out = _run(fp32_path, held, _fixed_batch(inputs) or 256, threads)
+    fixed = _fixed_batch(inputs)  # a model exported with a fixed batch runs (and is timed) at that batch only
+    if fixed:
+        batch_sizes = (fixed,)
+        cal_feeds, _ = _whole_batches(cal_feeds, None, fixed, "calibration")
+        held, labels = _whole_batches(held, labels, fixed, "held-out")
+    fp32_out = _run(fp32_path, held, fixed or 256, threads)
     with tempfile.TemporaryDirectory(prefix=".quantize.", dir=out_path.parent) as tmp:
         src = _preprocess(fp32_path, Path(tmp))
         cands = {}
@@ -86,12 +90,12 @@ def quantize_arrays(fp32_path: Path, out_path: Path, inputs, cal_feeds: dict, he
             path = Path(tmp) / f"{form}.onnx"
             cands[form] = {"form": form}
             try:
-                _build(form, src, path, cal_feeds, cal_batch)
+                _build(form, src, path, cal_feeds, fixed or 32)
                 _check(path)
+                got = _run(path, held, fixed or 256, threads)
             except UserError as e:
                 cands[form]["error"] = str(e)
                 continue
-            got = _run(path, held, _fixed_batch(inputs) or 256, threads)
             cands[form].update(agreement(fp32_out, got, labels, kind))
             cands[form]["ok"] = cands[form]["drop"] <= limit + 1e-12
             if cands[form]["ok"]:
@@ -101,7 +105,15 @@ def quantize_arrays(fp32_path: Path, out_path: Path, inputs, cal_feeds: dict, he
             raise UserError(_refusal(fp32_path, cands, kind, limit, len(fp32_out[0])))
         best = _fastest(ok)
         atomic_write_with(out_path, lambda t: shutil.copyfile(Path(tmp) / f"{best['form']}.onnx", t))
-    return _report(fp32_path, out_path, best, cands, kind, limit, len(cal_feeds[inputs[0][0]]), extra or {})
+    sizes = {"calibration_samples": len(cal_feeds[inputs[0][0]]), "held_out_samples": len(fp32_out[0])}
+    return _report(fp32_path, out_path, best, cands, kind, limit, {**sizes, **(extra or {})})
+
+
+def _whole_batches(feeds: dict, labels, k: int, what: str):
+    n = len(next(iter(feeds.values()))) // k * k
+    if n == 0:
+        raise UserError(f"the model takes a fixed batch of {k}; the {what} data has fewer samples")
+    return {name: a[:n] for name, a in feeds.items()}, None if labels is None else labels[:n]
 
 
 def _fastest(ok: list[dict], margin: float = 0.03) -> dict:
@@ -249,14 +261,14 @@ def _refusal(fp32_path: Path, cands: dict, kind: str, limit: float, n: int) -> s
     c = min(built, key=lambda c: c["drop"])
     if kind == "accuracy":
         what = (f"loses {c['drop']:.2f} accuracy points ({c['fp32_accuracy']:.2f}% → {c['int8_accuracy']:.2f}%)")
-        lim = f"{limit:g} points"
+        lim = f"{limit:g} point{'' if limit == 1 else 's'}"
     else:
         what, lim = f"keeps only {c['cosine_mean']:.4f} cosine to FP32", f"a drop of {limit:g}"
     return (f"INT8 {fp32_path.name} ({c['form']}, the best form) {what} on {n} held-out samples, more than "
             f"the allowed {lim} (max_accuracy_drop); nothing written")
 
 
-def _report(fp32: Path, out: Path, best: dict, cands: dict, kind, limit, n_cal: int, extra: dict) -> dict:
+def _report(fp32: Path, out: Path, best: dict, cands: dict, kind, limit, extra: dict) -> dict:
     slower = {b: v for b, v in best["latency"]["by_batch"].items() if v["int8_ms"] >= v["fp32_ms"]}
     faster = not slower  # recommended only if it is not slower at any measured batch size
     note = ("INT8 is faster than FP32 here" if not slower else
@@ -267,5 +279,5 @@ def _report(fp32: Path, out: Path, best: dict, cands: dict, kind, limit, n_cal: 
     return {"fp32": str(fp32), "int8": str(out), "form": best["form"], "kind": kind, "max_accuracy_drop": limit,
             **keep, "latency": best["latency"], "int8_faster": faster,
             "recommended": str(out if faster else fp32), "note": note,
-            "recommended_by_batch": {b: str(fp32 if b in slower else out) for b in best["latency"]["by_batch"]}, "calibration_samples": n_cal,
+            "recommended_by_batch": {b: str(fp32 if b in slower else out) for b in best["latency"]["by_batch"]},
             "candidates": {f: {k: v for k, v in c.items() if k != "form"} for f, c in cands.items()}, **extra}

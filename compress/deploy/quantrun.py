@@ -93,7 +93,7 @@ def print_quantize(result: dict, console) -> None:
         acc = (f"{r['fp32_accuracy']:.2f}% → {r['int8_accuracy']:.2f}%" if r["kind"] == "accuracy"
                else f"cos {r['cosine_mean']:.4f}")
         lat = r["latency"]["by_batch"]
-        t.add_row(INT8_FILES[src], r["form"], acc, f"{r['max_abs_diff']:.3g} / {r['mean_abs_diff']:.3g}",
+        t.add_row(Path(r["int8"]).name, r["form"], acc, f"{r['max_abs_diff']:.3g} / {r['mean_abs_diff']:.3g}",
                   *(f"{lat[b]['fp32_ms']:.3f} → {lat[b]['int8_ms']:.3f}" if b in lat else "–" for b in ("1", "32")))
     console.print(t)
     m = result["files"]["model.onnx"]
