@@ -45,6 +45,8 @@ def quantize_onnx(fp32_path, out_path, calibration, *, eval_data=None, max_accur
     forms: subset of FORMS (default: static QOperator and QDQ, plus dynamic if the graph has MatMul).
     """
     fp32_path, out_path = Path(fp32_path), Path(out_path)
+    if n_calibration < 1:
+        raise UserError(f"n_calibration must be ≥ 1, got {n_calibration}")
     inputs = cal.model_inputs(fp32_path)
     feeds, labels = cal.as_arrays(calibration, inputs)
     n = len(next(iter(feeds.values())))

@@ -83,7 +83,7 @@ def _note_in_export_report(run: Path, result: dict) -> None:
 def print_quantize(result: dict, console) -> None:
     from rich.table import Table
 
-    t = Table(title="compress export --quantize int8 (ONNX Runtime, 1 thread)")
+    t = Table(title="INT8 quantization: held-out check and latency (ONNX Runtime, 1 thread)")
     for col in ("file", "form", "accuracy FP32 → INT8", "max / mean |Δ|", "ms b1 FP32 → INT8", "ms b32 FP32 → INT8"):
         t.add_column(col, justify="left" if col in ("file", "form") else "right")
     for src, r in result["files"].items():
@@ -97,6 +97,9 @@ def print_quantize(result: dict, console) -> None:
                   *(f"{lat[b]['fp32_ms']:.3f} → {lat[b]['int8_ms']:.3f}" if b in lat else "–" for b in ("1", "32")))
     console.print(t)
     m = result["files"]["model.onnx"]
+    if m.get("held_out_is_calibration"):
+        console.print("[yellow]no sample was left after calibration: the check above ran on the calibration "
+                      "samples themselves; give held-out data for a real check[/]")
     console.print(f"{m['note']}. Recommended file: {Path(result['recommended']).name}")
 
 
