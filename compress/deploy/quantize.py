@@ -86,10 +86,11 @@ def quantize_arrays(fp32_path: Path, out_path: Path, inputs, cal_feeds: dict, he
         held, labels = _whole_batches(held, labels, fixed, "held-out")
     fp32_out = _run(fp32_path, held, fixed or 256, threads)
     with tempfile.TemporaryDirectory(prefix=".quantize.", dir=out_path.parent) as tmp:
-        src = _preprocess(fp32_path, Path(tmp))
+        tmp = Path(tmp).resolve()  # the tools run with it as working directory: absolute paths only
+        src = _preprocess(fp32_path.resolve(), tmp)
         cands = {}
         for form in forms:
-            path = Path(tmp) / f"{form}.onnx"
+            path = tmp / f"{form}.onnx"
             cands[form] = {"form": form}
             try:
                 _build(form, src, path, cal_feeds, fixed or 32)
@@ -106,7 +107,7 @@ def quantize_arrays(fp32_path: Path, out_path: Path, inputs, cal_feeds: dict, he
         if not ok:
             raise UserError(_refusal(fp32_path, cands, kind, limit, len(fp32_out[0])))
         best = _fastest(ok)
-        atomic_write_with(out_path, lambda t: shutil.copyfile(Path(tmp) / f"{best['form']}.onnx", t))
+        atomic_write_with(out_path, lambda t: shutil.copyfile(tmp / f"{best['form']}.onnx", t))
     sizes = {"calibration_samples": len(cal_feeds[inputs[0][0]]), "held_out_samples": len(fp32_out[0])}
     return _report(fp32_path, out_path, best, cands, kind, limit, {**sizes, **(extra or {})})
 
@@ -146,9 +147,12 @@ def _fixed_batch(inputs) -> int | None:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """ORT's quantization tools print shape-inference protos and log a warning per tensor: hide them."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+def _quiet(workdir: Path):
+    """ORT's quantization tools print shape-inference protos, log a warning per tensor, and drop
+    files into the current directory when symbolic shape inference fails (sym_shape_infer_temp.onnx
+    and its weights): run them silenced, inside our temporary directory."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            contextlib.chdir(workdir):
         logging.disable(logging.WARNING)
         try:
             yield
@@ -163,7 +167,7 @@ def _preprocess(src: Path, tmp: Path) -> Path:
     dst = tmp / "preprocessed.onnx"
     for kw in ({}, {"skip_symbolic_shape": True}):
         try:
-            with _quiet():
+            with _quiet(tmp):
                 quant_pre_process(str(src), str(dst), **kw)
             return dst
         except Exception:  # noqa: BLE001, S112 - an optional speed-up; quantization works without it
@@ -173,7 +177,7 @@ def _preprocess(src: Path, tmp: Path) -> Path:
 
 def _build(form: str, src: Path, dst: Path, cal_feeds: dict, batch: int) -> None:
     try:
-        with _quiet():
+        with _quiet(dst.parent):
             _build_form(form, src, dst, cal_feeds, batch)
     except Exception as e:  # noqa: BLE001 - ORT's tools raise anything; the form is skipped with the reason
         raise UserError(f"{form}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
