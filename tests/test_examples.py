@@ -60,3 +60,5 @@ def test_quantize_minilm_quick(tmp_path):
     rep = json.loads((tmp_path / "q" / "quantize.json").read_text())
     assert rep["files"]["model.onnx"]["cosine_mean"] >= 0.98 and (tmp_path / "q" / "model.int8.onnx").is_file()
     assert "pruned INT8" in out
+    # ORT's symbolic shape inference fails on this graph and dumps files into the working directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
