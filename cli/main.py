@@ -108,15 +108,28 @@ def export_cmd(
     simplify: Annotated[bool, typer.Option(help="Simplify the graph (onnxslim, if installed) and verify "
                                            "again.")] = False,
     align: o.ExportAlign = None,
+    quantize: Annotated[str | None, typer.Option(
+        help="int8: also write RUN/model.int8.onnx (and dense.int8.onnx), calibrated on the run's data, verified, "
+             "the fastest form measured.")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(
+        help="Refuse an INT8 model losing more than this: accuracy points, or cosine for non-classification "
+             "outputs. \\[default: 1 point / 0.01 cosine]")] = None,
 ):
     """Remove the zero structures, export RUN/dense.onnx and RUN/model.onnx, verify, write RUN/report.json."""
     from compress.deploy.pipeline import export_run
+    from compress.errors import UserError
 
     if align is not None and align < 1:
-        from compress.errors import UserError
-
         raise UserError(f"--align must be ≥ 1, got {align}")
+    if quantize is not None and quantize.lower() != "int8":
+        raise UserError(f"--quantize takes int8, got {quantize!r}")
+    if max_accuracy_drop is not None and quantize is None:
+        raise UserError("--max-accuracy-drop applies to --quantize int8")
     export_run(run, opset=opset, simplify=simplify, align=align, console=console)
+    if quantize is not None:
+        from compress.deploy.quantrun import quantize_run
+
+        quantize_run(run, max_accuracy_drop=max_accuracy_drop, console=console)
 
 
 @app.command()
@@ -158,6 +171,32 @@ def bench(
     print_bench_table(result, console)
     if out is not None:
         atomic_write_json(out, result)
+
+
+@app.command("quantize")
+@user_errors
+def quantize_cmd(
+    model: Annotated[Path, typer.Argument(help="An FP32 ONNX file (any model).")],
+    calibration: Annotated[Path, typer.Option(help=".npz with one array per ONNX input name (samples on axis 0), "
+                                              "optionally 'labels' for a top-1 accuracy check.")],
+    eval_data: Annotated[Path | None, typer.Option("--eval", help="Held-out .npz, same keys. \\[default: the "
+                                                   "calibration samples not used to calibrate]")] = None,
+    out: Annotated[Path | None, typer.Option(help="INT8 file to write. \\[default: MODEL with .int8.onnx]")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(
+        help="Refuse an INT8 model losing more than this: accuracy points with labels, else cosine. "
+             "\\[default: 1 point / 0.01 cosine]")] = None,
+    samples: Annotated[int, typer.Option(help="Calibration samples (a seeded choice).")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
+):
+    """INT8-quantize an ONNX file: calibrate, verify against FP32, keep the fastest form measured."""
+    from compress.deploy.quantize import quantize_onnx
+    from compress.deploy.quantrun import print_quantize
+
+    out = out or model.with_name(model.name.removesuffix(".onnx") + ".int8.onnx")
+    rep = quantize_onnx(model, out, calibration, eval_data=eval_data, max_accuracy_drop=max_accuracy_drop,
+                        n_calibration=samples, seed=seed)
+    print_quantize({"files": {"model.onnx": rep}, "recommended": rep["recommended"]}, console)
+    console.print(f"[green]wrote[/] {out}")
 
 
 @app.command()

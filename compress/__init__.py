@@ -48,6 +48,8 @@ _API = {
     "benchmark": "compress.deploy.bench",
     "export_run": "compress.deploy.pipeline",
     "bench_run": "compress.deploy.pipeline",
+    "quantize_onnx": "compress.deploy.quantize",
+    "quantize_run": "compress.deploy.quantrun",
     "save_compressed": "compress.deploy.saving",
     "load_compressed": "compress.deploy.saving",
     # models and errors

@@ -29,6 +29,11 @@ RUN_FILES = {
     "model_onnx": "model.onnx",
     "bench": "bench.json",
     "bench_plot": "bench.png",
+    # written by export --quantize int8 and its bench
+    "model_int8": "model.int8.onnx",
+    "dense_int8": "dense.int8.onnx",
+    "quantize": "quantize.json",
+    "bench_int8": "bench_int8.json",
 }
 
 

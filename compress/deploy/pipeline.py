@@ -158,6 +158,10 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
     print_bench_table(result, console)
     if lat:
         print_latency_vs_prediction(result["latency_target"], console)
+    if (run / "model.int8.onnx").is_file():
+        from compress.deploy.quantrun import bench_quantized
+
+        result["int8"] = bench_quantized(run, batch_sizes=batch_sizes, rounds=rounds, console=console)
     return result
 
 
