@@ -128,8 +128,8 @@ def test_cost_model_scales_with_batch_and_matches_hand_formula():
     cm = CostModel(model, groups, x)
     mask = torch.zeros(len(groups), dtype=torch.bool)
     layer = [g.layer for g in groups]
-    stem = [i for i, l in enumerate(layer) if l == "stem.0"]
-    c1 = [i for i, l in enumerate(layer) if l == "layers.0.conv1"]
+    stem = [i for i, name in enumerate(layer) if name == "stem.0"]
+    c1 = [i for i, name in enumerate(layer) if name == "layers.0.conv1"]
     mask[stem[:5]] = True
     mask[c1[:12]] = True
     cs, ca, cb = 27, 20, 32
@@ -332,7 +332,7 @@ def test_blocked_flops_pad_channel_counts_like_nchwc_kernels():
     layer = [g.layer for g in groups]
     mask = torch.zeros(len(groups), dtype=torch.bool)
     for name, k in (("stem.0", 5), ("layers.0.conv1", 12), ("layers.1.conv1", 27)):
-        idx = [i for i, l in enumerate(layer) if l == name]
+        idx = [i for i, lay in enumerate(layer) if lay == name]
         mask[idx[:k]] = True
 
     def hand(cs, ca, cb):
@@ -551,10 +551,10 @@ def test_aligned_budget_run_exports_the_same_with_align_1_or_8(tmp_path, digits_
         b["freeze"]["groups_frozen"]
     small1, rep1 = extract(res.model, res.groups, x, align=1)
     small8, rep8 = extract(res.model, res.groups, x, align=8)
-    kept = {l: e["groups"] - e["removed"] for l, e in rep1["layers"].items()}
+    kept = {lay: e["groups"] - e["removed"] for lay, e in rep1["layers"].items()}
     assert all(k % align == 0 or k % 8 == 0 or k < 8 for k in kept.values()), kept
     assert min(kept.values()) >= 8  # so align 8 has nothing to round up
-    assert kept == {l: e["groups"] - e["removed"] for l, e in rep8["layers"].items()}
+    assert kept == {lay: e["groups"] - e["removed"] for lay, e in rep8["layers"].items()}
     assert count_params(small1) == count_params(small8)
     assert count_flops(small1, x) / count_flops(model, x) == pytest.approx(b["achieved"]["flops_fraction"])
 
