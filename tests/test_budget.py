@@ -656,6 +656,7 @@ def test_flops_group_weights_are_proportional_to_the_flops_a_removal_saves():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_cli_group_weight_flops_with_and_without_a_target(tmp_path):
     """`compress finetune --group-weight flops` writes the FLOP weights into groups.json, with --lam and with
     --target-flops; a wrong name is a one-line error."""
