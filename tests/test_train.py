@@ -116,6 +116,14 @@ LEARN_IDS = [n + ("-precond" if e.get("reg_space") else "") for n, _, e in LEARN
 ZERO_LAM = {"param": 0.3, "preconditioned": 1.0}
 
 
+@pytest.fixture
+def no_training_plot(monkeypatch):
+    """The per-epoch training.png is ~85% of these short runs' time (matplotlib layout); it is not what they test."""
+    import compress.train.plots
+
+    monkeypatch.setattr(compress.train.plots, "plot_training", lambda metrics, path: None)
+
+
 def _full_batch_loss(model, data):
     """Cross-entropy of the whole training subset in one batch, on a copy (train-mode BatchNorm, no stat update
     on the model under test)."""
@@ -133,7 +141,7 @@ def _exactly_zero_groups(model, x):
 
 
 @pytest.mark.parametrize("name, lr, extra", LEARN, ids=LEARN_IDS)
-def test_every_optimizer_lowers_the_loss_through_the_loop(tmp_path, digits_small, name, lr, extra):
+def test_every_optimizer_lowers_the_loss_through_the_loop(tmp_path, digits_small, no_training_plot, name, lr, extra):
     """Each optimizer must learn: below the best constant predictor (the label entropy, ≈ 2.29 here, what a
     model reaches by its biases alone) by a margin, from 2.38. A step that does nothing, has the wrong sign
     or zeroes the network stays above it."""
@@ -154,7 +162,7 @@ def test_every_optimizer_lowers_the_loss_through_the_loop(tmp_path, digits_small
 
 
 @pytest.mark.parametrize("name, lr, extra", LEARN, ids=LEARN_IDS)
-def test_structured_optimizers_produce_exact_zero_groups(tmp_path, digits_small, name, lr, extra):
+def test_structured_optimizers_produce_exact_zero_groups(tmp_path, digits_small, no_training_plot, name, lr, extra):
     """With a large λ the prox sets whole groups to exactly 0.0 (not merely small), and the run's reported group
     sparsity is that count; AdamW (dense) leaves every group alive."""
     lam = 0.0 if name == "adamw" else ZERO_LAM[extra.get("reg_space", "param")]
