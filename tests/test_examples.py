@@ -1,5 +1,6 @@
 """Every example runs, in its quick form, as a user would start it, and prints figures that hold: counts
 worked out by hand from the models' definitions, accuracies above chance, exact extraction and export."""
+import json
 import re
 import subprocess
 import sys
@@ -126,5 +127,26 @@ def test_bench_latency(tmp_path):
 
 @pytest.mark.slow
 def test_budget_table(tmp_path):
+    """One FLOP-target row: the widths it reports explain its FLOP and parameter fractions (digits-resnet counted
+    by hand), the target holds, the removals add up, alignment to 16 shows in the widths, export is exact."""
     run(tmp_path, ROOT / "examples/budget_table.py", "--epochs", "4", "--dense-epochs", "3", "--milestones", "3",
         "--targets", "0.5", "--group-weights", "sqrt", "--skip-latency", "--out", tmp_path / "b")
+    (row,) = json.loads((tmp_path / "b" / "budget_table.json").read_text())
+    assert row["model"] == "digits-resnet" and row["groups_total"] == 96 and row["met"] is True
+    w = row["widths"]
+    cs, ca, cb = w["stem.0"], w["layers.0.conv1"], w["layers.1.conv1"]
+
+    def flops(cs, ca, cb):  # per sample on 8x8: stem 1→cs, two blocks cs→c→cs (3x3), fc cs→10
+        return 2 * 64 * (9 * cs + 18 * cs * ca + 18 * cs * cb) + 2 * 10 * cs
+
+    def params(cs, ca, cb):  # convs without bias, BatchNorm γ/β after each, fc with bias
+        return 11 * cs + sum(18 * cs * c + 2 * c + 2 * cs for c in (ca, cb)) + 10 * cs + 10
+
+    assert row["flops"] == pytest.approx(flops(cs, ca, cb) / flops(32, 32, 32), abs=1e-12)
+    assert row["params"] == pytest.approx(params(cs, ca, cb) / params(32, 32, 32), abs=1e-12)
+    assert row["flops"] <= 0.5 and row["flops_export"] == row["flops"]
+    assert row["align"] == 16 and all(v % 16 == 0 for v in w.values()), w
+    removed = 96 - cs - ca - cb
+    assert removed == row["removed_by_optimizer"] + row["removed_by_enforcement"] + row["removed_by_alignment"]
+    assert row["onnx_accuracy"] == row["accuracy"] and row["dense_accuracy"] > 0.9
+    assert "| digits-resnet |" in (tmp_path / "b" / "budget_table.md").read_text()
