@@ -122,7 +122,33 @@ def test_compare_optimizers(tmp_path, model):
 
 @pytest.mark.slow
 def test_bench_latency(tmp_path):
-    run(tmp_path, ROOT / "examples/bench_latency.py", "--quick")
+    """Half of every layer's structures removed by magnitude in the three benchmark models: counts a user can
+    check (torchvision's ResNet-50 and timm's ViT-Ti/16 parameter counts, bert-mini by hand), exact extraction
+    and export, and a complete, self-consistent summary. Latency itself is a measurement, not asserted."""
+    out = run(tmp_path, ROOT / "examples/bench_latency.py", "--quick")
+    found = re.findall(r"(\S+): zeroed (\d+) structures .*?params ([\d,]+) → ([\d,]+), max \|Δ\| ([\d.e+-]+)", out)
+    models = {m: (int(n), int(a.replace(",", "")), int(b.replace(",", "")), float(d)) for m, n, a, b, d in found}
+    assert set(models) == {"resnet50", "vit-tiny", "bert-mini"}, out[-3000:]
+    assert models["resnet50"][1] == 25_557_032  # torchvision's resnet50
+    assert models["vit-tiny"][1] == 5_717_416  # timm's vit_tiny_patch16_224
+    assert models["vit-tiny"][0] == 12 * (1 + 768 // 2)  # per block: 1 of 3 heads, half of the 768 MLP neurons
+    dense, small = bert_mini_counts(4, 1024, 256, t=128), bert_mini_counts(2, 512, 256, t=128)  # pooler kept
+    assert models["bert-mini"][:3] == (4 * (2 + 512), dense[0], small[0])
+    assert all(m[3] <= 1e-5 and m[2] < m[1] for m in models.values()), models
+    res = {m: json.loads((tmp_path / "runs/bench_latency" / f"{m}-bench.json").read_text()) for m in models}
+    assert (res["bert-mini"]["flops"]["dense"], res["bert-mini"]["flops"]["compressed"]) == (dense[1], small[1])
+    cores = res["bert-mini"]["machine"]["cores"]
+    for m, r in res.items():
+        assert all(e["max_abs_diff"] <= 1e-4 for e in r["export"].values()), m
+        assert r["flop_ratio"] == r["flops"]["dense"] / r["flops"]["compressed"] > 1
+        assert sorted((x["threads"], x["batch"]) for x in r["results"]) == sorted(
+            {(t, b) for t in (1, cores) for b in (1, 8)})
+        assert all(x["dense"]["n"] == x["compressed"]["n"] == 5 for x in r["results"])  # --quick
+    summary = json.loads((tmp_path / "runs/bench_latency/summary.json").read_text())
+    assert len(summary) == sum(len(r["results"]) for r in res.values())
+    for row in summary:
+        assert row["flop_ratio"] == res[row["model"]]["flop_ratio"]
+        assert row["efficiency"] == pytest.approx(row["speedup"] / row["flop_ratio"])
 
 
 @pytest.mark.slow
