@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUNS := runs
 
-.PHONY: venv demo test test-slow clean-runs
+.PHONY: venv demo lint test test-slow test-e2e
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,20 @@ demo: venv
 	$(BIN)/compress export $(RUNS)/digits-ramda
 	$(BIN)/compress bench $(RUNS)/digits-ramda
 
-# pytest exits 5 when it collects nothing; make treats every non-zero exit as failure.
-test: venv
+# Lint and format check first (cheap), then the default suite: everything not marked slow, e2e included.
+# No `|| true` or `-` prefix anywhere: make stops on any non-zero exit, so pytest's 5 ("no tests collected")
+# fails the target like a test failure does.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
+# The long tests left out of the default run (the later -m replaces addopts' "not slow").
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
+
+# Whole-pipeline subprocess tests only (CLI, examples, torchrun), slow ones included.
+test-e2e: venv
+	$(BIN)/python -m pytest -q -m e2e

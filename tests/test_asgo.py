@@ -236,7 +236,7 @@ def test_eig_prox_matches_lbfgs_on_smoothed_problem():
     for i in range(6):
         za, zv, zb = z[0][i].reshape(-1), z[1][i:i + 1], z[2][:, i]
 
-        def f(xn):
+        def f(xn, za=za, zv=zv, zb=zb, i=i):  # bound now: the closure must not see a later iteration
             x = torch.from_numpy(xn)
             xa, xv, xb = x[:8], x[8:9], x[9:]
             ea, ev, eb = xa - za, xv - zv, xb - zb
@@ -417,7 +417,7 @@ def finetune_resume_bit_exact(name, tmp_path, **cfg_kw):
         m = spec.build()
         m.load_state_dict(init)
 
-        def stopper(st):
+        def stopper(st, stop=stop):
             if stop and st["epoch"] == 1:  # after epoch 1 was checkpointed
                 raise _Stop
 

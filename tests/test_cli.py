@@ -67,6 +67,7 @@ def test_debug_shows_traceback(tmp_path):
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
+@pytest.mark.e2e
 def test_end_to_end_with_config_precedence(tmp_path):
     """finetune (TOML + overriding flag) → export → bench → inspect, as a user runs them."""
     cfg = tmp_path / "run.toml"
@@ -147,6 +148,7 @@ def test_user_model_and_data_errors(tmp_path, args, needles):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.e2e
 def test_custom_model_runs_end_to_end(tmp_path):
     f = tmp_path / "usermod.py"
     f.write_text(USER)
@@ -185,6 +187,7 @@ def test_budget_flag_errors(tmp_path, args, needle):
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
+@pytest.mark.e2e
 def test_budget_run_from_the_cli_gets_the_api_defaults_and_its_flags(tmp_path):
     """The CLI used to resolve two lr decays (2,3 of 4 epochs) before the budget API could apply its one
     decay at the freeze; now a target run saves milestones [3], and --final-optimizer/--align reach the

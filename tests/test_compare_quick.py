@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.e2e  # the whole comparison pipeline, through a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -21,7 +21,7 @@ def test_ramda_on_cuda_matches_cpu():
     for m, dev in ((cpu, "cpu"), (gpu, "cuda")):
         groups = find_groups(m, x[:1].to(dev))
         opts.append(RAMDA(m.parameters(), lr=1e-2, lam=1e-2, groups=groups))
-    for step in range(10):
+    for _ in range(10):
         for m, opt, dev in ((cpu, opts[0], "cpu"), (gpu, opts[1], "cuda")):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(m(x.to(dev)), y.to(dev)).backward()

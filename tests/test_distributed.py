@@ -4,7 +4,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.e2e  # two processes under torchrun, finetune end to end
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -52,7 +52,7 @@ def test_random_half_removed_is_exact_and_param_count_as_predicted(seed):
     with torch.no_grad():
         ref, out = model(x), small(x)
     assert (ref - out).abs().max() <= 1e-5 * ref.abs().max()
-    kept = [32 - sum(1 for i in chosen if gl[i].layer == l) for l in ("stem.0", "layers.0.conv1", "layers.1.conv1")]
+    kept = [32 - sum(1 for i in chosen if gl[i].layer == lay) for lay in ("stem.0", "layers.0.conv1", "layers.1.conv1")]
     assert sum(p.numel() for p in small.parameters()) == _digits_params(*kept) == rep["params_after"]
     assert rep["params_predicted"] == rep["params_after"]
     assert small.stem[0].out_channels == kept[0] and small.layers[1].conv1.out_channels == kept[2]
@@ -89,7 +89,7 @@ def test_all_groups_of_one_layer_zero_keeps_one_and_stays_exact():
 
 def test_a_group_that_is_not_zero_invariant_is_named():
     model, x = _digits()
-    gl = find_groups(model, x)
+    find_groups(model, x)
     # a bogus group: conv1 row 3 zeroed but BN β left alive -> channel 3 is relu(β) != 0
     bogus = GroupList([Group(f"bogus:{c}", "channel", "layers.0.conv1", [Slice("layers.0.conv1.weight", 0, (c,))]) for c in (3, 4)])
     bind_groups(bogus, model)

@@ -53,7 +53,7 @@ def test_digits_groups_match_hand_written_expectation(digits):
     assert len(gl) == 96
     assert [g.layer for g in gl] == ["stem.0"] * 32 + ["layers.0.conv1"] * 32 + ["layers.1.conv1"] * 32
     assert {g.kind for g in gl} == {"channel"}
-    assert [l for l, _ in gl.not_prunable] == ["fc"]
+    assert [lay for lay, _ in gl.not_prunable] == ["fc"]
     for c in (0, 17, 31):
         g = gl[c]
         assert {(s.param, s.dim, s.indices) for s in g.slices} == {
@@ -153,7 +153,7 @@ def test_group_json_is_backward_compatible():
     g = Group.from_json({"name": "a:0", "kind": "channel", "layer": "a", "weight": 2.0, "slices": [["a.weight", 0, [0]]]})
     assert g.dependents == [] and g.slices == [Slice("a.weight", 0, (0,))]
     with pytest.raises(ValueError, match="not bound"):
-        g.size
+        _ = g.size
 
 
 class _Act(nn.Module):
@@ -187,7 +187,7 @@ def test_activation_and_norm_rules(act, norm, ok, reason):
     gl = find_groups(m, torch.rand(2, 3, 6, 6))
     assert (len(gl) == 8) == ok
     if not ok:
-        (layer, why), = [(l, r) for l, r in gl.not_prunable if l == "c1"]
+        (layer, why), = [(lay, r) for lay, r in gl.not_prunable if lay == "c1"]
         assert reason in why
 
 

@@ -57,6 +57,7 @@ def user_model(tmp_path):
     return f
 
 
+@pytest.mark.e2e
 def test_ctrl_c_writes_resumable_checkpoint_and_resume_finishes(tmp_path, user_model):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "compress", "finetune", "--model", f"{user_model}:make", "--data",
