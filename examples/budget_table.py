@@ -79,7 +79,7 @@ def run(name, dense, budget, cfg, out, console, measure_latency=True, align=None
     widths = {}
     for a in (1, 8):
         _, ext = extract(res.model.cpu(), res.groups, x, align=a)
-        widths[a] = {l: e["groups"] - e["removed"] for l, e in ext["layers"].items() if e["kind"] != "head"}
+        widths[a] = {ly: e["groups"] - e["removed"] for ly, e in ext["layers"].items() if e["kind"] != "head"}
     bench = benchmark(out / "dense.onnx", out / "model.onnx", batch_sizes=(1, 32), threads=(threads,),
                       flops=(rep["flops_dense"], rep["flops_compressed"]))
     speed = {r["batch"]: r["speedup"] for r in bench["results"] if r["engine"] == "onnxruntime"}

@@ -146,7 +146,7 @@ class LatencyModel:
         interleaved run × the dense model's median over all runs (load drift cancels)."""
         return pt["ratio"] * self.dense_ms
 
-    def settle(self, mask, norms, ctl: "BudgetController", max_probes: int = 7):
+    def settle(self, mask, norms, ctl: BudgetController, max_probes: int = 7):
         """At the freeze, by measurement: if the frozen pattern is slower than the target, remove
         the weakest groups (per unit of blocked FLOPs) in the fewest number that measures ≤ target,
         found by bisection over the ranking (each probe: extract, export, benchmark). Returns (mask, info)."""

@@ -316,7 +316,7 @@ def _latency_report(out: Path, latency: LatencyModel, final_zero, small, budget:
     return lat
 
 
-def budget_config(cfg) -> "TrainConfig":
+def budget_config(cfg) -> TrainConfig:
     """`cfg` resolved for a budget run (the CLI and the API share this): with `milestones=None` and a
     step schedule, one lr decay where the final phase starts (3/4 of the epochs) instead of the
     plain runs' two — the frozen structure then trains at lr·γ and settles (digits-resnet at 0.5

@@ -104,7 +104,7 @@ def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
     import torch_pruning as tp
 
     units = {u.name: u for u in attention_units(work)}
-    chan_layers = [l for l in layers if plan[l]["remove"] and groups[plan[l]["remove"][0]].kind != "head"]
+    chan_layers = [ly for ly in layers if plan[ly]["remove"] and groups[plan[ly]["remove"][0]].kind != "head"]
     if chan_layers and DG is None:
         with torch.enable_grad():
             DG = tp.DependencyGraph().build_dependency(
@@ -210,8 +210,8 @@ def extract(model: nn.Module, groups, example_inputs, atol: float = 1e-5, verify
         "rel_diff": diff / scale if scale > 0 else diff,
         "atol": atol,
         "layers": {
-            l: {k: (len(v) if k == "remove" else v) for k, v in e.items()} | {"removed": len(e["remove"])}
-            for l, e in plan.items()
+            ly: {k: (len(v) if k == "remove" else v) for k, v in e.items()} | {"removed": len(e["remove"])}
+            for ly, e in plan.items()
         },
         "removed_groups": [gl[i].name for i in removed],
     }
@@ -243,7 +243,7 @@ def _locate(model, gl, plan, args, kwargs, vargs, vkwargs, ref, atol):
     """Find the first layer (then group) whose removal breaks equivalence."""
     work = copy.deepcopy(model).eval()
     g2 = bind_groups(GroupList([dataclasses.replace(g, tensors=[]) for g in gl]), work)
-    for layer in [l for l, e in plan.items() if e["remove"]]:
+    for layer in [ly for ly, e in plan.items() if e["remove"]]:
         before = copy.deepcopy(work)
         try:
             _remove(work, g2, plan, [layer], args, kwargs)

@@ -5,8 +5,8 @@ model ships with data, a function returning (train, eval) datasets.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

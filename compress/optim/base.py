@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -88,7 +88,7 @@ class ProxOptimizer(StructuredOptimizer, torch.optim.Optimizer):
         if flag is None:
             flag = total >= COMPILE_MIN_NUMEL and compile_available(dev)
         elif flag and not compile_available(dev):
-            warnings.warn("torch.compile is unavailable here (no C++ compiler or COMPRESS_COMPILE=0); running eagerly")
+            warnings.warn("torch.compile is unavailable here (no C++ compiler or COMPRESS_COMPILE=0); running eagerly", stacklevel=2)
             flag = False
         self._use_compile = bool(flag)
         self._eager_only: set[str] = set()
@@ -128,7 +128,7 @@ class ProxOptimizer(StructuredOptimizer, torch.optim.Optimizer):
                 return self._kernels(True)[name](*args)
             except Exception as e:  # compile failure: this kernel runs eagerly from now on (same math)
                 warnings.warn(f"{type(self).__name__}: torch.compile of {name!r} failed ({type(e).__name__}: "
-                              f"{str(e)[:300]}); running it eagerly")
+                              f"{str(e)[:300]}); running it eagerly", stacklevel=2)
                 self._eager_only.add(name)
         return self._kernels(False)[name](*args)
 

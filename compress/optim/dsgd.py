@@ -31,7 +31,7 @@ it round-trips through `state_dict()` and the JSON checkpoint.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -141,7 +141,7 @@ class GroupIndex:
         self._splits = [len(e.gid_ext) for e in self.entries]
         self._gid_cache: dict = {}
 
-    def packed(self, packs: Sequence[Sequence[int]]) -> tuple["GroupIndex", list]:
+    def packed(self, packs: Sequence[Sequence[int]]) -> tuple[GroupIndex, list]:
         """An index for stepping in which each list of parameters in `packs` becomes one flat
         parameter [1, N, 1] with a group id per element (many small tensors, one set of ops).
 

@@ -20,7 +20,7 @@ optimizers can hand them to torch.compile; the public functions here run them ea
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -178,7 +178,7 @@ class ProxProblem:
 
     def solve_exact(self, tau: Tensor, r0: Tensor, tol: float | None = None, max_iter: int = 50) -> tuple[Tensor, dict]:
         """Exact prox (§2a): zero test, then batched Newton warm-started at r0; writes via `final`."""
-        idx, G, grouped = self.index, self.index.n_groups, self.grouped
+        idx, grouped = self.index, self.grouped
         free = tau <= 0
         if not grouped or bool(free.all()):  # nothing to shrink: w = a / d everywhere
             r = torch.ones_like(tau)

@@ -32,9 +32,12 @@ def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
         return None, reason
     group_slices, dep_slices = _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out)
     kind = "neuron" if isinstance(root, nn.Linear) else "channel"
+
+    def key(kv):  # model parameter order
+        return pnames[kv[0][0]], kv[0][1]
+
     out = []
     for c in range(n_out):
-        key = lambda kv: (pnames[kv[0][0]], kv[0][1])  # model parameter order
         sl = [Slice(p, d, tuple(sorted(ix))) for (p, d), ix in sorted(group_slices[c].items(), key=key)]
         dp = [Slice(p, d, tuple(sorted(ix))) for (p, d), ix in sorted(dep_slices[c].items(), key=key)]
         if not sl:

@@ -37,7 +37,7 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (autocast; optimizer state and prox math stay float32)
     threads: int | None = None  # CPU threads for torch (None: torch's default)
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         c = dataclasses.replace(self)
         if c.lr is None:
             c.lr = DEFAULT_LR.get(c.optimizer, 1e-3)

@@ -30,7 +30,7 @@ class DistContext:
         return self.rank == 0
 
     @staticmethod
-    def from_env(device_kind: str = "cpu") -> "DistContext":
+    def from_env(device_kind: str = "cpu") -> DistContext:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return DistContext()

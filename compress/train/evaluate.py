@@ -54,7 +54,7 @@ def recalibrate_batchnorm(model, data, device, batch_size: int = 256, max_batche
             break
         x, _ = split_batch(batch)
         call_model(model, to_device(x, device))
-    for m, (mom, tr) in zip(bns, saved):
+    for m, (mom, _) in zip(bns, saved):
         m.momentum = mom
     model.train(was)
     return True

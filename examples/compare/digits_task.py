@@ -137,7 +137,7 @@ class Digits(Task):
             m = copy.deepcopy(self.model)
             with Timer() as t:
                 pr = make_pruner("regularized", m, self.example, [m.fc], steps=self.cfg["tp_steps"], max_ratio=0.95, reg=5e-4)
-                sparse_losses = self._finetune_adamw(m, E // 2 or 1, after_backward=lambda: pr.regularize(m))
+                sparse_losses = self._finetune_adamw(m, E // 2 or 1, after_backward=lambda pr=pr, m=m: pr.regularize(m))
                 reached = prune_to_flops(m, pr, self.example, f, steps=self.cfg["tp_steps"])
                 before = evaluate(m, self.xte, self.yte)["accuracy"]
                 losses = self._finetune_adamw(m, E - (E // 2 or 1) or 1)

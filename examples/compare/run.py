@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--task", choices=["digits", "text", "all"], default="all")
     ap.add_argument("--quick", action="store_true", help="tiny epochs, one setting per method (smoke test)")
     ap.add_argument("--out", type=Path, default=Path("runs/compare"))
-    ap.add_argument("--methods", default=None, help="comma-separated subset (digits: %s; text: %s)"
-                    % (",".join(DIGITS_METHODS), ",".join(TEXT_METHODS)))
+    ap.add_argument("--methods", default=None, help=f"comma-separated subset (digits: {','.join(DIGITS_METHODS)}; "
+                    f"text: {','.join(TEXT_METHODS)})")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
     ap.add_argument("--fractions", default=None, help="comma-separated FLOP targets instead of the task's (e.g. 0.95,0.9)")
     args = ap.parse_args(argv)

@@ -319,7 +319,7 @@ class Text(Task):
                                  num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
                                  head_pruning_ratio=0.95)
                 reached = prune_to_flops(m, pr, self.flop_example, f, steps,
-                                         after_step=lambda mm: fix_hf_heads(mm, pr.num_heads))
+                                         after_step=lambda mm, pr=pr: fix_hf_heads(mm, pr.num_heads))
                 before = self.evaluate(m)["cosine"]
                 losses = self._distill_adamw(m, E)
             self._row("tp-magnitude", f"flops≤{f}", m, {"cos_before_ft": before, "train_loss": losses[-1],

@@ -11,7 +11,7 @@ peer lands where we ask it to (we give it the target; ours has to find it throug
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch_pruning as tp
@@ -28,7 +28,7 @@ def prune_to_flops(model: torch.nn.Module, pruner, example, target_fraction: flo
     """
     dense = count_flops(model, example)
     flops, done = dense, 0
-    for done in range(1, steps + 1):
+    for done in range(1, steps + 1):  # noqa: B007 - the last value is reported
         pruner.step()
         if after_step is not None:
             after_step(model)
