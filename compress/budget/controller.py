@@ -19,6 +19,9 @@ def _structured_zero(opt, groups) -> tuple[torch.Tensor, torch.Tensor]:
     return norms == 0, norms
 
 
+LAM0_FALLBACK = 1e-4  # the controller's first λ when the config's is 0 (it adapts λ from there)
+
+
 class BudgetController:
     """Drives the structured point's cost to the target by the freeze epoch, then keeps the
     frozen zero pattern exactly zero while the survivors train with λ = `final_lam`.
@@ -71,7 +74,7 @@ class BudgetController:
         self.kind = kind or ("flops_blocked" if budget.kind == "latency" else budget.kind)
         self.target = float(target if target is not None else budget.target)
         self.steps_per_epoch = max(1, int(steps_per_epoch))
-        self.lam0 = float(lam0 if lam0 else ((cfg.lam or 0) if (cfg.lam or 0) > 0 else 1e-4))
+        self.lam0 = float(lam0 if lam0 else ((cfg.lam or 0) if (cfg.lam or 0) > 0 else LAM0_FALLBACK))
         self.freeze_epoch = int(freeze_epoch if freeze_epoch is not None else default_freeze_epoch(cfg))
         if not 1 <= self.freeze_epoch <= cfg.epochs:
             raise UserError(f"freeze epoch {self.freeze_epoch} is outside 1..{cfg.epochs}")

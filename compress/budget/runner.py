@@ -9,13 +9,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.budget.controller import BudgetController
+from compress.budget.controller import LAM0_FALLBACK, BudgetController
 from compress.budget.latency import LatencyModel
 from compress.budget.patterns import ZeroKeeper, enforce
 from compress.budget.target import Budget
 from compress.errors import UserError
 from compress.files import atomic_write_json
 from compress.optim.dense import CosineAdamW
+from compress.runs import RUN_FILES, read_config
 from compress.structure.cost_model import CostModel
 from compress.train.config import TrainConfig
 
@@ -34,7 +35,6 @@ class BudgetRunResult:
     budget: dict
 
 
-BUDGET_FILES = {"summary": "budget.json", "state": "budget_state.json"}
 
 
 def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, out, config=None,
@@ -91,7 +91,7 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
         lat = _latency_report(out, latency, final_zero, small, budget, console)
         achieved["latency_ms"] = lat["measured_ms"]
     summary = budget_summary(budget, ctl, setup.dense, achieved, acc, result.metrics, lat, post_hoc, train_s, cfg)
-    atomic_write_json(out / BUDGET_FILES["summary"], summary)
+    atomic_write_json(out / RUN_FILES["budget"], summary)
     return BudgetRunResult(out=result.out, metrics=result.metrics, model=result.model, optimizer=result.optimizer,
                            groups=setup.groups, budget=summary)
 
@@ -120,23 +120,19 @@ def _setup(out: Path, config, budget, groups, resume: bool, controller, model, e
     """The budget, config and controller options: from the run directory when resuming, else as given."""
     import json
 
-    from compress.runs import RUN_FILES
     from compress.structure.group import load_groups
     from compress.train import checkpoint as ckpt
 
     restore = position = None
     if resume:
-        cfg_path = out / RUN_FILES["config"]
-        if not cfg_path.is_file():
-            raise UserError(f"{out} is not a run directory (no {RUN_FILES['config']}); nothing to resume")
-        saved = json.loads(cfg_path.read_text())
+        saved = read_config(out, "nothing to resume")
         if "budget" not in saved:
             raise UserError(f"{out} was not trained to a budget; resume it with compress finetune --resume")
         budget, cfg = Budget(**saved["budget"]), TrainConfig(**saved["train"])
         # runs saved before the option existed trained their final phase with the same optimizer
         controller = {"final_optimizer": "same", **saved.get("budget_controller", {}), **(controller or {})}
         groups = load_groups(out / RUN_FILES["groups"], model)
-        state_path = out / BUDGET_FILES["state"]
+        state_path = out / RUN_FILES["budget_state"]
         restore = json.loads(state_path.read_text()) if state_path.is_file() else None
         position = ckpt.load_checkpoint(out / RUN_FILES["checkpoint"])["info"]
     else:
@@ -145,7 +141,7 @@ def _setup(out: Path, config, budget, groups, resume: bool, controller, model, e
         cfg = budget_config(config or TrainConfig())
     _check_runnable(budget, cfg)
     controller = dict(controller or {})
-    lam0 = controller.get("lam0") or (cfg.lam if cfg.lam > 0 else 1e-4)
+    lam0 = controller.get("lam0") or (cfg.lam if cfg.lam > 0 else LAM0_FALLBACK)
     if not resume:
         cfg = dataclasses.replace(cfg, lam=lam0)
     return _Setup(budget, cfg, controller, *_cost_model(model, groups, example_inputs, cfg, budget), lam0,
@@ -205,7 +201,6 @@ def _latency_model(model, example_inputs, setup: _Setup, measure_latency, calibr
 
 def _controller(out: Path, setup: _Setup, train_data, target, latency, ctl_kw: dict, console) -> BudgetController:
     """The λ controller, with its state from budget_state.json and the checkpoint when resuming."""
-    from compress.runs import RUN_FILES
     from compress.train.data import num_batches
 
     def start_weights():  # what finetune saved before its first step (also there when resuming before the freeze)
@@ -240,7 +235,7 @@ def _state_saver(out: Path, ctl: BudgetController, latency):
             s["latency"] = {"points": latency.points, "fit": list(latency.fit), "min_point": latency.min_point,
                             "fit_calibration": list(latency.fit_calibration) if latency.fit_calibration else None}
         if out.is_dir():
-            atomic_write_json(out / BUDGET_FILES["state"], s)
+            atomic_write_json(out / RUN_FILES["budget_state"], s)
         return extra
 
     return save_state
@@ -250,7 +245,6 @@ def _hold_target(out: Path, result, ctl: BudgetController, setup: _Setup, train_
     """The promise: the exported point holds the target. Freezes if training ended before the freeze
     epoch, removes the weakest groups if still above target; returns (final zero mask, groups removed
     after training)."""
-    from compress.runs import RUN_FILES
     from compress.structure.sparsity import group_norms, zero_mask
     from compress.train.checkpoint import save_weights
     from compress.train.evaluate import recalibrate_batchnorm
@@ -312,7 +306,7 @@ def _latency_report(out: Path, latency: LatencyModel, final_zero, small, budget:
            "prediction_error_refit": None if predicted is None else (predicted - meas) / meas}
     if latency.fit:
         lat["table"] = latency.table()
-        atomic_write_json(out / "latency.json", latency.table())
+        atomic_write_json(out / RUN_FILES["latency"], latency.table())
     return lat
 
 

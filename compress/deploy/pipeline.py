@@ -8,7 +8,7 @@ import torch
 
 from compress.errors import UserError
 from compress.files import atomic_write_json
-from compress.runs import load_run
+from compress.runs import RUN_FILES, load_run
 from compress.train.evaluate import evaluate
 
 
@@ -35,13 +35,13 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
 
     with console.status("extracting zero groups"):
         small, ext = extract(r["model"], r["groups"], example, align=align)
-    save_compressed(small, run / "compressed.safetensors", {"model": r["config"]["model"]})
+    save_compressed(small, run / RUN_FILES["compressed"], {"model": r["config"]["model"]})
     acc = _accuracies(r, small, eval_data, console)
     onnx = {}
-    for key, model, name in (("dense", r["dense"], "dense.onnx"), ("compressed", small, "model.onnx")):
+    for key, model, name in (("dense", r["dense"], RUN_FILES["dense_onnx"]), ("compressed", small, RUN_FILES["model_onnx"])):
         onnx[key] = _export_verified(model, example, run / name, opset, simplify, eval_data, console)
     report = _run_report(r, small, example, ext, onnx, acc, align)
-    atomic_write_json(run / "report.json", report)
+    atomic_write_json(run / RUN_FILES["report"], report)
     print_report(report, console)
     return report
 
@@ -132,11 +132,11 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
 
     console = console or Console()
     run = Path(run)
-    dense, comp = run / "dense.onnx", run / "model.onnx"
+    dense, comp = run / RUN_FILES["dense_onnx"], run / RUN_FILES["model_onnx"]
     for p in (dense, comp):
         if not p.is_file():
             raise UserError(f"{p} does not exist; run `compress export {run}` first")
-    budget_path = run / "budget.json"
+    budget_path = run / RUN_FILES["budget"]
     lat = json.loads(budget_path.read_text()).get("latency") if budget_path.is_file() else None
     lat = lat if lat and lat.get("target_ms") is not None else None
     if lat:
@@ -145,7 +145,7 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
     kw = {"batch_sizes": tuple(batch_sizes), "threads": tuple(threads)}
     if rounds is not None:
         kw["rounds"] = rounds
-    report_path = run / "report.json"
+    report_path = run / RUN_FILES["report"]
     if report_path.is_file():
         rep = json.loads(report_path.read_text())
         kw["flops"] = (rep["flops_dense"], rep["flops_compressed"])
@@ -153,8 +153,8 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
         result = benchmark(dense, comp, **kw)
     if lat:
         result["latency_target"] = latency_vs_prediction(lat, result)
-    atomic_write_json(run / "bench.json", result)
-    plot_bench(result, run / "bench.png")
+    atomic_write_json(run / RUN_FILES["bench"], result)
+    plot_bench(result, run / RUN_FILES["bench_plot"])
     print_bench_table(result, console)
     if lat:
         print_latency_vs_prediction(result["latency_target"], console)

@@ -6,8 +6,6 @@ resumed from its checkpoint ends with bitwise-identical weights on CPU."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +17,7 @@ import torch.nn.functional as F
 from compress.errors import UserError
 from compress.files import atomic_write_json
 from compress.optim.interface import as_structured
-from compress.runs import RUN_FILES, prepare_run_dir
+from compress.runs import RUN_FILES, prepare_run_dir, read_config, read_metrics, write_config
 from compress.train import checkpoint as ckpt
 from compress.train.checkpoint import save_weights, set_rng_state
 from compress.train.config import TrainConfig, resolve_device
@@ -104,17 +102,14 @@ def _config(out: Path, config: TrainConfig | None, resume: bool, resume_lr: floa
         cfg = (config or TrainConfig()).resolved()
         cfg.validate()
         return cfg, None
-    cfg_path = out / RUN_FILES["config"]
-    if not cfg_path.is_file():
-        raise UserError(f"{out} is not a run directory (no {RUN_FILES['config']}); nothing to resume")
-    saved = json.loads(cfg_path.read_text())
+    saved = read_config(out, "nothing to resume")
     cfg = TrainConfig(**saved["train"])
     state = ckpt.load_checkpoint(out / RUN_FILES["checkpoint"])
     if resume_lr is not None:  # e.g. after a NaN loss: continue with a lower learning rate
         cfg.lr = resume_lr
         cfg.validate()
         saved["train"]["lr"] = resume_lr
-        atomic_write_json(cfg_path, saved)
+        atomic_write_json(out / RUN_FILES["config"], saved)
     if state["info"].get("status") == "done":
         raise UserError(f"run {out} already finished; start a new run with `init` {out / RUN_FILES['weights']}",
                         fields=("init",))
@@ -165,7 +160,7 @@ def _start(run: Run, example_inputs, groups, init_weights, run_info, state, forc
         _restore(run, state)
         return
     if run.main:
-        atomic_write_json(out / RUN_FILES["config"], {"train": dataclasses.asdict(cfg), **(run_info or {})})
+        write_config(out, cfg, run_info)
         save_groups(out / RUN_FILES["groups"], groups)
         save_weights(out / RUN_FILES["init"], model)
     run.run_meta = {"init_accuracy": evaluate(model, run.eval_data, run.device, loss_fn=run.loss_fn)["accuracy"]}
@@ -180,9 +175,7 @@ def _restore(run: Run, state: dict) -> None:
     info = state["info"]
     run.start_epoch, run.start_batch = info["epoch"], info["batch"]
     run.carry = {"loss_sum": info["loss_sum"], "seen": info["seen"]}
-    path = out / RUN_FILES["metrics"]
-    metrics = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    run.metrics = [m for m in metrics if m["epoch"] <= run.start_epoch]
+    run.metrics = [m for m in read_metrics(out) if m["epoch"] <= run.start_epoch]
     run.run_meta = info.get("run_meta", {})
     if "lam" in info:
         for g in run.opt.param_groups:
@@ -220,5 +213,5 @@ def _finish(run: Run) -> None:
         if opt.layer_picks is not None:  # DSGD: which layers it chose to update
             from compress.optim.dsgd import plot_layer_picks
 
-            plot_layer_picks(run.opt, run.out / "dsgd_picks.png")
+            plot_layer_picks(run.opt, run.out / RUN_FILES["dsgd_picks"])
     run.ctx.barrier()
