@@ -288,7 +288,7 @@ def _data_for(spec, data_spec):
     from compress.models.userspec import resolve_data
 
     if data_spec:
-        return resolve_data(data_spec)
+        return resolve_data(data_spec, spec)
     if spec.data is None:
         raise UserError(f"model {spec.name!r} has no built-in data: give --data module:function")
     return spec.data()

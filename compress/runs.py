@@ -63,7 +63,7 @@ def load_run(run: str | Path) -> dict:
     ckpt.load_into(model, ckpt.load_weights(weights), str(weights))
     dense = spec.build()
     ckpt.load_into(dense, ckpt.load_weights(run / RUN_FILES["init"]), str(run / RUN_FILES["init"]))
-    data = resolve_data(config["data"]) if config.get("data") else (spec.data() if spec.data else None)
+    data = resolve_data(config["data"], spec) if config.get("data") else (spec.data() if spec.data else None)
     groups = load_groups(run / RUN_FILES["groups"], model)
     return {"run": run, "config": config, "spec": spec, "model": model.eval(), "dense": dense.eval(),
             "data": data, "groups": groups}

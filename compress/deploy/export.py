@@ -510,7 +510,8 @@ def _verify(model, inputs, device, onnx_path, names, dyn_in, dynamic_batch, dyn_
 
 def _eval_batches(eval_data, batch_size=256):
     if isinstance(eval_data, torch.utils.data.Dataset):
-        return torch.utils.data.DataLoader(eval_data, batch_size=batch_size, shuffle=False)
+        return torch.utils.data.DataLoader(eval_data, batch_size=batch_size, shuffle=False,
+                                           collate_fn=getattr(eval_data, "collate", None))
     return eval_data
 
 

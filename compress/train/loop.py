@@ -134,7 +134,8 @@ def finetune(
 
     console = console or Console()
     out = Path(out)
-    loss_fn = loss_fn or F.cross_entropy
+    # a wrapper model may bring its task's loss (compress.models.hf: distillation for embeddings)
+    loss_fn = loss_fn or getattr(model, "compress_loss", None) or F.cross_entropy
 
     if resume:
         cfg_path = out / RUN_FILES["config"]
@@ -181,7 +182,8 @@ def finetune(
     opt = (build_optimizer or make_optimizer)(cfg, model, groups) if resume else make_optimizer(cfg, model, groups)
 
     if not resume and main:
-        atomic_write_json(out / RUN_FILES["config"], {"train": dataclasses.asdict(cfg), **(run_info or {})})
+        wrapper = {"wrapper": model.compress_config()} if hasattr(model, "compress_config") else {}
+        atomic_write_json(out / RUN_FILES["config"], {"train": dataclasses.asdict(cfg), **wrapper, **(run_info or {})})
         save_groups(out / RUN_FILES["groups"], groups)
         save_weights(out / RUN_FILES["init"], model)
     if not resume:
