@@ -516,7 +516,9 @@ def _eval_batches(eval_data, batch_size=256):
 
 
 def _eval(model, device, sess, names, eval_data, diff, example, dynamic_batch) -> dict:
-    """Top-1 accuracy of torch and ORT on the same batches (first output, argmax of last dim)."""
+    """Top-1 accuracy of torch and ORT on the same batches (first output, argmax of last dim), or the
+    mean of the model's own `compress_score(out, y)` (e.g. an embedding's cosine to its target)."""
+    score = getattr(model, "compress_score", None) or (lambda out, y: int((out.argmax(-1) == y).sum()))
     n = torch_ok = onnx_ok = 0
     worst = 0.0
     for k, batch in enumerate(_eval_batches(eval_data)):
@@ -532,9 +534,9 @@ def _eval(model, device, sess, names, eval_data, diff, example, dynamic_batch) -
         ref = _torch_run(model, xs, device)
         got = _ort_run(sess, names, xs)
         worst = max(worst, diff.add(ref, got, f"eval_data batch {k}"))
-        torch_ok += int((torch.from_numpy(ref[0]).argmax(-1) == y).sum())
-        onnx_ok += int((torch.from_numpy(got[0]).argmax(-1) == y).sum())
-        n += int(y.numel())
+        torch_ok += score(torch.from_numpy(ref[0]), y)
+        onnx_ok += score(torch.from_numpy(got[0]), y)
+        n += len(y)
     if n == 0:
         raise UserError("eval_data is empty")
     return {"torch_accuracy": torch_ok / n, "onnx_accuracy": onnx_ok / n, "eval_samples": n, "max_abs_diff": worst}

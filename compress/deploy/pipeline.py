@@ -76,6 +76,10 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
         "onnx_bytes": comp_onnx["file_bytes"],
         "extraction": {k: v for k, v in ext.items() if k != "max_abs_diff"},
     }
+    task_report = getattr(r["model"], "compress_report", None)  # a wrapper's own figures (hf: heads, NN agreement)
+    if task_report is not None:
+        with console.status("task metrics of the dense and compressed models"):
+            report["task"] = task_report(r["dense"], small, eval_data)
     atomic_write_json(run / "report.json", report)
     print_report(report, console)
     return report
@@ -103,6 +107,25 @@ def print_report(report: dict, console) -> None:
     t.add_row("groups removed (zero)", "", f"{report['groups_removed']} ({report.get('groups_zero', report['groups_removed'])}) / {report['groups_total']}", "")
     t.add_row("max |Δ| extract / ONNX", "", f"{report['max_abs_diff_extract']:.1e} / {report['max_abs_diff_onnx']:.1e}", "")
     console.print(t)
+    if "task" in report:
+        print_task(report["task"], console)
+
+
+def print_task(task: dict, console) -> None:
+    """A wrapper's per-layer structure (heads, neurons: dense → kept) and its task metrics."""
+    from rich.table import Table
+
+    t = Table(title=f"structure kept ({task['task']})")
+    for c in ("layer", "heads", "neurons"):
+        t.add_column(c, justify="left" if c == "layer" else "right")
+    for row in task["layers"]:
+        t.add_row(row["layer"], *(f"{row[k][1]} / {row[k][0]}" for k in ("heads", "neurons")))
+    tot = {k: [sum(r[k][i] or 0 for r in task["layers"]) for i in (0, 1)] for k in ("heads", "neurons")}
+    t.add_row("total", *(f"{tot[k][1]:,} / {tot[k][0]:,}" for k in ("heads", "neurons")))
+    console.print(t)
+    if "cosine" in task:
+        console.print(f"held-out ({task['sentences']} sentences): mean cosine to dense {task['cosine']:.4f}, "
+                      f"nearest-neighbour agreement {task['nn_agreement']:.3f}")
 
 
 def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds: int | None = None,

@@ -71,6 +71,7 @@ def _transformers():
     except ModuleNotFoundError:
         raise UserError("Hugging Face models need the `transformers` package (pip install transformers)") from None
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 
@@ -154,6 +155,18 @@ class HFModule(nn.Module):
         if self.task == "embedding":
             return cosine_sum(out, y)
         return float((out.argmax(-1) == y).sum())
+
+
+    def compress_report(self, dense: nn.Module, small: nn.Module, eval_data) -> dict:
+        """Heads and neurons per layer (dense → kept) and, for embeddings, held-out cosine and NN agreement."""
+        rep = {"task": self.task, "layers": [{"layer": d["layer"], "heads": [d["heads"], c["heads"]],
+                                              "neurons": [d["neurons"], c["neurons"]]}
+                                             for d, c in zip(structure(dense), structure(small))]}
+        if self.task == "embedding" and eval_data is not None:
+            from compress.train.text import embed, embedding_agreement
+
+            rep.update(embedding_agreement(embed(small, eval_data), eval_data.targets))
+        return rep
 
 
 def load(path: str | Path) -> HFModule:

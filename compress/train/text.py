@@ -134,6 +134,20 @@ def embed(model, data: TextDataset, batch: int = 64) -> torch.Tensor:
     return out
 
 
+def embedding_agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict:
+    """Mean cosine to the dense embeddings, and top-1 nearest-neighbour agreement: the share of
+    sentences whose nearest other sentence (among the same set) is the dense model's nearest."""
+    s, t = torch.nn.functional.normalize(student, dim=-1), torch.nn.functional.normalize(teacher, dim=-1)
+
+    def nearest(e):
+        sim = e @ e.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.argmax(1)
+
+    return {"cosine": float((s * t).sum(-1).mean()), "nn_agreement": float((nearest(s) == nearest(t)).float().mean()),
+            "sentences": len(s)}
+
+
 def embedding_data(path: str, sentences: tuple[list[str], list[str]]):
     """(train, eval) datasets whose targets are the starting model's embeddings."""
     from compress.models import hf
