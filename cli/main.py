@@ -342,6 +342,7 @@ def bench(
     threads: str = typer.Option("1,all", help="ORT intra-op threads, comma-separated ('all' = every core)."),
     rounds: Optional[int] = typer.Option(None, help="Timed rounds per model and setting."),
     out: Optional[Path] = typer.Option(None, help="Where to write the JSON (two-file form; a run uses RUN/bench.json)."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Sequence length of token inputs (dynamic non-batch axes)."),
 ):
     """Measure ONNX Runtime latency of dense vs compressed, interleaved in one process."""
     from compress.errors import UserError
@@ -355,7 +356,8 @@ def bench(
     if len(paths) == 1:
         from compress.deploy.pipeline import bench_run
 
-        bench_run(paths[0], batch_sizes=batch_sizes, threads=thread_list, rounds=rounds, console=console)
+        bench_run(paths[0], batch_sizes=batch_sizes, threads=thread_list, rounds=rounds, seq_len=seq_len,
+                  console=console)
         return
     if len(paths) != 2:
         raise UserError("give a run directory, or exactly two ONNX files (dense, compressed)")
@@ -364,7 +366,7 @@ def bench(
     for p in paths:
         if not p.is_file():
             raise UserError(f"{p} does not exist")
-    kw = {"batch_sizes": batch_sizes, "threads": thread_list}
+    kw = {"batch_sizes": batch_sizes, "threads": thread_list, "seq_len": seq_len}
     if rounds is not None:
         kw["rounds"] = rounds
     result = benchmark(paths[0], paths[1], **kw)

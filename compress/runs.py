@@ -39,11 +39,8 @@ def prepare_run_dir(out: Path, force: bool) -> None:
 
 
 
-def load_run(run: str | Path) -> dict:
-    """Config, model spec, data and groups of a finished run (weights loaded = the structured point)."""
-    from compress.models.userspec import parse_input_shape, resolve_data, resolve_model
-    from compress.structure.group import load_groups
-
+def run_config(run: str | Path) -> dict:
+    """config.json of a run made by the CLI (it names the model, so the run rebuilds it)."""
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"run directory {run} does not exist; create one with: compress finetune --out {run}")
@@ -54,6 +51,16 @@ def load_run(run: str | Path) -> dict:
     if "model" not in config:
         raise UserError(f"{run} was made from Python with a model object; export it with compress.extract and "
                         "compress.export_onnx")
+    return config
+
+
+def load_run(run: str | Path) -> dict:
+    """Config, model spec, data and groups of a finished run (weights loaded = the structured point)."""
+    from compress.models.userspec import parse_input_shape, resolve_data, resolve_model
+    from compress.structure.group import load_groups
+
+    run = Path(run)
+    config = run_config(run)
     weights = run / RUN_FILES["weights"]
     if not weights.is_file():
         raise UserError(f"{run} has no {RUN_FILES['weights']}: training did not finish; "

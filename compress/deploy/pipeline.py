@@ -75,6 +75,7 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
         "dense_onnx_bytes": dense_onnx["file_bytes"],
         "onnx_bytes": comp_onnx["file_bytes"],
         "extraction": {k: v for k, v in ext.items() if k != "max_abs_diff"},
+        "seq_len": _seq_len(example),
     }
     task_report = getattr(r["model"], "compress_report", None)  # a wrapper's own figures (hf: heads, NN agreement)
     if task_report is not None:
@@ -83,6 +84,27 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
     atomic_write_json(run / "report.json", report)
     print_report(report, console)
     return report
+
+
+def _seq_len(example) -> int | None:
+    """The sequence length FLOPs were counted at, for token-id inputs (None for images etc.)."""
+    x = example[0] if isinstance(example, (tuple, list)) else example
+    return int(x.shape[1]) if torch.is_tensor(x) and not x.is_floating_point() and x.dim() == 2 else None
+
+
+def flops_at(run: Path, seq_len: int) -> tuple[int, int]:
+    """Dense and compressed FLOPs at another sequence length (attention is quadratic in it)."""
+    from compress.deploy.saving import load_compressed
+    from compress.runs import run_config
+    from compress.structure.cost import count_flops
+
+    config = run_config(run)
+    from compress.models.userspec import resolve_model
+
+    dense = resolve_model(config["model"]).build().eval()
+    small = load_compressed(run)
+    ex = tuple(torch.ones(1, seq_len, dtype=torch.long) for _ in range(2))
+    return count_flops(dense, ex), count_flops(small, ex)
 
 
 def print_report(report: dict, console) -> None:
@@ -129,7 +151,7 @@ def print_task(task: dict, console) -> None:
 
 
 def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds: int | None = None,
-              console=None) -> dict:
+              seq_len: int = 128, console=None) -> dict:
     """Benchmark RUN/dense.onnx against RUN/model.onnx; writes bench.json and bench.png.
 
     A run trained to a latency target (RUN/budget.json) is also timed at the target's batch and
@@ -150,13 +172,15 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
     if lat:
         batch_sizes = tuple(dict.fromkeys([*batch_sizes, lat["batch"]]))
         threads = tuple(dict.fromkeys([*threads, lat["threads"]]))
-    kw = {"batch_sizes": tuple(batch_sizes), "threads": tuple(threads)}
+    kw = {"batch_sizes": tuple(batch_sizes), "threads": tuple(threads), "seq_len": seq_len}
     if rounds is not None:
         kw["rounds"] = rounds
     report_path = run / "report.json"
     if report_path.is_file():
         rep = json.loads(report_path.read_text())
         kw["flops"] = (rep["flops_dense"], rep["flops_compressed"])
+        if rep.get("seq_len") not in (None, seq_len):
+            kw["flops"] = flops_at(run, seq_len)
     with console.status("benchmarking ONNX Runtime: dense vs compressed, interleaved"):
         result = benchmark(dense, comp, **kw)
     if lat:
@@ -164,6 +188,8 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
     atomic_write_json(run / "bench.json", result)
     plot_bench(result, run / "bench.png")
     print_bench_table(result, console)
+    if report_path.is_file() and "task" in rep:
+        print_task(rep["task"], console)
     if lat:
         print_latency_vs_prediction(result["latency_target"], console)
     return result
