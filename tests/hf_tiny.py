@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WORDS = ("the a of to and in is it that for on with as was by this be are from at or an which "
-         "file path data value list return object name string number function module class test").split()
+WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "that", "for", "on", "with", "as", "was", "by", "this", "be", "are", "from", "at", "or", "an", "which", "file", "path", "data", "value", "list", "return", "object", "name", "string", "number", "function", "module", "class", "test"]
 
 
 def tiny_folder(root: Path, task: str = "embedding", seed: int = 0) -> Path:

@@ -50,7 +50,7 @@ def _torchvision_importable() -> None:
     if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is None:
         return
     try:
-        import torchvision  # noqa: F401
+        import torchvision
     except RuntimeError as e:
         if "torchvision::" not in str(e):
             raise
@@ -60,7 +60,7 @@ def _torchvision_importable() -> None:
         for op in ("nms", "qnms"):
             if not torch._C._jit_get_schemas_for_operator(f"torchvision::{op}"):
                 _TV_LIB.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import torchvision  # noqa: F401,F811
+        import torchvision  # noqa: F401
 
 
 def _transformers():

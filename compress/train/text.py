@@ -199,7 +199,7 @@ def _existing(spec: str) -> Path:
 
 def write_corpus(out: str | Path, n: int) -> int:
     """Write n sentences of the built-in corpus, one per line (a ready sentences.txt for the demo)."""
-    train, held = builtin_split(n_train=n, n_eval=0)
+    train, _ = builtin_split(n_train=n, n_eval=0)
     Path(out).write_text("\n".join(train[:n]) + "\n", encoding="utf-8")
     return len(train[:n])
 
