@@ -88,10 +88,12 @@ def _read_config(path: Optional[Path]) -> dict:
 @user_errors
 def finetune(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Built-in name (see `compress inspect --list`), "
-                                        "module:factory or path/to/file.py:factory. \\[default: digits-resnet]"),
+                                        "module:factory, path/to/file.py:factory, or hf:PATH (a local Hugging Face "
+                                        "model folder). \\[default: digits-resnet]"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to create."),
     data: Optional[str] = typer.Option(None, help="module:function returning (train, eval) datasets or loaders. "
-                                       "Built-in models bring their own data."),
+                                       "Built-in models bring their own data. hf: models also take sentences.txt "
+                                       "(embeddings: distillation) or file.jsonl (text/label classification)."),
     input_shape: Optional[str] = typer.Option(None, help="Example input shape for a custom model, batch first, "
                                               "e.g. 1,3,32,32 (or give the model an example_input(batch) method)."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs. \\[default: 30]"),

@@ -118,8 +118,9 @@ def print_report(report: dict, console) -> None:
     t.add_column("dense", justify="right")
     t.add_column("compressed", justify="right")
     t.add_column("ratio", justify="right")
-    t.add_row("accuracy (torch)", pct(report.get("dense_accuracy")), pct(report.get("compressed_accuracy")), "")
-    t.add_row("accuracy (ONNX Runtime)", pct(report.get("dense_onnx_accuracy")), pct(report.get("onnx_accuracy")), "")
+    metric = "mean cosine" if report.get("task", {}).get("task") == "embedding" else "accuracy"  # the wrapper's score
+    t.add_row(f"{metric} (torch)", pct(report.get("dense_accuracy")), pct(report.get("compressed_accuracy")), "")
+    t.add_row(f"{metric} (ONNX Runtime)", pct(report.get("dense_onnx_accuracy")), pct(report.get("onnx_accuracy")), "")
     t.add_row("parameters", f"{report['params_dense']:,}", f"{report['params_compressed']:,}",
               f"{report['params_dense'] / max(report['params_compressed'], 1):.2f}×")
     t.add_row("FLOPs / sample", f"{report['flops_dense']:,}", f"{report['flops_compressed']:,}",
