@@ -40,3 +40,17 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 
     r = random.Random(seed)
     return [" ".join(r.choice(WORDS) for _ in range(r.randint(3, 12))) for _ in range(n)]
+
+
+def tiny_vit_folder(root: Path, seed: int = 0) -> Path:
+    """A 2-layer ViT image classifier (32×32 images, 8×8 patches, 3 classes)."""
+    import torch
+
+    from compress.models.hf import _transformers
+
+    tf = _transformers()
+    cfg = tf.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=48, num_labels=3)
+    torch.manual_seed(seed)
+    tf.ViTForImageClassification(cfg).save_pretrained(str(root))
+    return root

@@ -212,3 +212,22 @@ def test_real_minilm_inspect_and_embedding():
         e = model(enc["input_ids"], enc["attention_mask"])
     assert torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert float(e[0] @ e[1]) < 0.5  # unrelated sentences are far apart in a trained embedding
+
+
+def test_image_model_takes_pixel_tensors(tmp_path):
+    """A ViT folder: pixel_values in, logits out; its heads and MLP neurons are found."""
+    from hf_tiny import tiny_vit_folder
+
+    from compress.errors import UserError
+    from compress.models.userspec import resolve_data, resolve_model
+    from compress.structure.find import find_groups
+
+    spec = resolve_model(f"hf:{tiny_vit_folder(tmp_path / 'vit')}")
+    model, x = spec.build(), spec.example_input(2)
+    assert x.shape == (2, 3, 32, 32) and model(x).shape == (2, 3)
+    with torch.no_grad():
+        assert torch.equal(model(x), model.model(pixel_values=x).logits)
+    kinds = [g.kind for g in find_groups(model, spec.example_input(1))]
+    assert kinds.count("head") == 8 and kinds.count("neuron") == 96
+    with pytest.raises(UserError, match="tensor data"):
+        resolve_data("images.txt", spec)

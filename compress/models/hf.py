@@ -131,8 +131,6 @@ class HFModule(nn.Module):
         self.path, self.task, self.pooling, self.normalize = path, task, pooling, normalize
 
     def forward(self, input_ids, attention_mask=None):
-        if self.task == "image":
-            return self.model(pixel_values=input_ids).logits
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
@@ -143,7 +141,7 @@ class HFModule(nn.Module):
 
     def compress_config(self) -> dict:
         """What config.json records about this wrapper (a run dir says how its model was built)."""
-        return {"class": "compress.models.hf.HFModule", "path": self.path, "task": self.task,
+        return {"class": f"compress.models.hf.{type(self).__name__}", "path": self.path, "task": self.task,
                 "pooling": self.pooling if self.task == "embedding" else None,
                 "normalize": self.normalize if self.task == "embedding" else None,
                 "architecture": type(self.model).__name__}
@@ -169,6 +167,13 @@ class HFModule(nn.Module):
         return rep
 
 
+class HFImageModule(HFModule):
+    """An image classifier: pixel_values → logits (the ONNX input keeps that name)."""
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).logits
+
+
 def load(path: str | Path) -> HFModule:
     """The folder's model in its wrapper, eval mode, eager attention (traceable, exact head removal)."""
     folder = Path(path)
@@ -188,7 +193,7 @@ def load(path: str | Path) -> HFModule:
     if task == "embedding" and getattr(model, "pooler", None) is not None:
         model.pooler = None  # unused by sentence pooling; keeps it out of the graph and the ONNX file
     pool_cfg = read_pooling(folder) if task == "embedding" else {}
-    return HFModule(model, str(folder), task, **pool_cfg).eval()
+    return (HFImageModule if task == "image" else HFModule)(model, str(folder), task, **pool_cfg).eval()
 
 
 def tokenizer(path: str | Path):
