@@ -235,6 +235,8 @@ def finetune(
                         f"or --resume {out_dir} to continue it")
     console.print(f"[bold]compress finetune[/] model={model_name} optimizer={cfg.optimizer} lr={cfg.lr:g} "
                   f"λ={cfg.lam:g} epochs={cfg.epochs} milestones={cfg.milestones} → {out_dir}")
+    if data_spec and Path(data_spec).is_file():  # a data file (hf: sentences.txt): export finds it from anywhere
+        data_spec = str(Path(data_spec).resolve())
     run_info = {"model": model_name, "data": data_spec, "input_shape": shape_text,
                 "init": str(init_path) if init_path else None}
     if budget is not None:

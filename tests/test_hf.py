@@ -90,7 +90,7 @@ def test_nn_agreement_against_brute_force():
 def test_one_epoch_text_run(text_run, tiny):
     run, out = text_run
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["model"] == f"hf:{tiny}"
+    assert cfg["model"] == f"hf:{tiny}" and Path(cfg["data"]).is_absolute()
     assert cfg["wrapper"]["task"] == "embedding" and cfg["wrapper"]["pooling"] == "mean"
     m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(m) == 1 and 0 < m[0]["accuracy"] <= 1.0  # the accuracy of an embedding run: mean cosine
