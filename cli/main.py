@@ -142,6 +142,8 @@ def bench(
     rounds: Annotated[int | None, typer.Option(help="Timed rounds per model and setting.")] = None,
     out: Annotated[Path | None, typer.Option(help="Where to write the JSON (two-file form; a run uses "
                                                   "RUN/bench.json).")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Sequence length of token inputs (dynamic non-batch "
+                                                         "axes).")] = 128,
 ):
     """Measure ONNX Runtime latency of dense vs compressed, interleaved in one process."""
     from compress.errors import UserError
@@ -155,7 +157,8 @@ def bench(
     if len(paths) == 1:
         from compress.deploy.pipeline import bench_run
 
-        bench_run(paths[0], batch_sizes=batch_sizes, threads=thread_list, rounds=rounds, console=console)
+        bench_run(paths[0], batch_sizes=batch_sizes, threads=thread_list, rounds=rounds, seq_len=seq_len,
+                  console=console)
         return
     if len(paths) != 2:
         raise UserError("give a run directory, or exactly two ONNX files (dense, compressed)")
@@ -164,7 +167,7 @@ def bench(
     for p in paths:
         if not p.is_file():
             raise UserError(f"{p} does not exist")
-    kw = {"batch_sizes": batch_sizes, "threads": thread_list}
+    kw = {"batch_sizes": batch_sizes, "threads": thread_list, "seq_len": seq_len}
     if rounds is not None:
         kw["rounds"] = rounds
     result = benchmark(paths[0], paths[1], **kw)

@@ -10,11 +10,12 @@ import typer
 from compress.optim.registry import help_text as optimizer_help
 
 Model = Annotated[str | None, typer.Option(
-    "--model", "-m", help="Built-in name (see `compress inspect --list`), module:factory or "
-    "path/to/file.py:factory. \\[default: digits-resnet]")]
+    "--model", "-m", help="Built-in name (see `compress inspect --list`), module:factory, "
+    "path/to/file.py:factory, or hf:PATH (a local Hugging Face model folder). \\[default: digits-resnet]")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to create.")]
 Data = Annotated[str | None, typer.Option(help="module:function returning (train, eval) datasets or loaders. "
-                                             "Built-in models bring their own data.")]
+                                             "Built-in models bring their own data. hf: models also take sentences.txt "
+                                             "(embeddings: distillation) or file.jsonl (text/label classification).")]
 InputShape = Annotated[str | None, typer.Option(help="Example input shape for a custom model, batch first, "
                                                 "e.g. 1,3,32,32 (or give the model an example_input(batch) "
                                                 "method).")]

@@ -113,7 +113,10 @@ class FinetuneRequest:
 
     def run_info(self) -> dict:
         """What config.json keeps beside the TrainConfig, so export and resume can rebuild the model."""
-        return {"model": self.model, "data": self.data, "input_shape": self.input_shape,
+        data = self.data
+        if data and Path(data).is_file():  # a data file (hf: sentences.txt): export finds it from any folder
+            data = str(Path(data).resolve())
+        return {"model": self.model, "data": data, "input_shape": self.input_shape,
                 "init": str(self.init) if self.init else None}
 
 
@@ -258,7 +261,7 @@ def data_for(spec, data: str | None):
     from compress.models.userspec import resolve_data
 
     if data:
-        return resolve_data(data)
+        return resolve_data(data, spec)
     if spec.data is None:
         raise UserError(f"model {spec.name!r} has no built-in data: give `data` module:function", field="data")
     return spec.data()

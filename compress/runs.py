@@ -97,17 +97,23 @@ def prepare_run_dir(out: str | Path, force: bool) -> None:
         raise UserError(f"cannot create output directory {out}: {e.strerror}") from e
 
 
+def run_config(run: str | Path) -> dict:
+    """config.json of a run made by the CLI (it names the model, so the run rebuilds it)."""
+    config = read_config(run)
+    if "model" not in config:
+        raise UserError(f"{run} was made from Python with a model object; export it with compress.extract and "
+                        "compress.export_onnx")
+    return config
+
+
 def load_run(run: str | Path) -> dict:
     """Config, model spec, data and groups of a finished run (weights loaded = the structured point)."""
     from compress.models.userspec import parse_input_shape, resolve_data, resolve_model
     from compress.structure.group import load_groups
     from compress.train import checkpoint as ckpt
 
-    run = check_run_dir(run)
-    config = read_config(run)
-    if "model" not in config:
-        raise UserError(f"{run} was made from Python with a model object; export it with compress.extract and "
-                        "compress.export_onnx")
+    run = Path(run)
+    config = run_config(run)
     weights = run / RUN_FILES["weights"]
     if not weights.is_file():
         raise UserError(f"{run} has no {RUN_FILES['weights']}: training did not finish; "
@@ -117,7 +123,7 @@ def load_run(run: str | Path) -> dict:
     ckpt.load_into(model, ckpt.load_weights(weights), str(weights))
     dense = spec.build()
     ckpt.load_into(dense, ckpt.load_weights(run / RUN_FILES["init"]), str(run / RUN_FILES["init"]))
-    data = resolve_data(config["data"]) if config.get("data") else (spec.data() if spec.data else None)
+    data = resolve_data(config["data"], spec) if config.get("data") else (spec.data() if spec.data else None)
     groups = load_groups(run / RUN_FILES["groups"], model)
     return {"run": run, "config": config, "spec": spec, "model": model.eval(), "dense": dense.eval(),
             "data": data, "groups": groups}

@@ -41,6 +41,10 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
     for key, model, name in (("dense", r["dense"], RUN_FILES["dense_onnx"]), ("compressed", small, RUN_FILES["model_onnx"])):
         onnx[key] = _export_verified(model, example, run / name, opset, simplify, eval_data, console)
     report = _run_report(r, small, example, ext, onnx, acc, align)
+    task_report = getattr(r["model"], "compress_report", None)  # a wrapper's own figures (hf: heads, NN agreement)
+    if task_report is not None:
+        with console.status("task metrics of the dense and compressed models"):
+            report["task"] = task_report(r["dense"], small, eval_data)
     atomic_write_json(run / RUN_FILES["report"], report)
     print_report(report, console)
     return report
@@ -92,7 +96,29 @@ def _run_report(r: dict, small, example, ext: dict, onnx: dict, acc: dict, align
         "dense_onnx_bytes": dense_onnx["file_bytes"],
         "onnx_bytes": comp_onnx["file_bytes"],
         "extraction": {k: v for k, v in ext.items() if k != "max_abs_diff"},
+        "seq_len": _seq_len(example),
     }
+
+
+def _seq_len(example) -> int | None:
+    """The sequence length FLOPs were counted at, for token-id inputs (None for images etc.)."""
+    x = example[0] if isinstance(example, (tuple, list)) else example
+    return int(x.shape[1]) if torch.is_tensor(x) and not x.is_floating_point() and x.dim() == 2 else None
+
+
+def flops_at(run: Path, seq_len: int) -> tuple[int, int]:
+    """Dense and compressed FLOPs at another sequence length (attention is quadratic in it)."""
+    from compress.deploy.saving import load_compressed
+    from compress.runs import run_config
+    from compress.structure.cost import count_flops
+
+    config = run_config(run)
+    from compress.models.userspec import resolve_model
+
+    dense = resolve_model(config["model"]).build().eval()
+    small = load_compressed(run)
+    ex = tuple(torch.ones(1, seq_len, dtype=torch.long) for _ in range(2))
+    return count_flops(dense, ex), count_flops(small, ex)
 
 
 def print_report(report: dict, console) -> None:
@@ -106,8 +132,9 @@ def print_report(report: dict, console) -> None:
     t.add_column("dense", justify="right")
     t.add_column("compressed", justify="right")
     t.add_column("ratio", justify="right")
-    t.add_row("accuracy (torch)", pct(report.get("dense_accuracy")), pct(report.get("compressed_accuracy")), "")
-    t.add_row("accuracy (ONNX Runtime)", pct(report.get("dense_onnx_accuracy")), pct(report.get("onnx_accuracy")), "")
+    metric = "mean cosine" if report.get("task", {}).get("task") == "embedding" else "accuracy"  # the wrapper's score
+    t.add_row(f"{metric} (torch)", pct(report.get("dense_accuracy")), pct(report.get("compressed_accuracy")), "")
+    t.add_row(f"{metric} (ONNX Runtime)", pct(report.get("dense_onnx_accuracy")), pct(report.get("onnx_accuracy")), "")
     t.add_row("parameters", f"{report['params_dense']:,}", f"{report['params_compressed']:,}",
               f"{report['params_dense'] / max(report['params_compressed'], 1):.2f}×")
     t.add_row("FLOPs / sample", f"{report['flops_dense']:,}", f"{report['flops_compressed']:,}",
@@ -117,10 +144,29 @@ def print_report(report: dict, console) -> None:
     t.add_row("groups removed (zero)", "", f"{report['groups_removed']} ({report.get('groups_zero', report['groups_removed'])}) / {report['groups_total']}", "")
     t.add_row("max |Δ| extract / ONNX", "", f"{report['max_abs_diff_extract']:.1e} / {report['max_abs_diff_onnx']:.1e}", "")
     console.print(t)
+    if "task" in report:
+        print_task(report["task"], console)
+
+
+def print_task(task: dict, console) -> None:
+    """A wrapper's per-layer structure (heads, neurons: dense → kept) and its task metrics."""
+    from rich.table import Table
+
+    t = Table(title=f"structure kept ({task['task']})")
+    for c in ("layer", "heads", "neurons"):
+        t.add_column(c, justify="left" if c == "layer" else "right")
+    for row in task["layers"]:
+        t.add_row(row["layer"], *(f"{row[k][1]} / {row[k][0]}" for k in ("heads", "neurons")))
+    tot = {k: [sum(r[k][i] or 0 for r in task["layers"]) for i in (0, 1)] for k in ("heads", "neurons")}
+    t.add_row("total", *(f"{tot[k][1]:,} / {tot[k][0]:,}" for k in ("heads", "neurons")))
+    console.print(t)
+    if "cosine" in task:
+        console.print(f"held-out ({task['sentences']} sentences): mean cosine to dense {task['cosine']:.4f}, "
+                      f"nearest-neighbour agreement {task['nn_agreement']:.3f}")
 
 
 def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds: int | None = None,
-              console=None) -> dict:
+              seq_len: int = 128, console=None) -> dict:
     """Benchmark RUN/dense.onnx against RUN/model.onnx; writes bench.json and bench.png.
 
     A run trained to a latency target (RUN/budget.json) is also timed at the target's batch and
@@ -142,13 +188,15 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
     if lat:
         batch_sizes = tuple(dict.fromkeys([*batch_sizes, lat["batch"]]))
         threads = tuple(dict.fromkeys([*threads, lat["threads"]]))
-    kw = {"batch_sizes": tuple(batch_sizes), "threads": tuple(threads)}
+    kw = {"batch_sizes": tuple(batch_sizes), "threads": tuple(threads), "seq_len": seq_len}
     if rounds is not None:
         kw["rounds"] = rounds
     report_path = run / RUN_FILES["report"]
     if report_path.is_file():
         rep = json.loads(report_path.read_text())
         kw["flops"] = (rep["flops_dense"], rep["flops_compressed"])
+        if rep.get("seq_len") not in (None, seq_len):
+            kw["flops"] = flops_at(run, seq_len)
     with console.status("benchmarking ONNX Runtime: dense vs compressed, interleaved"):
         result = benchmark(dense, comp, **kw)
     if lat:
@@ -156,6 +204,8 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
     atomic_write_json(run / RUN_FILES["bench"], result)
     plot_bench(result, run / RUN_FILES["bench_plot"])
     print_bench_table(result, console)
+    if report_path.is_file() and "task" in rep:
+        print_task(rep["task"], console)
     if lat:
         print_latency_vs_prediction(result["latency_target"], console)
     if (run / "model.int8.onnx").is_file():

@@ -45,8 +45,15 @@ def save_compressed(model: torch.nn.Module, path: str | Path, info: dict | None 
     write_tensors(path, model.state_dict(), meta)
 
 
-def load_compressed(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Shrink `model` (a fresh dense instance from the same factory) to the saved shapes and load the weights."""
+def load_compressed(model: torch.nn.Module | str | Path, path: str | Path | None = None) -> torch.nn.Module:
+    """Shrink `model` (a fresh dense instance from the same factory) to the saved shapes and load the weights.
+
+    `load_compressed(RUN)`: a run directory after `compress export` — the dense model is rebuilt from
+    the run's own model spec (a built-in name, module:factory or hf:PATH) and RUN/compressed.safetensors
+    shrinks it, so a pruned Hugging Face encoder comes back with its per-layer head counts and
+    intermediate sizes, without unpickling anything."""
+    if path is None:
+        return _load_run_compressed(Path(model))
     path = Path(path)
     if not path.is_file():
         raise UserError(f"compressed model {path} does not exist")
@@ -85,3 +92,16 @@ def load_compressed(model: torch.nn.Module, path: str | Path) -> torch.nn.Module
 
     load_into(model, sd, str(path))
     return model
+
+
+def _load_run_compressed(run: Path) -> torch.nn.Module:
+    from compress.runs import run_config
+
+    config = run_config(run)
+    path = run / "compressed.safetensors"
+    if not path.is_file():
+        raise UserError(f"{run} has no compressed.safetensors; run `compress export {run}` first")
+    from compress.models.userspec import parse_input_shape, resolve_model
+
+    spec = resolve_model(config["model"], parse_input_shape(config.get("input_shape")))
+    return load_compressed(spec.build(), path).eval()

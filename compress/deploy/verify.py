@@ -161,7 +161,8 @@ def verify_onnx(plan: VerifyPlan, onnx_path: str, gen: torch.Generator) -> dict:
 
 def _eval_batches(eval_data, batch_size=256):
     if isinstance(eval_data, torch.utils.data.Dataset):
-        return torch.utils.data.DataLoader(eval_data, batch_size=batch_size, shuffle=False)
+        return torch.utils.data.DataLoader(eval_data, batch_size=batch_size, shuffle=False,
+                                           collate_fn=getattr(eval_data, "collate", None))
     return eval_data
 
 
@@ -180,8 +181,14 @@ def _eval_inputs(plan: VerifyPlan, batch) -> tuple[tuple, torch.Tensor]:
     return xs, y
 
 
+def _top1_hits(out: torch.Tensor, y: torch.Tensor) -> int:
+    return int((out.argmax(-1) == y).sum())
+
+
 def _eval(plan: VerifyPlan, sess, diff: OutputDiff) -> dict:
-    """Top-1 accuracy of torch and ORT on the same batches (first output, argmax of last dim)."""
+    """Top-1 accuracy of torch and ORT on the same batches (first output, argmax of last dim), or the
+    mean of the model's own `compress_score(out, y)` (e.g. an embedding's cosine to its target)."""
+    score = getattr(plan.model, "compress_score", None) or _top1_hits
     n = torch_ok = onnx_ok = 0
     worst = 0.0
     for k, batch in enumerate(_eval_batches(plan.eval_data)):
@@ -189,9 +196,9 @@ def _eval(plan: VerifyPlan, sess, diff: OutputDiff) -> dict:
         ref = torch_run(plan.model, xs, plan.device)
         got = _ort_run(sess, plan.names, xs)
         worst = max(worst, diff.add(ref, got, f"eval_data batch {k}"))
-        torch_ok += int((torch.from_numpy(ref[0]).argmax(-1) == y).sum())
-        onnx_ok += int((torch.from_numpy(got[0]).argmax(-1) == y).sum())
-        n += int(y.numel())
+        torch_ok += score(torch.from_numpy(ref[0]), y)
+        onnx_ok += score(torch.from_numpy(got[0]), y)
+        n += len(y)
     if n == 0:
         raise UserError("eval_data is empty")
     return {"torch_accuracy": torch_ok / n, "onnx_accuracy": onnx_ok / n, "eval_samples": n, "max_abs_diff": worst}

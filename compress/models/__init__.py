@@ -18,6 +18,8 @@ class ModelSpec:
     example_input: Callable[[int], torch.Tensor | tuple]  # batch size -> inputs
     data: Callable[[], tuple] | None = None  # () -> (train_dataset, eval_dataset)
     description: str = ""
+    # (--data string or None) -> (train, eval): data read with the model's own tokenizer/task (hf:PATH)
+    data_from: Callable[[str | None], tuple] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

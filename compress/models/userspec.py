@@ -71,6 +71,10 @@ def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Mode
     The example input of a user model comes from `input_shape` (random floats), else from the
     model's own `example_input(batch)` method or attribute.
     """
+    from compress.models import hf
+
+    if hf.is_hf(spec):
+        return hf.hf_spec(spec)
     if ":" not in spec:
         try:
             return get_model(spec)
@@ -100,8 +104,13 @@ def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Mode
     return ModelSpec(name=spec, build=build, example_input=example_input, data=None, description=f"user model {spec}")
 
 
-def resolve_data(spec: str):
-    """Call the user's data function; it must return (train, eval) datasets or data loaders."""
+def resolve_data(spec: str, model: ModelSpec | None = None):
+    """Call the user's data function; it must return (train, eval) datasets or data loaders.
+
+    A model that reads data files itself (`ModelSpec.data_from`, e.g. hf:PATH with sentences.txt)
+    gets every spec that is not of the form module:function."""
+    if model is not None and model.data_from is not None and (":" not in spec or Path(spec).exists()):
+        return model.data_from(spec)
     fn = _load_callable(spec, "data")
     try:
         out = fn()

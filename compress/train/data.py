@@ -33,6 +33,7 @@ def iter_batches(data, epoch: int, seed: int, batch_size: int, skip: int = 0, sh
     order = torch.randperm(n, generator=g)
     starts = range(0, n, batch_size)
     tensor_ds = isinstance(data, torch.utils.data.TensorDataset)
+    collate = getattr(data, "collate", torch.utils.data.default_collate)  # e.g. padding token ids per batch
     for i, s in enumerate(starts):
         if i < skip:
             continue
@@ -42,7 +43,7 @@ def iter_batches(data, epoch: int, seed: int, batch_size: int, skip: int = 0, sh
         if tensor_ds:
             yield i, tuple(t[idx] for t in data.tensors)
         else:
-            yield i, torch.utils.data.default_collate([data[int(j)] for j in idx])
+            yield i, collate([data[int(j)] for j in idx])
 
 
 def num_batches(data, batch_size: int) -> int:

@@ -9,8 +9,12 @@ from compress.train.data import call_model, iter_batches, split_batch, to_device
 
 @torch.no_grad()
 def evaluate(model, data, device, batch_size: int = 256, loss_fn=None) -> dict:
-    """Accuracy (argmax over the last dim) and mean loss on `data`."""
-    loss_fn = loss_fn or F.cross_entropy
+    """Accuracy (argmax over the last dim) and mean loss on `data`.
+
+    A model with `compress_score(out, y)` (a wrapper whose task is not classification, e.g. an
+    embedding's cosine to its starting model) is scored by the mean of that instead of argmax."""
+    loss_fn = loss_fn or getattr(model, "compress_loss", None) or F.cross_entropy
+    score = getattr(model, "compress_score", None)
     was = model.training
     model.eval()
     correct, count, loss_sum = 0, 0, 0.0
@@ -19,7 +23,7 @@ def evaluate(model, data, device, batch_size: int = 256, loss_fn=None) -> dict:
         x, y = to_device(x, device), to_device(y, device)
         out = call_model(model, x)
         loss_sum += float(loss_fn(out, y)) * len(y)
-        correct += int((out.argmax(-1) == y).sum())
+        correct += score(out, y) if score is not None else int((out.argmax(-1) == y).sum())
         count += len(y)
     model.train(was)
     return {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1)}

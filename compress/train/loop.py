@@ -87,7 +87,7 @@ def finetune(
     cfg, state = _config(out, config, resume, resume_lr)
     device, ctx, console, progress = _context(cfg, dist_ctx, console or Console(), progress)
     run = Run(out=out, cfg=cfg, model=model, device=device, ctx=ctx, console=console, progress=progress,
-              loss_fn=loss_fn or F.cross_entropy, train_data=train_data, eval_data=eval_data,
+              loss_fn=_task_loss(model, loss_fn), train_data=train_data, eval_data=eval_data,
               epoch_callbacks=list(epoch_callbacks), step_callbacks=list(step_callbacks))
     _start(run, example_inputs, groups, init_weights, run_info, state, force, build_optimizer)
     with _catch_sigint(run):
@@ -160,10 +160,16 @@ def _start(run: Run, example_inputs, groups, init_weights, run_info, state, forc
         _restore(run, state)
         return
     if run.main:
-        write_config(out, cfg, run_info)
+        wrapper = {"wrapper": model.compress_config()} if hasattr(model, "compress_config") else {}
+        write_config(out, cfg, {**wrapper, **(run_info or {})})
         save_groups(out / RUN_FILES["groups"], groups)
         save_weights(out / RUN_FILES["init"], model)
     run.run_meta = {"init_accuracy": evaluate(model, run.eval_data, run.device, loss_fn=run.loss_fn)["accuracy"]}
+
+
+def _task_loss(model: torch.nn.Module, loss_fn: Callable | None) -> Callable:
+    """A wrapper model may bring its task's loss (compress.models.hf: distillation for embeddings)."""
+    return loss_fn or getattr(model, "compress_loss", None) or F.cross_entropy
 
 
 def _restore(run: Run, state: dict) -> None:
