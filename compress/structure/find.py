@@ -48,8 +48,7 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
     units = attention_units(model)
     attn_linears = set()
     for u in units:
-        for r in (u.q, u.k, u.v):
-            attn_linears.add(model.get_submodule(r))
+        attn_linears.update(model.get_submodule(r) for r in {u.q, u.k, u.v})
         if model.get_submodule(u.name) in ignored:
             not_prunable.append((u.name, "ignored by the caller"))
             continue
