@@ -41,8 +41,9 @@ def zero_half(groups) -> int:
 
 
 def run_compress(name: str) -> dict:
-    import compress
     from zoo_models import build
+
+    import compress
 
     model, x = build(name)
     row: dict = {"model": name, "params": compress.count_params(model)}
@@ -92,7 +93,7 @@ def run_tp(name: str) -> dict:
 def child(name: str, what: str, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--child", what, name]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"model": name, "status" if what == "compress" else "tp": "timeout"}
     lines = [line for line in p.stdout.splitlines() if line.startswith("{")]

@@ -19,8 +19,14 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
-from compress.structure.attention import AttentionUnit, attention_units, head_index, unit_linears
+from compress.structure.attention import (
+    AttentionUnit,
+    attention_units,
+    head_index,
+    unit_linears,
+)
 from compress.structure.cost import count_flops, count_params
+from compress.structure.depgraph import build_graph
 from compress.structure.group import GroupList, bind_groups
 from compress.structure.sparsity import zero_mask
 from compress.structure.tensors import as_args, flatten_tensors
@@ -117,15 +123,11 @@ def _plan(model, groups, zero: torch.Tensor, align: int = 1):
 
 def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
     """Remove the planned groups of `layers` from `work` in place."""
-    import torch_pruning as tp
 
     units = {u.name: u for u in attention_units(work)}
     chan_layers = [l for l in layers if plan[l]["remove"] and groups[plan[l]["remove"][0]].kind != "head"]
     if chan_layers and DG is None:
-        with torch.enable_grad():
-            DG = tp.DependencyGraph().build_dependency(
-                work, example_inputs=args, forward_fn=lambda m, _: m(*args, **kwargs), verbose=False
-            )
+        DG = build_graph(work, args, kwargs)
         work.eval()
     for layer in layers:
         rm = plan[layer]["remove"]

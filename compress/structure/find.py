@@ -9,13 +9,15 @@ from torch import nn
 from compress.errors import UserError
 from compress.structure.attention import attention_units, head_groups
 from compress.structure.channels import channel_groups
+from compress.structure.depgraph import build_graph
 from compress.structure.group import Group, GroupList, bind_groups
+from compress.structure.soundness import check_groups
 from compress.structure.tensors import as_args, flatten_tensors
 
 GROUP_WEIGHTS = ("size", "flops", "sqrt", "unit")
 
 
-def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: str = "size") -> GroupList:
+def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: str = "size", check: bool = True) -> GroupList:
     """All zero-invariant groups of `model`, bound to its live parameters.
 
     Channels/neurons come from torch-pruning's DependencyGraph: for each conv/linear
@@ -30,10 +32,11 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
     head plus the out-projection columns. Structures whose removal would not be exact
     are listed in `.not_prunable` with the reason.
 
+    check: run the randomized zero-invariance check (`soundness.check_groups`) and drop, with
+    the reason, the layers whose groups do not remove exactly.
     weight: the regularizer's w_g (`group_weights`): "size" (√entries, the RAMDA paper's choice;
     "sqrt" is the old name), "flops" (∝ the FLOPs removing the group saves) or "unit" (1).
     """
-    import torch_pruning as tp
 
     if weight not in GROUP_WEIGHTS:
         raise UserError(f"group weight must be one of {', '.join(GROUP_WEIGHTS)}, got {weight!r}")
@@ -69,10 +72,7 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
         return out
 
     try:
-        with torch.enable_grad():
-            DG = tp.DependencyGraph().build_dependency(
-                model, example_inputs=args, forward_fn=forward_fn, verbose=False
-            )
+        DG = build_graph(model, args, kwargs, forward_fn)
     finally:
         model.train(was_training)
     out_fns = {t.grad_fn for t in flatten_tensors(outputs[0]) if t.grad_fn is not None}
@@ -85,7 +85,11 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
             not_prunable.append((name, "not reached by the forward pass on the example inputs"))
             continue
         pruner = DG.get_pruner_of_module(m)
-        pg = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        try:
+            pg = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except Exception as e:  # noqa: BLE001 - torch-pruning cannot trace this coupling: refuse, say why
+            not_prunable.append((name, f"torch-pruning cannot build its group ({type(e).__name__}: {e})"))
+            continue
         members = []
         for it in pg.items:
             mod = it.dep.target.module
@@ -99,7 +103,10 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
         if pruner.get_out_channels(m) <= 1:
             not_prunable.append((name, "a single output channel"))
             continue
-        gs, reason = channel_groups(DG, model, m, name, pnames, attn_linears, out_fns)
+        try:
+            gs, reason = channel_groups(DG, model, m, name, pnames, attn_linears, out_fns)
+        except Exception as e:  # noqa: BLE001 - as above
+            gs, reason = None, f"torch-pruning cannot build its group ({type(e).__name__}: {e})"
         if reason:
             not_prunable.append((name, reason))
             for mod in members:  # every coupled layer is listed, so inspect can show each
@@ -109,6 +116,8 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
             found.append((order[m], gs))
     found.sort(key=lambda t: t[0])
     groups = GroupList([g for _, gs in found for g in gs], not_prunable)
+    if check:
+        groups, _ = check_groups(model, groups, example_inputs)
     bind_groups(groups, model)
     for g, w in zip(groups, group_weights(model, groups, example_inputs, weight).tolist()):
         g.weight = w
