@@ -28,6 +28,7 @@ from compress.structure.attention import (
 from compress.structure.cost import count_flops, count_params
 from compress.structure.depgraph import build_graph
 from compress.structure.group import GroupList, bind_groups
+from compress.structure.mha import SplitHeadAttention
 from compress.structure.sparsity import zero_mask
 from compress.structure.tensors import as_args, flatten_tensors
 
@@ -157,6 +158,11 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
     if unit is None:
         raise ExtractionError(f"layer {layer}: head groups given but no attention block of that name", gs[0].name)
     heads = sorted({head_index(g.name) for g in gs})
+    if unit.mha:  # nn.MultiheadAttention cannot hold fewer heads: swap in the split equivalent
+        keep = [h for h in range(unit.num_heads) if h not in heads]
+        parent, _, attr = unit.name.rpartition(".")
+        setattr(work.get_submodule(parent), attr, SplitHeadAttention(work.get_submodule(unit.name), keep))
+        return
     mods = unit_linears(work, unit)
     for role, mod in mods.items():
         rows = sorted(r for h in heads for r in unit.rows(h)[role])

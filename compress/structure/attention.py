@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from compress.structure.group import Group, Slice
+from compress.structure.mha import mha_prunable
 
 _Q = ("q", "q_proj", "q_lin", "query")
 _K = ("k", "k_proj", "k_lin", "key")
@@ -39,7 +40,8 @@ class AttentionUnit:
       k/v head with the `num_heads // kv_heads` query heads that read it;
     * Hugging Face BERT: `.self` with query/key/value, the out projection in `.output.dense`;
     * a fused `qkv` Linear (rows [q; k; v]) and `proj` (timm `Attention`): q = k = v = the qkv
-      name and `fused` is set.
+      name and `fused` is set;
+    * nn.MultiheadAttention with a packed in_proj (`mha`): q = k = v = the module's name.
     """
 
     name: str
@@ -53,6 +55,7 @@ class AttentionUnit:
     heads_attr: str | None
     kv_heads: int = 0  # 0: as many as query heads
     fused: bool = False
+    mha: bool = False  # nn.MultiheadAttention: packed in_proj; extraction swaps in SplitHeadAttention
     tables: list[str] = field(default_factory=list)  # per-head parameters, heads on their last dim
 
     @property
@@ -68,7 +71,7 @@ class AttentionUnit:
         d, n = self.head_dim, self.q_per_group
         qrows = tuple(range(g * n * d, (g + 1) * n * d))
         kv = tuple(range(g * d, (g + 1) * d)) if self.kv_heads else qrows
-        if self.fused:
+        if self.fused or self.mha:
             width = self.num_heads * d
             return {"qkv": qrows + tuple(width + r for r in kv) + tuple(2 * width + r for r in kv), "o": qrows}
         return {"q": qrows, "k": kv, "v": kv, "o": qrows}
@@ -84,6 +87,13 @@ class AttentionUnit:
                 setattr(m, attr, heads * self.head_dim)
         if self.kv_heads and isinstance(getattr(m, "num_key_value_heads", None), int):
             m.num_key_value_heads = n_groups
+
+
+    def param(self, role: str, what: str) -> str:
+        """Name of the weight/bias parameter of `role` ('q', 'k', 'v', 'qkv', 'o')."""
+        if self.mha and role != "o":
+            return f"{self.name}.in_proj_{what}" if self.name else f"in_proj_{what}"
+        return f"{self.o if role == 'o' else getattr(self, role[0])}.{what}"
 
 
 def is_linear(m) -> bool:
@@ -157,6 +167,10 @@ def attention_units(model: nn.Module) -> list[AttentionUnit]:
     units, named = [], dict(model.named_modules())
     for name, m in named.items():
         if isinstance(m, nn.MultiheadAttention):
+            if mha_prunable(m):
+                pre = f"{name}." if name else ""
+                units.append(AttentionUnit(name, name, name, name, name, pre + "out_proj", m.num_heads, m.head_dim,
+                                           None, mha=True))
             continue
         u = _unit(name, m, named)
         if u is not None:
@@ -166,24 +180,23 @@ def attention_units(model: nn.Module) -> list[AttentionUnit]:
 
 def unit_linears(model: nn.Module, u: AttentionUnit) -> dict[str, nn.Module]:
     """role → module: 'q', 'k', 'v' (or 'qkv') and 'o'."""
-    if u.fused:
+    if u.fused or u.mha:
         return {"qkv": model.get_submodule(u.q), "o": model.get_submodule(u.o)}
     return {r: model.get_submodule(getattr(u, r)) for r in ("q", "k", "v", "o")}
 
 
 def head_groups(model: nn.Module, unit: AttentionUnit) -> list[Group]:
     mods = unit_linears(model, unit)
-    names = {"qkv": unit.q, "q": unit.q, "k": unit.k, "v": unit.v, "o": unit.o}
     groups = []
     for h in range(unit.n_groups):
         rows, slices = unit.rows(h), []
         for role, r in rows.items():
             if role == "o":
                 continue
-            slices.append(Slice(f"{names[role]}.weight", 0, r))
-            if mods[role].bias is not None:
-                slices.append(Slice(f"{names[role]}.bias", 0, r))
-        slices.append(Slice(f"{unit.o}.weight", 1, rows["o"]))
+            slices.append(Slice(unit.param(role, "weight"), 0, r))
+            if (mods[role].in_proj_bias if unit.mha else mods[role].bias) is not None:
+                slices.append(Slice(unit.param(role, "bias"), 0, r))
+        slices.append(Slice(unit.param("o", "weight"), 1, rows["o"]))
         heads = tuple(range(h * unit.q_per_group, (h + 1) * unit.q_per_group))
         for t in unit.tables:
             slices.append(Slice(t, model.get_parameter(t).dim() - 1, heads))

@@ -57,7 +57,7 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
             continue
         found.append((order[model.get_submodule(u.name)], head_groups(model, u)))
     for name, m in named.items():
-        if isinstance(m, nn.MultiheadAttention):
+        if isinstance(m, nn.MultiheadAttention) and name not in {u.name for u in units}:
             not_prunable.append(
                 (name, "nn.MultiheadAttention: heads are not offered (rewrite it with separate q/k/v/out nn.Linear layers and num_heads/head_dim attributes to prune heads)")
             )

@@ -1,0 +1,77 @@
+"""Heads of the attention forms people use: nn.MultiheadAttention's stand-in, fused qkv, GQA."""
+import pytest
+import torch
+from torch import nn
+
+from compress.structure.attention import attention_units, head_groups
+from compress.structure.mha import SplitHeadAttention
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_split_head_attention_equals_mha_with_masks(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    kpm = torch.tensor([[False] * 4 + [True], [False] * 5])
+    am = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    ref, w_ref = mha(x, x, x, key_padding_mask=kpm, attn_mask=am)
+    got, w = SplitHeadAttention(mha, [0, 1, 2, 3]).eval()(x, x, x, key_padding_mask=kpm, attn_mask=am)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_mha_head_removed_matches_zeroed_head():
+    """Zero head 2's in_proj rows and out_proj columns in the real MHA: the stand-in without it agrees."""
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    (u,) = attention_units(nn.Sequential(mha))
+    g = head_groups(nn.Sequential(mha), u)[2]
+    params = dict(nn.Sequential(mha).named_parameters())
+    with torch.no_grad():
+        for s in g.slices:
+            params[s.param].index_fill_(s.dim, torch.tensor(s.indices), 0.0)
+    x = torch.randn(3, 6, 16)
+    ref, _ = mha(x, x, x, need_weights=False)
+    got, _ = SplitHeadAttention(mha, [0, 1, 3])(x, x, x, need_weights=False)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+class _GQA(nn.Module):
+    """LLaMA-style: only head_dim, 4 query heads reading 2 key/value heads (repeat_interleave)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head_dim = 4
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 16), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.o_proj = nn.Linear(16, 8)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, 4).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, 4).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, 4).transpose(1, 2)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        a = (q @ k.transpose(-1, -2) / 2).softmax(-1) @ v
+        return self.o_proj(a.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_gqa_group_is_a_kv_head_with_its_query_heads():
+    import compress
+
+    torch.manual_seed(2)
+    m = _GQA().eval()
+    x = torch.randn(2, 5, 8)
+    (u,) = attention_units(m)
+    assert (u.num_heads, u.kv_heads, u.q_per_group) == (4, 2, 2)
+    groups = compress.find_groups(m, x)
+    heads = [g for g in groups if g.kind == "head"]
+    assert len(heads) == 2
+    q_rows = next(s for s in heads[1].slices if s.param == "q_proj.weight").indices
+    assert q_rows == tuple(range(8, 16))  # query heads 2 and 3 read kv head 1
+    with torch.no_grad():
+        for s, t in zip(heads[1].slices, heads[1].tensors):
+            t.index_fill_(s.dim, torch.tensor(s.indices), 0.0)
+    small, rep = compress.extract(m, groups, x)
+    assert small.k_proj.out_features == 4 and small.q_proj.out_features == 8
+    torch.testing.assert_close(small(x), m(x), atol=1e-6, rtol=1e-5)
