@@ -72,6 +72,6 @@ def test_gqa_group_is_a_kv_head_with_its_query_heads():
     with torch.no_grad():
         for s, t in zip(heads[1].slices, heads[1].tensors):
             t.index_fill_(s.dim, torch.tensor(s.indices), 0.0)
-    small, rep = compress.extract(m, groups, x)
+    small, _ = compress.extract(m, groups, x)
     assert small.k_proj.out_features == 4 and small.q_proj.out_features == 8
     torch.testing.assert_close(small(x), m(x), atol=1e-6, rtol=1e-5)

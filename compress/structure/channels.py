@@ -106,7 +106,7 @@ def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
     kind = "neuron" if isinstance(root, nn.Linear) else "channel"
     out = []
     for c in range(n_out):
-        key = lambda kv: (pnames[kv[0][0]], kv[0][1])
+        key = lambda kv: (pnames[kv[0][0]], kv[0][1])  # noqa: E731 - model parameter order
         sl = [Slice(p, d, tuple(sorted(ix))) for (p, d), ix in sorted(group_slices[c].items(), key=key)]
         dp = [Slice(p, d, tuple(sorted(ix))) for (p, d), ix in sorted(dep_slices[c].items(), key=key)]
         if not sl:

@@ -58,7 +58,7 @@ class Group:
         return d
 
     @staticmethod
-    def from_json(d: dict) -> Group:
+    def from_json(d: dict) -> "Group":
         def sl(rows):
             return [Slice(p, int(dim), tuple(int(i) for i in idx)) for p, dim, idx in rows]
 
