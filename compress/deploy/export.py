@@ -330,11 +330,14 @@ def export_onnx(
         try:
             tmp = str(tmpdir / "model.onnx")
             used, errors = None, []
-            order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
-            for name in order:
+            # auto: TorchScript at the asked opset, else dynamo at ≥ 18, its native opset: converted
+            # down to 17 it wrote Split with `num_outputs` (an opset-18 attribute) for HF GPT-2,
+            # which onnx.checker rejects.
+            order = [("torchscript", opset), ("dynamo", max(opset, 18))] if exporter == "auto" else [(exporter, opset)]
+            for name, op in order:
                 try:
                     with _quiet() as log:
-                        _EXPORTERS[name](model, inputs, tmp, opset, names, out_names, dyn_in, dyn_out)
+                        _EXPORTERS[name](model, inputs, tmp, op, names, out_names, dyn_in, dyn_out)
                     used = name
                     break
                 except Exception as e:  # noqa: BLE001 — reported below, with the other exporter's

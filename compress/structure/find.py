@@ -9,6 +9,7 @@ from torch import nn
 from compress.errors import UserError
 from compress.structure.attention import attention_units, head_groups
 from compress.structure.channels import channel_groups
+from compress.structure.coverage import nothing_found, unanalysed_layers
 from compress.structure.depgraph import build_graph
 from compress.structure.group import Group, GroupList, bind_groups
 from compress.structure.soundness import check_groups
@@ -115,9 +116,12 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
         else:
             found.append((order[m], gs))
     found.sort(key=lambda t: t[0])
+    not_prunable += unanalysed_layers(model)
     groups = GroupList([g for _, gs in found for g in gs], not_prunable)
     if check:
         groups, _ = check_groups(model, groups, example_inputs)
+    if not len(groups):
+        groups.not_prunable.append(nothing_found(model, sum(p.dim() >= 2 for p in model.parameters())))
     bind_groups(groups, model)
     for g, w in zip(groups, group_weights(model, groups, example_inputs, weight).tolist()):
         g.weight = w
