@@ -75,3 +75,42 @@ def test_gqa_group_is_a_kv_head_with_its_query_heads():
     small, _ = compress.extract(m, groups, x)
     assert small.k_proj.out_features == 4 and small.q_proj.out_features == 8
     torch.testing.assert_close(small(x), m(x), atol=1e-6, rtol=1e-5)
+
+
+class _RMS(nn.Module):
+    """A hand-written RMSNorm between two layers: x·rsqrt(mean(x²)) reduces over the pruned width."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.g = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.g
+        return self.fc2(torch.relu(h))
+
+
+def test_hand_written_rmsnorm_is_refused_statically_with_the_reason():
+    import compress
+
+    m = _RMS().eval()
+    groups = compress.find_groups(m, torch.randn(2, 3, 8), check=False)
+    assert not [g for g in groups if g.layer == "fc1"]
+    assert any(layer == "fc1" and "rsqrt(mean" in why for layer, why in groups.not_prunable)
+
+
+def test_randomized_check_drops_what_the_static_analysis_misses():
+    """With the static rule bypassed (check=True alone), the find-time check still drops fc1, with a reason."""
+    from unittest import mock
+
+    import compress
+    from compress.structure import zero_invariance
+
+    with mock.patch.object(zero_invariance.ZeroAnalysis, "channel_reduced", lambda *a, **k: False):
+        m = _RMS().eval()
+        x = torch.randn(2, 3, 8)
+        assert [g for g in compress.find_groups(m, x, check=False) if g.layer == "fc1"]  # the static rule alone misses it
+        groups = compress.find_groups(m, x)
+    assert not [g for g in groups if g.layer == "fc1"]
+    assert any(layer == "fc1" and "randomized check" in why for layer, why in groups.not_prunable)
