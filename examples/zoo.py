@@ -106,6 +106,7 @@ def child(name: str, what: str, timeout: float) -> dict:
 def table(rows) -> str:
     head = "| model | status | groups (kind) | prunable | params → after | max diff | find s | refused | torch-pruning |"
     out = [head, "|" + "---|" * 9]
+    rows = sorted(rows, key=lambda r: r["model"])
     for r in rows:
         kinds = ", ".join(f"{v} {k}" for k, v in sorted(r.get("kinds", {}).items())) or "-"
         share = f"{r['prunable_share']:.0%}" if "prunable_share" in r else "-"
@@ -114,7 +115,9 @@ def table(rows) -> str:
         out.append(f"| {r['model']} | {r.get('status')} | {kinds} | {share} | {after} | {diff} | {r.get('find_s', '-')} "
                    f"| {r.get('refused', '-')} | {r.get('tp', '')} |")
     n = sum(r.get("status") == "exact" for r in rows)
-    out.append(f"\nexact: {n}/{len(rows)}")
+    out.append(f"\nexact: {n}/{len(rows)}; heads found on {sum('head' in r.get('kinds', {}) for r in rows)}")
+    reasons = Counter(x.split(":")[0][:70] for r in rows for x in r.get("reasons", []))
+    out.append("most frequent refusals: " + "; ".join(f"{k} ({v} models)" for k, v in reasons.most_common(6)))
     if any("tp" in r for r in rows):
         out.append(f"torch-pruning runs forward: {sum(r.get('tp') == 'runs' for r in rows)}/{len(rows)}")
     return "\n".join(out)
@@ -127,7 +130,16 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--torch-pruning", action="store_true")
     ap.add_argument("--child", choices=["compress", "tp"])
+    ap.add_argument("--table", nargs="+", metavar="JSON",
+                    help="print the table of saved runs (later files override; torch-pruning columns kept)")
     a = ap.parse_args()
+    if a.table:
+        rows: dict = {}
+        for f in a.table:
+            for r in json.loads(Path(f).read_text()):
+                rows.setdefault(r["model"], {}).update(r)
+        print(table(list(rows.values())))
+        return
     torch.set_num_threads(1)
     if a.child:
         print(json.dumps(run_compress(a.models[0]) if a.child == "compress" else run_tp(a.models[0])))

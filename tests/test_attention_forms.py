@@ -114,3 +114,58 @@ def test_randomized_check_drops_what_the_static_analysis_misses():
         groups = compress.find_groups(m, x)
     assert not [g for g in groups if g.layer == "fc1"]
     assert any(layer == "fc1" and "randomized check" in why for layer, why in groups.not_prunable)
+
+
+def _attn_flops(b, l, e, h):
+    """Analytic FLOPs of self-attention: q/k/v/out projections + q kᵀ and attn·v (2 per multiply-add)."""
+    return 2 * b * l * e * 3 * e + 2 * b * l * e * e + 2 * (2 * b * h * l * l * (e // h))
+
+
+def test_attention_flops_counted_for_mha_fast_path_sdpa_and_explicit_matmuls():
+    import torch.nn.functional as F
+
+    from compress.structure.cost import count_flops
+    from compress.structure.cost_model import CostModel
+    from compress.structure.find import find_groups as compress_find
+
+    b, l, e, h = 2, 5, 16, 4
+    x = torch.randn(b, l, e)
+    mha = nn.MultiheadAttention(e, h, batch_first=True).eval()
+
+    class MHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = mha
+
+        def forward(self, x):
+            return self.m(x, x, x, need_weights=False)[0]
+
+    class Split(nn.Module):
+        def __init__(self, sdpa):
+            super().__init__()
+            self.num_heads, self.head_dim, self.sdpa = h, e // h, sdpa
+            self.q, self.k, self.v, self.out = (nn.Linear(e, e) for _ in range(4))
+
+        def forward(self, x):
+            q, k, v = (f(x).view(b, l, self.num_heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+            a = F.scaled_dot_product_attention(q, k, v) if self.sdpa else (q @ k.transpose(-1, -2)).softmax(-1) @ v
+            return self.out(a.transpose(1, 2).reshape(b, l, -1))
+
+    want = _attn_flops(b, l, e, h)
+    for m in (MHA(), Split(True), Split(False)):
+        assert count_flops(m.eval(), (x,)) == want, type(m).__name__
+    m = Split(True).eval()
+    cm = CostModel(m, compress_find(m, x), x)
+    assert cm.dense_flops == want
+    # the attention FLOPs go with the heads: the cost model's prediction equals extraction's count
+    import compress
+
+    groups = compress_find(m, x)
+    zero = torch.tensor([g.name.endswith(":head1") for g in groups])
+    with torch.no_grad():
+        for s, t in zip(groups[int(zero.nonzero()[0])].slices, groups[int(zero.nonzero()[0])].tensors):
+            t.index_fill_(s.dim, torch.tensor(s.indices), 0.0)
+    _, rep = compress.extract(m, groups, x)
+    d = e // h  # one head fewer: q/k/v project to e - d, out reads e - d, attention over h - 1 heads
+    after = 2 * b * l * e * 3 * (e - d) + 2 * b * l * (e - d) * e + 2 * (2 * b * (h - 1) * l * l * d)
+    assert int(cm.flops(zero)) == rep["flops_after"] == after
