@@ -131,7 +131,8 @@ def _unit(name, m, named) -> AttentionUnit | None:
             return None
         nh, hd, attr = shape
         qkv = pre + "qkv"
-        return AttentionUnit(name, name, qkv, qkv, qkv, pre + "proj", nh, hd, attr, 0, True, _tables(m, pre, nh))
+        return AttentionUnit(name, name, qkv, qkv, qkv, pre + "proj", nh, hd, attr, fused=True,
+                             tables=_tables(m, pre, nh))
     q, k, v = _child(m, _Q), _child(m, _K), _child(m, _V)
     if not (q and k and v):
         return None
@@ -159,7 +160,8 @@ def _unit(name, m, named) -> AttentionUnit | None:
     kv = kw // hd if kw != nh * hd else 0
     if getattr(m, v).out_features != kw:
         return None
-    return AttentionUnit(unit_name, name, pre + q, pre + k, pre + v, o, nh, hd, attr, kv, False, _tables(m, pre, nh))
+    return AttentionUnit(unit_name, name, pre + q, pre + k, pre + v, o, nh, hd, attr, kv,
+                         tables=_tables(m, pre, nh))
 
 
 def attention_units(model: nn.Module) -> list[AttentionUnit]:
