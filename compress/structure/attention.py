@@ -120,7 +120,8 @@ def _head_shape(m, q_width: int):
 
 
 def _tables(m, pre, nh) -> list[str]:
-    return [pre + n for n, p in m.named_parameters(recurse=False) if n in _BIAS_TABLES and p.shape[-1] == nh]
+    """Per-head tables of the block or its children (HF Swin keeps it in `.relative_position_bias`)."""
+    return [pre + n for n, p in m.named_parameters() if n.rsplit(".", 1)[-1] in _BIAS_TABLES and p.shape[-1] == nh]
 
 
 def _unit(name, m, named) -> AttentionUnit | None:
