@@ -61,6 +61,37 @@ def _install_flatten_cap() -> None:
     cls.__call__ = capped
 
 
+GROUP_ITEM_LIMIT = 3000  # items of one pruning group; ResNet-50's largest has a few hundred
+
+
+def _install_group_index() -> None:
+    """torch-pruning's `Group.has_pruning_op` scans the whole group for every dependency it
+    follows (quadratic: MaxViT's groups ran for minutes). Index the items by (target, handler)
+    — the same answer — and refuse a root whose group grows past GROUP_ITEM_LIMIT items."""
+    from torch_pruning.dependency import group as gm
+
+    cls = gm.Group
+    if getattr(cls.add_dep, "_compress_guard", False):
+        return
+    orig_add, orig_has = cls.add_dep, cls.has_pruning_op
+
+    def add_dep(self, dep, idxs):
+        if len(self._group) >= GROUP_ITEM_LIMIT:
+            raise IndexExplosion(f"its dependency group grows past {GROUP_ITEM_LIMIT} items")
+        orig_add(self, dep, idxs)
+        ix = self.__dict__.setdefault("_compress_ix", {})
+        ix.setdefault((dep.target, dep.handler), []).append(idxs)
+        self._compress_n = len(self._group)
+
+    def has_pruning_op(self, dep, idxs):
+        if getattr(self, "_compress_n", -1) != len(self._group):  # changed behind add_dep: scan
+            return orig_has(self, dep, idxs)
+        return any(i == idxs for i in self._compress_ix.get((dep.target, dep.handler), ()))
+
+    add_dep._compress_guard = True
+    cls.add_dep, cls.has_pruning_op = add_dep, has_pruning_op
+
+
 def build_graph(model, args, kwargs, forward_fn=None):
     """DependencyGraph of `model` traced on (args, kwargs), with the reshape guard above."""
     import torch_pruning as tp
@@ -68,5 +99,6 @@ def build_graph(model, args, kwargs, forward_fn=None):
     fn = forward_fn or (lambda m, _: m(*args, **kwargs))
     _install_guard()
     _install_flatten_cap()
+    _install_group_index()
     with torch.enable_grad():
         return tp.DependencyGraph().build_dependency(model, example_inputs=args, forward_fn=fn, verbose=False)
