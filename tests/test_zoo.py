@@ -11,7 +11,7 @@ pytest.importorskip("torchvision", reason="zoo extra not installed (pip install 
 pytest.importorskip("timm", reason="zoo extra not installed (pip install -e .[zoo])")
 pytest.importorskip("transformers", reason="zoo extra not installed (pip install -e .[zoo])")
 
-from zoo_models import MODELS, build  # noqa: E402
+from zoo_models import MODELS, build
 
 pytestmark = pytest.mark.zoo
 
