@@ -127,13 +127,13 @@ def _timm_mixer():
     return MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=64), _img(32)
 
 
-_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)
+_VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 4}
 
 
 # --------------------------------------------------------------------------- transformers
 
-_TEXT = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-             max_position_embeddings=32)
+_TEXT = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+             "max_position_embeddings": 32}
 
 
 def _hf(model_cls, config_cls, inputs=_ids, **cfg):
@@ -148,8 +148,8 @@ def _hf(model_cls, config_cls, inputs=_ids, **cfg):
 
 
 _DEC = dict(_TEXT, num_key_value_heads=2, use_cache=False, tie_word_embeddings=False)
-_HFVIS = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
-              num_attention_heads=4, intermediate_size=128)
+_HFVIS = {"image_size": 32, "patch_size": 8, "num_channels": 3, "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "intermediate_size": 128}
 
 MODELS = {
     # torchvision (20)
