@@ -60,6 +60,9 @@ def inspect_model(name: str, console) -> None:
         console.print(t2)
     kinds = Counter(g.kind for g in groups)
     console.print("by kind: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
+    heads = Counter(g.layer for g in groups if g.kind == "head")
+    if heads:
+        console.print("attention heads: " + ", ".join(f"{layer} ({n})" for layer, n in heads.items()))
 
 
 def inspect_run(run: Path, console) -> None:

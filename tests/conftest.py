@@ -9,6 +9,13 @@ os.environ.setdefault("COMPRESS_QUIET_EXPORT", "1")
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+try:  # torchvision's C++ ops do not load on this CPU torch: define its op schemas first
+    from zoo_models import register_torchvision_ops
+
+    register_torchvision_ops()
+except ImportError:
+    pass
+
 
 @pytest.fixture
 def digits_small():

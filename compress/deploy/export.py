@@ -263,10 +263,13 @@ def _tmpdir_beside(path: Path) -> Path:
 def _run_exporters(plan: VerifyPlan, tmp: str, exporter, opset, out_names, dyn_out) -> tuple[str, list]:
     """Try the exporters in order; (the one that worked, [(name, error) of those that failed])."""
     errors = []
-    for name in ["torchscript", "dynamo"] if exporter == "auto" else [exporter]:
+    # auto: TorchScript at the asked opset, else dynamo at ≥ 18, its native opset: converted down to 17 it
+    # wrote Split with `num_outputs` (an opset-18 attribute) for HF GPT-2, which onnx.checker rejects.
+    order = [("torchscript", opset), ("dynamo", max(opset, 18))] if exporter == "auto" else [(exporter, opset)]
+    for name, op in order:
         try:
             with _quiet() as log:
-                _EXPORTERS[name](plan.model, plan.inputs, tmp, opset, plan.names, out_names, plan.dyn_in, dyn_out)
+                _EXPORTERS[name](plan.model, plan.inputs, tmp, op, plan.names, out_names, plan.dyn_in, dyn_out)
             return name, errors
         except Exception as e:  # noqa: BLE001 — reported below, with the other exporter's
             if hasattr(e, "add_note") and log:

@@ -19,9 +19,16 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
-from compress.structure.attention import AttentionUnit, attention_units
+from compress.structure.attention import (
+    AttentionUnit,
+    attention_units,
+    head_index,
+    unit_linears,
+)
 from compress.structure.cost import count_flops, count_params
+from compress.structure.depgraph import build_graph
 from compress.structure.group import GroupList, bind_groups
+from compress.structure.mha import SplitHeadAttention
 from compress.structure.sparsity import zero_mask
 from compress.structure.tensors import as_args, flatten_tensors
 
@@ -101,15 +108,11 @@ def _plan(model, groups, zero: torch.Tensor, align: int = 1):
 
 def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
     """Remove the planned groups of `layers` from `work` in place."""
-    import torch_pruning as tp
 
     units = {u.name: u for u in attention_units(work)}
     chan_layers = [ly for ly in layers if plan[ly]["remove"] and groups[plan[ly]["remove"][0]].kind != "head"]
     if chan_layers and DG is None:
-        with torch.enable_grad():
-            DG = tp.DependencyGraph().build_dependency(
-                work, example_inputs=args, forward_fn=lambda m, _: m(*args, **kwargs), verbose=False
-            )
+        DG = build_graph(work, args, kwargs)
         work.eval()
     for layer in layers:
         rm = plan[layer]["remove"]
@@ -133,20 +136,31 @@ def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
 
 
 def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
+    """Drop the rows/columns (and per-head table entries) of head groups `gs` of `unit`."""
     import torch_pruning as tp
 
     if unit is None:
         raise ExtractionError(f"layer {layer}: head groups given but no attention block of that name", gs[0].name)
-    d = unit.head_dim
-    heads = set()
-    for g in gs:
-        rows = _channel_index(g, f"{unit.q}.weight", False)
-        heads.add(min(rows) // d)
-    rows = sorted(h * d + j for h in heads for j in range(d))
-    for r in (unit.q, unit.k, unit.v):
-        tp.prune_linear_out_channels(work.get_submodule(r), rows)
-    tp.prune_linear_in_channels(work.get_submodule(unit.o), rows)
-    unit.set_heads(work, unit.num_heads - len(heads))
+    heads = sorted({head_index(g.name) for g in gs})
+    if unit.mha:  # nn.MultiheadAttention cannot hold fewer heads: swap in the split equivalent
+        keep = [h for h in range(unit.num_heads) if h not in heads]
+        parent, _, attr = unit.name.rpartition(".")
+        setattr(work.get_submodule(parent), attr, SplitHeadAttention(work.get_submodule(unit.name), keep))
+        return
+    mods = unit_linears(work, unit)
+    for role, mod in mods.items():
+        rows = sorted(r for h in heads for r in unit.rows(h)[role])
+        if role == "o":
+            tp.prune_linear_in_channels(mod, rows)
+        else:
+            tp.prune_linear_out_channels(mod, rows)
+    gone = {q for h in heads for q in range(h * unit.q_per_group, (h + 1) * unit.q_per_group)}
+    for t in unit.tables:
+        holder, pname = t.rsplit(".", 1) if "." in t else ("", t)
+        mod, p = work.get_submodule(holder), work.get_parameter(t)
+        keep = torch.tensor([i for i in range(p.shape[-1]) if i not in gone])
+        setattr(mod, pname, nn.Parameter(p.data.index_select(p.dim() - 1, keep).contiguous(), p.requires_grad))
+    unit.set_heads(work, unit.n_groups - len(heads))
 
 
 def predicted_params(model: nn.Module, groups, remove: list[int]) -> int:

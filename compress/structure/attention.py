@@ -1,27 +1,47 @@
-"""Attention units: the heads of an attention block as removable groups."""
+"""Attention units: the heads of an attention block as removable groups.
+
+A head group holds, for one head (or, with grouped-query attention, one key/value head
+together with the query heads that read it), the rows of q, k and v it owns, their bias
+entries, the out-projection's input columns, and per-head parameters such as a relative
+position bias table's column. Removing it is exact: the head's contribution to the out
+projection is its columns times its (zeroed) values.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from compress.structure.group import Group, Slice
+from compress.structure.mha import mha_prunable
 
-# --------------------------------------------------------------------------- attention heads
+_Q = ("q", "q_proj", "q_lin", "query")
+_K = ("k", "k_proj", "k_lin", "key")
+_V = ("v", "v_proj", "v_lin", "value")
+_O = ("out", "out_proj", "o_proj", "out_lin", "o", "dense")
+_HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_DIMS = ("head_dim", "attention_head_size", "key_value_proj_dim", "d_kv")
+_WIDTH_ATTRS = ("all_head_size", "inner_dim", "attn_dim")
+_BIAS_TABLES = ("relative_position_bias_table",)
 
 
 @dataclass
 class AttentionUnit:
-    """An attention block whose heads can be removed: q/k/v/out Linear modules + head attributes.
+    """An attention block whose heads can be removed.
 
-    Recognised layouts (all compute softmax(q kᵀ) v per head with heads laid out
-    head-major in the q/k/v outputs, then the out projection; the forward must read
-    the head count from the attributes or infer it with view(..., -1, head_dim)):
-    * a module with int `num_heads` (or `num_attention_heads`) and `head_dim` (or
-      `attention_head_size`) and Linear children `q`, `k`, `v`, `out` or
-      `q_proj`, `k_proj`, `v_proj`, `out_proj`/`o_proj` (this package's models, HF ViT);
-    * Hugging Face BERT: `.self` with query/key/value and the head attributes, and the
-      out projection in the sibling `.output.dense`.
+    Layouts (all compute softmax(q kᵀ) v per head, heads laid out head-major in the q/k/v
+    outputs, then the out projection; the forward must read the head count from the
+    attributes or infer it with view(..., -1, head_dim)):
+    * separate q/k/v/out Linear children (`q`/`q_proj`/`q_lin`/`query`, …) of a module with a
+      head count (`num_heads`, `num_attention_heads`, `n_heads`) and/or a head size (`head_dim`,
+      `attention_head_size`, `key_value_proj_dim`), the other inferred from q's width — this
+      package's models, HF ViT, DistilBERT, ALBERT, LLaMA/Mistral/Qwen2 (`head_dim` only);
+    * fewer k/v heads than query heads (grouped-query / multi-query attention): one group is a
+      k/v head with the `num_heads // kv_heads` query heads that read it;
+    * Hugging Face BERT: `.self` with query/key/value, the out projection in `.output.dense`;
+    * a fused `qkv` Linear (rows [q; k; v]) and `proj` (timm `Attention`): q = k = v = the qkv
+      name and `fused` is set;
+    * nn.MultiheadAttention with a packed in_proj (`mha`): q = k = v = the module's name.
     """
 
     name: str
@@ -32,63 +52,161 @@ class AttentionUnit:
     o: str
     num_heads: int
     head_dim: int
-    heads_attr: str
+    heads_attr: str | None
+    kv_heads: int = 0  # 0: as many as query heads
+    fused: bool = False
+    mha: bool = False  # nn.MultiheadAttention: packed in_proj; extraction swaps in SplitHeadAttention
+    tables: list[str] = field(default_factory=list)  # per-head parameters, heads on their last dim
 
-    def set_heads(self, model: nn.Module, n: int) -> None:
-        """Update the head-count attributes after n heads remain."""
+    @property
+    def n_groups(self) -> int:
+        return self.kv_heads or self.num_heads
+
+    @property
+    def q_per_group(self) -> int:
+        return self.num_heads // self.n_groups
+
+    def rows(self, g: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """For group g: module name → (its output rows in this group, …) for q, k, v; o columns under 'o'."""
+        d, n = self.head_dim, self.q_per_group
+        qrows = tuple(range(g * n * d, (g + 1) * n * d))
+        kv = tuple(range(g * d, (g + 1) * d)) if self.kv_heads else qrows
+        if self.fused or self.mha:
+            width = self.num_heads * d
+            return {"qkv": qrows + tuple(width + r for r in kv) + tuple(2 * width + r for r in kv), "o": qrows}
+        return {"q": qrows, "k": kv, "v": kv, "o": qrows}
+
+    def set_heads(self, model: nn.Module, n_groups: int) -> None:
+        """Update the head-count attributes after `n_groups` groups remain."""
         m = model.get_submodule(self.holder)
-        setattr(m, self.heads_attr, n)
-        for attr in ("all_head_size", "inner_dim"):
+        heads = n_groups * self.q_per_group
+        if self.heads_attr:
+            setattr(m, self.heads_attr, heads)
+        for attr in _WIDTH_ATTRS:
             if isinstance(getattr(m, attr, None), int):
-                setattr(m, attr, n * self.head_dim)
+                setattr(m, attr, heads * self.head_dim)
+        if self.kv_heads and isinstance(getattr(m, "num_key_value_heads", None), int):
+            m.num_key_value_heads = n_groups
+
+
+    def param(self, role: str, what: str) -> str:
+        """Name of the weight/bias parameter of `role` ('q', 'k', 'v', 'qkv', 'o')."""
+        if self.mha and role != "o":
+            return f"{self.name}.in_proj_{what}" if self.name else f"in_proj_{what}"
+        return f"{self.o if role == 'o' else getattr(self, role[0])}.{what}"
 
 
 def is_linear(m) -> bool:
     return isinstance(m, nn.Linear)
 
 
-_QKVO = (("q", "k", "v", "out"), ("q_proj", "k_proj", "v_proj", "out_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"))
+def _child(m, names):
+    return next((n for n in names if is_linear(getattr(m, n, None))), None)
+
+
+def _head_shape(m, q_width: int):
+    """(num_heads, head_dim, heads attribute) from whichever attributes exist, or None."""
+    heads_attr = next((a for a in _HEADS if isinstance(getattr(m, a, None), int) and getattr(m, a) > 0), None)
+    dim_attr = next((a for a in _DIMS if isinstance(getattr(m, a, None), int) and getattr(m, a) > 0), None)
+    nh = getattr(m, heads_attr) if heads_attr else None
+    hd = getattr(m, dim_attr) if dim_attr else None
+    if nh is None and hd is None:
+        return None
+    nh = nh or q_width // hd
+    hd = hd or q_width // nh
+    if nh < 1 or nh * hd != q_width:
+        return None
+    return nh, hd, heads_attr
+
+
+def _tables(m, pre, nh) -> list[str]:
+    """Per-head tables of the block or its children (HF Swin keeps it in `.relative_position_bias`)."""
+    return [pre + n for n, p in m.named_parameters() if n.rsplit(".", 1)[-1] in _BIAS_TABLES and p.shape[-1] == nh]
+
+
+def _unit(name, m, named) -> AttentionUnit | None:
+    pre = f"{name}." if name else ""
+    if is_linear(getattr(m, "qkv", None)) and is_linear(getattr(m, "proj", None)):
+        shape = _head_shape(m, m.qkv.out_features // 3)
+        if shape is None or m.qkv.out_features % 3 or m.proj.in_features != m.qkv.out_features // 3:
+            return None
+        nh, hd, attr = shape
+        qkv = pre + "qkv"
+        return AttentionUnit(name, name, qkv, qkv, qkv, pre + "proj", nh, hd, attr, fused=True,
+                             tables=_tables(m, pre, nh))
+    q, k, v = _child(m, _Q), _child(m, _K), _child(m, _V)
+    if not (q and k and v):
+        return None
+    shape = _head_shape(m, getattr(m, q).out_features)
+    if shape is None:
+        return None
+    nh, hd, attr = shape
+    unit_name, o = name, _child(m, tuple(c for c in _O if c != "dense"))
+    if o is not None:
+        o = pre + o
+    else:  # BERT: the out projection is the sibling .output.dense; ALBERT: .dense on the module
+        parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+        out = getattr(getattr(named.get(parent_name), "output", None), "dense", None)
+        if name and is_linear(out):
+            unit_name, o = parent_name, (f"{parent_name}." if parent_name else "") + "output.dense"
+        elif is_linear(getattr(m, "dense", None)):
+            o = pre + "dense"
+        else:
+            return None
+    if named[o].in_features != nh * hd:
+        return None
+    kw = getattr(m, k).out_features
+    if kw % hd or nh % (kw // hd):
+        return None
+    kv = kw // hd if kw != nh * hd else 0
+    if getattr(m, v).out_features != kw:
+        return None
+    return AttentionUnit(unit_name, name, pre + q, pre + k, pre + v, o, nh, hd, attr, kv,
+                         tables=_tables(m, pre, nh))
 
 
 def attention_units(model: nn.Module) -> list[AttentionUnit]:
     """Every attention block of `model` whose heads `find_groups` offers."""
-    units = []
-    named = dict(model.named_modules())
+    units, named = [], dict(model.named_modules())
     for name, m in named.items():
         if isinstance(m, nn.MultiheadAttention):
+            if mha_prunable(m):
+                pre = f"{name}." if name else ""
+                units.append(AttentionUnit(name, name, name, name, name, pre + "out_proj", m.num_heads, m.head_dim,
+                                           None, mha=True))
             continue
-        heads_attr = next((a for a in ("num_heads", "num_attention_heads") if isinstance(getattr(m, a, None), int)), None)
-        dim_attr = next((a for a in ("head_dim", "attention_head_size") if isinstance(getattr(m, a, None), int)), None)
-        if heads_attr is None or dim_attr is None:
-            continue
-        nh, hd = getattr(m, heads_attr), getattr(m, dim_attr)
-        pre = f"{name}." if name else ""
-        names = next((c for c in _QKVO if all(is_linear(getattr(m, x, None)) for x in c)), None)
-        if names:
-            units.append(AttentionUnit(name, name, *(pre + c for c in names), nh, hd, heads_attr))
-            continue
-        parent_name = name.rsplit(".", 1)[0] if "." in name else ""
-        parent = named.get(parent_name)
-        out = getattr(getattr(parent, "output", None), "dense", None)
-        if name and all(is_linear(getattr(m, c, None)) for c in ("query", "key", "value")) and is_linear(out):
-            pp = f"{parent_name}." if parent_name else ""
-            units.append(
-                AttentionUnit(parent_name, name, pre + "query", pre + "key", pre + "value", pp + "output.dense", nh, hd, heads_attr)
-            )
+        u = _unit(name, m, named)
+        if u is not None:
+            units.append(u)
     return units
 
 
+def unit_linears(model: nn.Module, u: AttentionUnit) -> dict[str, nn.Module]:
+    """role → module: 'q', 'k', 'v' (or 'qkv') and 'o'."""
+    if u.fused or u.mha:
+        return {"qkv": model.get_submodule(u.q), "o": model.get_submodule(u.o)}
+    return {r: model.get_submodule(getattr(u, r)) for r in ("q", "k", "v", "o")}
+
+
 def head_groups(model: nn.Module, unit: AttentionUnit) -> list[Group]:
-    d = unit.head_dim
-    mods = {r: model.get_submodule(getattr(unit, r)) for r in ("q", "k", "v", "o")}
+    mods = unit_linears(model, unit)
     groups = []
-    for h in range(unit.num_heads):
-        rows = tuple(range(h * d, (h + 1) * d))
-        slices = []
-        for r in ("q", "k", "v"):
-            slices.append(Slice(f"{getattr(unit, r)}.weight", 0, rows))
-            if mods[r].bias is not None:
-                slices.append(Slice(f"{getattr(unit, r)}.bias", 0, rows))
-        slices.append(Slice(f"{unit.o}.weight", 1, rows))
+    for h in range(unit.n_groups):
+        rows, slices = unit.rows(h), []
+        for role, r in rows.items():
+            if role == "o":
+                continue
+            slices.append(Slice(unit.param(role, "weight"), 0, r))
+            if (mods[role].in_proj_bias if unit.mha else mods[role].bias) is not None:
+                slices.append(Slice(unit.param(role, "bias"), 0, r))
+        slices.append(Slice(unit.param("o", "weight"), 1, rows["o"]))
+        heads = tuple(range(h * unit.q_per_group, (h + 1) * unit.q_per_group))
+        for t in unit.tables:
+            slices.append(Slice(t, model.get_parameter(t).dim() - 1, heads))
         groups.append(Group(name=f"{unit.name}:head{h}", kind="head", layer=unit.name, slices=slices))
     return groups
+
+
+def head_index(group_name: str) -> int:
+    """The group number of a head group, from its name ('layer:head3' → 3)."""
+    return int(group_name.rsplit(":head", 1)[1])

@@ -9,6 +9,7 @@ from torch import nn
 
 from compress.errors import UserError
 from compress.structure.attention import attention_units
+from compress.structure.cost import ATTENTION_FLOPS, counted_attention
 from compress.structure.tensors import as_args
 
 # --------------------------------------------------------------------------- cost model
@@ -37,7 +38,7 @@ class _OpRecorder:
                     rec._record(n, str(func_packet), args, kwargs)
                 return super()._count_flops(func_packet, out, args, kwargs)
 
-        self.mode = Mode(display=False)
+        self.mode = Mode(display=False, custom_mapping=ATTENTION_FLOPS)
 
     def _record(self, n: int, op: str, args, kwargs) -> None:
         params: list[str] = []
@@ -69,7 +70,7 @@ class _OpRecorder:
             handles.append(m.register_forward_pre_hook(enter(name)))
             handles.append(m.register_forward_hook(leave))
         try:
-            with torch.no_grad(), self.mode:
+            with torch.no_grad(), counted_attention(), self.mode:
                 self.model(*args, **kwargs)
         finally:
             for h in handles:

@@ -9,13 +9,17 @@ from torch import nn
 from compress.errors import UserError
 from compress.structure.attention import attention_units, head_groups
 from compress.structure.channels import channel_groups
+from compress.structure.coverage import nothing_found, unanalysed_layers
+from compress.structure.depgraph import build_graph
 from compress.structure.group import Group, GroupList, bind_groups
+from compress.structure.soundness import check_groups
 from compress.structure.tensors import as_args, flatten_tensors
 
 GROUP_WEIGHTS = ("size", "flops", "sqrt", "unit")
 
 
-def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: str = "size") -> GroupList:
+def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: str = "size",
+                check: bool = True) -> GroupList:
     """All zero-invariant groups of `model`, bound to its live parameters.
 
     Channels/neurons come from torch-pruning's DependencyGraph: for each conv/linear
@@ -30,6 +34,8 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
     head plus the out-projection columns. Structures whose removal would not be exact
     are listed in `.not_prunable` with the reason.
 
+    check: run the randomized zero-invariance check (`soundness.check_groups`) and drop, with
+    the reason, the layers whose groups do not remove exactly.
     weight: the regularizer's w_g (`group_weights`): "size" (√entries, the RAMDA paper's choice;
     "sqrt" is the old name), "flops" (∝ the FLOPs removing the group saves) or "unit" (1).
     """
@@ -44,7 +50,12 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
     DG, out_fns = _dependency_graph(model, example_inputs)
     _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not_prunable)
     found.sort(key=lambda t: t[0])
+    not_prunable += unanalysed_layers(model)
     groups = GroupList([g for _, gs in found for g in gs], not_prunable)
+    if check:
+        groups, _ = check_groups(model, groups, example_inputs)
+    if not len(groups):
+        groups.not_prunable.append(nothing_found(model, sum(p.dim() >= 2 for p in model.parameters())))
     bind_groups(groups, model)
     for g, w in zip(groups, group_weights(model, groups, example_inputs, weight).tolist()):
         g.weight = w
@@ -55,15 +66,15 @@ def _head_groups(model, ignored, order, found, not_prunable) -> set:
     """Append the head groups of every attention unit to `found`; return their q/k/v linears,
     which channel grouping must leave alone."""
     attn_linears = set()
-    for u in attention_units(model):
-        for r in (u.q, u.k, u.v):
-            attn_linears.add(model.get_submodule(r))
+    units = attention_units(model)
+    for u in units:
+        attn_linears.update(model.get_submodule(r) for r in {u.q, u.k, u.v})
         if model.get_submodule(u.name) in ignored:
             not_prunable.append((u.name, "ignored by the caller"))
             continue
         found.append((order[model.get_submodule(u.name)], head_groups(model, u)))
     for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
+        if isinstance(m, nn.MultiheadAttention) and name not in {u.name for u in units}:
             not_prunable.append(
                 (name, "nn.MultiheadAttention: heads are not offered (rewrite it with separate q/k/v/out nn.Linear layers and num_heads/head_dim attributes to prune heads)")
             )
@@ -72,8 +83,6 @@ def _head_groups(model, ignored, order, found, not_prunable) -> set:
 
 def _dependency_graph(model, example_inputs):
     """DepGraph traced on the example, and the grad_fns of the model's outputs."""
-    import torch_pruning as tp
-
     was_training = model.training
     args, kwargs = as_args(example_inputs)
     outputs = []
@@ -84,10 +93,7 @@ def _dependency_graph(model, example_inputs):
         return out
 
     try:
-        with torch.enable_grad():
-            DG = tp.DependencyGraph().build_dependency(
-                model, example_inputs=args, forward_fn=forward_fn, verbose=False
-            )
+        DG = build_graph(model, args, kwargs, forward_fn)
     finally:
         model.train(was_training)
     return DG, {t.grad_fn for t in flatten_tensors(outputs[0]) if t.grad_fn is not None}
@@ -117,7 +123,11 @@ def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not
         if m not in DG.module2node:
             not_prunable.append((name, "not reached by the forward pass on the example inputs"))
             continue
-        members = _out_members(DG, m)
+        try:
+            members = _out_members(DG, m)
+        except Exception as e:  # noqa: BLE001 - torch-pruning cannot trace this coupling: refuse, say why
+            not_prunable.append((name, f"torch-pruning cannot build its group ({type(e).__name__}: {e})"))
+            continue
         visited.update(members)
         if any(x in ignored for x in members) or m in ignored:
             not_prunable.append((name, "ignored by the caller"))
@@ -125,7 +135,10 @@ def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not
         if DG.get_pruner_of_module(m).get_out_channels(m) <= 1:
             not_prunable.append((name, "a single output channel"))
             continue
-        gs, reason = channel_groups(DG, model, m, name, pnames, attn_linears, out_fns)
+        try:
+            gs, reason = channel_groups(DG, model, m, name, pnames, attn_linears, out_fns)
+        except Exception as e:  # noqa: BLE001 - as above
+            gs, reason = None, f"torch-pruning cannot build its group ({type(e).__name__}: {e})"
         if reason:
             not_prunable.append((name, reason))
             for mod in members:  # every coupled layer is listed, so inspect can show each

@@ -73,6 +73,17 @@ class ZeroAnalysis:
                 return False, why
         return True, None
 
+    def channel_reduced(self, node, seen=None) -> bool:
+        """Does `node` depend, within the group, on a mean/sum over the pruned dimension?"""
+        seen = set() if seen is None else seen
+        if node is None or node in seen or node in self.producers or node not in self.nodes_in:
+            return False
+        seen.add(node)
+        gf = node.grad_fn
+        if node.type == self.T.ELEMENTWISE and op_name(gf) in ("Mean", "Sum") and reduction_ok(gf):
+            return True
+        return any(self.channel_reduced(i, seen) for i in self.data_inputs(node))
+
     def data_inputs(self, node):
         """In-group inputs carrying activations (not a layer's own weight transposes)."""
         return [i for i in node.inputs if i in self.nodes_in and (i in self.producers or i.inputs)]
@@ -108,6 +119,9 @@ class ZeroAnalysis:
             return self._all([self.operand(f) for f in nexts], op)
         if op == "Mul":
             why = "mul with no zero factor"
+            if any(self.channel_reduced(self.operand(f)) for f in nexts):
+                return False, ("normalised over the pruned dimension by x·rsqrt(mean(x²)) or the like (RMSNorm, "
+                               "T5LayerNorm): removing a channel changes the mean")
             for f in nexts:
                 n = self.operand(f)
                 if n is not None:

@@ -1,0 +1,104 @@
+"""torch-pruning's DependencyGraph, built so that one op it cannot map does not sink the model.
+
+`update_reshape_index_mapping` divides by a reshape's inferred output width, which is 0 when
+the reshape reads the network input or a split of it (torchvision ShuffleNetV2's channel
+shuffle after `chunk`): a ZeroDivisionError that aborted the whole graph. The guard leaves
+that one reshape without an index mapping instead; groups through it are then analysed like
+any other and removed by the randomized check (`soundness.py`) if they are not exact.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def _install_guard() -> None:
+    """Wrap torch-pruning's reshape mapping once (it runs again inside every get_pruning_group);
+    only a call that would raise ZeroDivisionError behaves differently."""
+    from torch_pruning.dependency import index_mapping as im
+
+    orig = im.update_reshape_index_mapping
+    if getattr(orig, "_compress_guard", False):
+        return
+
+    @functools.wraps(orig)
+    def guarded(graph, node):
+        try:
+            return orig(graph, node)
+        except ZeroDivisionError:  # width inferred as 0: leave this reshape unmapped
+            return None
+
+    guarded._compress_guard = True
+    im.update_reshape_index_mapping = guarded
+
+
+FLATTEN_LIMIT = 1 << 18  # indices one flatten may produce; legit: VGG's 512 channels x 7x7 = 25,088
+
+
+class IndexExplosion(RuntimeError):
+    """torch-pruning's index mapping multiplied through chained reshapes past any tensor's width."""
+
+
+def _install_flatten_cap() -> None:
+    """Chained reshapes (Swin's window partition, MaxViT's grid) make torch-pruning's forward
+    flatten mapping multiply index lists by every stride in turn: get_pruning_group then ran
+    for minutes. Past FLATTEN_LIMIT the root is refused (find_groups catches the error)."""
+    from torch_pruning.dependency import index_mapping as im
+
+    cls = im._FlattenIndexMapping
+    orig = cls.__call__
+    if getattr(orig, "_compress_guard", False):
+        return
+
+    @functools.wraps(orig)
+    def capped(self, idxs):
+        if not self.reverse and len(idxs) * self._stride > FLATTEN_LIMIT:
+            raise IndexExplosion(f"index mapping through reshapes grows past {FLATTEN_LIMIT} indices")
+        return orig(self, idxs)
+
+    capped._compress_guard = True
+    cls.__call__ = capped
+
+
+GROUP_ITEM_LIMIT = 3000  # items of one pruning group; ResNet-50's largest has a few hundred
+
+
+def _install_group_index() -> None:
+    """torch-pruning's `Group.has_pruning_op` scans the whole group for every dependency it
+    follows (quadratic: MaxViT's groups ran for minutes). Index the items by (target, handler)
+    — the same answer — and refuse a root whose group grows past GROUP_ITEM_LIMIT items."""
+    from torch_pruning.dependency import group as gm
+
+    cls = gm.Group
+    if getattr(cls.add_dep, "_compress_guard", False):
+        return
+    orig_add, orig_has = cls.add_dep, cls.has_pruning_op
+
+    def add_dep(self, dep, idxs):
+        if len(self._group) >= GROUP_ITEM_LIMIT:
+            raise IndexExplosion(f"its dependency group grows past {GROUP_ITEM_LIMIT} items")
+        orig_add(self, dep, idxs)
+        ix = self.__dict__.setdefault("_compress_ix", {})
+        ix.setdefault((dep.target, dep.handler), []).append(idxs)
+        self._compress_n = len(self._group)
+
+    def has_pruning_op(self, dep, idxs):
+        if getattr(self, "_compress_n", -1) != len(self._group):  # changed behind add_dep: scan
+            return orig_has(self, dep, idxs)
+        return any(i == idxs for i in self._compress_ix.get((dep.target, dep.handler), ()))
+
+    add_dep._compress_guard = True
+    cls.add_dep, cls.has_pruning_op = add_dep, has_pruning_op
+
+
+def build_graph(model, args, kwargs, forward_fn=None):
+    """DependencyGraph of `model` traced on (args, kwargs), with the reshape guard above."""
+    import torch_pruning as tp
+
+    fn = forward_fn or (lambda m, _: m(*args, **kwargs))
+    _install_guard()
+    _install_flatten_cap()
+    _install_group_index()
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=args, forward_fn=fn, verbose=False)
