@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUNS := runs
 
-.PHONY: venv demo lint test test-slow test-e2e
+.PHONY: venv demo lint test test-slow test-e2e test-zoo
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,3 +42,8 @@ test-slow: venv
 # Whole-pipeline subprocess tests only (CLI, examples, torchrun), slow ones included.
 test-e2e: venv
 	$(BIN)/python -m pytest -q -m e2e
+
+# 47 real torchvision/timm/Hugging Face architectures with random weights (needs the [zoo] extra).
+test-zoo: venv
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[zoo]'
+	$(BIN)/python -m pytest -q -m zoo

@@ -27,6 +27,7 @@ from torch import nn
 
 from compress.errors import UserError
 from compress.models import ModelSpec
+from compress.train.text import TextDataset, builtin_split, embed, held_out_split, read_jsonl, read_sentences, tokenize
 
 PREFIX = "hf:"
 SEQ_LEN = 128  # example inputs (FLOPs, groups, export) use the bench's default sequence length
@@ -161,7 +162,7 @@ class HFModule(nn.Module):
                                               "neurons": [d["neurons"], c["neurons"]]}
                                              for d, c in zip(structure(dense), structure(small))]}
         if self.task == "embedding" and eval_data is not None:
-            from compress.train.text import embed, embedding_agreement
+            from compress.train.text import embedding_agreement
 
             rep.update(embedding_agreement(embed(small, eval_data), eval_data.targets))
         return rep
@@ -226,9 +227,7 @@ def hf_spec(spec: str) -> ModelSpec:
     task = task_of(config)
 
     def data_from(data_spec: str | None):
-        from compress.train import text
-
-        return text.task_data(path, task, data_spec)
+        return task_data(path, task, data_spec)
 
     return ModelSpec(name=spec, build=lambda: load(path),
                      example_input=lambda b=1: example_input(config, b, task=task),
@@ -251,3 +250,48 @@ def structure(model: nn.Module) -> list[dict]:
         rows.append({"layer": parent or u.name, "heads": getattr(holder, u.heads_attr),
                      "neurons": dense.out_features if isinstance(dense, nn.Linear) else None})
     return rows
+
+
+def embedding_data(path: str, sentences: tuple[list[str], list[str]]):
+    """(train, eval) datasets whose targets are the starting model's embeddings."""
+    tok, teacher = tokenizer(path), load(path)
+    out = []
+    for part in sentences:
+        ds = TextDataset(tokenize(tok, part), torch.zeros(len(part)), tok.pad_token_id or 0)
+        ds.targets = embed(teacher, ds)
+        ds.sentences = part
+        out.append(ds)
+    return tuple(out)
+
+
+def classification_data(path: str, file: Path):
+    rows = read_jsonl(file)
+    tok = tokenizer(path)
+    label2id = getattr(_transformers().AutoConfig.from_pretrained(path), "label2id", None) or {}
+    names = sorted({lab for _, lab in rows if not isinstance(lab, int)})
+    ids = {**{n: i for i, n in enumerate(names)}, **{k: int(v) for k, v in label2id.items() if k in names}}
+    parts = []
+    for part in held_out_split(rows):
+        labels = torch.tensor([lab if isinstance(lab, int) else ids[lab] for _, lab in part])
+        parts.append(TextDataset(tokenize(tok, [t for t, _ in part]), labels, tok.pad_token_id or 0))
+    return tuple(parts)
+
+
+def task_data(path: str, task: str, data_spec: str | None):
+    """The (train, eval) data of `hf:PATH` for its task from the --data string (None: built-in)."""
+    if task == "image":
+        raise UserError("an image model takes tensor data: give a module:function returning (train, eval) datasets")
+    if task == "classification":
+        if data_spec is None or not data_spec.endswith(".jsonl"):
+            raise UserError("a sequence-classification model needs a .jsonl file of {\"text\": ..., \"label\": ...} lines")
+        return classification_data(path, _existing(data_spec))
+    if data_spec is None:
+        return embedding_data(path, builtin_split())
+    return embedding_data(path, held_out_split(read_sentences(_existing(data_spec))))
+
+
+def _existing(spec: str) -> Path:
+    p = Path(spec)
+    if not p.is_file():
+        raise UserError(f"data file {p} does not exist")
+    return p

@@ -85,7 +85,7 @@ def builtin_split(n_train: int = BUILTIN["train"], n_eval: int = BUILTIN["eval"]
     return train[:n_train], held[:n_eval]
 
 
-def _split(rows: list, seed: int = 0) -> tuple[list, list]:
+def held_out_split(rows: list, seed: int = 0) -> tuple[list, list]:
     """A seeded shuffle; the last HELD_OUT share (at least one row) is held out."""
     if len(rows) < 2:
         raise UserError(f"text data needs at least 2 examples (one to train, one to evaluate), got {len(rows)}")
@@ -146,55 +146,6 @@ def embedding_agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict:
 
     return {"cosine": float((s * t).sum(-1).mean()), "nn_agreement": float((nearest(s) == nearest(t)).float().mean()),
             "sentences": len(s)}
-
-
-def embedding_data(path: str, sentences: tuple[list[str], list[str]]):
-    """(train, eval) datasets whose targets are the starting model's embeddings."""
-    from compress.models import hf
-
-    tok, teacher = hf.tokenizer(path), hf.load(path)
-    out = []
-    for part in sentences:
-        ds = TextDataset(tokenize(tok, part), torch.zeros(len(part)), tok.pad_token_id or 0)
-        ds.targets = embed(teacher, ds)
-        ds.sentences = part
-        out.append(ds)
-    return tuple(out)
-
-
-def classification_data(path: str, file: Path):
-    from compress.models import hf
-
-    rows = read_jsonl(file)
-    tok = hf.tokenizer(path)
-    label2id = getattr(hf._transformers().AutoConfig.from_pretrained(path), "label2id", None) or {}
-    names = sorted({lab for _, lab in rows if not isinstance(lab, int)})
-    ids = {**{n: i for i, n in enumerate(names)}, **{k: int(v) for k, v in label2id.items() if k in names}}
-    parts = []
-    for part in _split(rows):
-        labels = torch.tensor([lab if isinstance(lab, int) else ids[lab] for _, lab in part])
-        parts.append(TextDataset(tokenize(tok, [t for t, _ in part]), labels, tok.pad_token_id or 0))
-    return tuple(parts)
-
-
-def task_data(path: str, task: str, data_spec: str | None):
-    """The (train, eval) data of `hf:PATH` for its task from the --data string (None: built-in)."""
-    if task == "image":
-        raise UserError("an image model takes tensor data: give a module:function returning (train, eval) datasets")
-    if task == "classification":
-        if data_spec is None or not data_spec.endswith(".jsonl"):
-            raise UserError("a sequence-classification model needs a .jsonl file of {\"text\": ..., \"label\": ...} lines")
-        return classification_data(path, _existing(data_spec))
-    if data_spec is None:
-        return embedding_data(path, builtin_split())
-    return embedding_data(path, _split(read_sentences(_existing(data_spec))))
-
-
-def _existing(spec: str) -> Path:
-    p = Path(spec)
-    if not p.is_file():
-        raise UserError(f"data file {p} does not exist")
-    return p
 
 
 def write_corpus(out: str | Path, n: int) -> int:
