@@ -74,6 +74,7 @@ def user_errors(fn):
 @user_errors
 def finetune(
     model: o.Model = None, out: o.Out = None, data: o.Data = None, input_shape: o.InputShape = None,
+    output: o.Output = None,
     epochs: o.Epochs = None, lr: o.Lr = None, lam: o.Lam = None, optimizer: o.Optimizer = None,
     reg_space: o.RegSpace = None, dsgd_k: o.DsgdK = None, momentum: o.Momentum = None,
     batch_size: o.BatchSize = None, milestones: o.Milestones = None, gamma: o.Gamma = None,
@@ -205,6 +206,10 @@ def inspect(
     run: Annotated[Path | None, typer.Argument(help="A run directory to summarise.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Show the removable groups of a model.")] = None,
     list_models: Annotated[bool, typer.Option("--list", help="List the built-in models.")] = False,
+    input_shape: o.InputShape = None,
+    data: Annotated[str | None, typer.Option(help="module:function returning (train, eval) data: a custom model's "
+                                             "example input is one sample of it when --input-shape is not "
+                                             "given.")] = None,
 ):
     """Show a model's removable structures (and what cannot be pruned, and why), or summarise a run."""
     from compress.inspection import inspect_model, inspect_run, list_builtin
@@ -212,7 +217,7 @@ def inspect(
     if list_models:
         list_builtin(console)
     elif model is not None:
-        inspect_model(model, console)
+        inspect_model(model, console, input_shape=input_shape, data=data)
     elif run is not None:
         inspect_run(run, console)
     else:

@@ -18,6 +18,9 @@ Data = Annotated[str | None, typer.Option(help="module:function returning (train
 InputShape = Annotated[str | None, typer.Option(help="Example input shape for a custom model, batch first, "
                                                 "e.g. 1,3,32,32 (or give the model an example_input(batch) "
                                                 "method).")]
+Output = Annotated[str | None, typer.Option(
+    "--output", help="For a model whose forward returns a dict, Hugging Face ModelOutput or tuple: the key (or "
+    "index) of the logits to train on. \\[default: logits when the dict has it; a tensor output needs none]")]
 Epochs = Annotated[int | None, typer.Option(help="Training epochs. \\[default: 30]")]
 Lr = Annotated[float | None, typer.Option(help="Learning rate (defaults are for fine-tuning a trained model: "
                                              "ramda 3e-4, rmda/proxsgd 1e-2, proxadam 1e-4; adamw 3e-3).")]

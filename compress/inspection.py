@@ -23,17 +23,24 @@ def list_builtin(console) -> None:
     console.print(t)
 
 
-def inspect_model(name: str, console) -> None:
-    """Groups per layer (kind, count, entries) and the structures that are not prunable, with the reason."""
+def inspect_model(name: str, console, input_shape: str | None = None, data: str | None = None) -> None:
+    """Groups per layer (kind, count, entries) and the structures that are not prunable, with the reason.
+    The example input: `input_shape`, the model's own example_input, else a sample of `data`."""
     from rich.table import Table
 
-    from compress.models.userspec import resolve_model
+    from compress.models.userspec import parse_input_shape, resolve_model
     from compress.structure.cost import count_flops, count_params
     from compress.structure.find import find_groups
 
-    spec = resolve_model(name)
+    spec = resolve_model(name, parse_input_shape(input_shape))
     model = spec.build().eval()
-    example = spec.example_input(1)
+    if data is not None and input_shape is None:
+        from compress.models.userspec import resolve_data
+        from compress.preflight import example_from, first_batch
+
+        example = example_from(spec, first_batch(resolve_data(data)[0])[0], False).example
+    else:
+        example = spec.example_input(1)
     groups = find_groups(model, example)
     per_layer: OrderedDict[tuple[str, str], list] = OrderedDict()
     for g in groups:

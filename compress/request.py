@@ -31,6 +31,7 @@ class FinetuneOptions:
     data: str | None = None
     input_shape: str | None = None
     init: Path | None = None
+    output: str | None = None
     epochs: int | None = None
     lr: float | None = None
     lam: float | None = None
@@ -107,6 +108,7 @@ class FinetuneRequest:
     data: str | None = None
     input_shape: str | None = None
     init: Path | None = None
+    output: str | None = None  # the entry of a dict/tuple output to train on
     budget: Budget | None = None
     controller: dict = field(default_factory=dict)  # final_optimizer / align / rewind, where given
     force: bool = False
@@ -114,7 +116,7 @@ class FinetuneRequest:
     def run_info(self) -> dict:
         """What config.json keeps beside the TrainConfig, so export and resume can rebuild the model."""
         return {"model": self.model, "data": self.data, "input_shape": self.input_shape,
-                "init": str(self.init) if self.init else None}
+                "init": str(self.init) if self.init else None, "output": self.output}
 
 
 def build_request(options: FinetuneOptions, config_file: str | Path | None = None,
@@ -146,7 +148,8 @@ def build_request(options: FinetuneOptions, config_file: str | Path | None = Non
     parse_input_shape(given.get("input_shape"))
     out = check_out_dir(given["out"], force)
     return FinetuneRequest(out=out, train=train, model=given.get("model", "digits-resnet"), data=given.get("data"),
-                           input_shape=given.get("input_shape"), init=given.get("init"), budget=budget,
+                           input_shape=given.get("input_shape"), init=given.get("init"), output=given.get("output"),
+                           budget=budget,
                            controller=controller, force=force)
 
 
@@ -178,20 +181,15 @@ def _milestones(value) -> list[int] | None:
 
 
 def run_request(req: FinetuneRequest, console=None, progress: bool = True):
-    """Build the model (seeded), check it runs, and train: the budget runner for a target, else the loop."""
-    import torch
+    """Build the model (seeded), preflight it on one batch, and train: the budget runner for a target,
+    else the loop. Nothing is written before the preflight passed."""
     from rich.console import Console
 
-    from compress.models.userspec import parse_input_shape, resolve_model
     from compress.train.checkpoint import load_weights
 
     console = console or Console()
-    spec = resolve_model(req.model, parse_input_shape(req.input_shape))
     init_weights = load_weights(req.init) if req.init else None
-    torch.manual_seed(req.train.seed)  # the model's random init is part of the run: same seed, same bits
-    net = spec.build()
-    example = checked_example(spec, net)
-    train_data, eval_data = data_for(spec, req.data)
+    req, net, example, (train_data, eval_data) = prepared(req)
     cfg = req.train
     console.print(f"[bold]compress finetune[/] model={req.model} optimizer={cfg.optimizer} lr={cfg.lr:g} "
                   f"λ={cfg.lam:g} epochs={cfg.epochs} milestones={cfg.milestones} → {req.out}")
@@ -208,10 +206,31 @@ def run_request(req: FinetuneRequest, console=None, progress: bool = True):
     return finetune(net, train_data, eval_data, example, req.out, cfg, **common)
 
 
+def prepared(req: FinetuneRequest):
+    """(request, model, example input, data) after the preflight (compress.preflight); the request gains
+    the input shape when it was taken from the data, so export and resume rebuild the same example."""
+    import torch
+
+    from compress.models.userspec import parse_input_shape, resolve_model
+    from compress.preflight import example_from, first_batch, preflight
+
+    spec = resolve_model(req.model, parse_input_shape(req.input_shape))
+    torch.manual_seed(req.train.seed)  # the model's random init is part of the run: same seed, same bits
+    net = spec.build()
+    data = data_for(spec, req.data)
+    x, y = first_batch(data[0])
+    checked = example_from(spec, x, req.input_shape is not None)
+    example = checked.example
+    output = preflight(net, x, y, example, req.output, data)
+    req = dataclasses.replace(req, input_shape=checked.input_shape or req.input_shape, output=output)
+    return req, net, example, data
+
+
 def resume_run(run: str | Path, lr: float | None = None, console=None, progress: bool = True):
     """Continue an interrupted run directory with its saved settings (`lr` may be lowered, not for a budget)."""
     from compress.models.userspec import parse_input_shape, resolve_model
     from compress.runs import read_config
+    from compress.structure.outputs import select_output
 
     run = Path(run)
     saved = read_config(run, "nothing to resume")
@@ -220,16 +239,17 @@ def resume_run(run: str | Path, lr: float | None = None, console=None, progress:
                         "compress.finetune(model, ..., resume=True)")
     spec = resolve_model(saved["model"], parse_input_shape(saved.get("input_shape")))
     train_data, eval_data = data_for(spec, saved.get("data"))
+    net = select_output(spec.build(), saved.get("output"))
     if "budget" in saved:
         from compress.budget.runner import finetune_to_budget
 
         if lr is not None:
             raise UserError("a budget run resumes with its saved settings; `lr` cannot be changed", field="lr")
-        return finetune_to_budget(spec.build(), train_data, eval_data, spec.example_input(1), run, resume=True,
+        return finetune_to_budget(net, train_data, eval_data, spec.example_input(1), run, resume=True,
                                   console=console, progress=progress)
     from compress.train.loop import finetune
 
-    return finetune(spec.build(), train_data, eval_data, spec.example_input(1), run, resume=True,
+    return finetune(net, train_data, eval_data, spec.example_input(1), run, resume=True,
                     resume_lr=lr, console=console, progress=progress)
 
 
@@ -263,21 +283,3 @@ def data_for(spec, data: str | None):
         raise UserError(f"model {spec.name!r} has no built-in data: give `data` module:function", field="data")
     return spec.data()
 
-
-def checked_example(spec, net):
-    """The example input, with a clear error if the model cannot run on it."""
-    import torch
-
-    from compress.structure.tensors import call_model
-
-    example = spec.example_input(1)
-    try:
-        with torch.no_grad():
-            net.eval()
-            call_model(net, example)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's model failing is the user's to fix
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"the model's forward failed on its example input: {type(e).__name__}: {first}") from e
-    return example

@@ -121,6 +121,13 @@ def bad_data():
 def wrong_parts():
     return "train", "eval"
 
+def conv():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+
+def token_ids():
+    ds = torch.utils.data.TensorDataset(torch.randint(0, 9, (16, 64)), torch.randint(0, 10, (16,)))
+    return ds, ds
+
 def digits():
     from compress.models.digits import digits_datasets
     return digits_datasets()
@@ -131,10 +138,13 @@ def digits():
     (["--model", "{f}:raises"], ["raised RuntimeError", "no GPU weights"]),
     (["--model", "{f}:not_a_module"], ["not a torch.nn.Module"]),
     (["--model", "{f}:missing"], ["no callable 'missing'"]),
-    (["--model", "{f}:mlp", "--data", "{f}:digits"], ["needs an example input", "--input-shape"]),
+    (["--model", "{f}:mlp", "--data", "{f}:token_ids"], ["needs an example input", "--input-shape"]),
     (["--model", "{f}:mlp", "--data", "{f}:bad_data", "--input-shape", "1,1,8,8"], ["must return (train, eval)"]),
     (["--model", "{f}:mlp", "--data", "{f}:wrong_parts", "--input-shape", "1,1,8,8"], ["not a torch Dataset"]),
-    (["--model", "{f}:mlp", "--data", "{f}:digits", "--input-shape", "1,3,32,32"], ["forward failed", "example input"]),
+    (["--model", "{f}:mlp", "--data", "{f}:digits", "--input-shape", "1,3,32,32"],
+     ["training inputs have shape 1×8×8 per sample", "3×32×32", "give --input-shape 1,1,8,8"]),
+    (["--model", "{f}:conv", "--data", "{f}:digits", "--input-shape", "1,1,8,8"],
+     ["forward failed on a training batch of shape (8, 1, 8, 8)", "RuntimeError"]),
     (["--model", "{f}:mlp", "--data", "{f}:digits", "--input-shape", "1,-3"], ["--input-shape must be"]),
     (["--lr", "0"], ["--lr must be positive"]),
     (["--epochs", "0"], ["--epochs must be positive"]),
