@@ -45,7 +45,11 @@ GroupWeight = Annotated[str | None, typer.Option(
 Solver = Annotated[str | None, typer.Option(help="RAMDA subproblem solver: exact or pg. \\[default: exact]")]
 Seed = Annotated[int | None, typer.Option(help="Random seed (init, data order). \\[default: 0]")]
 Init = Annotated[Path | None, typer.Option(help="Start from these weights (safetensors, a checkpoint, or a "
-                                              "state_dict saved with torch.save; never unpickles code).")]
+                                              "state_dict saved with torch.save; never unpickles code). 'dense': "
+                                              "a built-in model's dense baseline (AdamW, cosine, 30 epochs), "
+                                              "trained once and cached in ~/.cache/compress/dense "
+                                              "($COMPRESS_CACHE). 'random': random weights, on purpose (a sparse "
+                                              "run without --init warns).")]
 Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda. \\[default: auto]")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch. Small models train fastest on 1, "
                                                 "and so does any model on a busy machine. \\[default: torch's]")]

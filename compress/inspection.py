@@ -77,7 +77,8 @@ def inspect_run(run: Path, console) -> None:
     cfg = read_config(run)
     train = cfg.get("train", {})
     console.print(f"[bold]{run}[/]  model={cfg.get('model')}  optimizer={train.get('optimizer')}  "
-                  f"lr={train.get('lr')}  λ={train.get('lam')}  epochs={train.get('epochs')}")
+                  f"lr={train.get('lr')}  λ={train.get('lam')}  epochs={train.get('epochs')}  "
+                  f"start={cfg.get('init') or 'random weights'}")
     metrics = read_metrics(run)
     if metrics:
         t = Table(title="training")

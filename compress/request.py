@@ -185,11 +185,13 @@ def run_request(req: FinetuneRequest, console=None, progress: bool = True):
     else the loop. Nothing is written before the preflight passed."""
     from rich.console import Console
 
+    from compress.train.baseline import RANDOM, start_kind
     from compress.train.checkpoint import load_weights
 
     console = console or Console()
-    init_weights = load_weights(req.init) if req.init else None
     req, net, example, (train_data, eval_data) = prepared(req)
+    req = _with_start(req, console, progress)
+    init_weights = load_weights(req.init) if req.init and start_kind(req.init) != RANDOM else None
     cfg = req.train
     console.print(f"[bold]compress finetune[/] model={req.model} optimizer={cfg.optimizer} lr={cfg.lr:g} "
                   f"λ={cfg.lam:g} epochs={cfg.epochs} milestones={cfg.milestones} → {req.out}")
@@ -204,6 +206,19 @@ def run_request(req: FinetuneRequest, console=None, progress: bool = True):
     from compress.train.loop import finetune
 
     return finetune(net, train_data, eval_data, example, req.out, cfg, **common)
+
+
+def _with_start(req: FinetuneRequest, console, progress: bool) -> FinetuneRequest:
+    """`init` dense → the cached dense baseline (trained first when missing); no `init` on a sparse run → a
+    warning (compress.train.baseline)."""
+    from compress.train.baseline import DENSE, dense_baseline, start_kind, warn_random_start
+
+    if start_kind(req.init) == DENSE:
+        weights = dense_baseline(req.model, ":" not in req.model, req.train, console, progress)
+        return dataclasses.replace(req, init=weights)
+    if req.init is None:
+        warn_random_start(console, sparse=req.budget is not None or req.train.lam > 0)
+    return req
 
 
 def prepared(req: FinetuneRequest):

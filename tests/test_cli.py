@@ -84,7 +84,8 @@ def test_end_to_end_with_config_precedence(tmp_path):
     res = cli("export", out)
     assert res.returncode == 0, res.stderr
     rep = json.loads((out / "report.json").read_text())
-    for key in ("dense_accuracy", "compressed_accuracy", "onnx_accuracy", "params_dense", "params_compressed",
+    assert rep["start"] == "random" and "dense_accuracy" not in rep  # a random start is not called "dense"
+    for key in ("start_accuracy", "start_onnx_accuracy", "compressed_accuracy", "onnx_accuracy", "params_dense", "params_compressed",
                 "flops_dense", "flops_compressed", "groups_total", "groups_removed", "max_abs_diff_extract",
                 "max_abs_diff_onnx"):
         assert key in rep, key
