@@ -78,7 +78,12 @@ Rewind = Annotated[str | None, typer.Option(
          "0.989 vs 0.918); none keeps the trained survivors (better on digits-resnet at 0.1 FLOPs: 90.7% vs 86.9%). "
          "\\[default: none]")]
 Config = Annotated[Path | None, typer.Option(help="TOML file whose keys mirror these flags (flags win).")]
-Resume = Annotated[Path | None, typer.Option(help="Continue an interrupted run directory exactly where it stopped.")]
+Resume = Annotated[Path | None, typer.Option(
+    help="Continue an interrupted run directory exactly where it stopped. With --epochs N, make an interrupted or "
+         "finished run N epochs long: a step schedule keeps its milestones (the lr stays at its last value, no new "
+         "RAMDA restart; the averaging-weight ramp spans the new length), a cosine schedule is stretched over N "
+         "epochs (a finished run's lr rises again to its value at the old end on the new curve). Not for target "
+         "runs.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the run files in an existing --out directory.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 

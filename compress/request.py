@@ -241,8 +241,10 @@ def prepared(req: FinetuneRequest):
     return req, net, example, data
 
 
-def resume_run(run: str | Path, lr: float | None = None, console=None, progress: bool = True):
-    """Continue an interrupted run directory with its saved settings (`lr` may be lowered, not for a budget)."""
+def resume_run(run: str | Path, lr: float | None = None, console=None, progress: bool = True,
+               epochs: int | None = None):
+    """Continue an interrupted run directory with its saved settings (`lr` may be lowered, not for a budget);
+    `epochs` extends an interrupted or finished run (how the schedule extends: loop._extended)."""
     from compress.models.userspec import parse_input_shape, resolve_model
     from compress.runs import read_config
     from compress.structure.outputs import select_output
@@ -258,14 +260,15 @@ def resume_run(run: str | Path, lr: float | None = None, console=None, progress:
     if "budget" in saved:
         from compress.budget.runner import finetune_to_budget
 
-        if lr is not None:
-            raise UserError("a budget run resumes with its saved settings; `lr` cannot be changed", field="lr")
+        if lr is not None or epochs is not None:
+            what = "lr" if lr is not None else "epochs"
+            raise UserError(f"a budget run resumes with its saved settings; `{what}` cannot be changed", field=what)
         return finetune_to_budget(net, train_data, eval_data, spec.example_input(1), run, resume=True,
                                   console=console, progress=progress)
     from compress.train.loop import finetune
 
     return finetune(net, train_data, eval_data, spec.example_input(1), run, resume=True,
-                    resume_lr=lr, console=console, progress=progress)
+                    resume_lr=lr, resume_epochs=epochs, console=console, progress=progress)
 
 
 def finetune_from(options: FinetuneOptions, *, config_file: str | Path | None = None,
@@ -280,11 +283,12 @@ def finetune_from(options: FinetuneOptions, *, config_file: str | Path | None = 
     given = options.given()
     if "out" in given and Path(given["out"]) != Path(resume):
         raise UserError("give either `resume` RUN or `out` RUN, not both", field="resume", fields=("out",))
-    extra = sorted(set(given) - {"out", "lr"}) + (["config"] if config_file is not None else [])
+    extra = sorted(set(given) - {"out", "lr", "epochs"}) + (["config"] if config_file is not None else [])
     if extra:
         raise UserError(f"`resume` continues a run with its saved settings; only `lr` (e.g. lower after a NaN "
-                        f"loss) may be given with it, not `{extra[0]}`", field=extra[0], fields=("resume", "lr"))
-    resume_run(resume, lr=given.get("lr"), console=console, progress=progress)
+                        f"loss) and `epochs` (to make it longer) may be given with it, not `{extra[0]}`",
+                        field=extra[0], fields=("resume", "lr", "epochs"))
+    resume_run(resume, lr=given.get("lr"), console=console, progress=progress, epochs=given.get("epochs"))
     return Path(resume)
 
 

@@ -177,7 +177,7 @@ def test_resume_refuses_other_settings(tmp_path):
     out = tmp_path / "r"
     out.mkdir()
     (out / "config.json").write_text('{"model": "digits-resnet", "train": {}}')
-    assert_one_line_error(cli("finetune", "--resume", out, "--epochs", "5"), "only --lr")
+    assert_one_line_error(cli("finetune", "--resume", out, "--lam", "5"), "only --lr", "--epochs", "not --lam")
 
 
 @pytest.mark.parametrize("args, needle", [
