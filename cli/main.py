@@ -161,10 +161,13 @@ def bench(
     if len(paths) != 2:
         raise UserError("give a run directory, or exactly two ONNX files (dense, compressed)")
     from compress.deploy.bench import benchmark, print_bench_table
+    from compress.files import check_writable
 
     for p in paths:
         if not p.is_file():
             raise UserError(f"{p} does not exist")
+    if out is not None:
+        check_writable(out)
     kw = {"batch_sizes": batch_sizes, "threads": thread_list}
     if rounds is not None:
         kw["rounds"] = rounds
@@ -192,8 +195,9 @@ def quantize_cmd(
     """INT8-quantize an ONNX file: calibrate, verify against FP32, keep the fastest form measured."""
     from compress.deploy.quantize import quantize_onnx
     from compress.deploy.quantrun import print_quantize
+    from compress.files import check_writable
 
-    out = out or model.with_name(model.name.removesuffix(".onnx") + ".int8.onnx")
+    out = check_writable(out or model.with_name(model.name.removesuffix(".onnx") + ".int8.onnx"))
     rep = quantize_onnx(model, out, calibration, eval_data=eval_data, max_accuracy_drop=max_accuracy_drop,
                         n_calibration=samples, seed=seed)
     print_quantize({"files": {"model.onnx": rep}, "recommended": rep["recommended"]}, console)

@@ -103,5 +103,10 @@ def inspect_run(run: Path, console) -> None:
     b = run / RUN_FILES["bench"]
     if b.is_file():
         from compress.deploy.bench import print_bench_table
+        from compress.deploy.pipeline import bench_files
 
-        print_bench_table(json.loads(b.read_text()), console)
+        bench = json.loads(b.read_text())
+        print_bench_table(bench, console)
+        if "files" in bench and bench["files"] != bench_files(run):
+            console.print(f"[yellow]stale:[/] {b.name} measured other ONNX files than the run's dense.onnx and "
+                          f"model.onnx now; measure again with: compress bench {run}")

@@ -9,9 +9,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, timeout=None):
     return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+                          cwd=cwd or ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
+                          timeout=timeout)
 
 
 def assert_one_line_error(res, *needles):

@@ -41,6 +41,7 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
     for key, model, name in (("dense", r["dense"], "dense.onnx"), ("compressed", small, "model.onnx")):
         onnx[key] = _export_verified(model, example, run / name, opset, simplify, eval_data, console)
     report = _run_report(r, small, example, ext, onnx, acc, align)
+    _drop_stale_bench(run, console)
     atomic_write_json(run / "report.json", report)
     print_report(report, console)
     return report
@@ -129,6 +130,25 @@ def print_report(report: dict, console) -> None:
     console.print(t)
 
 
+def _drop_stale_bench(run: Path, console) -> None:
+    """A new export makes the old measurements describe files that are gone: remove them."""
+    from compress.runs import RUN_FILES
+
+    stale = [run / RUN_FILES[k] for k in ("bench", "bench_plot", "bench_int8") if (run / RUN_FILES[k]).is_file()]
+    for p in stale:
+        p.unlink()
+    if stale:
+        console.print(f"removed {', '.join(p.name for p in stale)}: measured on the previous export; "
+                      f"measure again with: compress bench {run}")
+
+
+def bench_files(run: Path) -> dict:
+    """sha256 of the ONNX files a run's bench measures: bench.json records them, inspect compares."""
+    from compress.files import sha256_of
+
+    return {name: sha256_of(run / name) for name in ("dense.onnx", "model.onnx") if (run / name).is_file()}
+
+
 def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds: int | None = None,
               console=None) -> dict:
     """Benchmark RUN/dense.onnx against RUN/model.onnx; writes bench.json and bench.png.
@@ -163,6 +183,7 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
         result = benchmark(dense, comp, **kw)
     if lat:
         result["latency_target"] = latency_vs_prediction(lat, result)
+    result["files"] = bench_files(run)
     atomic_write_json(run / "bench.json", result)
     plot_bench(result, run / "bench.png")
     print_bench_table(result, console)
