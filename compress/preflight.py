@@ -111,9 +111,9 @@ def _chosen_output(net, out, output: str | None):
     if key is None:
         what = (f"a dict with keys {', '.join(map(str, out))}" if isinstance(out, dict)
                 else f"a {type(out).__name__} of {len(out)}")
-        hint = "a key" if isinstance(out, dict) else "an index, e.g. 0"
-        raise UserError(f"the model returns {what}, not a tensor of logits: give `output` with {hint} to train "
-                        "on that entry", field="output")
+        hint = "the key of its logits" if isinstance(out, dict) else "the index of its logits (e.g. 0)"
+        raise UserError(f"the model returns {what}, not a tensor of logits: give `output` with {hint}",
+                        field="output")
     picked = pick_output(out, key)
     select_output(net, key)
     return picked, key

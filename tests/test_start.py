@@ -50,6 +50,7 @@ def test_init_dense_needs_a_builtin_model(tmp_path, short_recipe):
     with pytest.raises(UserError, match="trains the recipe of a built-in model") as e:
         run(tmp_path / "r", model=f"{f}:make", data=f"{f}:data", init="dense")
     assert e.value.field == "init" and not (tmp_path / "r").exists()
+    assert "(--optimizer adamw, --lam 0, --schedule cosine)" in e.value.render(lambda f: "--" + f)
 
 
 def test_random_start_warns_unless_asked_for(tmp_path):

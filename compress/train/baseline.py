@@ -43,7 +43,7 @@ def dense_baseline(model: str, is_builtin: bool, train, console, progress: bool 
     if not is_builtin:
         raise UserError("`init` dense trains the recipe of a built-in model; for your own model train a dense "
                         "model first (`optimizer` adamw, `lam` 0, `schedule` cosine) and give its "
-                        "weights.safetensors as `init`", field="init")
+                        "weights.safetensors as `init`", field="init", fields=("optimizer", "lam", "schedule"))
     run = baseline_dir(model, train.seed)
     weights = run / RUN_FILES["weights"]
     if weights.is_file():
