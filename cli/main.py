@@ -97,7 +97,7 @@ def finetune(
     given = locals()
     options = FinetuneOptions(**{f.name: given[f.name] for f in dataclasses.fields(FinetuneOptions)})
     run = finetune_from(options, config_file=config, resume=resume, force=force, console=console,
-                        progress=not quiet)
+                        progress=not quiet, name=flag_of)
     console.print(f"[green]done[/] → {run}   next: compress export {run}")
 
 

@@ -180,9 +180,10 @@ def _milestones(value) -> list[int] | None:
                         field="milestones") from None
 
 
-def run_request(req: FinetuneRequest, console=None, progress: bool = True):
+def run_request(req: FinetuneRequest, console=None, progress: bool = True, name=None):
     """Build the model (seeded), preflight it on one batch, and train: the budget runner for a target,
-    else the loop. Nothing is written before the preflight passed."""
+    else the loop. Nothing is written before the preflight passed. `name`: how notices write a field
+    (the CLI passes its flag names)."""
     from rich.console import Console
 
     from compress.train.baseline import RANDOM, start_kind
@@ -190,7 +191,7 @@ def run_request(req: FinetuneRequest, console=None, progress: bool = True):
 
     console = console or Console()
     req, net, example, (train_data, eval_data) = prepared(req)
-    req = _with_start(req, console, progress)
+    req = _with_start(req, console, progress, name)
     init_weights = load_weights(req.init) if req.init and start_kind(req.init) != RANDOM else None
     cfg = req.train
     console.print(f"[bold]compress finetune[/] model={req.model} optimizer={cfg.optimizer} lr={cfg.lr:g} "
@@ -208,7 +209,7 @@ def run_request(req: FinetuneRequest, console=None, progress: bool = True):
     return finetune(net, train_data, eval_data, example, req.out, cfg, **common)
 
 
-def _with_start(req: FinetuneRequest, console, progress: bool) -> FinetuneRequest:
+def _with_start(req: FinetuneRequest, console, progress: bool, name=None) -> FinetuneRequest:
     """`init` dense → the cached dense baseline (trained first when missing); no `init` on a sparse run → a
     warning (compress.train.baseline)."""
     from compress.train.baseline import DENSE, dense_baseline, start_kind, warn_random_start
@@ -217,7 +218,7 @@ def _with_start(req: FinetuneRequest, console, progress: bool) -> FinetuneReques
         weights = dense_baseline(req.model, ":" not in req.model, req.train, console, progress)
         return dataclasses.replace(req, init=weights)
     if req.init is None:
-        warn_random_start(console, sparse=req.budget is not None or req.train.lam > 0)
+        warn_random_start(console, sparse=req.budget is not None or req.train.lam > 0, name=name)
     return req
 
 
@@ -273,12 +274,12 @@ def resume_run(run: str | Path, lr: float | None = None, console=None, progress:
 
 def finetune_from(options: FinetuneOptions, *, config_file: str | Path | None = None,
                   resume: str | Path | None = None, force: bool = False, console=None,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, name=None) -> Path:
     """The `compress finetune` command: a new run from options (+ TOML file), or `resume` a run.
     Returns the run directory."""
     if resume is None:
         req = build_request(options, config_file, force)
-        run_request(req, console=console, progress=progress)
+        run_request(req, console=console, progress=progress, name=name)
         return req.out
     given = options.given()
     if "out" in given and Path(given["out"]) != Path(resume):

@@ -28,7 +28,7 @@ def sha(path: Path) -> str:
 
 
 def assert_same_run(a: Path, b: Path):
-    for name in ("init.safetensors", "weights.safetensors"):
+    for name in ("init.safetensors", "weights.safetensors", "checkpoint.safetensors"):
         ta, tb = load_file(a / name), load_file(b / name)
         assert ta.keys() == tb.keys()
         for k in ta:

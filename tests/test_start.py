@@ -55,6 +55,8 @@ def test_init_dense_needs_a_builtin_model(tmp_path, short_recipe):
 
 def test_random_start_warns_unless_asked_for(tmp_path):
     assert "starting from random weights" in run(tmp_path / "a", lam=1e-3)
+    res = cli("finetune", "--epochs", "1", "--lam", "1e-3", "--threads", "1", "--out", tmp_path / "cli", "-q")
+    assert res.returncode == 0 and "Start from a trained model with --init dense" in res.stdout, res.stdout
     assert "starting from random weights" not in run(tmp_path / "b", lam=1e-3, init="random")
     assert "starting from random weights" not in run(tmp_path / "c", lam=0.0)  # dense training: nothing to remove
     assert json.loads((tmp_path / "b" / "config.json").read_text())["init"] == "random"

@@ -57,10 +57,15 @@ def dense_baseline(model: str, is_builtin: bool, train, console, progress: bool 
     return weights
 
 
-def warn_random_start(console, sparse: bool) -> None:
-    """The line a sparse run from random weights prints (no `init` given)."""
+def warn_random_start(console, sparse: bool, name=None) -> None:
+    """The line a sparse run from random weights prints (no `init` given); `name` writes a field as its
+    caller calls it (the CLI: a flag)."""
     if sparse:
-        console.print("[yellow]warning:[/] starting from random weights: the group lasso will remove structures "
-                      "of an untrained model. Start from a trained model with `init` dense (built-in models: "
-                      f"trains and caches a dense baseline under {cache_dir() / 'dense'}) or `init` FILE, or give "
-                      "`init` random to say this is intended", soft_wrap=True, highlight=False)
+        from rich.markup import escape
+
+        init = (name or (lambda f: f"`{f}`"))("init")
+        console.print("[yellow]warning:[/] " + escape(
+            f"starting from random weights: the group lasso will remove structures of an untrained model. Start "
+            f"from a trained model with {init} dense (built-in models: trains and caches a dense baseline under "
+            f"{cache_dir() / 'dense'}) or {init} FILE, or give {init} random to say this is intended"),
+            soft_wrap=True, highlight=False)
