@@ -74,6 +74,7 @@ def user_errors(fn):
 @user_errors
 def finetune(
     model: o.Model = None, out: o.Out = None, data: o.Data = None, input_shape: o.InputShape = None,
+    output: o.Output = None,
     epochs: o.Epochs = None, lr: o.Lr = None, lam: o.Lam = None, optimizer: o.Optimizer = None,
     reg_space: o.RegSpace = None, dsgd_k: o.DsgdK = None, momentum: o.Momentum = None,
     batch_size: o.BatchSize = None, milestones: o.Milestones = None, gamma: o.Gamma = None,
@@ -96,7 +97,7 @@ def finetune(
     given = locals()
     options = FinetuneOptions(**{f.name: given[f.name] for f in dataclasses.fields(FinetuneOptions)})
     run = finetune_from(options, config_file=config, resume=resume, force=force, console=console,
-                        progress=not quiet)
+                        progress=not quiet, name=flag_of)
     console.print(f"[green]done[/] → {run}   next: compress export {run}")
 
 
@@ -163,10 +164,13 @@ def bench(
     if len(paths) != 2:
         raise UserError("give a run directory, or exactly two ONNX files (dense, compressed)")
     from compress.deploy.bench import benchmark, print_bench_table
+    from compress.files import check_writable
 
     for p in paths:
         if not p.is_file():
             raise UserError(f"{p} does not exist")
+    if out is not None:
+        check_writable(out)
     kw = {"batch_sizes": batch_sizes, "threads": thread_list, "seq_len": seq_len}
     if rounds is not None:
         kw["rounds"] = rounds
@@ -194,8 +198,9 @@ def quantize_cmd(
     """INT8-quantize an ONNX file: calibrate, verify against FP32, keep the fastest form measured."""
     from compress.deploy.quantize import quantize_onnx
     from compress.deploy.quantrun import print_quantize
+    from compress.files import check_writable
 
-    out = out or model.with_name(model.name.removesuffix(".onnx") + ".int8.onnx")
+    out = check_writable(out or model.with_name(model.name.removesuffix(".onnx") + ".int8.onnx"))
     rep = quantize_onnx(model, out, calibration, eval_data=eval_data, max_accuracy_drop=max_accuracy_drop,
                         n_calibration=samples, seed=seed)
     print_quantize({"files": {"model.onnx": rep}, "recommended": rep["recommended"]}, console)
@@ -208,6 +213,10 @@ def inspect(
     run: Annotated[Path | None, typer.Argument(help="A run directory to summarise.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Show the removable groups of a model.")] = None,
     list_models: Annotated[bool, typer.Option("--list", help="List the built-in models.")] = False,
+    input_shape: o.InputShape = None,
+    data: Annotated[str | None, typer.Option(help="module:function returning (train, eval) data: a custom model's "
+                                             "example input is one sample of it when --input-shape is not "
+                                             "given.")] = None,
 ):
     """Show a model's removable structures (and what cannot be pruned, and why), or summarise a run."""
     from compress.inspection import inspect_model, inspect_run, list_builtin
@@ -215,7 +224,7 @@ def inspect(
     if list_models:
         list_builtin(console)
     elif model is not None:
-        inspect_model(model, console)
+        inspect_model(model, console, input_shape=input_shape, data=data)
     elif run is not None:
         inspect_run(run, console)
     else:

@@ -19,6 +19,9 @@ Data = Annotated[str | None, typer.Option(help="module:function returning (train
 InputShape = Annotated[str | None, typer.Option(help="Example input shape for a custom model, batch first, "
                                                 "e.g. 1,3,32,32 (or give the model an example_input(batch) "
                                                 "method).")]
+Output = Annotated[str | None, typer.Option(
+    "--output", help="For a model whose forward returns a dict, Hugging Face ModelOutput or tuple: the key (or "
+    "index) of the logits to train on. \\[default: logits when the dict has it; a tensor output needs none]")]
 Epochs = Annotated[int | None, typer.Option(help="Training epochs. \\[default: 30]")]
 Lr = Annotated[float | None, typer.Option(help="Learning rate (defaults are for fine-tuning a trained model: "
                                              "ramda 3e-4, rmda/proxsgd 1e-2, proxadam 1e-4; adamw 3e-3).")]
@@ -43,7 +46,11 @@ GroupWeight = Annotated[str | None, typer.Option(
 Solver = Annotated[str | None, typer.Option(help="RAMDA subproblem solver: exact or pg. \\[default: exact]")]
 Seed = Annotated[int | None, typer.Option(help="Random seed (init, data order). \\[default: 0]")]
 Init = Annotated[Path | None, typer.Option(help="Start from these weights (safetensors, a checkpoint, or a "
-                                              "state_dict saved with torch.save; never unpickles code).")]
+                                              "state_dict saved with torch.save; never unpickles code). 'dense': "
+                                              "a built-in model's dense baseline (AdamW, cosine, 30 epochs), "
+                                              "trained once and cached in ~/.cache/compress/dense "
+                                              "($COMPRESS_CACHE). 'random': random weights, on purpose (a sparse "
+                                              "run without --init warns).")]
 Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda. \\[default: auto]")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch. Small models train fastest on 1, "
                                                 "and so does any model on a busy machine. \\[default: torch's]")]
@@ -72,7 +79,12 @@ Rewind = Annotated[str | None, typer.Option(
          "0.989 vs 0.918); none keeps the trained survivors (better on digits-resnet at 0.1 FLOPs: 90.7% vs 86.9%). "
          "\\[default: none]")]
 Config = Annotated[Path | None, typer.Option(help="TOML file whose keys mirror these flags (flags win).")]
-Resume = Annotated[Path | None, typer.Option(help="Continue an interrupted run directory exactly where it stopped.")]
+Resume = Annotated[Path | None, typer.Option(
+    help="Continue an interrupted run directory exactly where it stopped. With --epochs N, make an interrupted or "
+         "finished run N epochs long: a step schedule keeps its milestones (the lr stays at its last value, no new "
+         "RAMDA restart; the averaging-weight ramp spans the new length), a cosine schedule is stretched over N "
+         "epochs (a finished run's lr rises again to its value at the old end on the new curve). Not for target "
+         "runs.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the run files in an existing --out directory.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 

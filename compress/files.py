@@ -75,3 +75,31 @@ def atomic_write_json(path, obj) -> None:
 def atomic_write_with(path, writer: Callable[[str], None]) -> None:
     """Atomic write for libraries that want a file name (safetensors, onnx, matplotlib)."""
     _atomic(path, writer)
+
+
+def check_writable(path) -> Path:
+    """Before long work (a benchmark, an export): `path` can be written — its folder exists and takes a new
+    file — so the work is not lost to a typo in the output path at the end."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a file name, e.g. {path / 'bench.json'}")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: the directory {path.parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}; check the directory is writable") from e
+    os.close(fd)
+    os.unlink(tmp)
+    return path
+
+
+def sha256_of(path) -> str:
+    """The file's sha256, to record which file a measurement was made on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

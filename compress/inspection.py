@@ -23,17 +23,24 @@ def list_builtin(console) -> None:
     console.print(t)
 
 
-def inspect_model(name: str, console) -> None:
-    """Groups per layer (kind, count, entries) and the structures that are not prunable, with the reason."""
+def inspect_model(name: str, console, input_shape: str | None = None, data: str | None = None) -> None:
+    """Groups per layer (kind, count, entries) and the structures that are not prunable, with the reason.
+    The example input: `input_shape`, the model's own example_input, else a sample of `data`."""
     from rich.table import Table
 
-    from compress.models.userspec import resolve_model
+    from compress.models.userspec import parse_input_shape, resolve_model
     from compress.structure.cost import count_flops, count_params
     from compress.structure.find import find_groups
 
-    spec = resolve_model(name)
+    spec = resolve_model(name, parse_input_shape(input_shape))
     model = spec.build().eval()
-    example = spec.example_input(1)
+    if data is not None and input_shape is None:
+        from compress.models.userspec import resolve_data
+        from compress.preflight import example_from, first_batch
+
+        example = example_from(spec, first_batch(resolve_data(data)[0])[0], False).example
+    else:
+        example = spec.example_input(1)
     groups = find_groups(model, example)
     per_layer: OrderedDict[tuple[str, str], list] = OrderedDict()
     for g in groups:
@@ -73,7 +80,8 @@ def inspect_run(run: Path, console) -> None:
     cfg = read_config(run)
     train = cfg.get("train", {})
     console.print(f"[bold]{run}[/]  model={cfg.get('model')}  optimizer={train.get('optimizer')}  "
-                  f"lr={train.get('lr')}  λ={train.get('lam')}  epochs={train.get('epochs')}")
+                  f"lr={train.get('lr')}  λ={train.get('lam')}  epochs={train.get('epochs')}  "
+                  f"start={cfg.get('init') or 'random weights'}")
     metrics = read_metrics(run)
     if metrics:
         t = Table(title="training")
@@ -98,5 +106,10 @@ def inspect_run(run: Path, console) -> None:
     b = run / RUN_FILES["bench"]
     if b.is_file():
         from compress.deploy.bench import print_bench_table
+        from compress.deploy.pipeline import bench_files
 
-        print_bench_table(json.loads(b.read_text()), console)
+        bench = json.loads(b.read_text())
+        print_bench_table(bench, console)
+        if "files" in bench and bench["files"] != bench_files(run):
+            console.print(f"[yellow]stale:[/] {b.name} measured other ONNX files than the run's dense.onnx and "
+                          f"model.onnx now; measure again with: compress bench {run}")

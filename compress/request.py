@@ -31,6 +31,7 @@ class FinetuneOptions:
     data: str | None = None
     input_shape: str | None = None
     init: Path | None = None
+    output: str | None = None
     epochs: int | None = None
     lr: float | None = None
     lam: float | None = None
@@ -107,6 +108,7 @@ class FinetuneRequest:
     data: str | None = None
     input_shape: str | None = None
     init: Path | None = None
+    output: str | None = None  # the entry of a dict/tuple output to train on
     budget: Budget | None = None
     controller: dict = field(default_factory=dict)  # final_optimizer / align / rewind, where given
     force: bool = False
@@ -117,7 +119,7 @@ class FinetuneRequest:
         if data and Path(data).is_file():  # a data file (hf: sentences.txt): export finds it from any folder
             data = str(Path(data).resolve())
         return {"model": self.model, "data": data, "input_shape": self.input_shape,
-                "init": str(self.init) if self.init else None}
+                "init": str(self.init) if self.init else None, "output": self.output}
 
 
 def build_request(options: FinetuneOptions, config_file: str | Path | None = None,
@@ -149,7 +151,8 @@ def build_request(options: FinetuneOptions, config_file: str | Path | None = Non
     parse_input_shape(given.get("input_shape"))
     out = check_out_dir(given["out"], force)
     return FinetuneRequest(out=out, train=train, model=given.get("model", "digits-resnet"), data=given.get("data"),
-                           input_shape=given.get("input_shape"), init=given.get("init"), budget=budget,
+                           input_shape=given.get("input_shape"), init=given.get("init"), output=given.get("output"),
+                           budget=budget,
                            controller=controller, force=force)
 
 
@@ -180,21 +183,19 @@ def _milestones(value) -> list[int] | None:
                         field="milestones") from None
 
 
-def run_request(req: FinetuneRequest, console=None, progress: bool = True):
-    """Build the model (seeded), check it runs, and train: the budget runner for a target, else the loop."""
-    import torch
+def run_request(req: FinetuneRequest, console=None, progress: bool = True, name=None):
+    """Build the model (seeded), preflight it on one batch, and train: the budget runner for a target,
+    else the loop. Nothing is written before the preflight passed. `name`: how notices write a field
+    (the CLI passes its flag names)."""
     from rich.console import Console
 
-    from compress.models.userspec import parse_input_shape, resolve_model
+    from compress.train.baseline import RANDOM, start_kind
     from compress.train.checkpoint import load_weights
 
     console = console or Console()
-    spec = resolve_model(req.model, parse_input_shape(req.input_shape))
-    init_weights = load_weights(req.init) if req.init else None
-    torch.manual_seed(req.train.seed)  # the model's random init is part of the run: same seed, same bits
-    net = spec.build()
-    example = checked_example(spec, net)
-    train_data, eval_data = data_for(spec, req.data)
+    req, net, example, (train_data, eval_data) = prepared(req)
+    req = _with_start(req, console, progress, name)
+    init_weights = load_weights(req.init) if req.init and start_kind(req.init) != RANDOM else None
     cfg = req.train
     console.print(f"[bold]compress finetune[/] model={req.model} optimizer={cfg.optimizer} lr={cfg.lr:g} "
                   f"λ={cfg.lam:g} epochs={cfg.epochs} milestones={cfg.milestones} → {req.out}")
@@ -211,10 +212,46 @@ def run_request(req: FinetuneRequest, console=None, progress: bool = True):
     return finetune(net, train_data, eval_data, example, req.out, cfg, **common)
 
 
-def resume_run(run: str | Path, lr: float | None = None, console=None, progress: bool = True):
-    """Continue an interrupted run directory with its saved settings (`lr` may be lowered, not for a budget)."""
+def _with_start(req: FinetuneRequest, console, progress: bool, name=None) -> FinetuneRequest:
+    """`init` dense → the cached dense baseline (trained first when missing); no `init` on a sparse run → a
+    warning (compress.train.baseline)."""
+    from compress.train.baseline import DENSE, dense_baseline, start_kind, warn_random_start
+
+    if start_kind(req.init) == DENSE:
+        weights = dense_baseline(req.model, ":" not in req.model, req.train, console, progress)
+        return dataclasses.replace(req, init=weights)
+    if req.init is None:
+        warn_random_start(console, sparse=req.budget is not None or req.train.lam > 0, name=name)
+    return req
+
+
+def prepared(req: FinetuneRequest):
+    """(request, model, example input, data) after the preflight (compress.preflight); the request gains
+    the input shape when it was taken from the data, so export and resume rebuild the same example."""
+    import torch
+
+    from compress.models.userspec import parse_input_shape, resolve_model
+    from compress.preflight import example_from, first_batch, preflight
+
+    spec = resolve_model(req.model, parse_input_shape(req.input_shape))
+    torch.manual_seed(req.train.seed)  # the model's random init is part of the run: same seed, same bits
+    net = spec.build()
+    data = data_for(spec, req.data)
+    x, y = first_batch(data[0])
+    checked = example_from(spec, x, req.input_shape is not None)
+    example = checked.example
+    output = preflight(net, x, y, example, req.output, data)
+    req = dataclasses.replace(req, input_shape=checked.input_shape or req.input_shape, output=output)
+    return req, net, example, data
+
+
+def resume_run(run: str | Path, lr: float | None = None, console=None, progress: bool = True,
+               epochs: int | None = None):
+    """Continue an interrupted run directory with its saved settings (`lr` may be lowered, not for a budget);
+    `epochs` extends an interrupted or finished run (how the schedule extends: loop._extended)."""
     from compress.models.userspec import parse_input_shape, resolve_model
     from compress.runs import read_config
+    from compress.structure.outputs import select_output
 
     run = Path(run)
     saved = read_config(run, "nothing to resume")
@@ -223,36 +260,39 @@ def resume_run(run: str | Path, lr: float | None = None, console=None, progress:
                         "compress.finetune(model, ..., resume=True)")
     spec = resolve_model(saved["model"], parse_input_shape(saved.get("input_shape")))
     train_data, eval_data = data_for(spec, saved.get("data"))
+    net = select_output(spec.build(), saved.get("output"))
     if "budget" in saved:
         from compress.budget.runner import finetune_to_budget
 
-        if lr is not None:
-            raise UserError("a budget run resumes with its saved settings; `lr` cannot be changed", field="lr")
-        return finetune_to_budget(spec.build(), train_data, eval_data, spec.example_input(1), run, resume=True,
+        if lr is not None or epochs is not None:
+            what = "lr" if lr is not None else "epochs"
+            raise UserError(f"a budget run resumes with its saved settings; `{what}` cannot be changed", field=what)
+        return finetune_to_budget(net, train_data, eval_data, spec.example_input(1), run, resume=True,
                                   console=console, progress=progress)
     from compress.train.loop import finetune
 
-    return finetune(spec.build(), train_data, eval_data, spec.example_input(1), run, resume=True,
-                    resume_lr=lr, console=console, progress=progress)
+    return finetune(net, train_data, eval_data, spec.example_input(1), run, resume=True,
+                    resume_lr=lr, resume_epochs=epochs, console=console, progress=progress)
 
 
 def finetune_from(options: FinetuneOptions, *, config_file: str | Path | None = None,
                   resume: str | Path | None = None, force: bool = False, console=None,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, name=None) -> Path:
     """The `compress finetune` command: a new run from options (+ TOML file), or `resume` a run.
     Returns the run directory."""
     if resume is None:
         req = build_request(options, config_file, force)
-        run_request(req, console=console, progress=progress)
+        run_request(req, console=console, progress=progress, name=name)
         return req.out
     given = options.given()
     if "out" in given and Path(given["out"]) != Path(resume):
         raise UserError("give either `resume` RUN or `out` RUN, not both", field="resume", fields=("out",))
-    extra = sorted(set(given) - {"out", "lr"}) + (["config"] if config_file is not None else [])
+    extra = sorted(set(given) - {"out", "lr", "epochs"}) + (["config"] if config_file is not None else [])
     if extra:
         raise UserError(f"`resume` continues a run with its saved settings; only `lr` (e.g. lower after a NaN "
-                        f"loss) may be given with it, not `{extra[0]}`", field=extra[0], fields=("resume", "lr"))
-    resume_run(resume, lr=given.get("lr"), console=console, progress=progress)
+                        f"loss) and `epochs` (to make it longer) may be given with it, not `{extra[0]}`",
+                        field=extra[0], fields=("resume", "lr", "epochs"))
+    resume_run(resume, lr=given.get("lr"), console=console, progress=progress, epochs=given.get("epochs"))
     return Path(resume)
 
 
@@ -266,21 +306,3 @@ def data_for(spec, data: str | None):
         raise UserError(f"model {spec.name!r} has no built-in data: give `data` module:function", field="data")
     return spec.data()
 
-
-def checked_example(spec, net):
-    """The example input, with a clear error if the model cannot run on it."""
-    import torch
-
-    from compress.structure.tensors import call_model
-
-    example = spec.example_input(1)
-    try:
-        with torch.no_grad():
-            net.eval()
-            call_model(net, example)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's model failing is the user's to fix
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"the model's forward failed on its example input: {type(e).__name__}: {first}") from e
-    return example

@@ -110,6 +110,7 @@ def load_run(run: str | Path) -> dict:
     """Config, model spec, data and groups of a finished run (weights loaded = the structured point)."""
     from compress.models.userspec import parse_input_shape, resolve_data, resolve_model
     from compress.structure.group import load_groups
+    from compress.structure.outputs import select_output
     from compress.train import checkpoint as ckpt
 
     run = Path(run)
@@ -119,9 +120,9 @@ def load_run(run: str | Path) -> dict:
         raise UserError(f"{run} has no {RUN_FILES['weights']}: training did not finish; "
                         f"continue it with: compress finetune --resume {run}")
     spec = resolve_model(config["model"], parse_input_shape(config.get("input_shape")))
-    model = spec.build()
+    model = select_output(spec.build(), config.get("output"))
     ckpt.load_into(model, ckpt.load_weights(weights), str(weights))
-    dense = spec.build()
+    dense = select_output(spec.build(), config.get("output"))
     ckpt.load_into(dense, ckpt.load_weights(run / RUN_FILES["init"]), str(run / RUN_FILES["init"]))
     data = resolve_data(config["data"], spec) if config.get("data") else (spec.data() if spec.data else None)
     groups = load_groups(run / RUN_FILES["groups"], model)

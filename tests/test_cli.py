@@ -9,9 +9,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, timeout=None):
     return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+                          cwd=cwd or ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
+                          timeout=timeout)
 
 
 def assert_one_line_error(res, *needles):
@@ -84,7 +85,8 @@ def test_end_to_end_with_config_precedence(tmp_path):
     res = cli("export", out)
     assert res.returncode == 0, res.stderr
     rep = json.loads((out / "report.json").read_text())
-    for key in ("dense_accuracy", "compressed_accuracy", "onnx_accuracy", "params_dense", "params_compressed",
+    assert rep["start"] == "random" and "dense_accuracy" not in rep  # a random start is not called "dense"
+    for key in ("start_accuracy", "start_onnx_accuracy", "compressed_accuracy", "onnx_accuracy", "params_dense", "params_compressed",
                 "flops_dense", "flops_compressed", "groups_total", "groups_removed", "max_abs_diff_extract",
                 "max_abs_diff_onnx"):
         assert key in rep, key
@@ -121,6 +123,13 @@ def bad_data():
 def wrong_parts():
     return "train", "eval"
 
+def conv():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+
+def token_ids():
+    ds = torch.utils.data.TensorDataset(torch.randint(0, 9, (16, 64)), torch.randint(0, 10, (16,)))
+    return ds, ds
+
 def digits():
     from compress.models.digits import digits_datasets
     return digits_datasets()
@@ -131,10 +140,13 @@ def digits():
     (["--model", "{f}:raises"], ["raised RuntimeError", "no GPU weights"]),
     (["--model", "{f}:not_a_module"], ["not a torch.nn.Module"]),
     (["--model", "{f}:missing"], ["no callable 'missing'"]),
-    (["--model", "{f}:mlp", "--data", "{f}:digits"], ["needs an example input", "--input-shape"]),
+    (["--model", "{f}:mlp", "--data", "{f}:token_ids"], ["needs an example input", "--input-shape"]),
     (["--model", "{f}:mlp", "--data", "{f}:bad_data", "--input-shape", "1,1,8,8"], ["must return (train, eval)"]),
     (["--model", "{f}:mlp", "--data", "{f}:wrong_parts", "--input-shape", "1,1,8,8"], ["not a torch Dataset"]),
-    (["--model", "{f}:mlp", "--data", "{f}:digits", "--input-shape", "1,3,32,32"], ["forward failed", "example input"]),
+    (["--model", "{f}:mlp", "--data", "{f}:digits", "--input-shape", "1,3,32,32"],
+     ["training inputs have shape 1×8×8 per sample", "3×32×32", "give --input-shape 1,1,8,8"]),
+    (["--model", "{f}:conv", "--data", "{f}:digits", "--input-shape", "1,1,8,8"],
+     ["forward failed on a training batch of shape (8, 1, 8, 8)", "RuntimeError"]),
     (["--model", "{f}:mlp", "--data", "{f}:digits", "--input-shape", "1,-3"], ["--input-shape must be"]),
     (["--lr", "0"], ["--lr must be positive"]),
     (["--epochs", "0"], ["--epochs must be positive"]),
@@ -166,7 +178,7 @@ def test_resume_refuses_other_settings(tmp_path):
     out = tmp_path / "r"
     out.mkdir()
     (out / "config.json").write_text('{"model": "digits-resnet", "train": {}}')
-    assert_one_line_error(cli("finetune", "--resume", out, "--epochs", "5"), "only --lr")
+    assert_one_line_error(cli("finetune", "--resume", out, "--lam", "5"), "only --lr", "--epochs", "not --lam")
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -75,8 +75,8 @@ def test_cli_passes_every_option():
 
 def test_resume_refuses_other_options_before_reading_anything(tmp_path):
     with pytest.raises(UserError) as e:
-        finetune_from(FinetuneOptions(epochs=5), resume=tmp_path / "missing")
-    assert e.value.field == "epochs" and "only lr" in str(e.value)
+        finetune_from(FinetuneOptions(lam=5.0), resume=tmp_path / "missing")
+    assert e.value.field == "lam" and "only lr" in str(e.value)
     with pytest.raises(UserError, match="not a run directory"):
         finetune_from(FinetuneOptions(lr=1e-4), resume=tmp_path)
 

@@ -213,6 +213,9 @@ def benchmark(
         raise UserError("batch sizes must be positive integers")
     thread_list = _thread_list(threads)
     providers = _providers(providers)
+    from compress.deploy.signature import check_same_signature
+
+    check_same_signature(dense_path, compressed_path, _load(dense_path), _load(compressed_path))
     inputs, models = _describe_models(dense_path, compressed_path)
     flop_info = _flop_info(torch_models, flops, models, inputs, seq_len, input_shapes, seed)
     flop_ratio = flop_info["dense"] / max(flop_info["compressed"], 1) if flop_info else None

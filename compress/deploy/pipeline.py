@@ -45,18 +45,25 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
     if task_report is not None:
         with console.status("task metrics of the dense and compressed models"):
             report["task"] = task_report(r["dense"], small, eval_data)
+    _drop_stale_bench(run, console)
     atomic_write_json(run / RUN_FILES["report"], report)
     print_report(report, console)
     return report
 
 
+def start_name(config: dict) -> str:
+    """What the starting point is called: "dense" (trained weights given as `init`), else "start" — a run from
+    random weights has no dense model to compare with, and the report must not call it one."""
+    return "dense" if config.get("init") not in (None, "random") else "start"
+
+
 def _accuracies(r: dict, small, eval_data, console) -> dict:
-    """Top-1 of the dense, fine-tuned and compressed models on the run's held-out data."""
+    """Top-1 of the starting (dense), fine-tuned and compressed models on the run's held-out data."""
     if eval_data is None:
         return {}
     dev = torch.device("cpu")
-    with console.status("evaluating dense, fine-tuned and compressed models"):
-        return {"dense_accuracy": evaluate(r["dense"], eval_data, dev)["accuracy"],
+    with console.status("evaluating the starting, fine-tuned and compressed models"):
+        return {f"{start_name(r['config'])}_accuracy": evaluate(r["dense"], eval_data, dev)["accuracy"],
                 "finetuned_accuracy": evaluate(r["model"], eval_data, dev)["accuracy"],
                 "compressed_accuracy": evaluate(small, eval_data, dev)["accuracy"]}
 
@@ -75,12 +82,14 @@ def _run_report(r: dict, small, example, ext: dict, onnx: dict, acc: dict, align
 
     dense_onnx, comp_onnx = onnx["dense"], onnx["compressed"]
     flops_dense, flops_comp = count_flops(r["dense"], example), count_flops(small, example)
+    start = start_name(r["config"])
     return {
         "run": str(r["run"]),
         "model": r["config"]["model"],
+        "start": r["config"].get("init") or "random",  # the init weights, or "random"
         **acc,
         "onnx_accuracy": comp_onnx.get("onnx_accuracy"),
-        "dense_onnx_accuracy": dense_onnx.get("onnx_accuracy"),
+        f"{start}_onnx_accuracy": dense_onnx.get("onnx_accuracy"),
         "params_dense": count_params(r["dense"]),
         "params_compressed": count_params(small),
         "flops_dense": flops_dense,
@@ -127,14 +136,16 @@ def print_report(report: dict, console) -> None:
     def pct(v):
         return "–" if v is None else f"{100 * v:.2f}%"
 
+    start = "start" if report.get("start") == "random" else "dense"
     t = Table(title=f"compress export — {report['run']}", show_lines=False)
     t.add_column("")
-    t.add_column("dense", justify="right")
+    t.add_column("dense" if start == "dense" else "start (random weights)", justify="right")
     t.add_column("compressed", justify="right")
     t.add_column("ratio", justify="right")
     metric = "mean cosine" if report.get("task", {}).get("task") == "embedding" else "accuracy"  # the wrapper's score
-    t.add_row(f"{metric} (torch)", pct(report.get("dense_accuracy")), pct(report.get("compressed_accuracy")), "")
-    t.add_row(f"{metric} (ONNX Runtime)", pct(report.get("dense_onnx_accuracy")), pct(report.get("onnx_accuracy")), "")
+    t.add_row(f"{metric} (torch)", pct(report.get(f"{start}_accuracy")), pct(report.get("compressed_accuracy")), "")
+    t.add_row(f"{metric} (ONNX Runtime)", pct(report.get(f"{start}_onnx_accuracy")), pct(report.get("onnx_accuracy")),
+              "")
     t.add_row("parameters", f"{report['params_dense']:,}", f"{report['params_compressed']:,}",
               f"{report['params_dense'] / max(report['params_compressed'], 1):.2f}×")
     t.add_row("FLOPs / sample", f"{report['flops_dense']:,}", f"{report['flops_compressed']:,}",
@@ -163,6 +174,25 @@ def print_task(task: dict, console) -> None:
     if "cosine" in task:
         console.print(f"held-out ({task['sentences']} sentences): mean cosine to dense {task['cosine']:.4f}, "
                       f"nearest-neighbour agreement {task['nn_agreement']:.3f}")
+
+
+def _drop_stale_bench(run: Path, console) -> None:
+    """A new export makes the old measurements describe files that are gone: remove them."""
+    from compress.runs import RUN_FILES
+
+    stale = [run / RUN_FILES[k] for k in ("bench", "bench_plot", "bench_int8") if (run / RUN_FILES[k]).is_file()]
+    for p in stale:
+        p.unlink()
+    if stale:
+        console.print(f"removed {', '.join(p.name for p in stale)}: measured on the previous export; "
+                      f"measure again with: compress bench {run}")
+
+
+def bench_files(run: Path) -> dict:
+    """sha256 of the ONNX files a run's bench measures: bench.json records them, inspect compares."""
+    from compress.files import sha256_of
+
+    return {name: sha256_of(run / name) for name in ("dense.onnx", "model.onnx") if (run / name).is_file()}
 
 
 def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds: int | None = None,
@@ -201,6 +231,7 @@ def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds
         result = benchmark(dense, comp, **kw)
     if lat:
         result["latency_target"] = latency_vs_prediction(lat, result)
+    result["files"] = bench_files(run)
     atomic_write_json(run / RUN_FILES["bench"], result)
     plot_bench(result, run / RUN_FILES["bench_plot"])
     print_bench_table(result, console)

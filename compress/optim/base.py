@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from compress.optim.group_index import GroupIndex
-from compress.optim.interface import StructuredOptimizer
+from compress.optim.interface import StructuredOptimizer, recalibrate_for
 from compress.optim.kernels import (
     COMPILE_MIN_NUMEL,
     COMPILE_MIN_TENSOR,
@@ -332,12 +332,14 @@ class ProxOptimizer(StructuredOptimizer, torch.optim.Optimizer):
                     p.detach().copy_(w)
 
     @torch.no_grad()
-    def commit_structured_point(self) -> None:
-        """Copy Ŵ into the parameters for good (before extraction/export)."""
+    def commit_structured_point(self, model: torch.nn.Module | None = None, data=None) -> None:
+        """Copy Ŵ into the parameters for good (before extraction/export); given the `model` and training
+        `data`, recalibrate its BatchNorm statistics for Ŵ (refused without `data`: see `recalibrate_for`)."""
         if self._has_w_hat:
             for p, w in zip(self.index.params, self._structured_tensors()):
                 if w.data_ptr() != p.data_ptr():
                     p.detach().copy_(w)
+        recalibrate_for(model, data)
 
     @torch.no_grad()
     def group_norms(self) -> Tensor:

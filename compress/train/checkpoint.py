@@ -160,4 +160,25 @@ def write_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, st
     """The one writer of tensor files (weights, checkpoints, compressed models): CPU copies, written to a
     temp file that is then renamed over `path`, so a crash never leaves a torn file."""
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    atomic_write_with(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
+
+    def write(tmp):
+        save_file(sd, tmp, metadata=metadata)
+        if metadata and len(metadata) > 1:
+            _sort_metadata(tmp)
+
+    atomic_write_with(path, write)
+
+
+def _sort_metadata(path) -> None:
+    """safetensors writes its metadata in hash-map order, which changes from process to process: sort it,
+    so the same run writes the same bytes (the header is JSON; tensor offsets count from its end)."""
+    import struct
+
+    data = Path(path).read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data[8 + n:])

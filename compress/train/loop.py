@@ -58,6 +58,7 @@ def finetune(
     run_info: dict | None = None,
     resume: bool = False,
     resume_lr: float | None = None,
+    resume_epochs: int | None = None,
     force: bool = False,
     loss_fn: Callable | None = None,
     epoch_callbacks: list[Callable] = (),
@@ -84,7 +85,7 @@ def finetune(
     from rich.console import Console
 
     out = Path(out)
-    cfg, state = _config(out, config, resume, resume_lr)
+    cfg, state = _config(out, config, resume, resume_lr, resume_epochs)
     device, ctx, console, progress = _context(cfg, dist_ctx, console or Console(), progress)
     run = Run(out=out, cfg=cfg, model=model, device=device, ctx=ctx, console=console, progress=progress,
               loss_fn=_task_loss(model, loss_fn), train_data=train_data, eval_data=eval_data,
@@ -96,8 +97,10 @@ def finetune(
     return RunResult(out=out, metrics=run.metrics, model=model, optimizer=run.opt, groups=run.groups)
 
 
-def _config(out: Path, config: TrainConfig | None, resume: bool, resume_lr: float | None):
-    """(the run's validated TrainConfig, the checkpoint to resume from or None)."""
+def _config(out: Path, config: TrainConfig | None, resume: bool, resume_lr: float | None,
+            resume_epochs: int | None = None):
+    """(the run's validated TrainConfig, the checkpoint to resume from or None). `resume_epochs` extends
+    (or shortens) a resumed run, a finished one too: see `_extended`."""
     if not resume:
         cfg = (config or TrainConfig()).resolved()
         cfg.validate()
@@ -110,11 +113,27 @@ def _config(out: Path, config: TrainConfig | None, resume: bool, resume_lr: floa
         cfg.validate()
         saved["train"]["lr"] = resume_lr
         atomic_write_json(out / RUN_FILES["config"], saved)
+    if resume_epochs is not None:
+        _extended(cfg, saved, state["info"], resume_epochs, out)
+        atomic_write_json(out / RUN_FILES["config"], saved)
     if state["info"].get("status") == "done":
-        raise UserError(f"run {out} already finished; start a new run with `init` {out / RUN_FILES['weights']}",
-                        fields=("init",))
+        raise UserError(f"run {out} already finished; make it longer with `resume` {out} and more `epochs`, or "
+                        f"start a new run with `init` {out / RUN_FILES['weights']}", fields=("init", "resume", "epochs"))
     cfg.validate()
     return cfg, state
+
+
+def _extended(cfg: TrainConfig, saved: dict, info: dict, epochs: int, out: Path) -> None:
+    """`epochs` in place of the saved number. The schedule is a function of the epoch and `epochs`: the
+    step schedule keeps its milestones (the lr stays at its last value, RAMDA does not restart) and the
+    averaging-weight ramp after the last milestone spans the new length; the cosine schedule is
+    stretched over the new length (a finished run's lr rises again to its value at the old end)."""
+    if epochs <= info["epoch"]:
+        raise UserError(f"run {out} has trained {info['epoch']} epochs; `epochs` must be more than that, "
+                        f"got {epochs}", field="epochs")
+    cfg.epochs = saved["train"]["epochs"] = epochs
+    if info.get("status") == "done":
+        info["status"] = "running"
 
 
 def _context(cfg: TrainConfig, dist_ctx, console, progress: bool):
