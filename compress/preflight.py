@@ -72,12 +72,14 @@ def preflight(net: torch.nn.Module, x, y, example, output: str | None = None, da
             with torch.no_grad():
                 _forward(net, example, "its example input" + _shape_text(example), "")
             out, output = _chosen_output(net, out, output)
-            _check_labels(out, y)
-            for part in data:
-                if isinstance(part, torch.utils.data.TensorDataset) and len(part.tensors) == 2:
-                    _check_labels(out, part.tensors[1])
+            task_loss = getattr(net, "compress_loss", None)  # a wrapper's own task (hf embeddings: distillation)
+            if task_loss is None:
+                _check_labels(out, y)
+                for part in data:
+                    if isinstance(part, torch.utils.data.TensorDataset) and len(part.tensors) == 2:
+                        _check_labels(out, part.tensors[1])
             try:
-                loss = F.cross_entropy(out, y)
+                loss = (task_loss or F.cross_entropy)(out, y)
                 loss.backward()
             except Exception as e:  # noqa: BLE001
                 raise UserError(f"the loss (cross-entropy of outputs{_shape_text(out)} against labels"
