@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.deploy.bench_report import plot_bench, print_bench_table  # noqa: F401 — importable here too
+from compress.deploy.onnx_inputs import graph_inputs, initializer_elements, load_onnx, make_feed, resolve_shapes
 from compress.errors import UserError
 
 
@@ -29,83 +30,6 @@ def all_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def _load(path) -> object:
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 — protobuf raises several types
-        raise UserError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
-
-
-def _initializer_elements(proto) -> int:
-    return int(sum(int(np.prod(t.dims)) if len(t.dims) else 1 for t in proto.graph.initializer))
-
-
-def _graph_inputs(proto) -> list[tuple[str, list, np.dtype]]:
-    """(name, dims, numpy dtype) of the real inputs (initializers listed as inputs excluded);
-    a dim is an int, a symbolic name, or None."""
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    inits = {t.name for t in proto.graph.initializer}
-    out = []
-    for i in proto.graph.input:
-        if i.name in inits:
-            continue
-        tt = i.type.tensor_type
-        if not tt.elem_type:
-            raise UserError(f"input {i.name!r} is not a tensor; only tensor inputs can be benchmarked")
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-        out.append((i.name, dims, np.dtype(tensor_dtype_to_np_dtype(tt.elem_type))))
-    return out
-
-
-def resolve_shapes(inputs, batch: int, seq_len: int, input_shapes: dict | None) -> dict[str, tuple]:
-    """Concrete shape of every input: `input_shapes` may give a full shape per input name
-    (None / -1 / a string in it = dynamic) or a value per symbolic dim name ({"seq": 64});
-    a dynamic dim 0 is the batch, any other dynamic dim is `seq_len`."""
-    over = input_shapes or {}
-    names = {n for n, _, _ in inputs}
-    for k in over:
-        if k not in names and not isinstance(over[k], int):
-            raise UserError(f"input_shapes names {k!r}, which is neither an input ({', '.join(sorted(names))}) "
-                            "nor a symbolic dimension given as an int")
-    shapes = {}
-    for name, dims, _ in inputs:
-        spec = list(over[name]) if name in over else list(dims)
-        if name in over and len(spec) != len(dims) and dims:
-            raise UserError(f"input_shapes[{name!r}] has rank {len(spec)}, the graph's input has rank {len(dims)}")
-        out = []
-        for ax, d in enumerate(spec):
-            if isinstance(d, (int, np.integer)) and d > 0:
-                out.append(int(d))
-            elif isinstance(d, str) and isinstance(over.get(d), int):
-                out.append(int(over[d]))
-            else:
-                out.append(batch if ax == 0 else seq_len)
-        shapes[name] = tuple(out)
-    return shapes
-
-
-def make_feed(inputs, shapes: dict[str, tuple], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs that every model accepts: normal floats, ones for masks, ids in {0, 1}
-    (valid for any vocabulary and for token-type embeddings)."""
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for name, _, dt in inputs:
-        shape = shapes[name]
-        if np.issubdtype(dt, np.floating):
-            feed[name] = rng.standard_normal(shape).astype(dt)
-        elif dt == np.bool_ or "mask" in name.lower():
-            feed[name] = np.ones(shape, dtype=dt)
-        else:
-            feed[name] = rng.integers(0, 2, shape).astype(dt)
-    return feed
 
 
 def _stats(ns: list[int]) -> dict:
@@ -215,7 +139,7 @@ def benchmark(
     providers = _providers(providers)
     from compress.deploy.signature import check_same_signature
 
-    check_same_signature(dense_path, compressed_path, _load(dense_path), _load(compressed_path))
+    check_same_signature(dense_path, compressed_path, load_onnx(dense_path), load_onnx(compressed_path))
     inputs, models = _describe_models(dense_path, compressed_path)
     flop_info = _flop_info(torch_models, flops, models, inputs, seq_len, input_shapes, seed)
     flop_ratio = flop_info["dense"] / max(flop_info["compressed"], 1) if flop_info else None
@@ -265,15 +189,15 @@ def _providers(providers) -> list[str]:
 
 def _describe_models(dense_path, compressed_path) -> tuple[list, dict]:
     """(the shared graph inputs, per model: path, file size, ONNX parameter count, inputs)."""
-    protos = [_load(dense_path), _load(compressed_path)]
-    ins = [_graph_inputs(p) for p in protos]
+    protos = [load_onnx(dense_path), load_onnx(compressed_path)]
+    ins = [graph_inputs(p) for p in protos]
     if [n for n, _, _ in ins[0]] != [n for n, _, _ in ins[1]]:
         raise UserError(f"the models' inputs differ: {dense_path} takes {[n for n, _, _ in ins[0]]}, "
                         f"{compressed_path} takes {[n for n, _, _ in ins[1]]}")
     models = {}
     for key, path, proto, inp in zip(("dense", "compressed"), (dense_path, compressed_path), protos, ins):
         models[key] = {"path": str(path), "file_bytes": Path(path).stat().st_size,
-                       "params_onnx": _initializer_elements(proto),
+                       "params_onnx": initializer_elements(proto),
                        "inputs": {n: [d if d is not None else "?" for d in dims] for n, dims, _ in inp}}
     return ins[0], models
 
