@@ -220,7 +220,9 @@ def _with_start(req: FinetuneRequest, console, progress: bool, name=None) -> Fin
     if start_kind(req.init) == DENSE:
         weights = dense_baseline(req.model, ":" not in req.model, req.train, console, progress)
         return dataclasses.replace(req, init=weights)
-    if req.init is None:
+    from compress.models import is_pretrained
+
+    if req.init is None and not is_pretrained(req.model):
         warn_random_start(console, sparse=req.budget is not None or req.train.lam > 0, name=name)
     return req
 

@@ -54,7 +54,10 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
 def start_name(config: dict) -> str:
     """What the starting point is called: "dense" (trained weights given as `init`), else "start" — a run from
     random weights has no dense model to compare with, and the report must not call it one."""
-    return "dense" if config.get("init") not in (None, "random") else "start"
+    from compress.models import is_pretrained
+
+    trained = config.get("init") not in (None, "random") or (config.get("init") is None and is_pretrained(config.get("model")))
+    return "dense" if trained else "start"
 
 
 def _accuracies(r: dict, small, eval_data, console) -> dict:
@@ -86,7 +89,7 @@ def _run_report(r: dict, small, example, ext: dict, onnx: dict, acc: dict, align
     return {
         "run": str(r["run"]),
         "model": r["config"]["model"],
-        "start": r["config"].get("init") or "random",  # the init weights, or "random"
+        "start": r["config"].get("init") or ("pretrained" if start == "dense" else "random"),  # init weights
         **acc,
         "onnx_accuracy": comp_onnx.get("onnx_accuracy"),
         f"{start}_onnx_accuracy": dense_onnx.get("onnx_accuracy"),

@@ -22,6 +22,11 @@ class ModelSpec:
     data_from: Callable[[str | None], tuple] | None = None
 
 
+def is_pretrained(model: str | None) -> bool:
+    """A `model` string that loads trained weights itself (hf:PATH): its start is a dense model, not random."""
+    return isinstance(model, str) and model.startswith("hf:")
+
+
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
