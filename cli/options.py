@@ -46,6 +46,13 @@ Init = Annotated[Path | None, typer.Option(help="Start from these weights (safet
 Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda. \\[default: auto]")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch. Small models train fastest on 1, "
                                                 "and so does any model on a busy machine. \\[default: torch's]")]
+Distill = Annotated[str | None, typer.Option(
+    help="Knowledge distillation from the starting model (a frozen copy of the --init weights): kl (classification "
+         "logits, with --distill-temperature), cosine or mse (embeddings/outputs), none. \\[default: none]")]
+DistillTemperature = Annotated[float | None, typer.Option(help="Softmax temperature of --distill kl. "
+                                                              "\\[default: 4]")]
+DistillAlpha = Annotated[float | None, typer.Option(help="Weight of the distillation term; the task loss gets "
+                                                        "1 − this. \\[default: 0.9]")]
 TargetFlops = Annotated[float | None, typer.Option(
     help="Budget instead of λ: the exported model's FLOPs as a fraction of the dense model, e.g. 0.5. λ is found "
          "automatically.")]

@@ -1,0 +1,123 @@
+"""Ablations of the budget path against Torch-Pruning magnitude pruning, digits-resnet, several seeds.
+
+Every variant starts from the same dense weights (`--init`, e.g. a `compress finetune --optimizer adamw
+--lam 0 --epochs 30 --schedule cosine --weight-decay 1e-4` run) and trains the same number of epochs:
+
+  default   compress finetune --target-flops F (the budget path as shipped)
+  distill   + --distill kl (teacher: the dense start)
+  long      + --milestones 18 (freeze at 18 of 30: final phase 12 epochs instead of 8)
+  rewind    + --rewind init
+  tp        Torch-Pruning MagnitudePruner (group L2, global, small steps) to F, then AdamW lr 1e-3 wd 1e-4 cosine
+            for all epochs (examples/compare's tp-magnitude, seeded)
+
+Accuracy is that of the extracted model on the held-out split (budget.json's for ours). Results append
+to OUT/results.jsonl (one line per run, so an interrupted sweep keeps what it measured);
+`--table` prints mean / min / max per variant.
+
+    python examples/ablation_digits.py --init runs/dense/weights.safetensors --seeds 0,1,2 --out runs/ablation
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "default": [],
+    "distill": ["--distill", "kl"],
+    "long": ["--milestones", "18"],
+    "rewind": ["--rewind", "init"],
+    "distill-long": ["--distill", "kl", "--milestones", "18"],
+}
+
+
+def run_ours(variant: str, seed: int, args) -> dict:
+    out = Path(args.out) / f"{variant}-s{seed}"
+    cmd = [str(Path(sys.executable).with_name("compress")), "finetune", "--model", "digits-resnet", "--init",
+           args.init, "--target-flops", str(args.fraction), "--epochs", str(args.epochs), "--threads", "1",
+           "--seed", str(seed), "--quiet", "--force", "--out", str(out), *VARIANTS[variant], *args.extra]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    b = json.loads((out / "budget.json").read_text())
+    widths = b["freeze"].get("alignment", {}).get("widths") or b["freeze"].get("widths")
+    return {"accuracy": b["accuracy"], "flops": b["achieved"]["flops_fraction"], "widths": widths,
+            "seconds": time.perf_counter() - t0, "command": " ".join(cmd[1:])}
+
+
+def run_tp(seed: int, args) -> dict:
+    """examples/compare's tp-magnitude with the data order and torch seed of `seed`."""
+    sys.path.insert(0, str(Path(__file__).parent / "compare"))
+    import torch
+    import torch.nn.functional as F
+    from common import cosine_lr, tensor_batches, train_loop
+    from tp_peers import make_pruner, prune_to_flops
+
+    from compress.models import get_model
+    from compress.train.checkpoint import load_weights
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    spec = get_model("digits-resnet")
+    (tr, te), m, example = spec.data(), spec.build(), spec.example_input(1)
+    m.load_state_dict(load_weights(args.init))
+    t0 = time.perf_counter()
+    pr = make_pruner("magnitude", m, example, [m.fc], steps=200, max_ratio=0.95)
+    reached = prune_to_flops(m, pr, example, args.fraction, steps=200)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-4)
+    train_loop(m, tensor_batches(tr.tensors[:1], tr.tensors[1], 64, seed), args.epochs, opt,
+               cosine_lr(1e-3, args.epochs), F.cross_entropy)
+    m.eval()
+    with torch.no_grad():
+        acc = float((m(te.tensors[0]).argmax(1) == te.tensors[1]).float().mean())
+    widths = {n: mod.out_channels for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)}
+    return {"accuracy": acc, "flops": reached["flop_fraction"], "widths": widths,
+            "seconds": time.perf_counter() - t0, "command": f"ablation_digits.py tp seed {seed}"}
+
+
+def table(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by: dict[str, list] = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append(r)
+    lines = ["| variant | seeds | accuracy mean | min | max | FLOPs |", "|---|---|---|---|---|---|"]
+    for v, rs in by.items():
+        a = [r["accuracy"] for r in rs]
+        lines.append(f"| {v} | {','.join(str(r['seed']) for r in rs)} | {100 * statistics.mean(a):.2f}% | "
+                     f"{100 * min(a):.2f}% | {100 * max(a):.2f}% | {statistics.mean(r['flops'] for r in rs):.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--init", default="runs/dense/weights.safetensors")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--variants", default="default,distill,long,rewind,tp")
+    ap.add_argument("--fraction", type=float, default=0.1)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--table", action="store_true", help="only print the table of OUT/results.jsonl")
+    ap.add_argument("extra", nargs="*", help="extra `compress finetune` flags for our variants (after --)")
+    args = ap.parse_args(argv)
+    res = Path(args.out) / "results.jsonl"
+    if args.table:
+        print(table(res))
+        return 0
+    res.parent.mkdir(parents=True, exist_ok=True)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for v in args.variants.split(","):
+            r = run_tp(seed, args) if v == "tp" else run_ours(v, seed, args)
+            r.update(variant=v, seed=seed, fraction=args.fraction, epochs=args.epochs)
+            with res.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(f"{v:14s} seed {seed}  acc {100 * r['accuracy']:.2f}%  FLOPs {r['flops']:.3f}  "
+                  f"{r['seconds']:.0f}s  widths {r['widths']}", flush=True)
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
