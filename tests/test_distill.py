@@ -114,3 +114,13 @@ def test_bad_distill_settings_name_their_field(kw, field):
     with pytest.raises(UserError) as e:
         TrainConfig(**kw).resolved().validate()
     assert e.value.field == field and "--" not in str(e.value)
+
+
+def test_request_carries_the_distill_settings(tmp_path):
+    from compress.request import FinetuneOptions, build_request
+
+    req = build_request(FinetuneOptions(out=tmp_path / "r", target_flops=0.5, distill="kl", distill_temperature=2.0))
+    assert (req.train.distill, req.train.distill_temperature, req.train.distill_alpha) == ("kl", 2.0, 0.9)
+    with pytest.raises(UserError) as e:
+        build_request(FinetuneOptions(out=tmp_path / "r2", distill="soft"))
+    assert e.value.field == "distill"

@@ -260,8 +260,9 @@ class BudgetController:
             if self.align_meter is not None and bool((mask != pre).any()):
                 mask, info["alignment"]["measured"] = measured_alignment(
                     self.cm, pre, mask, self.kind, target, self.align_meter, log=self.log)
+                info["alignment"]["widths"] = info["alignment"]["measured"]["chosen"]["widths"]
                 if not bool((mask != pre).any()):
-                    info["alignment"].update(align=1, widths=info["alignment"]["widths_before"])
+                    info["alignment"]["align"] = 1
         added, revived = mask & ~zero, zero & ~mask
         self._commit(opt, revived)
         if self.rewind == "init":

@@ -51,7 +51,8 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     `final_optimizer`: "adamw" or "same" (`BudgetController`; None: its default). `rewind`: "init" resets
     the model to its starting weights (out/init.safetensors) at the freeze, before the AdamW phase. `align`: at the freeze every
     channel/neuron width keeps a multiple of this many groups (`align_widths`; None: `simd_block()`,
-    1: off), so the exported model runs on ONNX Runtime's blocked kernels; with `measure_alignment` (default)
+    1: off), so the exported model runs on ONNX Runtime's blocked kernels; with `measure_alignment` (default;
+    not when `align` is given: that is the caller's decision)
     each width alignment changed is kept only where ONNX Runtime measures it faster (at the budget's batch
     and threads; `measured_alignment`), and budget.json's freeze.alignment.measured says so. Other keyword
     arguments go to `compress.train.finetune` (force, init_weights, run_info, loss_fn, callbacks,
@@ -72,7 +73,7 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     ctl_kw = {k: v for k, v in setup.controller.items() if k != "lam0"}
     ctl_kw.update({k: v for k, v in (("align", align), ("final_optimizer", final_optimizer), ("rewind", rewind))
                    if v is not None})
-    if measure_alignment and "align_meter" not in ctl_kw:
+    if measure_alignment and align is None and "align_meter" not in ctl_kw:  # an explicit `align` is the user's call
         ctl_kw["align_meter"] = _align_meter(model, example_inputs, setup, latency, latency_time_budget_s, console)
     ctl = _controller(out, setup, train_data, target, latency, ctl_kw, console)
     ctl_kw.pop("align_meter", None)  # not JSON: config.json records the controller's other settings
