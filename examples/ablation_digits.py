@@ -10,7 +10,8 @@ Every variant starts from the same dense weights (`--init`, e.g. a `compress fin
   tp        Torch-Pruning MagnitudePruner (group L2, global, small steps) to F, then AdamW lr 1e-3 wd 1e-4 cosine
             for all epochs (examples/compare's tp-magnitude, seeded)
 
-Accuracy is that of the extracted model on the held-out split (budget.json's for ours). Results append
+Accuracy is that of the extracted model on the held-out split (budget.json's for ours); speed: ONNX Runtime,
+1 thread, batch 1 and 32, interleaved with the dense export (compress.benchmark). Results append
 to OUT/results.jsonl (one line per run, so an interrupted sweep keeps what it measured);
 `--table` prints mean / min / max per variant.
 
@@ -32,6 +33,8 @@ VARIANTS = {
     "long": ["--milestones", "18"],
     "rewind": ["--rewind", "init"],
     "distill-long": ["--distill", "kl", "--milestones", "18"],
+    "distill-t1": ["--distill", "kl", "--distill-temperature", "1", "--distill-alpha", "0.5"],
+    "align16": ["--align", "16"],  # the alignment assumed, not measured (the behaviour before issue 21)
 }
 
 
@@ -44,8 +47,42 @@ def run_ours(variant: str, seed: int, args) -> dict:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     b = json.loads((out / "budget.json").read_text())
     widths = b["freeze"].get("alignment", {}).get("widths") or b["freeze"].get("widths")
+    seconds = time.perf_counter() - t0
+    from compress.deploy.pipeline import export_run
+
+    export_run(out, console=_quiet())
     return {"accuracy": b["accuracy"], "flops": b["achieved"]["flops_fraction"], "widths": widths,
-            "seconds": time.perf_counter() - t0, "command": " ".join(cmd[1:])}
+            "seconds": seconds, "command": " ".join(cmd[1:]), **_speed(out / "model.onnx", args),
+            "alignment_measured": b.get("alignment_measured")}
+
+
+def _quiet():
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
+
+
+def _speed(onnx_path: Path, args) -> dict:
+    """ORT speedup over the shared dense export at batch 1 and 32, 1 thread, interleaved (compress.benchmark)."""
+    from compress.deploy.bench import benchmark
+
+    res = benchmark(Path(args.out) / "dense.onnx", onnx_path, batch_sizes=(1, 32), threads=(1,))
+    return {f"speedup_b{r['batch']}": r["speedup"] for r in res["results"]}
+
+
+def _dense_onnx(args) -> None:
+    from compress.deploy.export import export_onnx
+    from compress.models import get_model
+    from compress.train.checkpoint import load_weights
+
+    path = Path(args.out) / "dense.onnx"
+    if not path.is_file():
+        spec = get_model("digits-resnet")
+        m = spec.build()
+        m.load_state_dict(load_weights(args.init))
+        export_onnx(m.eval(), spec.example_input(1), path, verify=False)
 
 
 def run_tp(seed: int, args) -> dict:
@@ -74,8 +111,13 @@ def run_tp(seed: int, args) -> dict:
     with torch.no_grad():
         acc = float((m(te.tensors[0]).argmax(1) == te.tensors[1]).float().mean())
     widths = {n: mod.out_channels for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)}
+    seconds = time.perf_counter() - t0
+    from compress.deploy.export import export_onnx
+
+    path = Path(args.out) / f"tp-s{seed}.onnx"
+    export_onnx(m, example, path, verify=False)
     return {"accuracy": acc, "flops": reached["flop_fraction"], "widths": widths,
-            "seconds": time.perf_counter() - t0, "command": f"ablation_digits.py tp seed {seed}"}
+            "seconds": seconds, "command": f"ablation_digits.py tp seed {seed}", **_speed(path, args)}
 
 
 def table(path: Path) -> str:
@@ -83,11 +125,14 @@ def table(path: Path) -> str:
     by: dict[str, list] = {}
     for r in rows:
         by.setdefault(r["variant"], []).append(r)
-    lines = ["| variant | seeds | accuracy mean | min | max | FLOPs |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | accuracy mean | min | max | FLOPs | ORT speedup b1 / b32 |",
+             "|---|---|---|---|---|---|---|"]
     for v, rs in by.items():
         a = [r["accuracy"] for r in rs]
         lines.append(f"| {v} | {','.join(str(r['seed']) for r in rs)} | {100 * statistics.mean(a):.2f}% | "
-                     f"{100 * min(a):.2f}% | {100 * max(a):.2f}% | {statistics.mean(r['flops'] for r in rs):.3f} |")
+                     f"{100 * min(a):.2f}% | {100 * max(a):.2f}% | {statistics.mean(r['flops'] for r in rs):.3f} | "
+                     f"{statistics.mean(r.get('speedup_b1', 0) for r in rs):.2f}× / "
+                     f"{statistics.mean(r.get('speedup_b32', 0) for r in rs):.2f}× |")
     return "\n".join(lines)
 
 
@@ -107,14 +152,16 @@ def main(argv=None) -> int:
         print(table(res))
         return 0
     res.parent.mkdir(parents=True, exist_ok=True)
+    _dense_onnx(args)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for v in args.variants.split(","):
             r = run_tp(seed, args) if v == "tp" else run_ours(v, seed, args)
             r.update(variant=v, seed=seed, fraction=args.fraction, epochs=args.epochs)
             with res.open("a") as f:
                 f.write(json.dumps(r) + "\n")
-            print(f"{v:14s} seed {seed}  acc {100 * r['accuracy']:.2f}%  FLOPs {r['flops']:.3f}  "
-                  f"{r['seconds']:.0f}s  widths {r['widths']}", flush=True)
+            print(f"{v:14s} seed {seed}  acc {100 * r['accuracy']:.2f}%  FLOPs {r['flops']:.3f}  speedup "
+                  f"{r['speedup_b1']:.2f}× / {r['speedup_b32']:.2f}×  {r['seconds']:.0f}s  widths {r['widths']}",
+                  flush=True)
     print(table(res))
     return 0
 

@@ -52,7 +52,7 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     the model to its starting weights (out/init.safetensors) at the freeze, before the AdamW phase. `align`: at the freeze every
     channel/neuron width keeps a multiple of this many groups (`align_widths`; None: `simd_block()`,
     1: off), so the exported model runs on ONNX Runtime's blocked kernels; with `measure_alignment` (default;
-    not when `align` is given: that is the caller's decision)
+    not when `align` is given: that is the caller's decision, nor under torchrun, where ranks would time apart)
     each width alignment changed is kept only where ONNX Runtime measures it faster (at the budget's batch
     and threads; `measured_alignment`), and budget.json's freeze.alignment.measured says so. Other keyword
     arguments go to `compress.train.finetune` (force, init_weights, run_info, loss_fn, callbacks,
@@ -73,7 +73,8 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     ctl_kw = {k: v for k, v in setup.controller.items() if k != "lam0"}
     ctl_kw.update({k: v for k, v in (("align", align), ("final_optimizer", final_optimizer), ("rewind", rewind))
                    if v is not None})
-    if measure_alignment and align is None and "align_meter" not in ctl_kw:  # an explicit `align` is the user's call
+    if measure_alignment and align is None and "align_meter" not in ctl_kw and not _data_parallel():
+        # an explicit `align` is the caller's decision; under torchrun ranks would time differently
         ctl_kw["align_meter"] = _align_meter(model, example_inputs, setup, latency, latency_time_budget_s, console)
     ctl = _controller(out, setup, train_data, target, latency, ctl_kw, console)
     ctl_kw.pop("align_meter", None)  # not JSON: config.json records the controller's other settings
@@ -207,6 +208,12 @@ def _latency_model(model, example_inputs, setup: _Setup, measure_latency, calibr
     console.print(f"budget: {budget.describe()} → blocked-FLOP fraction {target:.4f} "
                   f"(fit latency/dense = {latency.fit[0]:.3f} + {latency.fit[1]:.3f}·blocked FLOPs)")
     return latency, target
+
+
+def _data_parallel() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _align_meter(model, example_inputs, setup: _Setup, latency, time_budget_s: float, console):
