@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,16 +219,18 @@ def _data_parallel() -> bool:
 
 def _align_meter(model, example_inputs, setup: _Setup, latency, time_budget_s: float, console):
     """meter(mask, tag) → the pattern's ONNX Runtime latency / dense (extract, export, benchmark), for the
-    freeze's alignment decision; the latency target's own model when there is one (built lazily otherwise:
-    only a freeze that changes widths measures)."""
-    held = {"model": latency}
+    freeze's alignment decision. A latency target is timed as stated (its own latency model); a FLOP or
+    parameter target states no deployment, so 1 thread at batch 1 and 32 (the README's bench settings; 1
+    thread also keeps a busy machine's noise out), their geometric mean. Built lazily: only a freeze whose
+    alignment changes widths measures."""
+    held = {"models": [latency] if latency is not None else None}
 
     def meter(mask, tag):
-        if held["model"] is None:
-            b = setup.budget
-            held["model"] = LatencyModel(model, setup.groups, setup.example, setup.cm, batch=b.batch,
-                                         threads=b.threads, time_budget_s=time_budget_s, log=console.print)
-        return float(held["model"].measure(mask, tag=f"alignment: {tag}")["ratio"])
+        if held["models"] is None:
+            held["models"] = [LatencyModel(model, setup.groups, setup.example, setup.cm, batch=b, threads=1,
+                                           time_budget_s=time_budget_s, log=console.print) for b in (1, 32)]
+        ratios = [float(m.measure(mask, tag=f"alignment: {tag}")["ratio"]) for m in held["models"]]
+        return math.prod(ratios) ** (1 / len(ratios))
 
     return meter
 
