@@ -78,3 +78,15 @@ def test_a_revert_that_breaks_the_budget_keeps_the_aligned_width():
     assert float(cm.cost(_pattern(cm, (32, 19, 16)), "flops")) > target  # 19 channels cost more than 16
     assert rows["layers.0.conv1"]["kept"] == "aligned" and "budget" in rows["layers.0.conv1"]["why"]
     assert _widths(cm, mask)[1] == 16
+
+
+def test_a_revert_that_leaves_the_budget_window_keeps_the_aligned_width():
+    """Reverting the layer whose alignment revived groups alone would waste the budget: below `floor` it stays."""
+    cm = _setup()
+    cm_holder[:] = [cm]
+    pre, aligned = _pattern(cm, (31, 19, 13)), _pattern(cm, (32, 16, 16))
+    floor = float(cm.cost(_pattern(cm, (32, 16, 13)), "flops")) + 1e-9  # 16 → 13 in the last layer falls below
+    mask, rep = measured_alignment(cm, pre, aligned, "flops", 1.0, _table(True, []), margin=0.01, floor=floor)
+    rows = {r["layer"]: r for r in rep["layers"]}
+    assert rows["layers.1.conv1"]["kept"] == "aligned" and "window" in rows["layers.1.conv1"]["why"]
+    assert float(cm.cost(mask, "flops")) >= floor

@@ -259,7 +259,7 @@ class BudgetController:
                                                    target, self.align, floor=floor)
             if self.align_meter is not None and bool((mask != pre).any()):
                 mask, info["alignment"]["measured"] = measured_alignment(
-                    self.cm, pre, mask, self.kind, target, self.align_meter, log=self.log)
+                    self.cm, pre, mask, self.kind, target, self.align_meter, floor=floor, log=self.log)
                 info["alignment"]["widths"] = info["alignment"]["measured"]["chosen"]["widths"]
                 if not bool((mask != pre).any()):
                     info["alignment"]["align"] = 1
