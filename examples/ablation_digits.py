@@ -7,6 +7,7 @@ Every variant starts from the same dense weights (`--init`, e.g. a `compress fin
   distill   + --distill kl (teacher: the dense start)
   long      + --milestones 18 (freeze at 18 of 30: final phase 12 epochs instead of 8)
   rewind    + --rewind init
+  tp-r8     the same with round_to=8 (widths in multiples of 8, which ONNX Runtime's blocked kernels like)
   tp        Torch-Pruning MagnitudePruner (group L2, global, small steps) to F, then AdamW lr 1e-3 wd 1e-4 cosine
             for all epochs (examples/compare's tp-magnitude, seeded)
 
@@ -52,7 +53,8 @@ def run_ours(variant: str, seed: int, args) -> dict:
 
     export_run(out, console=_quiet())
     return {"accuracy": b["accuracy"], "flops": b["achieved"]["flops_fraction"], "widths": widths,
-            "seconds": seconds, "command": " ".join(cmd[1:]), **_speed(out / "model.onnx", args),
+            "seconds": seconds, "command": " ".join(cmd[1:]), "onnx": str(out / "model.onnx"),
+            **_speed(out / "model.onnx", args),
             "alignment_measured": b.get("alignment_measured")}
 
 
@@ -85,8 +87,8 @@ def _dense_onnx(args) -> None:
         export_onnx(m.eval(), spec.example_input(1), path, verify=False)
 
 
-def run_tp(seed: int, args) -> dict:
-    """examples/compare's tp-magnitude with the data order and torch seed of `seed`."""
+def run_tp(seed: int, args, **pruner_kw) -> dict:
+    """examples/compare's tp-magnitude with the data order and torch seed of `seed` (`round_to=8`: tp-r8)."""
     sys.path.insert(0, str(Path(__file__).parent / "compare"))
     import torch
     import torch.nn.functional as F
@@ -102,7 +104,7 @@ def run_tp(seed: int, args) -> dict:
     (tr, te), m, example = spec.data(), spec.build(), spec.example_input(1)
     m.load_state_dict(load_weights(args.init))
     t0 = time.perf_counter()
-    pr = make_pruner("magnitude", m, example, [m.fc], steps=200, max_ratio=0.95)
+    pr = make_pruner("magnitude", m, example, [m.fc], steps=200, max_ratio=0.95, **pruner_kw)
     reached = prune_to_flops(m, pr, example, args.fraction, steps=200)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-4)
     train_loop(m, tensor_batches(tr.tensors[:1], tr.tensors[1], 64, seed), args.epochs, opt,
@@ -114,10 +116,11 @@ def run_tp(seed: int, args) -> dict:
     seconds = time.perf_counter() - t0
     from compress.deploy.export import export_onnx
 
-    path = Path(args.out) / f"tp-s{seed}.onnx"
+    path = Path(args.out) / f"tp{'-r8' * bool(pruner_kw)}-s{seed}.onnx"
     export_onnx(m, example, path, verify=False)
     return {"accuracy": acc, "flops": reached["flop_fraction"], "widths": widths,
-            "seconds": seconds, "command": f"ablation_digits.py tp seed {seed}", **_speed(path, args)}
+            "seconds": seconds, "command": f"ablation_digits.py tp seed {seed} {pruner_kw or ''}",
+            "onnx": str(path), **_speed(path, args)}
 
 
 def table(path: Path) -> str:
@@ -136,6 +139,23 @@ def table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _onnx_name(r: dict) -> str:
+    return f"{r['variant']}-s{r['seed']}" + (".onnx" if r["variant"].startswith("tp") else "/model.onnx")
+
+
+def rebench(sources: list[Path], res: Path, args) -> int:
+    """Every row's model timed again in one session, so load drift between runs does not pick winners."""
+    rows = [{"onnx": str(p.parent / _onnx_name(r)), **r}
+            for p in sources for r in (json.loads(line) for line in p.read_text().splitlines() if line.strip())]
+    with res.open("w") as f:
+        for r in rows:
+            r.update(_speed(Path(r["onnx"]), args))
+            f.write(json.dumps(r) + "\n")
+            print(f"{r['variant']:14s} seed {r['seed']}  {r['speedup_b1']:.2f}× / {r['speedup_b32']:.2f}×", flush=True)
+    print(table(res))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--init", default="runs/dense/weights.safetensors")
@@ -145,6 +165,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--table", action="store_true", help="only print the table of OUT/results.jsonl")
+    ap.add_argument("--rebench", nargs="*", metavar="RESULTS",
+                    help="re-time every model of these results.jsonl files one after another (a quiet moment of a "
+                         "shared machine), write OUT/results.jsonl with the new speedups, print the table")
     ap.add_argument("extra", nargs="*", help="extra `compress finetune` flags for our variants (after --)")
     args = ap.parse_args(argv)
     res = Path(args.out) / "results.jsonl"
@@ -153,9 +176,12 @@ def main(argv=None) -> int:
         return 0
     res.parent.mkdir(parents=True, exist_ok=True)
     _dense_onnx(args)
+    if args.rebench:
+        return rebench([Path(p) for p in args.rebench], res, args)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for v in args.variants.split(","):
-            r = run_tp(seed, args) if v == "tp" else run_ours(v, seed, args)
+            r = run_tp(seed, args) if v == "tp" else run_tp(seed, args, round_to=8) if v == "tp-r8" else \
+                run_ours(v, seed, args)
             r.update(variant=v, seed=seed, fraction=args.fraction, epochs=args.epochs)
             with res.open("a") as f:
                 f.write(json.dumps(r) + "\n")
