@@ -124,3 +124,16 @@ def test_request_carries_the_distill_settings(tmp_path):
     with pytest.raises(UserError) as e:
         build_request(FinetuneOptions(out=tmp_path / "r2", distill="soft"))
     assert e.value.field == "distill"
+
+
+def test_cli_names_the_distill_flags(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "compress", "finetune", "--distill", "kd", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, cwd=root,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+    assert res.returncode == 2 and "--distill" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "r").exists()
