@@ -7,6 +7,7 @@ Every variant starts from the same dense weights (`--init`, e.g. a `compress fin
   distill   + --distill kl (teacher: the dense start)
   long      + --milestones 18 (freeze at 18 of 30: final phase 12 epochs instead of 8)
   rewind    + --rewind init
+  pattern-ft  default-s{seed}'s frozen zero pattern on the dense weights + the peers' 30 epochs of AdamW
   tp-r8     the same with round_to=8 (widths in multiples of 8, which ONNX Runtime's blocked kernels like)
   tp        Torch-Pruning MagnitudePruner (group L2, global, small steps) to F, then AdamW lr 1e-3 wd 1e-4 cosine
             for all epochs (examples/compare's tp-magnitude, seeded)
@@ -35,6 +36,7 @@ VARIANTS = {
     "rewind": ["--rewind", "init"],
     "distill-long": ["--distill", "kl", "--milestones", "18"],
     "distill-t1": ["--distill", "kl", "--distill-temperature", "1", "--distill-alpha", "0.5"],
+    "rewind-long": ["--rewind", "init", "--milestones", "18"],
     "align16": ["--align", "16"],  # the alignment assumed, not measured (the behaviour before issue 21)
 }
 
@@ -123,6 +125,50 @@ def run_tp(seed: int, args, **pruner_kw) -> dict:
             "onnx": str(path), **_speed(path, args)}
 
 
+def run_pattern_ft(seed: int, args) -> dict:
+    """The frozen zero pattern of OUT/default-s{seed} applied to the dense weights, extracted, then the peers'
+    fine-tuning (30 epochs AdamW): separates the structure RAMDA chose from the training it got."""
+    import torch
+
+    from compress.budget.patterns import ZeroKeeper
+    from compress.deploy.extract import extract
+    from compress.models import get_model
+    from compress.structure.group import load_groups
+    from compress.train.checkpoint import load_weights
+
+    sys.path.insert(0, str(Path(__file__).parent / "compare"))
+    import torch.nn.functional as F
+    from common import cosine_lr, tensor_batches, train_loop
+
+    src = Path(args.out) / f"default-s{seed}"
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    spec = get_model("digits-resnet")
+    (tr, te), m, example = spec.data(), spec.build(), spec.example_input(1)
+    m.load_state_dict(load_weights(args.init))
+    groups = load_groups(src / "groups.json", m)
+    mask = torch.zeros(len(groups), dtype=torch.bool)
+    mask[json.loads((src / "budget_state.json").read_text())["frozen"]] = True
+    ZeroKeeper(groups, mask).apply()
+    m, _ = extract(m, groups, example)
+    t0 = time.perf_counter()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-4)
+    train_loop(m, tensor_batches(tr.tensors[:1], tr.tensors[1], 64, seed), args.epochs, opt,
+               cosine_lr(1e-3, args.epochs), F.cross_entropy)
+    m.eval()
+    with torch.no_grad():
+        acc = float((m(te.tensors[0]).argmax(1) == te.tensors[1]).float().mean())
+    from compress.deploy.export import export_onnx
+    from compress.structure.cost import count_flops
+
+    path = Path(args.out) / f"pattern-ft-s{seed}.onnx"
+    export_onnx(m, example, path, verify=False)
+    dense = spec.build()
+    return {"accuracy": acc, "flops": count_flops(m, example) / count_flops(dense, example), "widths": None,
+            "seconds": time.perf_counter() - t0, "command": f"ablation_digits.py pattern-ft seed {seed}",
+            "onnx": str(path), **_speed(path, args)}
+
+
 def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     by: dict[str, list] = {}
@@ -181,7 +227,7 @@ def main(argv=None) -> int:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for v in args.variants.split(","):
             r = run_tp(seed, args) if v == "tp" else run_tp(seed, args, round_to=8) if v == "tp-r8" else \
-                run_ours(v, seed, args)
+                run_pattern_ft(seed, args) if v == "pattern-ft" else run_ours(v, seed, args)
             r.update(variant=v, seed=seed, fraction=args.fraction, epochs=args.epochs)
             with res.open("a") as f:
                 f.write(json.dumps(r) + "\n")
