@@ -7,6 +7,7 @@ Every variant starts from the same dense weights (`--init`, e.g. a `compress fin
   distill   + --distill kl (teacher: the dense start)
   long      + --milestones 18 (freeze at 18 of 30: final phase 12 epochs instead of 8)
   rewind    + --rewind init
+  early     the freeze at epoch 10 of 30 (Python API: controller={"freeze_epoch": 10}), 20 AdamW epochs
   pattern-ft  default-s{seed}'s frozen zero pattern on the dense weights + the peers' 30 epochs of AdamW
   tp-r8     the same with round_to=8 (widths in multiples of 8, which ONNX Runtime's blocked kernels like)
   tp        Torch-Pruning MagnitudePruner (group L2, global, small steps) to F, then AdamW lr 1e-3 wd 1e-4 cosine
@@ -58,6 +59,39 @@ def run_ours(variant: str, seed: int, args) -> dict:
             "seconds": seconds, "command": " ".join(cmd[1:]), "onnx": str(out / "model.onnx"),
             **_speed(out / "model.onnx", args),
             "alignment_measured": b.get("alignment_measured")}
+
+
+def run_early(seed: int, args, freeze_epoch: int = 10) -> dict:
+    """The budget path with the freeze at epoch 10 of 30 (20 AdamW epochs on the frozen structure): the
+    freeze epoch is a Python API setting (`controller={"freeze_epoch": ...}`), not a CLI flag."""
+    import torch
+
+    from compress.budget.runner import budget_config, finetune_to_budget
+    from compress.budget.target import Budget
+    from compress.models import get_model
+    from compress.train.checkpoint import load_weights
+    from compress.train.config import TrainConfig
+
+    out = Path(args.out) / f"early-s{seed}"
+    spec = get_model("digits-resnet")
+    torch.manual_seed(seed)
+    net = spec.build()
+    tr, te = spec.data()
+    cfg = budget_config(TrainConfig(epochs=args.epochs, seed=seed, threads=1, milestones=[freeze_epoch]))
+    t0 = time.perf_counter()
+    res = finetune_to_budget(net, tr, te, spec.example_input(1), out, cfg, Budget(flops=args.fraction),
+                             init_weights=load_weights(args.init), controller={"freeze_epoch": freeze_epoch},
+                             run_info={"model": "digits-resnet", "data": None, "input_shape": None,
+                                       "init": args.init}, force=True, progress=False, console=_quiet())
+    b = res.budget
+    seconds = time.perf_counter() - t0
+    from compress.deploy.pipeline import export_run
+
+    export_run(out, console=_quiet())
+    return {"accuracy": b["accuracy"], "flops": b["achieved"]["flops_fraction"],
+            "widths": b["freeze"].get("alignment", {}).get("widths"), "seconds": seconds,
+            "command": f"ablation_digits.py early seed {seed}", "onnx": str(out / "model.onnx"),
+            **_speed(out / "model.onnx", args)}
 
 
 def _quiet():
@@ -227,7 +261,8 @@ def main(argv=None) -> int:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for v in args.variants.split(","):
             r = run_tp(seed, args) if v == "tp" else run_tp(seed, args, round_to=8) if v == "tp-r8" else \
-                run_pattern_ft(seed, args) if v == "pattern-ft" else run_ours(v, seed, args)
+                run_pattern_ft(seed, args) if v == "pattern-ft" else run_early(seed, args) if v == "early" else \
+                run_ours(v, seed, args)
             r.update(variant=v, seed=seed, fraction=args.fraction, epochs=args.epochs)
             with res.open("a") as f:
                 f.write(json.dumps(r) + "\n")
