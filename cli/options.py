@@ -54,6 +54,13 @@ Init = Annotated[Path | None, typer.Option(help="Start from these weights (safet
 Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda. \\[default: auto]")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch. Small models train fastest on 1, "
                                                 "and so does any model on a busy machine. \\[default: torch's]")]
+Distill = Annotated[str | None, typer.Option(
+    help="Knowledge distillation from the starting model (a frozen copy of the --init weights): kl (classification "
+         "logits, with --distill-temperature), cosine or mse (embeddings/outputs), none. \\[default: none]")]
+DistillTemperature = Annotated[float | None, typer.Option(help="Softmax temperature of --distill kl. "
+                                                              "\\[default: 4]")]
+DistillAlpha = Annotated[float | None, typer.Option(help="Weight of the distillation term; the task loss gets "
+                                                        "1 − this. \\[default: 0.9]")]
 TargetFlops = Annotated[float | None, typer.Option(
     help="Budget instead of λ: the exported model's FLOPs as a fraction of the dense model, e.g. 0.5. λ is found "
          "automatically.")]
@@ -71,8 +78,9 @@ Align = Annotated[int | None, typer.Option(
     help="Target runs: at the freeze every channel/neuron width keeps a multiple of this many, at the same budget. "
          "ONNX Runtime's CPU convolutions compute channels in blocks of 8 (AVX2) or 16 (AVX-512), so a width of 17 "
          "costs as much as 32: aligned widths turn saved FLOPs into real speed (digits-resnet at half the FLOPs, "
-         "batch 1: 1.62× faster than dense aligned, 0.85× unaligned). 1 = off. "
-         "\\[default: 16 with AVX-512, else 8]")]
+         "batch 1: 1.62× faster than dense aligned, 0.85× unaligned). 1 = off. By default the aligned widths are "
+         "measured with ONNX Runtime against the unaligned ones and kept only per layer where they run faster; "
+         "a value given here is applied without measuring. \\[default: 16 with AVX-512, else 8, measured]")]
 Rewind = Annotated[str | None, typer.Option(
     help="Target runs: init restarts the surviving weights from the starting (--init) weights at the freeze, so the "
          "final AdamW phase trains them free of the group lasso's shrinkage (all-MiniLM-L6-v2 at 0.95 FLOPs: cosine "

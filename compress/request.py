@@ -15,7 +15,8 @@ from compress.errors import UserError
 from compress.train.config import TrainConfig
 
 _TRAIN = ("epochs", "lr", "lam", "optimizer", "momentum", "batch_size", "milestones", "gamma", "schedule",
-          "weight_decay", "group_weight", "solver", "reg_space", "dsgd_k", "seed", "device", "threads")
+          "weight_decay", "group_weight", "solver", "reg_space", "dsgd_k", "seed", "device", "threads",
+          "distill", "distill_temperature", "distill_alpha")
 _TARGETS = ("target_flops", "target_params", "target_latency_ms")
 _BUDGET = {"target_flops": "flops", "target_params": "params", "target_latency_ms": "latency_ms",
            "bench_batch": "batch", "bench_threads": "threads"}  # option → Budget field
@@ -49,6 +50,9 @@ class FinetuneOptions:
     seed: int | None = None
     device: str | None = None
     threads: int | None = None
+    distill: str | None = None
+    distill_temperature: float | None = None
+    distill_alpha: float | None = None
     target_flops: float | None = None
     target_params: float | None = None
     target_latency_ms: float | None = None

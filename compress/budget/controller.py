@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from compress.budget.align_decision import measured_alignment
 from compress.budget.patterns import ZeroKeeper, align_widths, enforce, revive
 from compress.budget.target import Budget
 from compress.errors import UserError
@@ -42,7 +43,9 @@ class BudgetController:
     cost stays ≤ T. Then `align_widths` makes every channel/neuron width a multiple of `align`
     (default `simd_block()`; 1 = off) at a cost still ≤ T, and for FLOP/parameter targets ≥ T −
     `align_window` (else a smaller alignment, else none); for a latency target at no more blocked
-    FLOPs than the settled pattern. Then a new optimizer stage starts (`restart`, when the next
+    FLOPs than the settled pattern. With `align_meter` (finetune_to_budget's default) the aligned widths
+    are then measured against the unaligned ones, per layer, and kept only where they measure faster
+    (`measured_alignment`; the report lands in freeze_info["alignment"]["measured"]). Then a new optimizer stage starts (`restart`, when the next
     epoch is not already a milestone; `restart_at_freeze=False` skips it), λ = `final_lam` (None: keep λ),
     and `on_step` re-zeroes the frozen groups in the parameters and the optimizer's Ŵ / W⁰
     after every step. Best with an lr decay at the freeze epoch (finetune_to_budget's default).
@@ -69,7 +72,7 @@ class BudgetController:
                  final_lam: float | None = 0.0, restart_at_freeze: bool = True, exact: bool = True,
                  align: int | None = None, align_window: float = 0.05, final_optimizer: str = "adamw",
                  final_lr: float = 1e-3, final_weight_decay: float = 1e-4, rewind: str = "none",
-                 rewind_weights=None, latency=None, bn_data=None, log=None):
+                 rewind_weights=None, latency=None, bn_data=None, log=None, align_meter=None):
         self.budget, self.cm, self.groups, self.cfg = budget, cost_model, groups, cfg
         self.kind = kind or ("flops_blocked" if budget.kind == "latency" else budget.kind)
         self.target = float(target if target is not None else budget.target)
@@ -85,6 +88,7 @@ class BudgetController:
         if self.align < 1:
             raise UserError(f"`align` must be ≥ 1 (1 = no alignment), got {align}", field="align")
         self.align_window = align_window
+        self.align_meter = align_meter  # meter(mask, tag) → latency/dense: alignment stays where it measures faster
         if final_optimizer not in FINAL_OPTIMIZERS:
             raise UserError(f"`final_optimizer` must be {' or '.join(FINAL_OPTIMIZERS)}, got {final_optimizer!r}",
                             field="final_optimizer")
@@ -256,6 +260,12 @@ class BudgetController:
                 target, floor = float(self.cm.cost(mask, self.kind)), None
             mask, info["alignment"] = align_widths(self.cm, self.groups, mask, norms, iterate_norms, self.kind,
                                                    target, self.align, floor=floor)
+            if self.align_meter is not None and bool((mask != pre).any()):
+                mask, info["alignment"]["measured"] = measured_alignment(
+                    self.cm, pre, mask, self.kind, target, self.align_meter, floor=floor, log=self.log)
+                info["alignment"]["widths"] = info["alignment"]["measured"]["chosen"]["widths"]
+                if not bool((mask != pre).any()):
+                    info["alignment"]["align"] = 1
         added, revived = mask & ~zero, zero & ~mask
         self._commit(opt, revived)
         if self.rewind == "init":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
                        controller: dict | None = None, align: int | None = None,
                        final_optimizer: str | None = None, rewind: str | None = None, measure_latency: bool | None = None,
                        latency_calibration=(0.75, 0.5, 0.3), latency_time_budget_s: float = 1.5,
-                       console=None, **finetune_kwargs) -> BudgetRunResult:
+                       measure_alignment: bool = True, console=None, **finetune_kwargs) -> BudgetRunResult:
     """Fine-tune `model` so that the exported model meets `budget`; λ is found by the controller.
 
     `config.lam` (if > 0) is only λ's starting value; `config.milestones=None` means one lr decay
@@ -51,7 +52,10 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     `final_optimizer`: "adamw" or "same" (`BudgetController`; None: its default). `rewind`: "init" resets
     the model to its starting weights (out/init.safetensors) at the freeze, before the AdamW phase. `align`: at the freeze every
     channel/neuron width keeps a multiple of this many groups (`align_widths`; None: `simd_block()`,
-    1: off), so the exported model runs on ONNX Runtime's blocked kernels. Other keyword
+    1: off), so the exported model runs on ONNX Runtime's blocked kernels; with `measure_alignment` (default;
+    not when `align` is given: that is the caller's decision, nor under torchrun, where ranks would time apart)
+    each width alignment changed is kept only where ONNX Runtime measures it faster (at the budget's batch
+    and threads; `measured_alignment`), and budget.json's freeze.alignment.measured says so. Other keyword
     arguments go to `compress.train.finetune` (force, init_weights, run_info, loss_fn, callbacks,
     progress, ...). After training the zero groups are extracted and
     counted for real, a latency target (or `measure_latency=True`) is measured with ONNX
@@ -70,7 +74,11 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     ctl_kw = {k: v for k, v in setup.controller.items() if k != "lam0"}
     ctl_kw.update({k: v for k, v in (("align", align), ("final_optimizer", final_optimizer), ("rewind", rewind))
                    if v is not None})
+    if measure_alignment and align is None and "align_meter" not in ctl_kw and not _data_parallel():
+        # an explicit `align` is the caller's decision; under torchrun ranks would time differently
+        ctl_kw["align_meter"] = _align_meter(model, example_inputs, setup, latency, latency_time_budget_s, console)
     ctl = _controller(out, setup, train_data, target, latency, ctl_kw, console)
+    ctl_kw.pop("align_meter", None)  # not JSON: config.json records the controller's other settings
     if ctl.keeper is not None and ctl.final_optimizer == "adamw":  # the checkpoint holds the final phase's AdamW
         finetune_kwargs["build_optimizer"] = lambda cfg, model, groups: ctl.make_final_optimizer(model)
     run_info = dict(finetune_kwargs.pop("run_info", None) or {})
@@ -197,6 +205,30 @@ def _latency_model(model, example_inputs, setup: _Setup, measure_latency, calibr
     console.print(f"budget: {budget.describe()} → blocked-FLOP fraction {target:.4f} "
                   f"(fit latency/dense = {latency.fit[0]:.3f} + {latency.fit[1]:.3f}·blocked FLOPs)")
     return latency, target
+
+
+def _data_parallel() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _align_meter(model, example_inputs, setup: _Setup, latency, time_budget_s: float, console):
+    """meter(mask, tag) → the pattern's ONNX Runtime latency / dense (extract, export, benchmark), for the
+    freeze's alignment decision. A latency target is timed as stated (its own latency model); a FLOP or
+    parameter target states no deployment, so 1 thread at batch 1 and 32 (the README's bench settings; 1
+    thread also keeps a busy machine's noise out), their geometric mean. Built lazily: only a freeze whose
+    alignment changes widths measures."""
+    held = {"models": [latency] if latency is not None else None}
+
+    def meter(mask, tag):
+        if held["models"] is None:
+            held["models"] = [LatencyModel(model, setup.groups, setup.example, setup.cm, batch=b, threads=1,
+                                           time_budget_s=time_budget_s, log=console.print) for b in (1, 32)]
+        ratios = [float(m.measure(mask, tag=f"alignment: {tag}")["ratio"]) for m in held["models"]]
+        return math.prod(ratios) ** (1 / len(ratios))
+
+    return meter
 
 
 def _controller(out: Path, setup: _Setup, train_data, target, latency, ctl_kw: dict, console) -> BudgetController:
@@ -341,6 +373,8 @@ def budget_summary(budget: Budget, ctl: BudgetController, dense: dict, achieved:
         "removed_by_enforcement": ctl.counts["removed_by_enforcement"] + post_hoc,
         "removed_by_alignment": ctl.counts.get("removed_by_alignment", 0),
         "align": ctl.freeze_info.get("alignment", {}).get("align", 1),
+        # predicted (blocked FLOPs) and measured (ONNX Runtime) speedups, unaligned / aligned / chosen
+        "alignment_measured": ctl.freeze_info.get("alignment", {}).get("measured"),
         "revived": ctl.counts["revived"],
         "removed_post_hoc_without_finetuning": post_hoc,
         "freeze": ctl.freeze_info,

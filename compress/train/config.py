@@ -9,6 +9,7 @@ import torch
 
 from compress.errors import UserError
 from compress.optim.registry import DEFAULT_LAM, REGISTRY, validate_config
+from compress.train.distill import DISTILL_KINDS
 
 DEFAULT_LR = {name: s.default_lr for name, s in REGISTRY.items()}  # the optimizer table's (registry.py)
 
@@ -36,6 +37,9 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"  # none | bf16 | fp16 (autocast; optimizer state and prox math stay float32)
     threads: int | None = None  # CPU threads for torch (None: torch's default)
+    distill: str = "none"  # none | kl | cosine | mse: from a frozen copy of the starting model (train/distill.py)
+    distill_temperature: float = 4.0  # kl: softmax temperature T (the loss is scaled by T²)
+    distill_alpha: float = 0.9  # loss = alpha · distillation + (1 − alpha) · task loss
 
     def resolved(self) -> TrainConfig:
         c = dataclasses.replace(self)
@@ -62,6 +66,11 @@ class TrainConfig:
 
         _check(self.group_weight in GROUP_WEIGHTS, "group_weight",
                f"must be size or flops (or unit), got {self.group_weight!r}")
+        _check(self.distill in DISTILL_KINDS, "distill",
+               f"must be one of {', '.join(DISTILL_KINDS)}, got {self.distill!r}")
+        _check(self.distill_temperature > 0 and math.isfinite(self.distill_temperature), "distill_temperature",
+               f"must be a finite number > 0, got {self.distill_temperature}")
+        _check(0 <= self.distill_alpha <= 1, "distill_alpha", f"must be between 0 and 1, got {self.distill_alpha}")
         _check(self.dsgd_k >= 1, "dsgd_k", f"must be ≥ 1, got {self.dsgd_k}")
         _check(_is_device_name(self.device), "device", f"must be auto, cpu or cuda, got {self.device!r}")
         for m in self.milestones or []:

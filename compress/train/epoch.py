@@ -55,6 +55,7 @@ class Run:
     carry: dict = field(default_factory=lambda: {"loss_sum": 0.0, "seen": 0})
     run_meta: dict = field(default_factory=dict)
     interrupted: bool = False
+    distill: Callable | None = None  # compress.train.distill.DistillLoss: replaces loss_fn in training steps
 
     @property
     def main(self) -> bool:
@@ -116,7 +117,8 @@ def _train_batches(run: Run, net, amp: tuple, epoch: int, advance: Callable) -> 
         x, y = split_batch(batch)
         x, y = to_device(x, device), to_device(y, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = run.loss_fn(call_model(net, x), y)
+            out = call_model(net, x)
+            loss = run.distill(out, y, x) if run.distill is not None else run.loss_fn(out, y)
         run.interrupted, bad = run.ctx.any(run.interrupted, not torch.isfinite(loss), device=device)
         if bad:
             raise NonFiniteLoss(

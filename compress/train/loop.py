@@ -21,7 +21,7 @@ from compress.runs import RUN_FILES, prepare_run_dir, read_config, read_metrics,
 from compress.train import checkpoint as ckpt
 from compress.train.checkpoint import save_weights, set_rng_state
 from compress.train.config import TrainConfig, resolve_device
-from compress.train.data import to_device
+from compress.train.data import call_model, to_device
 from compress.train.epoch import Run, train_epochs
 from compress.train.evaluate import evaluate, recalibrate_batchnorm
 
@@ -177,7 +177,9 @@ def _start(run: Run, example_inputs, groups, init_weights, run_info, state, forc
     run.opt = (build_optimizer or make_optimizer)(cfg, model, groups) if resume else make_optimizer(cfg, model, groups)
     if resume:
         _restore(run, state)
+        _distiller(run, ckpt.load_weights(out / RUN_FILES["init"]))
         return
+    _distiller(run, model.state_dict())
     if run.main:
         wrapper = {"wrapper": model.compress_config()} if hasattr(model, "compress_config") else {}
         write_config(out, cfg, {**wrapper, **(run_info or {})})
@@ -189,6 +191,19 @@ def _start(run: Run, example_inputs, groups, init_weights, run_info, state, forc
 def _task_loss(model: torch.nn.Module, loss_fn: Callable | None) -> Callable:
     """A wrapper model may bring its task's loss (compress.models.hf: distillation for embeddings)."""
     return loss_fn or getattr(model, "compress_loss", None) or F.cross_entropy
+
+
+def _distiller(run: Run, init_weights: dict) -> None:
+    """The distillation loss of `cfg.distill` (none: the task loss alone). The teacher is the starting
+    model: the weights init.safetensors holds, so a resumed run rebuilds the same teacher."""
+    cfg = run.cfg
+    if cfg.distill == "none":
+        return
+    from compress.train.distill import DistillLoss, make_teacher
+
+    teacher = make_teacher(run.model, init_weights)
+    run.distill = DistillLoss(teacher, run.loss_fn, cfg.distill, cfg.distill_temperature, cfg.distill_alpha,
+                              call=call_model)
 
 
 def _restore(run: Run, state: dict) -> None:
