@@ -40,6 +40,15 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         pass
 
 
+def cache_dir() -> Path:
+    """Where compress keeps what it can reuse across runs (dense baselines, latency measurements):
+    $COMPRESS_CACHE, else $XDG_CACHE_HOME/compress, else ~/.cache/compress."""
+    if os.environ.get("COMPRESS_CACHE"):
+        return Path(os.environ["COMPRESS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "compress"
+
+
 def _umask() -> int:
     mask = os.umask(0)  # the only portable way to read it is to set it
     os.umask(mask)

@@ -222,7 +222,12 @@ def _with_start(req: FinetuneRequest, console, progress: bool, name=None) -> Fin
     from compress.train.baseline import DENSE, dense_baseline, start_kind, warn_random_start
 
     if start_kind(req.init) == DENSE:
-        weights = dense_baseline(req.model, ":" not in req.model, req.train, console, progress)
+        def train_run(run_dir, recipe):
+            options = FinetuneOptions(model=req.model, out=run_dir, seed=req.train.seed, device=req.train.device,
+                                      threads=req.train.threads, **recipe)
+            run_request(build_request(options, force=True), console=console, progress=progress)
+
+        weights = dense_baseline(req.model, ":" not in req.model, req.train, console, train_run)
         return dataclasses.replace(req, init=weights)
     from compress.models import is_pretrained
 

@@ -79,3 +79,37 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, model_file):
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert_same_run(straight, broken)
+
+
+@pytest.mark.e2e
+def test_budget_run_twice_gives_identical_bits(tmp_path, model_file):
+    """A budget run's freeze keeps alignment only where ONNX Runtime measures it faster; the measurements
+    are kept per machine (compress.budget.latency_memo), so the second run freezes the same structure."""
+    env = {**ENV, "COMPRESS_CACHE": str(tmp_path / "cache")}
+    for name in ("a", "b"):
+        cmd = [sys.executable, "-m", "compress", "finetune", "--model", f"{model_file}:make", "--data",
+               f"{model_file}:data", *[a for a in ARGS if a not in ("--lam", "1e-2")], "--target-flops", "0.5",
+               "--init", "random", "--out", str(tmp_path / name)]
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+    ba, bb = (json.loads((tmp_path / n / "budget.json").read_text()) for n in ("a", "b"))
+    assert ba.get("alignment_measured") == bb.get("alignment_measured")
+
+
+def test_latency_memo_round_trip(tmp_path, monkeypatch):
+    import torch
+
+    from compress.budget.latency_memo import MeasuredLatencies
+
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path))
+    net, x = torch.nn.Linear(4, 3), torch.zeros(1, 4)
+    memo = MeasuredLatencies(net, x, "b1 t1")
+    assert memo.get({"fc": 16}) is None
+    memo.put({"fc": 16}, 0.5)
+    again = MeasuredLatencies(net, x, "b1 t1")
+    assert again.get({"fc": 16}) == 0.5 and again.get({"fc": 8}) is None
+    assert MeasuredLatencies(net, x, "b32 t1").get({"fc": 16}) is None  # another setting is another table
+    assert MeasuredLatencies(torch.nn.Linear(4, 5), x, "b1 t1").get({"fc": 16}) is None  # another architecture
+    again.path.write_text("{not json")
+    assert MeasuredLatencies(net, x, "b1 t1").get({"fc": 16}) is None  # a corrupt file is ignored

@@ -12,7 +12,8 @@ from torch import nn
 
 from compress.budget.controller import LAM0_FALLBACK, BudgetController
 from compress.budget.latency import LatencyModel
-from compress.budget.patterns import ZeroKeeper, enforce
+from compress.budget.latency_memo import MeasuredLatencies
+from compress.budget.patterns import ZeroKeeper, enforce, kept_widths
 from compress.budget.target import Budget
 from compress.errors import UserError
 from compress.files import atomic_write_json
@@ -221,12 +222,20 @@ def _align_meter(model, example_inputs, setup: _Setup, latency, time_budget_s: f
     alignment changes widths measures."""
     held = {"models": [latency] if latency is not None else None}
 
+    memo = MeasuredLatencies(model, setup.example, "latency" if latency is not None else "b1,b32 t1")
+
     def meter(mask, tag):
+        widths = kept_widths(setup.cm, mask)
+        if latency is None and memo.get(widths) is not None:  # measured before on this machine: same decision
+            return memo.get(widths)
         if held["models"] is None:
             held["models"] = [LatencyModel(model, setup.groups, setup.example, setup.cm, batch=b, threads=1,
                                            time_budget_s=time_budget_s, log=console.print) for b in (1, 32)]
         ratios = [float(m.measure(mask, tag=f"alignment: {tag}")["ratio"]) for m in held["models"]]
-        return math.prod(ratios) ** (1 / len(ratios))
+        ratio = math.prod(ratios) ** (1 / len(ratios))
+        if latency is None:
+            memo.put(widths, ratio)
+        return ratio
 
     return meter
 

@@ -8,21 +8,15 @@ The cache: $COMPRESS_CACHE, else $XDG_CACHE_HOME/compress, else ~/.cache/compres
 per model and seed under dense/ (delete it to retrain)."""
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 from compress.errors import UserError
+from compress.files import cache_dir
 
 # The dense recipe of every built-in model: AdamW, cosine to 0, no group lasso (README's first command).
 RECIPE = {"optimizer": "adamw", "lam": 0.0, "schedule": "cosine", "epochs": 30}
 DENSE, RANDOM = "dense", "random"
-
-
-def cache_dir() -> Path:
-    if os.environ.get("COMPRESS_CACHE"):
-        return Path(os.environ["COMPRESS_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "compress"
 
 
 def start_kind(init) -> str | None:
@@ -34,10 +28,9 @@ def baseline_dir(model: str, seed: int) -> Path:
     return cache_dir() / "dense" / f"{model}-seed{seed}"
 
 
-def dense_baseline(model: str, is_builtin: bool, train, console, progress: bool = True) -> Path:
+def dense_baseline(model: str, is_builtin: bool, train, console, train_run: Callable[[Path, dict], None]) -> Path:
     """The weights of `model`'s cached dense baseline (seed, device and threads of `train`), trained first
-    when missing."""
-    from compress.request import FinetuneOptions, build_request, run_request
+    when missing by `train_run(run_dir, recipe)` (the caller's way of running a finetune request)."""
     from compress.runs import RUN_FILES
 
     if not is_builtin:
@@ -51,9 +44,7 @@ def dense_baseline(model: str, is_builtin: bool, train, console, progress: bool 
         return weights
     console.print(f"[bold]init[/]: training the dense baseline of {model} first (AdamW, cosine, "
                   f"{RECIPE['epochs']} epochs, seed {train.seed}); it is cached in {run}")
-    options = FinetuneOptions(model=model, out=run, seed=train.seed, device=train.device, threads=train.threads,
-                              **RECIPE)
-    run_request(build_request(options, force=True), console=console, progress=progress)
+    train_run(run, RECIPE)
     return weights
 
 
