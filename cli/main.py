@@ -84,7 +84,7 @@ def finetune(
     distill_alpha: o.DistillAlpha = None, target_flops: o.TargetFlops = None, target_params: o.TargetParams = None,
     target_latency_ms: o.TargetLatencyMs = None, bench_batch: o.BenchBatch = None,
     bench_threads: o.BenchThreads = None, final_optimizer: o.FinalOptimizer = None, align: o.Align = None,
-    rewind: o.Rewind = None, config: o.Config = None, resume: o.Resume = None, force: o.Force = False,
+    rewind: o.Rewind = None, final_lr: o.FinalLr = None, config: o.Config = None, resume: o.Resume = None, force: o.Force = False,
     quiet: o.Quiet = False,
 ):
     """Fine-tune with group lasso so whole channels / heads / neurons become exactly zero.

@@ -81,6 +81,9 @@ Align = Annotated[int | None, typer.Option(
          "batch 1: 1.62× faster than dense aligned, 0.85× unaligned). 1 = off. By default the aligned widths are "
          "measured with ONNX Runtime against the unaligned ones and kept only per layer where they run faster; "
          "a value given here is applied without measuring. \\[default: 16 with AVX-512, else 8, measured]")]
+FinalLr = Annotated[float | None, typer.Option(
+    help="Target runs: peak learning rate of the final AdamW phase (cosine to 0). Pretrained encoders keep more "
+         "with less (all-MiniLM-L6-v2: 1e-4). \\[default: 1e-3]")]
 Rewind = Annotated[str | None, typer.Option(
     help="Target runs: init restarts the surviving weights from the starting (--init) weights at the freeze, so the "
          "final AdamW phase trains them free of the group lasso's shrinkage (all-MiniLM-L6-v2 at 0.95 FLOPs: cosine "

@@ -20,7 +20,7 @@ _TRAIN = ("epochs", "lr", "lam", "optimizer", "momentum", "batch_size", "milesto
 _TARGETS = ("target_flops", "target_params", "target_latency_ms")
 _BUDGET = {"target_flops": "flops", "target_params": "params", "target_latency_ms": "latency_ms",
            "bench_batch": "batch", "bench_threads": "threads"}  # option → Budget field
-_CONTROLLER = ("final_optimizer", "align", "rewind")  # finetune_to_budget's keyword arguments
+_CONTROLLER = ("final_optimizer", "align", "rewind", "final_lr")  # finetune_to_budget's keyword arguments
 
 
 @dataclass
@@ -61,6 +61,7 @@ class FinetuneOptions:
     final_optimizer: str | None = None
     align: int | None = None
     rewind: str | None = None
+    final_lr: float | None = None
 
     @classmethod
     def from_toml(cls, path: str | Path) -> FinetuneOptions:
@@ -139,6 +140,8 @@ def build_request(options: FinetuneOptions, config_file: str | Path | None = Non
         raise UserError("`out` (the run directory to create) is required", field="out")
     budget = _budget(given)
     controller = {k: given[k] for k in _CONTROLLER if k in given}
+    if controller.get("final_lr") is not None and not controller["final_lr"] > 0:
+        raise UserError(f"`final_lr` must be positive, got {controller['final_lr']}", field="final_lr")
     if budget is None and controller:
         raise UserError(f"`{next(iter(controller))}` applies to target runs only "
                         "(`target_flops`/`target_params`/`target_latency_ms`)",

@@ -852,3 +852,24 @@ def test_rewind_needs_the_adamw_final_phase(tmp_path, digits_small):
     with pytest.raises(UserError, match="rewind must be"):
         finetune_to_budget(model, *digits_small, x, tmp_path / "r2", TrainConfig(epochs=2, batch_size=64),
                            Budget(flops=0.6), progress=False, rewind="best")
+
+
+def test_final_lr_keyword_sets_the_final_phase_peak(tmp_path, digits_small):
+    """`final_lr=` (the CLI's --final-lr) is the first lr of the final AdamW phase, and config.json keeps it
+    for a resume."""
+    import json
+
+    from compress.budget.runner import finetune_to_budget
+    from compress.optim.dense import CosineAdamW
+    from compress.train.config import TrainConfig
+
+    tr, te = digits_small
+    model, x = _digits_setup()
+    seen = []
+    finetune_to_budget(model, tr, te, x, tmp_path / "r", TrainConfig(epochs=3, batch_size=64, milestones=[2], seed=3),
+                       Budget(flops=0.6), progress=False, final_lr=5e-4, controller={"freeze_epoch": 2},
+                       step_callbacks=[lambda opt: seen.append(opt.param_groups[0]["lr"])
+                                       if isinstance(opt, CosineAdamW) else None], measure_alignment=False)
+    assert seen and seen[0] == pytest.approx(5e-4) and max(seen) == pytest.approx(5e-4)
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["budget_controller"]["final_lr"] == 5e-4

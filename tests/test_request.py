@@ -35,6 +35,8 @@ def test_budget_request_gets_one_decay_at_the_freeze(tmp_path):
     (dict(bench_batch=4), "bench_batch", "only apply to target_latency_ms"),
     (dict(target_flops=0.5, lam=0.01), "lam", "give either lam or a target"),
     (dict(rewind="init"), "rewind", "rewind applies to target runs only"),
+    (dict(final_lr=1e-4), "final_lr", "final_lr applies to target runs only"),
+    (dict(target_flops=0.5, final_lr=0.0), "final_lr", "final_lr must be positive"),
     (dict(epochs=0), "epochs", "epochs must be positive"),
     (dict(milestones="1,x"), "milestones", "milestones must be comma-separated"),
     (dict(input_shape="1,-3"), "input_shape", "input_shape must be positive integers"),

@@ -42,7 +42,8 @@ class BudgetRunResult:
 def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, out, config=None,
                        budget: Budget | None = None, *, groups=None, resume: bool = False,
                        controller: dict | None = None, align: int | None = None,
-                       final_optimizer: str | None = None, rewind: str | None = None, measure_latency: bool | None = None,
+                       final_optimizer: str | None = None, rewind: str | None = None, final_lr: float | None = None,
+                       measure_latency: bool | None = None,
                        latency_calibration=(0.75, 0.5, 0.3), latency_time_budget_s: float = 1.5,
                        measure_alignment: bool = True, console=None, **finetune_kwargs) -> BudgetRunResult:
     """Fine-tune `model` so that the exported model meets `budget`; λ is found by the controller.
@@ -51,7 +52,8 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     at 3/4 of the epochs, where the final phase (frozen structure) begins (`budget_config`). `controller`: keyword
     arguments for `BudgetController` (freeze_epoch, plan_end, gain, tol, revive, final_lr, ...).
     `final_optimizer`: "adamw" or "same" (`BudgetController`; None: its default). `rewind`: "init" resets
-    the model to its starting weights (out/init.safetensors) at the freeze, before the AdamW phase. `align`: at the freeze every
+    the model to its starting weights (out/init.safetensors) at the freeze, before the AdamW phase. `final_lr`: the
+    final AdamW phase's peak learning rate (None: the controller's 1e-3; pretrained encoders want ~1e-4). `align`: at the freeze every
     channel/neuron width keeps a multiple of this many groups (`align_widths`; None: `simd_block()`,
     1: off), so the exported model runs on ONNX Runtime's blocked kernels; with `measure_alignment` (default;
     not when `align` is given: that is the caller's decision, nor under torchrun, where ranks would time apart)
@@ -73,8 +75,8 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     latency, target = _latency_model(model, example_inputs, setup, measure_latency, latency_calibration,
                                      latency_time_budget_s, console)
     ctl_kw = {k: v for k, v in setup.controller.items() if k != "lam0"}
-    ctl_kw.update({k: v for k, v in (("align", align), ("final_optimizer", final_optimizer), ("rewind", rewind))
-                   if v is not None})
+    ctl_kw.update({k: v for k, v in (("align", align), ("final_optimizer", final_optimizer), ("rewind", rewind),
+                                     ("final_lr", final_lr)) if v is not None})
     if measure_alignment and align is None and "align_meter" not in ctl_kw and not _data_parallel():
         # an explicit `align` is the caller's decision; under torchrun ranks would time differently
         ctl_kw["align_meter"] = _align_meter(model, example_inputs, setup, latency, latency_time_budget_s, console)
