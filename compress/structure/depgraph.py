@@ -92,13 +92,46 @@ def _install_group_index() -> None:
     cls.add_dep, cls.has_pruning_op = add_dep, has_pruning_op
 
 
+class _PadRecorder(torch.overrides.TorchFunctionMode):
+    """Records each constant pad's fill value and padded dims by the grad_fn of its output:
+    autograd keeps only the pad widths, and whether a zero channel stays zero depends on the value."""
+
+    def __init__(self):
+        super().__init__()
+        self.pads: dict = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in (torch.nn.functional.pad, torch.constant_pad_nd) and isinstance(out, torch.Tensor):
+            if out.grad_fn is not None:
+                self.pads[out.grad_fn] = _pad_call(func, args, kwargs)
+        return out
+
+
+def _pad_call(func, args, kwargs) -> tuple:
+    """(ndim, pad, mode, fill value) of F.pad(x, pad, mode, value) or torch.constant_pad_nd(x, pad, value)."""
+    x = args[0]
+    pad = tuple(args[1] if len(args) > 1 else kwargs["pad"])
+    if func is torch.constant_pad_nd:
+        mode, value = "constant", kwargs.get("value", args[2] if len(args) > 2 else 0.0)
+    else:
+        mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+        value = kwargs.get("value", args[3] if len(args) > 3 else None)
+    return x.dim(), pad, mode, 0.0 if value is None else float(value)
+
+
 def build_graph(model, args, kwargs, forward_fn=None):
-    """DependencyGraph of `model` traced on (args, kwargs), with the reshape guard above."""
+    """DependencyGraph of `model` traced on (args, kwargs), with the guards above; its
+    `compress_pads` maps each constant pad's grad_fn to (ndim, pad, mode, value)."""
     import torch_pruning as tp
 
     fn = forward_fn or (lambda m, _: m(*args, **kwargs))
     _install_guard()
     _install_flatten_cap()
     _install_group_index()
-    with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=args, forward_fn=fn, verbose=False)
+    rec = _PadRecorder()
+    with torch.enable_grad(), rec:
+        DG = tp.DependencyGraph().build_dependency(model, example_inputs=args, forward_fn=fn, verbose=False)
+    DG.compress_pads = rec.pads
+    return DG
