@@ -72,3 +72,31 @@ def test_path_that_does_not_keep_zero_refused_statically(model_fn, layer, why):
     groups = find_groups(m, torch.randn(2, 3, 12, 12), check=False)
     assert not [g for g in groups if g.layer == layer]
     assert any(lay == layer and why in r for lay, r in groups.not_prunable), groups.not_prunable
+
+
+class _Tied(nn.Module):
+    """Two Embedding modules sharing one weight (T5: `encoder.embed_tokens` is `shared`); the residual
+    stream it starts is coupled with fc2's outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.embed = nn.Embedding(20, 8), nn.Embedding(20, 8)
+        self.embed.weight = self.shared.weight
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(torch.relu(h)).mean(1)
+
+
+def test_tied_embedding_kept_in_its_group_under_its_canonical_name():
+    torch.manual_seed(0)
+    m, ids = _Tied().eval(), torch.randint(0, 20, (2, 5))
+    groups = find_groups(m, ids, check=False)
+    g = next(g for g in groups if g.layer == "fc2")
+    assert {s.param for s in g.slices} == {"fc2.weight", "fc2.bias", "shared.weight"}
+    _zero_every_other(groups, "fc2")
+    small, _ = extract(m, groups, ids)
+    assert small.embed.weight.shape == (20, 4)
+    torch.testing.assert_close(small(ids), m(ids), atol=1e-5, rtol=1e-5)

@@ -30,11 +30,13 @@ def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
     reason = _nonzero_reason(DG, za, consumers)
     if reason is not None:
         return None, reason
-    group_slices, dep_slices = _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out)
+    group_slices, dep_slices, unknown = _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out)
+    if unknown:
+        return None, f"parameter {sorted(unknown)[0]} of the group is not a parameter of the model"
     kind = "neuron" if isinstance(root, nn.Linear) else "channel"
 
     def key(kv):  # model parameter order
-        return pnames[kv[0][0]], kv[0][1]
+        return pnames[kv[0][0]][0], kv[0][1]
 
     out = []
     for c in range(n_out):
@@ -112,8 +114,16 @@ def _nonzero_reason(DG, za, consumers) -> str | None:
     return None
 
 
-def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tuple[list, list]:
-    """Per channel c: {(param, dim): indices} to regularize, and the same for the dependents."""
+def param_index(model) -> dict[str, tuple[int, str]]:
+    """name → (position in named_parameters, canonical name), tied aliases included: T5's
+    `encoder.embed_tokens.weight` is `shared.weight`, and a group must hold it under that name."""
+    canon = {id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters())}
+    return {n: canon[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tuple[list, list, set]:
+    """Per channel c: {(param, dim): indices} to regularize, the same for the dependents, and the
+    parameter names the group touches that the model does not have (the group is then refused)."""
     T = _optype()
     group_slices = [{} for _ in range(n_out)]  # (param, dim) -> set
     dep_slices = [{} for _ in range(n_out)]
@@ -121,9 +131,13 @@ def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tup
     def used(node):  # its zero output reaches a consumer or keeps a downstream node zero
         return any(o in consumers or (o in nodes_in and za.zero(o)[0]) for o in node.outputs)
 
+    unknown = set()
+
     def add(target, pname, dim, idxs, roots):
         if pname not in pnames:
+            unknown.add(pname)
             return
+        pname = pnames[pname][1]
         for i, r in zip(idxs, roots):
             target[r].setdefault((pname, dim), set()).add(int(i))
 
@@ -150,4 +164,4 @@ def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tup
                     add(target, pre + "bias", 0, idxs, roots)
         elif node.type == T.PRELU and m.num_parameters > 1:
             add(dep_slices, pre + "weight", 0, idxs, roots)
-    return group_slices, dep_slices
+    return group_slices, dep_slices, unknown

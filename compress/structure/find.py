@@ -8,7 +8,7 @@ from torch import nn
 
 from compress.errors import UserError
 from compress.structure.attention import attention_units, head_groups
-from compress.structure.channels import channel_groups
+from compress.structure.channels import channel_groups, param_index
 from compress.structure.coverage import nothing_found, unanalysed_layers
 from compress.structure.depgraph import build_graph
 from compress.structure.group import Group, GroupList, bind_groups
@@ -115,7 +115,7 @@ def _out_members(DG, m) -> list:
 def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not_prunable) -> None:
     """Append the channel/neuron groups of every conv/linear (in module order) not yet covered
     by a coupled layer to `found`, and every layer that cannot be grouped to `not_prunable`."""
-    pnames = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    pnames = param_index(model)
     visited = set(attn_linears)
     for name, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m in visited:
