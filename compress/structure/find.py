@@ -93,7 +93,7 @@ def _dependency_graph(model, example_inputs):
         return out
 
     try:
-        DG = build_graph(model, args, kwargs, forward_fn)
+        DG = build_graph(model, args, kwargs, forward_fn, frozen=True)
     finally:
         model.train(was_training)
     return DG, {t.grad_fn for t in flatten_tensors(outputs[0]) if t.grad_fn is not None}
