@@ -112,7 +112,7 @@ def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
     units = {u.name: u for u in attention_units(work)}
     chan_layers = [ly for ly in layers if plan[ly]["remove"] and groups[plan[ly]["remove"][0]].kind != "head"]
     if chan_layers and DG is None:
-        DG = build_graph(work, args, kwargs)
+        DG = build_graph(work, args, kwargs, frozen=True)  # remapped only after a prune, below
         work.eval()
     for layer in layers:
         rm = plan[layer]["remove"]
@@ -132,6 +132,7 @@ def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
                 groups[rm[0]].name,
             )
         pg.prune()
+        DG._compress_mapped = False  # channel counts changed: the next group remaps reshapes
     return DG
 
 

@@ -114,11 +114,12 @@ def _nonzero_reason(DG, za, consumers) -> str | None:
     return None
 
 
-def param_index(model) -> dict[str, tuple[int, str]]:
+def param_index(model) -> dict:
     """name → (position in named_parameters, canonical name), tied aliases included: T5's
-    `encoder.embed_tokens.weight` is `shared.weight`, and a group must hold it under that name."""
+    `encoder.embed_tokens.weight` is `shared.weight`, and a group must hold it under that name.
+    Bare parameters (torch-pruning's "UnwrappedParameter" nodes) are looked up by identity (id key)."""
     canon = {id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters())}
-    return {n: canon[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+    return {n: canon[id(p)] for n, p in model.named_parameters(remove_duplicate=False)} | canon
 
 
 def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tuple[list, list, set]:
@@ -135,7 +136,7 @@ def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tup
 
     def add(target, pname, dim, idxs, roots):
         if pname not in pnames:
-            unknown.add(pname)
+            unknown.add(pname if isinstance(pname, str) else "(a bare parameter)")
             return
         pname = pnames[pname][1]
         for i, r in zip(idxs, roots):
@@ -155,7 +156,7 @@ def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tup
         elif node in producers or node.type in (T.BN, T.DEPTHWISE_CONV):
             target = group_slices if (za.zero(node)[0] and used(node)) else dep_slices
             if node.type == T.PARAMETER:
-                add(target, nm, node.pruning_dim % m.dim(), idxs, roots)
+                add(target, id(m), node.pruning_dim % m.dim(), idxs, roots)
             elif node.type == T.EMBED:
                 add(target, pre + "weight", 1, idxs, roots)
             else:

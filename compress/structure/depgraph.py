@@ -124,7 +124,8 @@ def _pad_call(func, args, kwargs) -> tuple:
 def _install_mapping_once() -> None:
     """torch-pruning recomputes every reshape/expand index mapping in each get_pruning_group, by
     an unmemoised recursive shape inference: 36 calls on swin_t took 49 of find's 55 s. A graph
-    marked `compress_frozen` (find_groups never prunes it) maps once; pruning graphs still remap."""
+    marked `compress_frozen` maps once, until its owner clears `_compress_mapped` after a prune
+    (extract does); any other graph remaps as torch-pruning intends."""
     from torch_pruning.dependency import index_mapping as im
 
     orig = im.update_index_mapping
@@ -146,7 +147,8 @@ def _install_mapping_once() -> None:
 def build_graph(model, args, kwargs, forward_fn=None, frozen=False):
     """DependencyGraph of `model` traced on (args, kwargs), with the guards above; its
     `compress_pads` maps each constant pad's grad_fn to (ndim, pad, mode, value). frozen: the
-    caller will not prune through this graph, so index mappings are computed once."""
+    caller will not prune through this graph without clearing `_compress_mapped`, so index mappings
+    are computed once per state of the model's widths."""
     import torch_pruning as tp
 
     fn = forward_fn or (lambda m, _: m(*args, **kwargs))
