@@ -219,3 +219,34 @@ def test_gpt2_conv1d_heads_found_and_removed_exactly():
     assert small.c_attn.weight.shape == (16, 36) and small.c_proj.weight.shape == (12, 16)
     assert small.split_size == 12 and small.num_heads == 3
     torch.testing.assert_close(small(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+class _WidthHeads(nn.Module):
+    """torchvision Swin's functional form: head size = input width // num_heads, so a block with a
+    head removed cannot reshape its qkv any more."""
+
+    def __init__(self, e=16, h=4):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = h, nn.Linear(e, 3 * e), nn.Linear(e, e)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return x + self.proj(a.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_block_whose_heads_cannot_be_removed_is_refused_before_the_whole_model_check():
+    from unittest import mock
+
+    from compress.structure import soundness
+    from compress.structure.find import find_groups
+
+    m, x = nn.Sequential(_WidthHeads(), nn.Linear(16, 3)).eval(), torch.randn(2, 5, 16)
+    trials = []
+    real = soundness._trial
+    with mock.patch.object(soundness, "_trial", lambda *a: trials.append(a) or real(*a)):
+        groups = find_groups(m, x)
+    assert not [g for g in groups if g.kind == "head"]
+    assert any(layer == "0" and "heads not offered" in why for layer, why in groups.not_prunable)
+    assert not any("randomized check" in why for _, why in groups.not_prunable) and len(trials) <= 2

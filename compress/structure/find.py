@@ -12,6 +12,7 @@ from compress.structure.channels import channel_groups, param_index
 from compress.structure.coverage import nothing_found, unanalysed_layers
 from compress.structure.depgraph import build_graph
 from compress.structure.group import Group, GroupList, bind_groups
+from compress.structure.head_check import check_units
 from compress.structure.soundness import check_groups
 from compress.structure.tensors import as_args, flatten_tensors
 
@@ -46,7 +47,7 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
     order = {m: i for i, (_, m) in enumerate(model.named_modules())}
     not_prunable: list[tuple[str, str]] = []
     found: list[tuple[int, list[Group]]] = []
-    attn_linears = _head_groups(model, ignored, order, found, not_prunable)
+    attn_linears = _head_groups(model, ignored, order, found, not_prunable, example_inputs if check else None)
     DG, out_fns = _dependency_graph(model, example_inputs)
     _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not_prunable)
     found.sort(key=lambda t: t[0])
@@ -62,19 +63,24 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
     return groups
 
 
-def _head_groups(model, ignored, order, found, not_prunable) -> set:
+def _head_groups(model, ignored, order, found, not_prunable, example_inputs=None) -> set:
     """Append the head groups of every attention unit to `found`; return their q/k/v linears,
-    which channel grouping must leave alone."""
+    which channel grouping must leave alone. With `example_inputs`, a unit whose one-head removal
+    is not exact on its own inputs is refused with the reason (`head_check`)."""
     attn_linears = set()
-    units = attention_units(model)
-    for u in units:
+    units = all_units = attention_units(model)
+    if example_inputs is not None:
+        units, refused = check_units(model, units, example_inputs)
+        not_prunable += refused
+    for u in all_units:
         attn_linears.update(model.get_submodule(r) for r in {u.q, u.k, u.v})
+    for u in units:
         if model.get_submodule(u.name) in ignored:
             not_prunable.append((u.name, "ignored by the caller"))
             continue
         found.append((order[model.get_submodule(u.name)], head_groups(model, u)))
     for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention) and name not in {u.name for u in units}:
+        if isinstance(m, nn.MultiheadAttention) and name not in {u.name for u in all_units}:
             not_prunable.append(
                 (name, "nn.MultiheadAttention: heads are not offered (rewrite it with separate q/k/v/out nn.Linear layers and num_heads/head_dim attributes to prune heads)")
             )
