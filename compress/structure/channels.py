@@ -7,7 +7,7 @@ from compress.structure.group import Group, Slice
 from compress.structure.zero_invariance import ZeroAnalysis
 
 
-def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
+def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns, items=None):
     """Analyse DepGraph's pruning group rooted at `root`'s output channels.
 
     Returns (groups, None) or (None, reason). The channel is offered only when, with
@@ -19,7 +19,8 @@ def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
     """
     pruner = DG.get_pruner_of_module(root)
     n_out = pruner.get_out_channels(root)
-    items = list(DG.get_pruning_group(root, pruner.prune_out_channels, list(range(n_out))).items)
+    if items is None:  # find_groups passes the group it already built for this root
+        items = list(DG.get_pruning_group(root, pruner.prune_out_channels, list(range(n_out))).items)
     nodes_in = {it.dep.target: it for it in items}
     producers, consumers, reason = _roles(DG, items, attn_linears)
     if reason is None:

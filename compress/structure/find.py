@@ -105,17 +105,19 @@ def _dependency_graph(model, example_inputs):
     return DG, {t.grad_fn for t in flatten_tensors(outputs[0]) if t.grad_fn is not None}
 
 
-def _out_members(DG, m) -> list:
-    """The conv/linear layers whose output channels are coupled with `m`'s (m included)."""
+def _out_members(DG, m) -> tuple[list, list]:
+    """(the conv/linear layers whose output channels are coupled with `m`'s (m included), the items
+    of `m`'s pruning group — reused by `channel_groups`: each get_pruning_group walks the graph)."""
     pruner = DG.get_pruner_of_module(m)
     pg = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+    items = list(pg.items)
     members = []
-    for it in pg.items:
+    for it in items:
         mod = it.dep.target.module
         p = DG.get_pruner_of_module(mod) if isinstance(mod, nn.Module) else None
         if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) and p is not None and it.dep.handler == p.prune_out_channels:
             members.append(mod)
-    return members
+    return members, items
 
 
 def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not_prunable) -> None:
@@ -130,7 +132,7 @@ def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not
             not_prunable.append((name, "not reached by the forward pass on the example inputs"))
             continue
         try:
-            members = _out_members(DG, m)
+            members, items = _out_members(DG, m)
         except Exception as e:  # noqa: BLE001 - torch-pruning cannot trace this coupling: refuse, say why
             not_prunable.append((name, f"torch-pruning cannot build its group ({type(e).__name__}: {e})"))
             continue
@@ -142,7 +144,7 @@ def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not
             not_prunable.append((name, "a single output channel"))
             continue
         try:
-            gs, reason = channel_groups(DG, model, m, name, pnames, attn_linears, out_fns)
+            gs, reason = channel_groups(DG, model, m, name, pnames, attn_linears, out_fns, items)
         except Exception as e:  # noqa: BLE001 - as above
             gs, reason = None, f"torch-pruning cannot build its group ({type(e).__name__}: {e})"
         if reason:
