@@ -55,6 +55,14 @@ def _outputs(block, args, kwargs) -> list[torch.Tensor]:
         return [t.float() for t in flatten_tensors(block(*args, **kwargs)) if t.is_floating_point()]
 
 
+def _per_head(a: torch.Tensor, b: torch.Tensor, u: AttentionUnit) -> bool:
+    """Is b a per-head output (attention probabilities) of a with one group's heads gone?"""
+    if a.dim() != b.dim():
+        return False
+    diff = [d for d in range(a.dim()) if a.shape[d] != b.shape[d]]
+    return len(diff) == 1 and a.shape[diff[0]] == u.num_heads and b.shape[diff[0]] == u.num_heads - u.q_per_group
+
+
 def _try_one_head(block: nn.Module, u: AttentionUnit, args, kwargs, atol: float) -> str | None:
     from compress.deploy.extract import _remove_heads  # deploy sits above; lazy
 
@@ -68,10 +76,13 @@ def _try_one_head(block: nn.Module, u: AttentionUnit, args, kwargs, atol: float)
         got = _outputs(block, args, kwargs)
     except Exception as e:  # noqa: BLE001 - a removal that breaks the forward is the finding
         return f"removing one head breaks its forward ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got)):
+    if len(ref) != len(got) or any(a.shape != b.shape and not _per_head(a, b, u) for a, b in zip(ref, got)):
         return "removing one head changes the shape of its output"
-    scale = max((float(a.abs().max()) for a in ref if a.numel()), default=1.0) or 1.0
-    diff = max((float((a - b).abs().max()) for a, b in zip(ref, got) if a.numel()), default=0.0)
+    pairs = [(a, b) for a, b in zip(ref, got) if a.shape == b.shape and a.numel()]
+    if not pairs:
+        return "no output of the block keeps its shape"
+    scale = max(float(a.abs().max()) for a, _ in pairs) or 1.0
+    diff = max(float((a - b).abs().max()) for a, b in pairs)
     return None if diff <= atol * scale else f"removing one zeroed head changes its output (max diff {diff:.2g})"
 
 
