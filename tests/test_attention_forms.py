@@ -169,3 +169,84 @@ def test_attention_flops_counted_for_mha_fast_path_sdpa_and_explicit_matmuls():
     d = e // h  # one head fewer: q/k/v project to e - d, out reads e - d, attention over h - 1 heads
     after = 2 * b * n_tok * e * 3 * (e - d) + 2 * b * n_tok * (e - d) * e + 2 * (2 * b * (h - 1) * n_tok * n_tok * d)
     assert int(cm.flops(zero)) == rep["flops_after"] == after
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D layout (transformers): y = x·W + b, W stored (in, out)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight, self.bias = nn.Parameter(torch.randn(nx, nf) * 0.3), nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class _GPT2Attn(nn.Module):
+    """c_attn (fused q;k;v as Conv1D) split by `split_size`, heads of `head_dim`, c_proj (Conv1D)."""
+
+    def __init__(self, e=16, h=4):
+        super().__init__()
+        self.num_heads, self.head_dim, self.split_size = h, e // h, e
+        self.c_attn, self.c_proj = Conv1D(3 * e, e), Conv1D(e, e)
+
+    def forward(self, x):
+        q, k, v = (t.view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)
+                   for t in self.c_attn(x).split(self.split_size, dim=2))
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, -1) @ v
+        return x + self.c_proj(a.transpose(1, 2).reshape(*x.shape[:-1], -1))
+
+
+def test_gpt2_conv1d_heads_found_and_removed_exactly():
+    """Heads of a Conv1D fused-qkv block: rows on the weight's dim 1; the compressed model equals the
+    dense one with those heads' rows zeroed (the ground truth), and split_size follows the width."""
+    from compress.deploy.extract import extract
+    from compress.structure.find import find_groups
+
+    torch.manual_seed(0)
+    m, x = _GPT2Attn().eval(), torch.randn(2, 5, 16)
+    groups = find_groups(m, x)
+    heads = [g for g in groups if g.kind == "head"]
+    assert len(heads) == 4 and {s.dim for s in heads[1].slices if s.param == "c_attn.weight"} == {1}
+    with torch.no_grad():
+        m.c_attn.weight[:, 4:8] = 0  # head 1's q, k, v columns and biases
+        m.c_attn.weight[:, 20:24] = 0
+        m.c_attn.weight[:, 36:40] = 0
+        m.c_attn.bias[4:8] = m.c_attn.bias[20:24] = m.c_attn.bias[36:40] = 0
+        m.c_proj.weight[4:8] = 0  # and its rows of the out projection (W stored (in, out))
+    small, _ = extract(m, groups, x)
+    assert small.c_attn.weight.shape == (16, 36) and small.c_proj.weight.shape == (12, 16)
+    assert small.split_size == 12 and small.num_heads == 3
+    torch.testing.assert_close(small(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+class _WidthHeads(nn.Module):
+    """torchvision Swin's functional form: head size = input width // num_heads, so a block with a
+    head removed cannot reshape its qkv any more."""
+
+    def __init__(self, e=16, h=4):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = h, nn.Linear(e, 3 * e), nn.Linear(e, e)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return x + self.proj(a.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_block_whose_heads_cannot_be_removed_is_refused_before_the_whole_model_check():
+    from unittest import mock
+
+    from compress.structure import soundness
+    from compress.structure.find import find_groups
+
+    m, x = nn.Sequential(_WidthHeads(), nn.Linear(16, 3)).eval(), torch.randn(2, 5, 16)
+    trials = []
+    real = soundness._trial
+    with mock.patch.object(soundness, "_trial", lambda *a: trials.append(a) or real(*a)):
+        groups = find_groups(m, x)
+    assert not [g for g in groups if g.kind == "head"]
+    assert any(layer == "0" and "heads not offered" in why for layer, why in groups.not_prunable)
+    assert not any("randomized check" in why for _, why in groups.not_prunable) and len(trials) <= 2

@@ -112,7 +112,7 @@ def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
     units = {u.name: u for u in attention_units(work)}
     chan_layers = [ly for ly in layers if plan[ly]["remove"] and groups[plan[ly]["remove"][0]].kind != "head"]
     if chan_layers and DG is None:
-        DG = build_graph(work, args, kwargs)
+        DG = build_graph(work, args, kwargs, frozen=True)  # remapped only after a prune, below
         work.eval()
     for layer in layers:
         rm = plan[layer]["remove"]
@@ -132,6 +132,7 @@ def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
                 groups[rm[0]].name,
             )
         pg.prune()
+        DG._compress_mapped = False  # channel counts changed: the next group remaps reshapes
     return DG
 
 
@@ -150,7 +151,9 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
     mods = unit_linears(work, unit)
     for role, mod in mods.items():
         rows = sorted(r for h in heads for r in unit.rows(h)[role])
-        if role == "o":
+        if unit.transposed:
+            _prune_conv1d(mod, rows, outputs=role != "o")
+        elif role == "o":
             tp.prune_linear_in_channels(mod, rows)
         else:
             tp.prune_linear_out_channels(mod, rows)
@@ -161,6 +164,19 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
         keep = torch.tensor([i for i in range(p.shape[-1]) if i not in gone])
         setattr(mod, pname, nn.Parameter(p.data.index_select(p.dim() - 1, keep).contiguous(), p.requires_grad))
     unit.set_heads(work, unit.n_groups - len(heads))
+
+
+def _prune_conv1d(mod, idxs, outputs: bool) -> None:
+    """Drop output features (weight dim 1, bias) or input features (weight dim 0) of a Conv1D."""
+    dim, gone = (1 if outputs else 0), set(idxs)
+    keep = torch.tensor([i for i in range(mod.weight.shape[dim]) if i not in gone])
+    mod.weight = nn.Parameter(mod.weight.data.index_select(dim, keep).contiguous(), mod.weight.requires_grad)
+    if outputs:
+        if mod.bias is not None:
+            mod.bias = nn.Parameter(mod.bias.data.index_select(0, keep).contiguous(), mod.bias.requires_grad)
+        mod.nf = len(keep)
+    else:
+        mod.nx = len(keep)
 
 
 def predicted_params(model: nn.Module, groups, remove: list[int]) -> int:

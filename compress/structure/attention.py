@@ -21,7 +21,8 @@ _V = ("v", "v_proj", "v_lin", "value")
 _O = ("out", "out_proj", "o_proj", "out_lin", "o", "dense")
 _HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _DIMS = ("head_dim", "attention_head_size", "key_value_proj_dim", "d_kv")
-_WIDTH_ATTRS = ("all_head_size", "inner_dim", "attn_dim")
+_WIDTH_ATTRS = ("all_head_size", "inner_dim", "attn_dim", "split_size")
+_FUSED = (("qkv", "proj"), ("c_attn", "c_proj"))  # (rows [q; k; v], out projection): timm, GPT-2
 _BIAS_TABLES = ("relative_position_bias_table",)
 
 
@@ -40,7 +41,8 @@ class AttentionUnit:
       k/v head with the `num_heads // kv_heads` query heads that read it;
     * Hugging Face BERT: `.self` with query/key/value, the out projection in `.output.dense`;
     * a fused `qkv` Linear (rows [q; k; v]) and `proj` (timm `Attention`): q = k = v = the qkv
-      name and `fused` is set;
+      name and `fused` is set; GPT-2's `c_attn`/`c_proj` likewise, as `Conv1D` (a Linear whose
+      weight is stored (in, out): `transposed`, rows on dim 1, the out projection's columns on dim 0);
     * nn.MultiheadAttention with a packed in_proj (`mha`): q = k = v = the module's name.
     """
 
@@ -56,6 +58,7 @@ class AttentionUnit:
     kv_heads: int = 0  # 0: as many as query heads
     fused: bool = False
     mha: bool = False  # nn.MultiheadAttention: packed in_proj; extraction swaps in SplitHeadAttention
+    transposed: bool = False  # Conv1D projections: weight (in, out)
     tables: list[str] = field(default_factory=list)  # per-head parameters, heads on their last dim
 
     @property
@@ -100,6 +103,20 @@ def is_linear(m) -> bool:
     return isinstance(m, nn.Linear)
 
 
+def is_conv1d(m) -> bool:
+    """GPT-2's Conv1D (transformers): y = x·W + b with W of shape (nx, nf); matched by its layout."""
+    w = getattr(m, "weight", None)
+    return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int)
+            and isinstance(w, nn.Parameter) and w.dim() == 2 and tuple(w.shape) == (m.nx, m.nf))
+
+
+def _in_out(m) -> tuple[int, int] | None:
+    """(in, out) features of a Linear or a Conv1D, else None."""
+    if is_linear(m):
+        return m.in_features, m.out_features
+    return (m.nx, m.nf) if is_conv1d(m) else None
+
+
 def _child(m, names):
     return next((n for n in names if is_linear(getattr(m, n, None))), None)
 
@@ -126,14 +143,17 @@ def _tables(m, pre, nh) -> list[str]:
 
 def _unit(name, m, named) -> AttentionUnit | None:
     pre = f"{name}." if name else ""
-    if is_linear(getattr(m, "qkv", None)) and is_linear(getattr(m, "proj", None)):
-        shape = _head_shape(m, m.qkv.out_features // 3)
-        if shape is None or m.qkv.out_features % 3 or m.proj.in_features != m.qkv.out_features // 3:
+    for qkv_name, proj_name in _FUSED:
+        qkv, proj = _in_out(getattr(m, qkv_name, None)), _in_out(getattr(m, proj_name, None))
+        if qkv is None or proj is None:
+            continue
+        shape = _head_shape(m, qkv[1] // 3)
+        if shape is None or qkv[1] % 3 or proj[0] != qkv[1] // 3:
             return None
         nh, hd, attr = shape
-        qkv = pre + "qkv"
-        return AttentionUnit(name, name, qkv, qkv, qkv, pre + "proj", nh, hd, attr, fused=True,
-                             tables=_tables(m, pre, nh))
+        return AttentionUnit(name, name, pre + qkv_name, pre + qkv_name, pre + qkv_name, pre + proj_name, nh, hd,
+                             attr, fused=True, tables=_tables(m, pre, nh),
+                             transposed=is_conv1d(getattr(m, qkv_name)))
     q, k, v = _child(m, _Q), _child(m, _K), _child(m, _V)
     if not (q and k and v):
         return None
@@ -193,13 +213,14 @@ def head_groups(model: nn.Module, unit: AttentionUnit) -> list[Group]:
     groups = []
     for h in range(unit.n_groups):
         rows, slices = unit.rows(h), []
+        row_dim = 1 if unit.transposed else 0
         for role, r in rows.items():
             if role == "o":
                 continue
-            slices.append(Slice(unit.param(role, "weight"), 0, r))
+            slices.append(Slice(unit.param(role, "weight"), row_dim, r))
             if (mods[role].in_proj_bias if unit.mha else mods[role].bias) is not None:
                 slices.append(Slice(unit.param(role, "bias"), 0, r))
-        slices.append(Slice(unit.param("o", "weight"), 1, rows["o"]))
+        slices.append(Slice(unit.param("o", "weight"), 1 - row_dim, rows["o"]))
         heads = tuple(range(h * unit.q_per_group, (h + 1) * unit.q_per_group))
         for t in unit.tables:
             slices.append(Slice(t, model.get_parameter(t).dim() - 1, heads))

@@ -7,7 +7,7 @@ from compress.structure.group import Group, Slice
 from compress.structure.zero_invariance import ZeroAnalysis
 
 
-def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
+def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns, items=None):
     """Analyse DepGraph's pruning group rooted at `root`'s output channels.
 
     Returns (groups, None) or (None, reason). The channel is offered only when, with
@@ -19,7 +19,8 @@ def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
     """
     pruner = DG.get_pruner_of_module(root)
     n_out = pruner.get_out_channels(root)
-    items = list(DG.get_pruning_group(root, pruner.prune_out_channels, list(range(n_out))).items)
+    if items is None:  # find_groups passes the group it already built for this root
+        items = list(DG.get_pruning_group(root, pruner.prune_out_channels, list(range(n_out))).items)
     nodes_in = {it.dep.target: it for it in items}
     producers, consumers, reason = _roles(DG, items, attn_linears)
     if reason is None:
@@ -30,11 +31,13 @@ def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns):
     reason = _nonzero_reason(DG, za, consumers)
     if reason is not None:
         return None, reason
-    group_slices, dep_slices = _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out)
+    group_slices, dep_slices, unknown = _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out)
+    if unknown:
+        return None, f"parameter {sorted(unknown)[0]} of the group is not a parameter of the model"
     kind = "neuron" if isinstance(root, nn.Linear) else "channel"
 
     def key(kv):  # model parameter order
-        return pnames[kv[0][0]], kv[0][1]
+        return pnames[kv[0][0]][0], kv[0][1]
 
     out = []
     for c in range(n_out):
@@ -112,8 +115,17 @@ def _nonzero_reason(DG, za, consumers) -> str | None:
     return None
 
 
-def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tuple[list, list]:
-    """Per channel c: {(param, dim): indices} to regularize, and the same for the dependents."""
+def param_index(model) -> dict:
+    """name → (position in named_parameters, canonical name), tied aliases included: T5's
+    `encoder.embed_tokens.weight` is `shared.weight`, and a group must hold it under that name.
+    Bare parameters (torch-pruning's "UnwrappedParameter" nodes) are looked up by identity (id key)."""
+    canon = {id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters())}
+    return {n: canon[id(p)] for n, p in model.named_parameters(remove_duplicate=False)} | canon
+
+
+def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tuple[list, list, set]:
+    """Per channel c: {(param, dim): indices} to regularize, the same for the dependents, and the
+    parameter names the group touches that the model does not have (the group is then refused)."""
     T = _optype()
     group_slices = [{} for _ in range(n_out)]  # (param, dim) -> set
     dep_slices = [{} for _ in range(n_out)]
@@ -121,9 +133,13 @@ def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tup
     def used(node):  # its zero output reaches a consumer or keeps a downstream node zero
         return any(o in consumers or (o in nodes_in and za.zero(o)[0]) for o in node.outputs)
 
+    unknown = set()
+
     def add(target, pname, dim, idxs, roots):
         if pname not in pnames:
+            unknown.add(pname if isinstance(pname, str) else "(a bare parameter)")
             return
+        pname = pnames[pname][1]
         for i, r in zip(idxs, roots):
             target[r].setdefault((pname, dim), set()).add(int(i))
 
@@ -141,7 +157,7 @@ def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tup
         elif node in producers or node.type in (T.BN, T.DEPTHWISE_CONV):
             target = group_slices if (za.zero(node)[0] and used(node)) else dep_slices
             if node.type == T.PARAMETER:
-                add(target, nm, node.pruning_dim % m.dim(), idxs, roots)
+                add(target, id(m), node.pruning_dim % m.dim(), idxs, roots)
             elif node.type == T.EMBED:
                 add(target, pre + "weight", 1, idxs, roots)
             else:
@@ -150,4 +166,4 @@ def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tup
                     add(target, pre + "bias", 0, idxs, roots)
         elif node.type == T.PRELU and m.num_parameters > 1:
             add(dep_slices, pre + "weight", 0, idxs, roots)
-    return group_slices, dep_slices
+    return group_slices, dep_slices, unknown

@@ -8,10 +8,11 @@ from torch import nn
 
 from compress.errors import UserError
 from compress.structure.attention import attention_units, head_groups
-from compress.structure.channels import channel_groups
+from compress.structure.channels import channel_groups, param_index
 from compress.structure.coverage import nothing_found, unanalysed_layers
 from compress.structure.depgraph import build_graph
 from compress.structure.group import Group, GroupList, bind_groups
+from compress.structure.head_check import check_units
 from compress.structure.soundness import check_groups
 from compress.structure.tensors import as_args, flatten_tensors
 
@@ -46,7 +47,7 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
     order = {m: i for i, (_, m) in enumerate(model.named_modules())}
     not_prunable: list[tuple[str, str]] = []
     found: list[tuple[int, list[Group]]] = []
-    attn_linears = _head_groups(model, ignored, order, found, not_prunable)
+    attn_linears = _head_groups(model, ignored, order, found, not_prunable, example_inputs if check else None)
     DG, out_fns = _dependency_graph(model, example_inputs)
     _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not_prunable)
     found.sort(key=lambda t: t[0])
@@ -62,19 +63,24 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: s
     return groups
 
 
-def _head_groups(model, ignored, order, found, not_prunable) -> set:
+def _head_groups(model, ignored, order, found, not_prunable, example_inputs=None) -> set:
     """Append the head groups of every attention unit to `found`; return their q/k/v linears,
-    which channel grouping must leave alone."""
+    which channel grouping must leave alone. With `example_inputs`, a unit whose one-head removal
+    is not exact on its own inputs is refused with the reason (`head_check`)."""
     attn_linears = set()
-    units = attention_units(model)
-    for u in units:
+    units = all_units = attention_units(model)
+    if example_inputs is not None:
+        units, refused = check_units(model, units, example_inputs)
+        not_prunable += refused
+    for u in all_units:
         attn_linears.update(model.get_submodule(r) for r in {u.q, u.k, u.v})
+    for u in units:
         if model.get_submodule(u.name) in ignored:
             not_prunable.append((u.name, "ignored by the caller"))
             continue
         found.append((order[model.get_submodule(u.name)], head_groups(model, u)))
     for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention) and name not in {u.name for u in units}:
+        if isinstance(m, nn.MultiheadAttention) and name not in {u.name for u in all_units}:
             not_prunable.append(
                 (name, "nn.MultiheadAttention: heads are not offered (rewrite it with separate q/k/v/out nn.Linear layers and num_heads/head_dim attributes to prune heads)")
             )
@@ -93,29 +99,31 @@ def _dependency_graph(model, example_inputs):
         return out
 
     try:
-        DG = build_graph(model, args, kwargs, forward_fn)
+        DG = build_graph(model, args, kwargs, forward_fn, frozen=True)
     finally:
         model.train(was_training)
     return DG, {t.grad_fn for t in flatten_tensors(outputs[0]) if t.grad_fn is not None}
 
 
-def _out_members(DG, m) -> list:
-    """The conv/linear layers whose output channels are coupled with `m`'s (m included)."""
+def _out_members(DG, m) -> tuple[list, list]:
+    """(the conv/linear layers whose output channels are coupled with `m`'s (m included), the items
+    of `m`'s pruning group — reused by `channel_groups`: each get_pruning_group walks the graph)."""
     pruner = DG.get_pruner_of_module(m)
     pg = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+    items = list(pg.items)
     members = []
-    for it in pg.items:
+    for it in items:
         mod = it.dep.target.module
         p = DG.get_pruner_of_module(mod) if isinstance(mod, nn.Module) else None
         if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) and p is not None and it.dep.handler == p.prune_out_channels:
             members.append(mod)
-    return members
+    return members, items
 
 
 def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not_prunable) -> None:
     """Append the channel/neuron groups of every conv/linear (in module order) not yet covered
     by a coupled layer to `found`, and every layer that cannot be grouped to `not_prunable`."""
-    pnames = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    pnames = param_index(model)
     visited = set(attn_linears)
     for name, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m in visited:
@@ -124,7 +132,7 @@ def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not
             not_prunable.append((name, "not reached by the forward pass on the example inputs"))
             continue
         try:
-            members = _out_members(DG, m)
+            members, items = _out_members(DG, m)
         except Exception as e:  # noqa: BLE001 - torch-pruning cannot trace this coupling: refuse, say why
             not_prunable.append((name, f"torch-pruning cannot build its group ({type(e).__name__}: {e})"))
             continue
@@ -136,7 +144,7 @@ def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not
             not_prunable.append((name, "a single output channel"))
             continue
         try:
-            gs, reason = channel_groups(DG, model, m, name, pnames, attn_linears, out_fns)
+            gs, reason = channel_groups(DG, model, m, name, pnames, attn_linears, out_fns, items)
         except Exception as e:  # noqa: BLE001 - as above
             gs, reason = None, f"torch-pruning cannot build its group ({type(e).__name__}: {e})"
         if reason:

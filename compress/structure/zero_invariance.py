@@ -15,6 +15,11 @@ ZERO_PRESERVING = {
 }
 
 
+# Autograd's names for batch_norm; the op appears on its own when a module calls F.batch_norm
+# inside a larger forward (timm's BatchNormAct2d), so torch-pruning does not see a BatchNorm there.
+BATCH_NORM_OPS = {"NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "NativeBatchNormLegit"}
+
+
 def op_name(grad_fn) -> str:
     n = grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else "?"
     return n.rstrip("0123456789").removesuffix("Backward")
@@ -52,6 +57,7 @@ class ZeroAnalysis:
         self.T = ops.OPTYPE
         self.nodes_in, self.producers, self.name_of = nodes_in, producers, name_of
         self.by_fn = {n.grad_fn: n for n in nodes_in if n.grad_fn is not None}
+        self.pads = getattr(DG, "compress_pads", {})
         self.memo: dict = {}
 
     def operand(self, fn):
@@ -99,6 +105,9 @@ class ZeroAnalysis:
         if t == T.BN:
             if not node.module.affine:
                 return False, f"BatchNorm {nm} has no affine γ/β, so BN(0) = −μ/σ ≠ 0"
+            op = op_name(node.grad_fn)  # a fused BN+activation module (timm BatchNormAct2d) ends in its act
+            if op not in BATCH_NORM_OPS and op not in ZERO_PRESERVING:
+                return False, f"{nm} applies {op} after its BatchNorm, which may not keep zeros"
             return self._all(ins, nm)
         if t in (T.DEPTHWISE_CONV, T.PRELU, T.RESHAPE, T.SLICE, T.SPLIT, T.UNBIND, T.EXPAND, T.CONCAT):
             return self._all(ins, nm)
@@ -156,6 +165,35 @@ class ZeroAnalysis:
         if op in ("Mean", "Sum"):
             why = reduction_ok(gf)
             return (False, why) if why else self._all(ins, op)
+        if op in BATCH_NORM_OPS:
+            return self._batch_norm(gf, ins)
+        if op == "ConstantPadNd":
+            why = self._pad_reason(gf)
+            return (False, why) if why else self._all(ins, op)
         if op in ZERO_PRESERVING:
             return self._all(ins, op)
         return False, f"op {op} may not map a zero channel to zero (f(0) != 0 or mixes channels)"
+
+    def _batch_norm(self, gf, ins) -> tuple[bool, str | None]:
+        """A functional batch_norm keeps zero at zero when its γ (and β) belong to a BatchNorm of
+        this group, whose channel slices are then zeroed with it: γ·x̂ + β = 0."""
+        w = getattr(gf, "_saved_weight", None)
+        if w is None:
+            return False, "batch_norm without affine γ/β, so BN(0) = −μ/σ ≠ 0"
+        if not any(n.type == self.T.BN and getattr(n.module, "weight", None) is w for n in self.nodes_in):
+            return False, "batch_norm whose γ/β are not part of the group (BN(0) = β − γμ/σ)"
+        return self._all(ins, "batch_norm")
+
+    def _pad_reason(self, gf) -> str | None:
+        """None when a constant pad keeps a zero channel zero: fill value 0 and not along the
+        channel dimension (dim 1, or the last of a 3-d token tensor)."""
+        rec = self.pads.get(gf)
+        if rec is None:
+            return "constant pad whose fill value was not recorded"
+        nd, pad, _, value = rec
+        if value != 0.0:
+            return f"constant pad with fill value {value:g} ≠ 0"
+        padded = {nd - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
+        if 1 in padded or (nd == 3 and 2 in padded) or nd < 3:
+            return f"pad along dims {sorted(padded)} of a {nd}-d tensor may shift channels"
+        return None

@@ -1,0 +1,105 @@
+"""Each attention block's heads tried alone, at find time, on the inputs the block saw.
+
+A block can match a recognised layout yet compute its head size from the input width
+(torchvision's functional `shifted_window_attention`, C // num_heads) or share a per-head
+tensor across blocks (T5's position bias): removing a head then breaks it. The whole-model
+randomized check (`soundness.py`) finds this too, but by bisection over every layer, which
+cost minutes on full-size Swin; one head removed from a copy of one block costs a forward
+of that block.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from compress.structure.attention import AttentionUnit, head_groups
+from compress.structure.group import GroupList, bind_groups
+from compress.structure.tensors import as_args, flatten_tensors
+
+
+def _relative(u: AttentionUnit) -> AttentionUnit:
+    """The unit with names relative to its own block."""
+    cut = len(u.name) + 1
+
+    def rel(n):
+        return n[cut:] if n != u.name else ""
+
+    return dataclasses.replace(u, name="", holder=rel(u.holder), q=rel(u.q), k=rel(u.k), v=rel(u.v), o=rel(u.o),
+                               tables=[rel(t) for t in u.tables])
+
+
+def _capture(model, units, example_inputs) -> dict:
+    """unit name → (args, kwargs) of the block's first call on the example."""
+    seen, hooks = {}, []
+    for u in units:
+        def hook(mod, args, kwargs, _n=u.name):
+            seen.setdefault(_n, (args, kwargs))
+        hooks.append(model.get_submodule(u.name).register_forward_pre_hook(hook, with_kwargs=True))
+    args, kwargs = as_args(example_inputs)
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return seen
+
+
+def _outputs(block, args, kwargs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [t.float() for t in flatten_tensors(block(*args, **kwargs)) if t.is_floating_point()]
+
+
+def _per_head(a: torch.Tensor, b: torch.Tensor, u: AttentionUnit) -> bool:
+    """Is b a per-head output (attention probabilities) of a with one group's heads gone?"""
+    if a.dim() != b.dim():
+        return False
+    diff = [d for d in range(a.dim()) if a.shape[d] != b.shape[d]]
+    return len(diff) == 1 and a.shape[diff[0]] == u.num_heads and b.shape[diff[0]] == u.num_heads - u.q_per_group
+
+
+def _try_one_head(block: nn.Module, u: AttentionUnit, args, kwargs, atol: float) -> str | None:
+    from compress.deploy.extract import _remove_heads  # deploy sits above; lazy
+
+    gl = bind_groups(GroupList(head_groups(block, u)[:1]), block)
+    with torch.no_grad():
+        for s, t in zip(gl[0].slices, gl[0].tensors):
+            t.index_fill_(s.dim, torch.tensor(s.indices, dtype=torch.long), 0.0)
+    try:
+        ref = _outputs(block, args, kwargs)
+        _remove_heads(block, u, [gl[0]], u.name)
+        got = _outputs(block, args, kwargs)
+    except Exception as e:  # noqa: BLE001 - a removal that breaks the forward is the finding
+        return f"removing one head breaks its forward ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if len(ref) != len(got) or any(a.shape != b.shape and not _per_head(a, b, u) for a, b in zip(ref, got)):
+        return "removing one head changes the shape of its output"
+    pairs = [(a, b) for a, b in zip(ref, got) if a.shape == b.shape and a.numel()]
+    if not pairs:
+        return "no output of the block keeps its shape"
+    scale = max(float(a.abs().max()) for a, _ in pairs) or 1.0
+    diff = max(float((a - b).abs().max()) for a, b in pairs)
+    return None if diff <= atol * scale else f"removing one zeroed head changes its output (max diff {diff:.2g})"
+
+
+def check_units(model: nn.Module, units: list[AttentionUnit], example_inputs, atol: float = 1e-5):
+    """(units whose one-head removal is exact on the example, [(unit name, reason)] for the rest).
+    nn.MultiheadAttention units (replaced by this package's own module) and the root pass as they are."""
+    todo = [u for u in units if u.name and not u.mha and model.get_submodule(u.name) is not model]
+    seen = _capture(model, todo, example_inputs) if todo else {}
+    ok, refused = [], []
+    for u in units:
+        if u not in todo:
+            ok.append(u)
+            continue
+        if u.name not in seen:
+            refused.append((u.name, "attention block not reached by the forward pass on the example inputs"))
+            continue
+        args, kwargs = seen[u.name]
+        why = _try_one_head(copy.deepcopy(model.get_submodule(u.name)).eval(), _relative(u), args, kwargs, atol)
+        (ok.append(u) if why is None else refused.append((u.name, f"heads not offered: {why}")))
+    return ok, refused

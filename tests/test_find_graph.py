@@ -1,0 +1,56 @@
+"""find_groups' dependency graph maps reshapes once (torch-pruning remapped them in every
+get_pruning_group): the groups are the same as with remapping, and the mapping runs once."""
+from unittest import mock
+
+import torch
+from torch import nn
+
+from compress.structure import depgraph
+from compress.structure.find import find_groups
+
+
+class _Windows(nn.Module):
+    """conv → window partition (view/permute/reshape) → linear per token → back, then a conv head:
+    chained reshapes whose index mappings torch-pruning infers."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc1, self.fc2, self.c2 = nn.Conv2d(3, 8, 1), nn.Linear(8, 16), nn.Linear(16, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))  # (B, 8, 4, 4)
+        b, c, hh, ww = h.shape
+        t = h.permute(0, 2, 3, 1).reshape(b, hh // 2, 2, ww // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, c)
+        t = t + self.fc2(torch.relu(self.fc1(t)))
+        h = t.reshape(b, hh // 2, ww // 2, 2, 2, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, hh, ww)
+        return self.c2(torch.relu(h)).mean((2, 3))
+
+
+def _key(groups):
+    return [(g.name, g.slices, g.dependents) for g in groups], list(groups.not_prunable)
+
+
+def _find_counting_reshape_maps(m, x, frozen=True):
+    """(groups, calls of torch-pruning's reshape index mapping) of one find_groups."""
+    from torch_pruning.dependency import index_mapping as im
+
+    calls, inner, orig_build = [], im.update_reshape_index_mapping, depgraph.build_graph
+
+    def counting(graph, node):
+        calls.append(node)
+        return inner(graph, node)
+
+    build = lambda *a, frozen=False, _f=frozen, **k: orig_build(*a, frozen=_f, **k)  # noqa: E731
+    with mock.patch.object(im, "update_reshape_index_mapping", counting), \
+            mock.patch("compress.structure.find.build_graph", build):
+        return find_groups(m, x, check=False), len(calls)
+
+
+def test_frozen_graph_maps_once_and_finds_the_same_groups():
+    torch.manual_seed(0)
+    m, x = _Windows().eval(), torch.randn(2, 3, 4, 4)
+    find_groups(m, x, check=False)  # installs the guards
+    frozen, n_frozen = _find_counting_reshape_maps(m, x, frozen=True)
+    remapped, n_remapped = _find_counting_reshape_maps(m, x, frozen=False)
+    assert len(frozen) and _key(frozen) == _key(remapped)
+    assert 0 < n_frozen and 2 * n_frozen < n_remapped  # one pass, instead of one per get_pruning_group
