@@ -3,6 +3,7 @@
 User mistakes (compress.errors.UserError) print one red line, naming the flag of the library field at
 fault, and exit with code 2; `compress --debug ...` shows the traceback instead.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,9 @@ from . import options as o
 
 app = typer.Typer(
     help="Compress a PyTorch model: group-sparse fine-tuning (RAMDA) → extraction of the zero "
-         "structures → verified ONNX export → ONNX Runtime latency benchmark.\n\n"
-         "Typical use:  compress finetune --model digits-resnet --out runs/r1 ; compress export runs/r1 ; "
-         "compress bench runs/r1",
+    "structures → verified ONNX export → ONNX Runtime latency benchmark.\n\n"
+    "Typical use:  compress finetune --model digits-resnet --out runs/r1 ; compress export runs/r1 ; "
+    "compress bench runs/r1",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
@@ -73,18 +74,44 @@ def user_errors(fn):
 @app.command()
 @user_errors
 def finetune(
-    model: o.Model = None, out: o.Out = None, data: o.Data = None, input_shape: o.InputShape = None,
+    model: o.Model = None,
+    out: o.Out = None,
+    data: o.Data = None,
+    input_shape: o.InputShape = None,
     output: o.Output = None,
-    epochs: o.Epochs = None, lr: o.Lr = None, lam: o.Lam = None, optimizer: o.Optimizer = None,
-    reg_space: o.RegSpace = None, dsgd_k: o.DsgdK = None, momentum: o.Momentum = None,
-    batch_size: o.BatchSize = None, milestones: o.Milestones = None, gamma: o.Gamma = None,
-    schedule: o.Schedule = None, weight_decay: o.WeightDecay = None, group_weight: o.GroupWeight = None,
-    solver: o.Solver = None, seed: o.Seed = None, init: o.Init = None, device: o.Device = None,
-    threads: o.Threads = None, distill: o.Distill = None, distill_temperature: o.DistillTemperature = None,
-    distill_alpha: o.DistillAlpha = None, target_flops: o.TargetFlops = None, target_params: o.TargetParams = None,
-    target_latency_ms: o.TargetLatencyMs = None, bench_batch: o.BenchBatch = None,
-    bench_threads: o.BenchThreads = None, final_optimizer: o.FinalOptimizer = None, align: o.Align = None,
-    rewind: o.Rewind = None, final_lr: o.FinalLr = None, config: o.Config = None, resume: o.Resume = None, force: o.Force = False,
+    epochs: o.Epochs = None,
+    lr: o.Lr = None,
+    lam: o.Lam = None,
+    optimizer: o.Optimizer = None,
+    reg_space: o.RegSpace = None,
+    dsgd_k: o.DsgdK = None,
+    momentum: o.Momentum = None,
+    batch_size: o.BatchSize = None,
+    milestones: o.Milestones = None,
+    gamma: o.Gamma = None,
+    schedule: o.Schedule = None,
+    weight_decay: o.WeightDecay = None,
+    group_weight: o.GroupWeight = None,
+    solver: o.Solver = None,
+    seed: o.Seed = None,
+    init: o.Init = None,
+    device: o.Device = None,
+    threads: o.Threads = None,
+    distill: o.Distill = None,
+    distill_temperature: o.DistillTemperature = None,
+    distill_alpha: o.DistillAlpha = None,
+    target_flops: o.TargetFlops = None,
+    target_params: o.TargetParams = None,
+    target_latency_ms: o.TargetLatencyMs = None,
+    bench_batch: o.BenchBatch = None,
+    bench_threads: o.BenchThreads = None,
+    final_optimizer: o.FinalOptimizer = None,
+    align: o.Align = None,
+    rewind: o.Rewind = None,
+    final_lr: o.FinalLr = None,
+    config: o.Config = None,
+    resume: o.Resume = None,
+    force: o.Force = False,
     quiet: o.Quiet = False,
 ):
     """Fine-tune with group lasso so whole channels / heads / neurons become exactly zero.
@@ -97,8 +124,9 @@ def finetune(
 
     given = locals()
     options = FinetuneOptions(**{f.name: given[f.name] for f in dataclasses.fields(FinetuneOptions)})
-    run = finetune_from(options, config_file=config, resume=resume, force=force, console=console,
-                        progress=not quiet, name=flag_of)
+    run = finetune_from(
+        options, config_file=config, resume=resume, force=force, console=console, progress=not quiet, name=flag_of
+    )
     console.print(f"[green]done[/] → {run}   next: compress export {run}")
 
 
@@ -107,15 +135,24 @@ def finetune(
 def export_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory made by `compress finetune`.")],
     opset: Annotated[int, typer.Option(help="ONNX opset (≥ 17).")] = 17,
-    simplify: Annotated[bool, typer.Option(help="Simplify the graph (onnxslim, if installed) and verify "
-                                           "again.")] = False,
+    simplify: Annotated[
+        bool, typer.Option(help="Simplify the graph (onnxslim, if installed) and verify again.")
+    ] = False,
     align: o.ExportAlign = None,
-    quantize: Annotated[str | None, typer.Option(
-        help="int8: also write RUN/model.int8.onnx (and dense.int8.onnx), calibrated on the run's data, verified, "
-             "the fastest form measured.")] = None,
-    max_accuracy_drop: Annotated[float | None, typer.Option(
-        help="Refuse an INT8 model losing more than this: accuracy points, or cosine for non-classification "
-             "outputs. \\[default: 1 point / 0.01 cosine]")] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="int8: also write RUN/model.int8.onnx (and dense.int8.onnx), calibrated on the run's data, verified, "
+            "the fastest form measured."
+        ),
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float | None,
+        typer.Option(
+            help="Refuse an INT8 model losing more than this: accuracy points, or cosine for non-classification "
+            "outputs. \\[default: 1 point / 0.01 cosine]"
+        ),
+    ] = None,
 ):
     """Remove the zero structures, export RUN/dense.onnx and RUN/model.onnx, verify, write RUN/report.json."""
     from compress.deploy.pipeline import export_run
@@ -137,15 +174,18 @@ def export_cmd(
 @app.command()
 @user_errors
 def bench(
-    paths: Annotated[list[Path], typer.Argument(help="A run directory, or two ONNX files: DENSE.onnx "
-                                                "COMPRESSED.onnx.")],
+    paths: Annotated[
+        list[Path], typer.Argument(help="A run directory, or two ONNX files: DENSE.onnx COMPRESSED.onnx.")
+    ],
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,32",
     threads: Annotated[str, typer.Option(help="ORT intra-op threads, comma-separated ('all' = every core).")] = "1,all",
     rounds: Annotated[int | None, typer.Option(help="Timed rounds per model and setting.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Where to write the JSON (two-file form; a run uses "
-                                                  "RUN/bench.json).")] = None,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Sequence length of token inputs (dynamic non-batch "
-                                                         "axes).")] = 128,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the JSON (two-file form; a run uses RUN/bench.json).")
+    ] = None,
+    seq_len: Annotated[
+        int, typer.Option("--seq-len", help="Sequence length of token inputs (dynamic non-batch axes).")
+    ] = 128,
 ):
     """Measure ONNX Runtime latency of dense vs compressed, interleaved in one process."""
     from compress.errors import UserError
@@ -159,8 +199,9 @@ def bench(
     if len(paths) == 1:
         from compress.deploy.pipeline import bench_run
 
-        bench_run(paths[0], batch_sizes=batch_sizes, threads=thread_list, rounds=rounds, seq_len=seq_len,
-                  console=console)
+        bench_run(
+            paths[0], batch_sizes=batch_sizes, threads=thread_list, rounds=rounds, seq_len=seq_len, console=console
+        )
         return
     if len(paths) != 2:
         raise UserError("give a run directory, or exactly two ONNX files (dense, compressed)")
@@ -185,14 +226,27 @@ def bench(
 @user_errors
 def quantize_cmd(
     model: Annotated[Path, typer.Argument(help="An FP32 ONNX file (any model).")],
-    calibration: Annotated[Path, typer.Option(help=".npz with one array per ONNX input name (samples on axis 0), "
-                                              "optionally 'labels' for a top-1 accuracy check.")],
-    eval_data: Annotated[Path | None, typer.Option("--eval", help="Held-out .npz, same keys. \\[default: the "
-                                                   "calibration samples not used to calibrate]")] = None,
+    calibration: Annotated[
+        Path,
+        typer.Option(
+            help=".npz with one array per ONNX input name (samples on axis 0), "
+            "optionally 'labels' for a top-1 accuracy check."
+        ),
+    ],
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval", help="Held-out .npz, same keys. \\[default: the calibration samples not used to calibrate]"
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="INT8 file to write. \\[default: MODEL with .int8.onnx]")] = None,
-    max_accuracy_drop: Annotated[float | None, typer.Option(
-        help="Refuse an INT8 model losing more than this: accuracy points with labels, else cosine. "
-             "\\[default: 1 point / 0.01 cosine]")] = None,
+    max_accuracy_drop: Annotated[
+        float | None,
+        typer.Option(
+            help="Refuse an INT8 model losing more than this: accuracy points with labels, else cosine. "
+            "\\[default: 1 point / 0.01 cosine]"
+        ),
+    ] = None,
     samples: Annotated[int, typer.Option(help="Calibration samples (a seeded choice).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
 ):
@@ -202,8 +256,15 @@ def quantize_cmd(
     from compress.files import check_writable
 
     out = check_writable(out or model.with_name(model.name.removesuffix(".onnx") + ".int8.onnx"))
-    rep = quantize_onnx(model, out, calibration, eval_data=eval_data, max_accuracy_drop=max_accuracy_drop,
-                        n_calibration=samples, seed=seed)
+    rep = quantize_onnx(
+        model,
+        out,
+        calibration,
+        eval_data=eval_data,
+        max_accuracy_drop=max_accuracy_drop,
+        n_calibration=samples,
+        seed=seed,
+    )
     print_quantize({"files": {"model.onnx": rep}, "recommended": rep["recommended"]}, console)
     console.print(f"[green]wrote[/] {out}")
 
@@ -215,9 +276,14 @@ def inspect(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Show the removable groups of a model.")] = None,
     list_models: Annotated[bool, typer.Option("--list", help="List the built-in models.")] = False,
     input_shape: o.InputShape = None,
-    data: Annotated[str | None, typer.Option(help="module:function returning (train, eval) data: a custom model's "
-                                             "example input is one sample of it when --input-shape is not "
-                                             "given.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="module:function returning (train, eval) data: a custom model's "
+            "example input is one sample of it when --input-shape is not "
+            "given."
+        ),
+    ] = None,
 ):
     """Show a model's removable structures (and what cannot be pruned, and why), or summarise a run."""
     from compress.inspection import inspect_model, inspect_run, list_builtin

@@ -4,6 +4,7 @@ The public API is imported lazily so `import compress` stays fast and the CLI's
 `--help` does not pay for onnx/onnxruntime. No public name is also the name of a
 submodule of this package, so every name means the same thing on every access.
 """
+
 from __future__ import annotations
 
 import importlib

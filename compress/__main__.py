@@ -1,4 +1,5 @@
 """`python -m compress` is the `compress` command."""
+
 from compress.cli.main import app
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The exceptions a user sees: one-line messages the CLI prints without a traceback."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping

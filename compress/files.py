@@ -1,4 +1,5 @@
 """Atomic file writes (temp file + rename): a crash never leaves a half-written file."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,9 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise UserError(f"cannot write to {path.parent}: {e.strerror}; check the directory exists and is writable") from e
+        raise UserError(
+            f"cannot write to {path.parent}: {e.strerror}; check the directory exists and is writable"
+        ) from e
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files follow the umask like any file

@@ -1,4 +1,5 @@
 """Human summaries: the removable groups of a model, and the state of a run directory."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,10 @@ def inspect_model(name: str, console, input_shape: str | None = None, data: str 
     per_layer: OrderedDict[tuple[str, str], list] = OrderedDict()
     for g in groups:
         per_layer.setdefault((g.layer, g.kind), []).append(g)
-    t = Table(title=f"{name}: {len(groups)} removable groups, {count_params(model):,} params, "
-                    f"{count_flops(model, example):,} FLOPs/sample")
+    t = Table(
+        title=f"{name}: {len(groups)} removable groups, {count_params(model):,} params, "
+        f"{count_flops(model, example):,} FLOPs/sample"
+    )
     t.add_column("layer")
     t.add_column("kind")
     t.add_column("groups", justify="right")
@@ -54,8 +57,13 @@ def inspect_model(name: str, console, input_shape: str | None = None, data: str 
     t.add_column("coupled parameters")
     for (layer, kind), gs in per_layer.items():
         params = sorted({s.param for s in gs[0].slices})
-        t.add_row(layer, kind, str(len(gs)), str(gs[0].size), ", ".join(params) if len(params) <= 6
-                  else ", ".join(params[:6]) + f", … (+{len(params) - 6})")
+        t.add_row(
+            layer,
+            kind,
+            str(len(gs)),
+            str(gs[0].size),
+            ", ".join(params) if len(params) <= 6 else ", ".join(params[:6]) + f", … (+{len(params) - 6})",
+        )
     console.print(t)
     skipped = getattr(groups, "not_prunable", [])
     if skipped:
@@ -79,9 +87,11 @@ def inspect_run(run: Path, console) -> None:
     run = Path(run)
     cfg = read_config(run)
     train = cfg.get("train", {})
-    console.print(f"[bold]{run}[/]  model={cfg.get('model')}  optimizer={train.get('optimizer')}  "
-                  f"lr={train.get('lr')}  λ={train.get('lam')}  epochs={train.get('epochs')}  "
-                  f"start={cfg.get('init') or 'random weights'}")
+    console.print(
+        f"[bold]{run}[/]  model={cfg.get('model')}  optimizer={train.get('optimizer')}  "
+        f"lr={train.get('lr')}  λ={train.get('lam')}  epochs={train.get('epochs')}  "
+        f"start={cfg.get('init') or 'random weights'}"
+    )
     metrics = read_metrics(run)
     if metrics:
         t = Table(title="training")
@@ -89,9 +99,15 @@ def inspect_run(run: Path, console) -> None:
             t.add_column(c, justify="right")
         shown = metrics if len(metrics) <= 12 else metrics[:3] + metrics[-8:]
         for m in shown:
-            t.add_row(str(m["epoch"]), f"{m['train_loss']:.4f}", f"{100 * m['accuracy']:.2f}%",
-                      f"{100 * m['group_sparsity']:.1f}%", f"{100 * m['weighted_group_sparsity']:.1f}%",
-                      f"{m['lr']:.3g}", f"{m.get('lam', 0):.3g}")
+            t.add_row(
+                str(m["epoch"]),
+                f"{m['train_loss']:.4f}",
+                f"{100 * m['accuracy']:.2f}%",
+                f"{100 * m['group_sparsity']:.1f}%",
+                f"{100 * m['weighted_group_sparsity']:.1f}%",
+                f"{m['lr']:.3g}",
+                f"{m.get('lam', 0):.3g}",
+            )
         console.print(t)
     done = (run / RUN_FILES["weights"]).is_file()
     status = "finished" if done else f"not finished; continue it with: compress finetune --resume {run}"
@@ -111,5 +127,7 @@ def inspect_run(run: Path, console) -> None:
         bench = json.loads(b.read_text())
         print_bench_table(bench, console)
         if "files" in bench and bench["files"] != bench_files(run):
-            console.print(f"[yellow]stale:[/] {b.name} measured other ONNX files than the run's dense.onnx and "
-                          f"model.onnx now; measure again with: compress bench {run}")
+            console.print(
+                f"[yellow]stale:[/] {b.name} measured other ONNX files than the run's dense.onnx and "
+                f"model.onnx now; measure again with: compress bench {run}"
+            )

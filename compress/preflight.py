@@ -7,6 +7,7 @@ after half a run directory was written.
 The check leaves the model as it found it: BatchNorm buffers are restored and gradients cleared (the
 training loop reseeds the RNG afterwards), so a run with a preflight is bit-identical to one without.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -82,8 +83,10 @@ def preflight(net: torch.nn.Module, x, y, example, output: str | None = None, da
                 loss = (task_loss or F.cross_entropy)(out, y)
                 loss.backward()
             except Exception as e:  # noqa: BLE001
-                raise UserError(f"the loss (cross-entropy of outputs{_shape_text(out)} against labels"
-                                f"{_shape_text(y)}) failed: {_one_line(e)}") from e
+                raise UserError(
+                    f"the loss (cross-entropy of outputs{_shape_text(out)} against labels"
+                    f"{_shape_text(y)}) failed: {_one_line(e)}"
+                ) from e
         finally:
             net.zero_grad(set_to_none=True)
             net.train(was)
@@ -104,18 +107,23 @@ def _chosen_output(net, out, output: str | None):
     if torch.is_tensor(out) and output is None:
         return out, None
     if torch.is_tensor(out):
-        raise UserError(f"`output` {output!r} was given but the model returns a single tensor; leave `output` out",
-                        field="output")
+        raise UserError(
+            f"`output` {output!r} was given but the model returns a single tensor; leave `output` out", field="output"
+        )
     if not isinstance(out, (dict, tuple, list)):
-        raise UserError(f"the model returns a {type(out).__name__}; it must return a tensor of logits, a dict "
-                        "(or Hugging Face ModelOutput) or a tuple")
+        raise UserError(
+            f"the model returns a {type(out).__name__}; it must return a tensor of logits, a dict "
+            "(or Hugging Face ModelOutput) or a tuple"
+        )
     key = output if output is not None else ("logits" if isinstance(out, dict) and "logits" in out else None)
     if key is None:
-        what = (f"a dict with keys {', '.join(map(str, out))}" if isinstance(out, dict)
-                else f"a {type(out).__name__} of {len(out)}")
+        what = (
+            f"a dict with keys {', '.join(map(str, out))}"
+            if isinstance(out, dict)
+            else f"a {type(out).__name__} of {len(out)}"
+        )
         hint = "the key of its logits" if isinstance(out, dict) else "the index of its logits (e.g. 0)"
-        raise UserError(f"the model returns {what}, not a tensor of logits: give `output` with {hint}",
-                        field="output")
+        raise UserError(f"the model returns {what}, not a tensor of logits: give `output` with {hint}", field="output")
     picked = pick_output(out, key)
     select_output(net, key)
     return picked, key
@@ -124,28 +132,40 @@ def _chosen_output(net, out, output: str | None):
 def _check_shape(x, example) -> None:
     if torch.is_tensor(x) and torch.is_tensor(example) and tuple(x.shape[1:]) != tuple(example.shape[1:]):
         data_shape = ",".join(str(d) for d in (1, *x.shape[1:]))
-        raise UserError(f"the training inputs have shape {_dims(x)} per sample but the model's example input has "
-                        f"{_dims(example)}: give `input_shape` {data_shape} (or leave it out: the data's shape is "
-                        "used)", field="input_shape")
+        raise UserError(
+            f"the training inputs have shape {_dims(x)} per sample but the model's example input has "
+            f"{_dims(example)}: give `input_shape` {data_shape} (or leave it out: the data's shape is "
+            "used)",
+            field="input_shape",
+        )
 
 
 def _check_labels(out, y) -> None:
     """Cross-entropy wants int64 class indices in [0, classes): name the usual mistakes and their fix."""
     if not torch.is_tensor(y):
-        raise UserError(f"the labels are a {type(y).__name__}, not a tensor: return (inputs, label tensor) pairs",
-                        field="data")
+        raise UserError(
+            f"the labels are a {type(y).__name__}, not a tensor: return (inputs, label tensor) pairs", field="data"
+        )
     classes = out.shape[-1] if out.dim() >= 2 else None
     if y.dim() == 2 and classes is not None and y.shape[-1] == classes:
-        raise UserError(f"the labels are one-hot ({classes} columns): give class indices instead, "
-                        "e.g. y.argmax(1) as int64", field="data")
+        raise UserError(
+            f"the labels are one-hot ({classes} columns): give class indices instead, e.g. y.argmax(1) as int64",
+            field="data",
+        )
     if y.is_floating_point():
-        raise UserError(f"the labels are {str(y.dtype).removeprefix('torch.')}: cross-entropy needs int64 class "
-                        "indices, e.g. y.long()", field="data")
+        raise UserError(
+            f"the labels are {str(y.dtype).removeprefix('torch.')}: cross-entropy needs int64 class "
+            "indices, e.g. y.long()",
+            field="data",
+        )
     if classes is not None and out.dim() == 2 and y.numel():
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= classes:
-            raise UserError(f"labels range over {lo}..{hi} but the model outputs {classes} classes: labels must "
-                            f"be in 0..{classes - 1} (or the classifier needs {hi + 1} outputs)", field="data")
+            raise UserError(
+                f"labels range over {lo}..{hi} but the model outputs {classes} classes: labels must "
+                f"be in 0..{classes - 1} (or the classifier needs {hi + 1} outputs)",
+                field="data",
+            )
 
 
 def _dims(t, skip: int = 1) -> str:

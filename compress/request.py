@@ -1,6 +1,7 @@
 """One fine-tuning request: the settings of a TOML file and of the caller (the caller's win), resolved
 and validated once into a `FinetuneRequest`, then run — the plain loop or the budget runner — or a run
 directory resumed. The CLI is one call of `finetune_from`; everything it used to decide lives here."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,12 +15,36 @@ from compress.budget.target import Budget
 from compress.errors import UserError
 from compress.train.config import TrainConfig
 
-_TRAIN = ("epochs", "lr", "lam", "optimizer", "momentum", "batch_size", "milestones", "gamma", "schedule",
-          "weight_decay", "group_weight", "solver", "reg_space", "dsgd_k", "seed", "device", "threads",
-          "distill", "distill_temperature", "distill_alpha")
+_TRAIN = (
+    "epochs",
+    "lr",
+    "lam",
+    "optimizer",
+    "momentum",
+    "batch_size",
+    "milestones",
+    "gamma",
+    "schedule",
+    "weight_decay",
+    "group_weight",
+    "solver",
+    "reg_space",
+    "dsgd_k",
+    "seed",
+    "device",
+    "threads",
+    "distill",
+    "distill_temperature",
+    "distill_alpha",
+)
 _TARGETS = ("target_flops", "target_params", "target_latency_ms")
-_BUDGET = {"target_flops": "flops", "target_params": "params", "target_latency_ms": "latency_ms",
-           "bench_batch": "batch", "bench_threads": "threads"}  # option → Budget field
+_BUDGET = {
+    "target_flops": "flops",
+    "target_params": "params",
+    "target_latency_ms": "latency_ms",
+    "bench_batch": "batch",
+    "bench_threads": "threads",
+}  # option → Budget field
 _CONTROLLER = ("final_optimizer", "align", "rewind", "final_lr")  # finetune_to_budget's keyword arguments
 
 
@@ -123,12 +148,18 @@ class FinetuneRequest:
         data = self.data
         if data and Path(data).is_file():  # a data file (hf: sentences.txt): export finds it from any folder
             data = str(Path(data).resolve())
-        return {"model": self.model, "data": data, "input_shape": self.input_shape,
-                "init": str(self.init) if self.init else None, "output": self.output}
+        return {
+            "model": self.model,
+            "data": data,
+            "input_shape": self.input_shape,
+            "init": str(self.init) if self.init else None,
+            "output": self.output,
+        }
 
 
-def build_request(options: FinetuneOptions, config_file: str | Path | None = None,
-                  force: bool = False) -> FinetuneRequest:
+def build_request(
+    options: FinetuneOptions, config_file: str | Path | None = None, force: bool = False
+) -> FinetuneRequest:
     """Merge `options` over the TOML `config_file`, resolve the defaults and validate — once."""
     from compress.models.userspec import parse_input_shape
     from compress.runs import check_out_dir
@@ -143,9 +174,12 @@ def build_request(options: FinetuneOptions, config_file: str | Path | None = Non
     if controller.get("final_lr") is not None and not controller["final_lr"] > 0:
         raise UserError(f"`final_lr` must be positive, got {controller['final_lr']}", field="final_lr")
     if budget is None and controller:
-        raise UserError(f"`{next(iter(controller))}` applies to target runs only "
-                        "(`target_flops`/`target_params`/`target_latency_ms`)",
-                        field=next(iter(controller)), fields=_TARGETS)
+        raise UserError(
+            f"`{next(iter(controller))}` applies to target runs only "
+            "(`target_flops`/`target_params`/`target_latency_ms`)",
+            field=next(iter(controller)),
+            fields=_TARGETS,
+        )
     train = TrainConfig(**{k: given[k] for k in _TRAIN if k in given})
     train.milestones = _milestones(train.milestones)
     if budget is not None:
@@ -157,10 +191,18 @@ def build_request(options: FinetuneOptions, config_file: str | Path | None = Non
         train.validate()
     parse_input_shape(given.get("input_shape"))
     out = check_out_dir(given["out"], force)
-    return FinetuneRequest(out=out, train=train, model=given.get("model", "digits-resnet"), data=given.get("data"),
-                           input_shape=given.get("input_shape"), init=given.get("init"), output=given.get("output"),
-                           budget=budget,
-                           controller=controller, force=force)
+    return FinetuneRequest(
+        out=out,
+        train=train,
+        model=given.get("model", "digits-resnet"),
+        data=given.get("data"),
+        input_shape=given.get("input_shape"),
+        init=given.get("init"),
+        output=given.get("output"),
+        budget=budget,
+        controller=controller,
+        force=force,
+    )
 
 
 def _budget(given: dict) -> Budget | None:
@@ -168,12 +210,19 @@ def _budget(given: dict) -> Budget | None:
     if not any(k in given for k in _TARGETS):
         extra = [k for k in ("bench_batch", "bench_threads") if k in given]
         if extra:
-            raise UserError("`bench_batch` and `bench_threads` only apply to `target_latency_ms`", field=extra[0],
-                            fields=("bench_batch", "bench_threads", "target_latency_ms"))
+            raise UserError(
+                "`bench_batch` and `bench_threads` only apply to `target_latency_ms`",
+                field=extra[0],
+                fields=("bench_batch", "bench_threads", "target_latency_ms"),
+            )
         return None
     if "lam" in given:
-        raise UserError("give either `lam` or a target (`target_flops`/`target_params`/`target_latency_ms`): "
-                        "with a target, λ is found automatically", field="lam", fields=_TARGETS)
+        raise UserError(
+            "give either `lam` or a target (`target_flops`/`target_params`/`target_latency_ms`): "
+            "with a target, λ is found automatically",
+            field="lam",
+            fields=_TARGETS,
+        )
     try:
         return Budget(**{_BUDGET[k]: v for k, v in given.items() if k in _BUDGET})
     except UserError as e:
@@ -186,8 +235,9 @@ def _milestones(value) -> list[int] | None:
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"`milestones` must be comma-separated epoch numbers, e.g. 15,22; got {value!r}",
-                        field="milestones") from None
+        raise UserError(
+            f"`milestones` must be comma-separated epoch numbers, e.g. 15,22; got {value!r}", field="milestones"
+        ) from None
 
 
 def run_request(req: FinetuneRequest, console=None, progress: bool = True, name=None):
@@ -204,16 +254,20 @@ def run_request(req: FinetuneRequest, console=None, progress: bool = True, name=
     req = _with_start(req, console, progress, name)
     init_weights = load_weights(req.init) if req.init and start_kind(req.init) != RANDOM else None
     cfg = req.train
-    console.print(f"[bold]compress finetune[/] model={req.model} optimizer={cfg.optimizer} lr={cfg.lr:g} "
-                  f"λ={cfg.lam:g} epochs={cfg.epochs} milestones={cfg.milestones} → {req.out}")
-    common = dict(init_weights=init_weights, run_info=req.run_info(), force=req.force, console=console,
-                  progress=progress)
+    console.print(
+        f"[bold]compress finetune[/] model={req.model} optimizer={cfg.optimizer} lr={cfg.lr:g} "
+        f"λ={cfg.lam:g} epochs={cfg.epochs} milestones={cfg.milestones} → {req.out}"
+    )
+    common = dict(
+        init_weights=init_weights, run_info=req.run_info(), force=req.force, console=console, progress=progress
+    )
     if req.budget is not None:
         from compress.budget.runner import finetune_to_budget
 
         console.print(f"[bold]budget[/]: {req.budget.describe()} — λ is found automatically")
-        return finetune_to_budget(net, train_data, eval_data, example, req.out, cfg, req.budget, **common,
-                                  **req.controller)
+        return finetune_to_budget(
+            net, train_data, eval_data, example, req.out, cfg, req.budget, **common, **req.controller
+        )
     from compress.train.loop import finetune
 
     return finetune(net, train_data, eval_data, example, req.out, cfg, **common)
@@ -225,9 +279,16 @@ def _with_start(req: FinetuneRequest, console, progress: bool, name=None) -> Fin
     from compress.train.baseline import DENSE, dense_baseline, start_kind, warn_random_start
 
     if start_kind(req.init) == DENSE:
+
         def train_run(run_dir, recipe):
-            options = FinetuneOptions(model=req.model, out=run_dir, seed=req.train.seed, device=req.train.device,
-                                      threads=req.train.threads, **recipe)
+            options = FinetuneOptions(
+                model=req.model,
+                out=run_dir,
+                seed=req.train.seed,
+                device=req.train.device,
+                threads=req.train.threads,
+                **recipe,
+            )
             run_request(build_request(options, force=True), console=console, progress=progress)
 
         weights = dense_baseline(req.model, ":" not in req.model, req.train, console, train_run)
@@ -259,8 +320,9 @@ def prepared(req: FinetuneRequest):
     return req, net, example, data
 
 
-def resume_run(run: str | Path, lr: float | None = None, console=None, progress: bool = True,
-               epochs: int | None = None):
+def resume_run(
+    run: str | Path, lr: float | None = None, console=None, progress: bool = True, epochs: int | None = None
+):
     """Continue an interrupted run directory with its saved settings (`lr` may be lowered, not for a budget);
     `epochs` extends an interrupted or finished run (how the schedule extends: loop._extended)."""
     from compress.models.userspec import parse_input_shape, resolve_model
@@ -270,8 +332,9 @@ def resume_run(run: str | Path, lr: float | None = None, console=None, progress:
     run = Path(run)
     saved = read_config(run, "nothing to resume")
     if "model" not in saved:
-        raise UserError(f"{run} was made from Python with a model object; resume it with "
-                        "compress.finetune(model, ..., resume=True)")
+        raise UserError(
+            f"{run} was made from Python with a model object; resume it with compress.finetune(model, ..., resume=True)"
+        )
     spec = resolve_model(saved["model"], parse_input_shape(saved.get("input_shape")))
     train_data, eval_data = data_for(spec, saved.get("data"))
     net = select_output(spec.build(), saved.get("output"))
@@ -281,17 +344,35 @@ def resume_run(run: str | Path, lr: float | None = None, console=None, progress:
         if lr is not None or epochs is not None:
             what = "lr" if lr is not None else "epochs"
             raise UserError(f"a budget run resumes with its saved settings; `{what}` cannot be changed", field=what)
-        return finetune_to_budget(net, train_data, eval_data, spec.example_input(1), run, resume=True,
-                                  console=console, progress=progress)
+        return finetune_to_budget(
+            net, train_data, eval_data, spec.example_input(1), run, resume=True, console=console, progress=progress
+        )
     from compress.train.loop import finetune
 
-    return finetune(net, train_data, eval_data, spec.example_input(1), run, resume=True,
-                    resume_lr=lr, resume_epochs=epochs, console=console, progress=progress)
+    return finetune(
+        net,
+        train_data,
+        eval_data,
+        spec.example_input(1),
+        run,
+        resume=True,
+        resume_lr=lr,
+        resume_epochs=epochs,
+        console=console,
+        progress=progress,
+    )
 
 
-def finetune_from(options: FinetuneOptions, *, config_file: str | Path | None = None,
-                  resume: str | Path | None = None, force: bool = False, console=None,
-                  progress: bool = True, name=None) -> Path:
+def finetune_from(
+    options: FinetuneOptions,
+    *,
+    config_file: str | Path | None = None,
+    resume: str | Path | None = None,
+    force: bool = False,
+    console=None,
+    progress: bool = True,
+    name=None,
+) -> Path:
     """The `compress finetune` command: a new run from options (+ TOML file), or `resume` a run.
     Returns the run directory."""
     if resume is None:
@@ -303,9 +384,12 @@ def finetune_from(options: FinetuneOptions, *, config_file: str | Path | None = 
         raise UserError("give either `resume` RUN or `out` RUN, not both", field="resume", fields=("out",))
     extra = sorted(set(given) - {"out", "lr", "epochs"}) + (["config"] if config_file is not None else [])
     if extra:
-        raise UserError(f"`resume` continues a run with its saved settings; only `lr` (e.g. lower after a NaN "
-                        f"loss) and `epochs` (to make it longer) may be given with it, not `{extra[0]}`",
-                        field=extra[0], fields=("resume", "lr", "epochs"))
+        raise UserError(
+            f"`resume` continues a run with its saved settings; only `lr` (e.g. lower after a NaN "
+            f"loss) and `epochs` (to make it longer) may be given with it, not `{extra[0]}`",
+            field=extra[0],
+            fields=("resume", "lr", "epochs"),
+        )
     resume_run(resume, lr=given.get("lr"), console=console, progress=progress, epochs=given.get("epochs"))
     return Path(resume)
 
@@ -319,4 +403,3 @@ def data_for(spec, data: str | None):
     if spec.data is None:
         raise UserError(f"model {spec.name!r} has no built-in data: give `data` module:function", field="data")
     return spec.data()
-

@@ -1,5 +1,6 @@
 """The run directory: its file names, the "is this a run" check, reading and writing its config
 and metrics, and preparing a new one — in one place, so every command agrees on what a run is."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,8 +81,12 @@ def check_out_dir(out: str | Path, force: bool) -> Path:
         if not out.is_dir():
             raise UserError(f"`out` {out} exists and is not a directory", field="out")
         if any(out.iterdir()) and not force:
-            raise UserError(f"output directory {out} already exists; use `force` to overwrite its run files, "
-                            "or `resume` to continue it", field="force", fields=("resume",))
+            raise UserError(
+                f"output directory {out} already exists; use `force` to overwrite its run files, "
+                "or `resume` to continue it",
+                field="force",
+                fields=("resume",),
+            )
     return out
 
 
@@ -101,8 +106,9 @@ def run_config(run: str | Path) -> dict:
     """config.json of a run made by the CLI (it names the model, so the run rebuilds it)."""
     config = read_config(run)
     if "model" not in config:
-        raise UserError(f"{run} was made from Python with a model object; export it with compress.extract and "
-                        "compress.export_onnx")
+        raise UserError(
+            f"{run} was made from Python with a model object; export it with compress.extract and compress.export_onnx"
+        )
     return config
 
 
@@ -117,8 +123,10 @@ def load_run(run: str | Path) -> dict:
     config = run_config(run)
     weights = run / RUN_FILES["weights"]
     if not weights.is_file():
-        raise UserError(f"{run} has no {RUN_FILES['weights']}: training did not finish; "
-                        f"continue it with: compress finetune --resume {run}")
+        raise UserError(
+            f"{run} has no {RUN_FILES['weights']}: training did not finish; "
+            f"continue it with: compress finetune --resume {run}"
+        )
     spec = resolve_model(config["model"], parse_input_shape(config.get("input_shape")))
     model = select_output(spec.build(), config.get("output"))
     ckpt.load_into(model, ckpt.load_weights(weights), str(weights))
@@ -126,5 +134,12 @@ def load_run(run: str | Path) -> dict:
     ckpt.load_into(dense, ckpt.load_weights(run / RUN_FILES["init"]), str(run / RUN_FILES["init"]))
     data = resolve_data(config["data"], spec) if config.get("data") else (spec.data() if spec.data else None)
     groups = load_groups(run / RUN_FILES["groups"], model)
-    return {"run": run, "config": config, "spec": spec, "model": model.eval(), "dense": dense.eval(),
-            "data": data, "groups": groups}
+    return {
+        "run": run,
+        "config": config,
+        "spec": spec,
+        "model": model.eval(),
+        "dense": dense.eval(),
+        "data": data,
+        "groups": groups,
+    }

@@ -20,6 +20,7 @@ to OUT/results.jsonl (one line per run, so an interrupted sweep keeps what it me
 
     python examples/ablation_digits.py --init runs/dense/weights.safetensors --seeds 0,1,2 --out runs/ablation
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,28 @@ VARIANTS = {
 
 def run_ours(variant: str, seed: int, args) -> dict:
     out = Path(args.out) / f"{variant}-s{seed}"
-    cmd = [str(Path(sys.executable).with_name("compress")), "finetune", "--model", "digits-resnet", "--init",
-           args.init, "--target-flops", str(args.fraction), "--epochs", str(args.epochs), "--threads", "1",
-           "--seed", str(seed), "--quiet", "--force", "--out", str(out), *VARIANTS[variant], *args.extra]
+    cmd = [
+        str(Path(sys.executable).with_name("compress")),
+        "finetune",
+        "--model",
+        "digits-resnet",
+        "--init",
+        args.init,
+        "--target-flops",
+        str(args.fraction),
+        "--epochs",
+        str(args.epochs),
+        "--threads",
+        "1",
+        "--seed",
+        str(seed),
+        "--quiet",
+        "--force",
+        "--out",
+        str(out),
+        *VARIANTS[variant],
+        *args.extra,
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     b = json.loads((out / "budget.json").read_text())
@@ -55,10 +75,16 @@ def run_ours(variant: str, seed: int, args) -> dict:
     from compress.deploy.pipeline import export_run
 
     export_run(out, console=_quiet())
-    return {"accuracy": b["accuracy"], "flops": b["achieved"]["flops_fraction"], "widths": widths,
-            "seconds": seconds, "command": " ".join(cmd[1:]), "onnx": str(out / "model.onnx"),
-            **_speed(out / "model.onnx", args),
-            "alignment_measured": b.get("alignment_measured")}
+    return {
+        "accuracy": b["accuracy"],
+        "flops": b["achieved"]["flops_fraction"],
+        "widths": widths,
+        "seconds": seconds,
+        "command": " ".join(cmd[1:]),
+        "onnx": str(out / "model.onnx"),
+        **_speed(out / "model.onnx", args),
+        "alignment_measured": b.get("alignment_measured"),
+    }
 
 
 def run_early(seed: int, args, freeze_epoch: int = 10) -> dict:
@@ -79,19 +105,35 @@ def run_early(seed: int, args, freeze_epoch: int = 10) -> dict:
     tr, te = spec.data()
     cfg = budget_config(TrainConfig(epochs=args.epochs, seed=seed, threads=1, milestones=[freeze_epoch]))
     t0 = time.perf_counter()
-    res = finetune_to_budget(net, tr, te, spec.example_input(1), out, cfg, Budget(flops=args.fraction),
-                             init_weights=load_weights(args.init), controller={"freeze_epoch": freeze_epoch},
-                             run_info={"model": "digits-resnet", "data": None, "input_shape": None,
-                                       "init": args.init}, force=True, progress=False, console=_quiet())
+    res = finetune_to_budget(
+        net,
+        tr,
+        te,
+        spec.example_input(1),
+        out,
+        cfg,
+        Budget(flops=args.fraction),
+        init_weights=load_weights(args.init),
+        controller={"freeze_epoch": freeze_epoch},
+        run_info={"model": "digits-resnet", "data": None, "input_shape": None, "init": args.init},
+        force=True,
+        progress=False,
+        console=_quiet(),
+    )
     b = res.budget
     seconds = time.perf_counter() - t0
     from compress.deploy.pipeline import export_run
 
     export_run(out, console=_quiet())
-    return {"accuracy": b["accuracy"], "flops": b["achieved"]["flops_fraction"],
-            "widths": b["freeze"].get("alignment", {}).get("widths"), "seconds": seconds,
-            "command": f"ablation_digits.py early seed {seed}", "onnx": str(out / "model.onnx"),
-            **_speed(out / "model.onnx", args)}
+    return {
+        "accuracy": b["accuracy"],
+        "flops": b["achieved"]["flops_fraction"],
+        "widths": b["freeze"].get("alignment", {}).get("widths"),
+        "seconds": seconds,
+        "command": f"ablation_digits.py early seed {seed}",
+        "onnx": str(out / "model.onnx"),
+        **_speed(out / "model.onnx", args),
+    }
 
 
 def _quiet():
@@ -143,8 +185,14 @@ def run_tp(seed: int, args, **pruner_kw) -> dict:
     pr = make_pruner("magnitude", m, example, [m.fc], steps=200, max_ratio=0.95, **pruner_kw)
     reached = prune_to_flops(m, pr, example, args.fraction, steps=200)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-4)
-    train_loop(m, tensor_batches(tr.tensors[:1], tr.tensors[1], 64, seed), args.epochs, opt,
-               cosine_lr(1e-3, args.epochs), F.cross_entropy)
+    train_loop(
+        m,
+        tensor_batches(tr.tensors[:1], tr.tensors[1], 64, seed),
+        args.epochs,
+        opt,
+        cosine_lr(1e-3, args.epochs),
+        F.cross_entropy,
+    )
     m.eval()
     with torch.no_grad():
         acc = float((m(te.tensors[0]).argmax(1) == te.tensors[1]).float().mean())
@@ -154,9 +202,15 @@ def run_tp(seed: int, args, **pruner_kw) -> dict:
 
     path = Path(args.out) / f"tp{'-r8' * bool(pruner_kw)}-s{seed}.onnx"
     export_onnx(m, example, path, verify=False)
-    return {"accuracy": acc, "flops": reached["flop_fraction"], "widths": widths,
-            "seconds": seconds, "command": f"ablation_digits.py tp seed {seed} {pruner_kw or ''}",
-            "onnx": str(path), **_speed(path, args)}
+    return {
+        "accuracy": acc,
+        "flops": reached["flop_fraction"],
+        "widths": widths,
+        "seconds": seconds,
+        "command": f"ablation_digits.py tp seed {seed} {pruner_kw or ''}",
+        "onnx": str(path),
+        **_speed(path, args),
+    }
 
 
 def run_pattern_ft(seed: int, args) -> dict:
@@ -187,8 +241,14 @@ def run_pattern_ft(seed: int, args) -> dict:
     m, _ = extract(m, groups, example)
     t0 = time.perf_counter()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-4)
-    train_loop(m, tensor_batches(tr.tensors[:1], tr.tensors[1], 64, seed), args.epochs, opt,
-               cosine_lr(1e-3, args.epochs), F.cross_entropy)
+    train_loop(
+        m,
+        tensor_batches(tr.tensors[:1], tr.tensors[1], 64, seed),
+        args.epochs,
+        opt,
+        cosine_lr(1e-3, args.epochs),
+        F.cross_entropy,
+    )
     m.eval()
     with torch.no_grad():
         acc = float((m(te.tensors[0]).argmax(1) == te.tensors[1]).float().mean())
@@ -198,9 +258,15 @@ def run_pattern_ft(seed: int, args) -> dict:
     path = Path(args.out) / f"pattern-ft-s{seed}.onnx"
     export_onnx(m, example, path, verify=False)
     dense = spec.build()
-    return {"accuracy": acc, "flops": count_flops(m, example) / count_flops(dense, example), "widths": None,
-            "seconds": time.perf_counter() - t0, "command": f"ablation_digits.py pattern-ft seed {seed}",
-            "onnx": str(path), **_speed(path, args)}
+    return {
+        "accuracy": acc,
+        "flops": count_flops(m, example) / count_flops(dense, example),
+        "widths": None,
+        "seconds": time.perf_counter() - t0,
+        "command": f"ablation_digits.py pattern-ft seed {seed}",
+        "onnx": str(path),
+        **_speed(path, args),
+    }
 
 
 def table(path: Path) -> str:
@@ -208,14 +274,18 @@ def table(path: Path) -> str:
     by: dict[str, list] = {}
     for r in rows:
         by.setdefault(r["variant"], []).append(r)
-    lines = ["| variant | seeds | accuracy mean | min | max | FLOPs | ORT speedup b1 / b32 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | seeds | accuracy mean | min | max | FLOPs | ORT speedup b1 / b32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v, rs in by.items():
         a = [r["accuracy"] for r in rs]
-        lines.append(f"| {v} | {','.join(str(r['seed']) for r in rs)} | {100 * statistics.mean(a):.2f}% | "
-                     f"{100 * min(a):.2f}% | {100 * max(a):.2f}% | {statistics.mean(r['flops'] for r in rs):.3f} | "
-                     f"{statistics.mean(r.get('speedup_b1', 0) for r in rs):.2f}× / "
-                     f"{statistics.mean(r.get('speedup_b32', 0) for r in rs):.2f}× |")
+        lines.append(
+            f"| {v} | {','.join(str(r['seed']) for r in rs)} | {100 * statistics.mean(a):.2f}% | "
+            f"{100 * min(a):.2f}% | {100 * max(a):.2f}% | {statistics.mean(r['flops'] for r in rs):.3f} | "
+            f"{statistics.mean(r.get('speedup_b1', 0) for r in rs):.2f}× / "
+            f"{statistics.mean(r.get('speedup_b32', 0) for r in rs):.2f}× |"
+        )
     return "\n".join(lines)
 
 
@@ -225,8 +295,11 @@ def _onnx_name(r: dict) -> str:
 
 def rebench(sources: list[Path], res: Path, args) -> int:
     """Every row's model timed again in one session, so load drift between runs does not pick winners."""
-    rows = [{"onnx": str(p.parent / _onnx_name(r)), **r}
-            for p in sources for r in (json.loads(line) for line in p.read_text().splitlines() if line.strip())]
+    rows = [
+        {"onnx": str(p.parent / _onnx_name(r)), **r}
+        for p in sources
+        for r in (json.loads(line) for line in p.read_text().splitlines() if line.strip())
+    ]
     with res.open("w") as f:
         for r in rows:
             r.update(_speed(Path(r["onnx"]), args))
@@ -245,9 +318,13 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--table", action="store_true", help="only print the table of OUT/results.jsonl")
-    ap.add_argument("--rebench", nargs="*", metavar="RESULTS",
-                    help="re-time every model of these results.jsonl files one after another (a quiet moment of a "
-                         "shared machine), write OUT/results.jsonl with the new speedups, print the table")
+    ap.add_argument(
+        "--rebench",
+        nargs="*",
+        metavar="RESULTS",
+        help="re-time every model of these results.jsonl files one after another (a quiet moment of a "
+        "shared machine), write OUT/results.jsonl with the new speedups, print the table",
+    )
     ap.add_argument("extra", nargs="*", help="extra `compress finetune` flags for our variants (after --)")
     args = ap.parse_args(argv)
     res = Path(args.out) / "results.jsonl"
@@ -260,15 +337,25 @@ def main(argv=None) -> int:
         return rebench([Path(p) for p in args.rebench], res, args)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for v in args.variants.split(","):
-            r = run_tp(seed, args) if v == "tp" else run_tp(seed, args, round_to=8) if v == "tp-r8" else \
-                run_pattern_ft(seed, args) if v == "pattern-ft" else run_early(seed, args) if v == "early" else \
-                run_ours(v, seed, args)
+            r = (
+                run_tp(seed, args)
+                if v == "tp"
+                else run_tp(seed, args, round_to=8)
+                if v == "tp-r8"
+                else run_pattern_ft(seed, args)
+                if v == "pattern-ft"
+                else run_early(seed, args)
+                if v == "early"
+                else run_ours(v, seed, args)
+            )
             r.update(variant=v, seed=seed, fraction=args.fraction, epochs=args.epochs)
             with res.open("a") as f:
                 f.write(json.dumps(r) + "\n")
-            print(f"{v:14s} seed {seed}  acc {100 * r['accuracy']:.2f}%  FLOPs {r['flops']:.3f}  speedup "
-                  f"{r['speedup_b1']:.2f}× / {r['speedup_b32']:.2f}×  {r['seconds']:.0f}s  widths {r['widths']}",
-                  flush=True)
+            print(
+                f"{v:14s} seed {seed}  acc {100 * r['accuracy']:.2f}%  FLOPs {r['flops']:.3f}  speedup "
+                f"{r['speedup_b1']:.2f}× / {r['speedup_b32']:.2f}×  {r['seconds']:.0f}s  widths {r['widths']}",
+                flush=True,
+            )
     print(table(res))
     return 0
 

@@ -13,6 +13,7 @@ writes JSON + PNG per model under --out.
     .venv/bin/python examples/bench_latency.py                     # all three, ~5 min on 2 cores
     .venv/bin/python examples/bench_latency.py --models vit-tiny --quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,11 @@ def zero_half_by_magnitude(groups, kinds, fraction=0.5) -> int:
 
 
 def _mlps(model):
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(getattr(m, "fc1", None), nn.Linear) and isinstance(getattr(m, "fc2", None), nn.Linear)]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "fc1", None), nn.Linear) and isinstance(getattr(m, "fc2", None), nn.Linear)
+    ]
 
 
 def zero_mlp_neurons(model, fraction=0.5) -> int:
@@ -138,26 +142,37 @@ def run_model(name, out: Path, args, console) -> dict:
         ext["params_after"] = count_params(small)
         ext["flops_after"] = count_flops(small, example)
         console.print(f"  (MLP neurons: find_groups offers none for {name} yet; zeroed and sliced by this script)")
-    console.print(f"[bold]{name}[/]: zeroed {n} structures ({', '.join(kinds)}), extracted in "
-                  f"{time.perf_counter() - t0:.1f} s; params {ext['params_before']:,} → {ext['params_after']:,}, "
-                  f"max |Δ| {ext['max_abs_diff']:.1e}")
+    console.print(
+        f"[bold]{name}[/]: zeroed {n} structures ({', '.join(kinds)}), extracted in "
+        f"{time.perf_counter() - t0:.1f} s; params {ext['params_before']:,} → {ext['params_after']:,}, "
+        f"max |Δ| {ext['max_abs_diff']:.1e}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     reports = {}
     for key, m in (("dense", dense), ("compressed", small)):
         t0 = time.perf_counter()
         reports[key] = export_onnx(m, example, out / f"{name}-{key}.onnx")
-        console.print(f"  export {key}: {reports[key]['file_bytes'] / 2**20:.1f} MiB, exporter "
-                      f"{reports[key]['exporter']}, ORT vs torch max |Δ| {reports[key]['max_abs_diff']:.1e} "
-                      f"({time.perf_counter() - t0:.1f} s)")
-    kw = dict(batch_sizes=args.batch, threads=args.threads, quick=args.quick, time_budget_s=args.budget,
-              rounds=args.rounds, torch_models=(dense, small) if args.torch else None)
+        console.print(
+            f"  export {key}: {reports[key]['file_bytes'] / 2**20:.1f} MiB, exporter "
+            f"{reports[key]['exporter']}, ORT vs torch max |Δ| {reports[key]['max_abs_diff']:.1e} "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
+    kw = dict(
+        batch_sizes=args.batch,
+        threads=args.threads,
+        quick=args.quick,
+        time_budget_s=args.budget,
+        rounds=args.rounds,
+        torch_models=(dense, small) if args.torch else None,
+    )
     if not args.torch:
         kw["flops"] = (ext["flops_before"], ext["flops_after"])
     res = benchmark(out / f"{name}-dense.onnx", out / f"{name}-compressed.onnx", **kw)
     res["model"] = name
     res["target"] = {"kinds": list(kinds), "fraction_removed": 0.5, "need_efficiency": need}
-    res["export"] = {k: {kk: v[kk] for kk in ("exporter", "opset", "file_bytes", "max_abs_diff")}
-                     for k, v in reports.items()}
+    res["export"] = {
+        k: {kk: v[kk] for kk in ("exporter", "opset", "file_bytes", "max_abs_diff")} for k, v in reports.items()
+    }
     atomic_write_json(out / f"{name}-bench.json", res)
     plot_bench(res, out / f"{name}-bench.png")
     print_bench_table(res, console)
@@ -168,8 +183,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet50,vit-tiny,bert-mini")
     p.add_argument("--batch", default="1,8", type=lambda s: tuple(int(x) for x in s.split(",")))
-    p.add_argument("--threads", default="1,all",
-                   type=lambda s: tuple(None if x == "all" else int(x) for x in s.split(",")))
+    p.add_argument(
+        "--threads", default="1,all", type=lambda s: tuple(None if x == "all" else int(x) for x in s.split(","))
+    )
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: fill --budget, ≥ 10)")
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timing per setting")
     p.add_argument("--quick", action="store_true", help="1 warm-up, 5 rounds: a smoke run")
@@ -177,8 +193,9 @@ def main():
     p.add_argument("--out", type=Path, default=Path("runs/bench_latency"))
     args = p.parse_args()
     console = Console(width=None if Console().is_terminal else 130)
-    console.print(f"machine: {platform.processor() or platform.machine()}, {all_cores()} cores, "
-                  f"torch {torch.__version__}")
+    console.print(
+        f"machine: {platform.processor() or platform.machine()}, {all_cores()} cores, torch {torch.__version__}"
+    )
     summary = []
     for name in args.models.split(","):
         res = run_model(name.strip(), args.out, args, console)
@@ -186,17 +203,29 @@ def main():
         for r in res["results"]:
             if r["engine"] == "onnxruntime":
                 summary.append((name, r["threads"], r["batch"], res["flop_ratio"], r["speedup"], r["efficiency"], need))
-    t = Table(title=f"issue 6 targets — ORT CPU, {res['machine']['cpu']}, "
-                    f"{res['machine']['cores']} cores")
+    t = Table(title=f"issue 6 targets — ORT CPU, {res['machine']['cpu']}, {res['machine']['cores']} cores")
     for c in ("model", "threads", "batch", "FLOP ratio", "speedup", "speedup / FLOP ratio", "target", ""):
         t.add_column(c, justify="left" if c in ("model", "") else "right")
     for name, th, b, fr, sp, eff, need in summary:
         ok = eff >= need
-        t.add_row(name, str(th), str(b), f"{fr:.2f}×", f"{sp:.2f}×", f"{eff:.2f}", f"≥ {need}",
-                  "[green]met[/]" if ok else "[red]missed[/]")
+        t.add_row(
+            name,
+            str(th),
+            str(b),
+            f"{fr:.2f}×",
+            f"{sp:.2f}×",
+            f"{eff:.2f}",
+            f"≥ {need}",
+            "[green]met[/]" if ok else "[red]missed[/]",
+        )
     console.print(t)
-    atomic_write_json(args.out / "summary.json", [dict(zip(("model", "threads", "batch", "flop_ratio", "speedup",
-                                                            "efficiency", "need"), row)) for row in summary])
+    atomic_write_json(
+        args.out / "summary.json",
+        [
+            dict(zip(("model", "threads", "batch", "flop_ratio", "speedup", "efficiency", "need"), row))
+            for row in summary
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ most (OpenMP threads wait on busy cores): the header prints the load average. Ru
     .venv/bin/python examples/bench_optimizers.py                 # both models
     .venv/bin/python examples/bench_optimizers.py --model cnn --rounds 30
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,7 @@ def _setup(model_name: str, n_grads: int, seed: int = 0):
         model = spec.build()
         tr, _ = spec.data()
         x, y = tr.tensors
-        batches = [(x[i * 64:(i + 1) * 64], y[i * 64:(i + 1) * 64]) for i in range(n_grads)]
+        batches = [(x[i * 64 : (i + 1) * 64], y[i * 64 : (i + 1) * 64]) for i in range(n_grads)]
         example = spec.example_input(1)
     grads = []
     for x, y in batches:
@@ -124,17 +125,21 @@ def bench(model_name: str, rounds: int, steps_per_round: int, warmup: int, n_gra
             r["times"].append((time.perf_counter() - t0) / steps_per_round * 1e3)
     ref = statistics.median(runs[0]["times"])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\n{model_name}: {n_params / 1e6:.2f}M parameters, {torch.get_num_threads()} threads, "
-          f"{rounds} rounds x {steps_per_round} steps (median ms per step), load average {load:.1f} "
-          f"on {os.cpu_count()} CPUs")
+    print(
+        f"\n{model_name}: {n_params / 1e6:.2f}M parameters, {torch.get_num_threads()} threads, "
+        f"{rounds} rounds x {steps_per_round} steps (median ms per step), load average {load:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
     print(f"{'optimizer':<15} {'ms/step':>9} {'vs AdamW':>9} {'compiled':>9} {'prox evals':>11} {'warm-up s':>10}")
     for r in runs:
         med = statistics.median(r["times"])
         comp = getattr(r["opt"], "compiled", None)
         ev = r["state"]["evals"][warmup:]
         evs = f"{sum(ev) / len(ev):.2f}" if ev else "-"
-        print(f"{r['label']:<15} {med:9.2f} {med / ref:9.2f} {str(comp) if comp is not None else '-':>9} "
-              f"{evs:>11} {r['warm']:10.1f}")
+        print(
+            f"{r['label']:<15} {med:9.2f} {med / ref:9.2f} {str(comp) if comp is not None else '-':>9} "
+            f"{evs:>11} {r['warm']:10.1f}"
+        )
 
 
 def main():
@@ -151,7 +156,7 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     flag = {"auto": None, "on": True, "off": False}[a.compile]
-    for m in (["digits", "cnn"] if a.model == "both" else [a.model]):
+    for m in ["digits", "cnn"] if a.model == "both" else [a.model]:
         bench(m, a.rounds, a.steps, a.warmup, a.grads, flag, a.only)
 
 

@@ -17,6 +17,7 @@ middle of its grid), median over rounds; "train step" adds one forward+backward 
 
 Writes OUT/results.json, OUT/table.md, OUT/compare_optimizers.png and OUT/dsgd_picks_*.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,10 +69,16 @@ BATCH = 64
 # rmda .04 0% zero 83.6%, .06 99.7% zero; proxsgd .03 11.6% zero 81.8%, .045 all zero; dsgd .15
 # 13% zero 35.1%), so their grids end at the edge.
 VIT_METHODS = {k: dict(v) for k, v in RESNET_METHODS.items()}
-for _name, _lams in {"ramda": [1e-3, 2e-3, 5e-3, 8e-3, 1.2e-2], "rmda": [0.02, 0.04, 0.05, 0.06],
-                     "proxsgd": [0.01, 0.02, 0.03, 0.04], "proxadam": [2.5e-3, 5e-3, 1e-2, 2e-2],
-                     "proxadam-z": [0.05, 0.1, 0.2, 0.3], "asgo": [2e-3, 5e-3, 1e-2, 2e-2],
-                     "dasgo": [5e-3, 1e-2, 1.5e-2, 2.5e-2], "dsgd": [0.05, 0.1, 0.15, 0.25]}.items():
+for _name, _lams in {
+    "ramda": [1e-3, 2e-3, 5e-3, 8e-3, 1.2e-2],
+    "rmda": [0.02, 0.04, 0.05, 0.06],
+    "proxsgd": [0.01, 0.02, 0.03, 0.04],
+    "proxadam": [2.5e-3, 5e-3, 1e-2, 2e-2],
+    "proxadam-z": [0.05, 0.1, 0.2, 0.3],
+    "asgo": [2e-3, 5e-3, 1e-2, 2e-2],
+    "dasgo": [5e-3, 1e-2, 1.5e-2, 2.5e-2],
+    "dsgd": [0.05, 0.1, 0.15, 0.25],
+}.items():
     VIT_METHODS[_name]["lams"] = _lams
 
 # Per model: the dense training (AdamW + cosine from scratch) and the fine-tuning grids.
@@ -88,7 +95,7 @@ def batches(data, epoch: int, seed: int):
     g = torch.Generator().manual_seed(seed * 1009 + epoch)
     order = torch.randperm(len(y), generator=g)
     for s in range(0, len(y), BATCH):
-        idx = order[s:s + BATCH]
+        idx = order[s : s + BATCH]
         yield x[idx], y[idx]
 
 
@@ -158,11 +165,21 @@ def run_method(label, m, lam, dense, groups, train, test, example, epochs, seed,
     small_acc = evaluate(small, test, torch.device("cpu"))["accuracy"]
     flops_before, flops_after = count_flops(model, example), count_flops(small, example)
     assert flops_after == rep["flops_after"]
-    row = {"method": label, "lam": lam, "lr": m["lr"], "accuracy": acc, "extracted_accuracy": small_acc,
-           "group_sparsity": sp, "weighted_group_sparsity": wsp, "flops_before": flops_before,
-           "flops_after": flops_after, "flop_reduction": 1 - flops_after / flops_before,
-           "params_after": rep["params_after"], "step_ms": statistics.median(step_ms),
-           "full_step_ms": statistics.median(full_ms)}
+    row = {
+        "method": label,
+        "lam": lam,
+        "lr": m["lr"],
+        "accuracy": acc,
+        "extracted_accuracy": small_acc,
+        "group_sparsity": sp,
+        "weighted_group_sparsity": wsp,
+        "flops_before": flops_before,
+        "flops_after": flops_after,
+        "flop_reduction": 1 - flops_after / flops_before,
+        "params_after": rep["params_after"],
+        "step_ms": statistics.median(step_ms),
+        "full_step_ms": statistics.median(full_ms),
+    }
     if m["opt"] == "dsgd":
         row["layer_picks"] = opt.layer_picks
         plot_layer_picks(opt, out / f"dsgd_picks_lam{lam:g}.png")
@@ -204,14 +221,18 @@ def time_steps(entries, dense, groups, train, rounds: int = 12, per: int = 10) -
 
 def markdown(rows, timing) -> str:
     st, fb = timing["step_ms"], timing["fwd_bwd_ms"]
-    head = ("| method | λ | accuracy | groups zero | weighted | FLOP reduction | opt step | vs AdamW | "
-            "train step vs AdamW |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| method | λ | accuracy | groups zero | weighted | FLOP reduction | opt step | vs AdamW | "
+        "train step vs AdamW |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for r in rows:
         ms = st[r["method"]]
-        lines.append(f"| {r['method']} | {r['lam']:g} | {100 * r['accuracy']:.2f}% | {100 * r['group_sparsity']:.1f}% | "
-                     f"{100 * r['weighted_group_sparsity']:.1f}% | {100 * r['flop_reduction']:.1f}% | "
-                     f"{ms:.2f} ms | {ms / st['adamw']:.1f}× | {(fb + ms) / (fb + st['adamw']):.2f}× |")
+        lines.append(
+            f"| {r['method']} | {r['lam']:g} | {100 * r['accuracy']:.2f}% | {100 * r['group_sparsity']:.1f}% | "
+            f"{100 * r['weighted_group_sparsity']:.1f}% | {100 * r['flop_reduction']:.1f}% | "
+            f"{ms:.2f} ms | {ms / st['adamw']:.1f}× | {(fb + ms) / (fb + st['adamw']):.2f}× |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
@@ -225,7 +246,9 @@ def plot(rows, path, model_name: str = "digits-resnet") -> None:
     methods = sorted({r["method"] for r in rows if r["method"] != "adamw"})
     for name in methods:
         rs = sorted((r for r in rows if r["method"] == name), key=lambda r: r["lam"])
-        axes[0].plot([100 * r["weighted_group_sparsity"] for r in rs], [100 * r["accuracy"] for r in rs], "o-", label=name)
+        axes[0].plot(
+            [100 * r["weighted_group_sparsity"] for r in rs], [100 * r["accuracy"] for r in rs], "o-", label=name
+        )
         axes[1].plot([100 * r["flop_reduction"] for r in rs], [100 * r["accuracy"] for r in rs], "o-", label=name)
     for r in rows:
         if r["method"] == "adamw":
@@ -276,7 +299,7 @@ def main(argv=None) -> int:
         grids[k.strip()] = [float(v) for v in vals.split(",")]
     if a.quick:
         a.epochs, a.dense_epochs = 2, 2
-        grids = {k: v[len(v) // 2:len(v) // 2 + 1] for k, v in grids.items()}
+        grids = {k: v[len(v) // 2 : len(v) // 2 + 1] for k, v in grids.items()}
 
     spec = get_model(a.model)
     train, test = spec.data()
@@ -293,20 +316,36 @@ def main(argv=None) -> int:
             t1 = time.perf_counter()
             r = run_method(name, table[name], lam, dense, groups, train, test, example, a.epochs, a.seed, out)
             rows.append(r)
-            print(f"{name:11s} λ={lam:<7g} acc {100 * r['accuracy']:6.2f}%  zero {100 * r['group_sparsity']:5.1f}% "
-                  f"(weighted {100 * r['weighted_group_sparsity']:5.1f}%)  FLOPs -{100 * r['flop_reduction']:5.1f}%  "
-                  f"in-run step {r['step_ms']:6.2f} ms  [{time.perf_counter() - t1:.0f}s]", flush=True)
+            print(
+                f"{name:11s} λ={lam:<7g} acc {100 * r['accuracy']:6.2f}%  zero {100 * r['group_sparsity']:5.1f}% "
+                f"(weighted {100 * r['weighted_group_sparsity']:5.1f}%)  FLOPs -{100 * r['flop_reduction']:5.1f}%  "
+                f"in-run step {r['step_ms']:6.2f} ms  [{time.perf_counter() - t1:.0f}s]",
+                flush=True,
+            )
     entries = [("adamw", ADAMW, 0.0)] + [(n, table[n], grids[n][len(grids[n]) // 2]) for n in methods]
     timing = time_steps(entries, dense, groups, train, rounds=3 if a.quick else 12)
     md = markdown(rows, timing)
     cmd = "python examples/compare_optimizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     took = time.perf_counter() - t0
-    atomic_write_text(out / "table.md", f"`{cmd.strip()}` — {a.model}, dense {100 * dense_acc:.2f}% after "
-                                        f"{a.dense_epochs} epochs, {a.epochs} fine-tuning epochs, torch "
-                                        f"{torch.__version__}, {a.threads} thread(s), {took / 60:.1f} min\n\n" + md)
-    atomic_write_json(out / "results.json", {"dense_accuracy": dense_acc, "epochs": a.epochs,
-                                             "dense_epochs": a.dense_epochs, "rows": rows, "timing": timing,
-                                             "command": cmd, "model": a.model, "seconds": took})
+    atomic_write_text(
+        out / "table.md",
+        f"`{cmd.strip()}` — {a.model}, dense {100 * dense_acc:.2f}% after "
+        f"{a.dense_epochs} epochs, {a.epochs} fine-tuning epochs, torch "
+        f"{torch.__version__}, {a.threads} thread(s), {took / 60:.1f} min\n\n" + md,
+    )
+    atomic_write_json(
+        out / "results.json",
+        {
+            "dense_accuracy": dense_acc,
+            "epochs": a.epochs,
+            "dense_epochs": a.dense_epochs,
+            "rows": rows,
+            "timing": timing,
+            "command": cmd,
+            "model": a.model,
+            "seconds": took,
+        },
+    )
     plot(rows, out / "compare_optimizers.png", a.model)
     print()
     print(md)

@@ -6,6 +6,7 @@ A small CNN defined here (not a built-in) is trained densely, then fine-tuned wi
 `compress.RAMDA` inside a plain PyTorch loop, extracted, exported to ONNX, verified and
 benchmarked — the steps `compress finetune/export/bench` run for built-in models.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,15 @@ class SmallNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
-            nn.Conv2d(24, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten())
+            nn.Conv2d(1, 24, 3, padding=1),
+            nn.BatchNorm2d(24),
+            nn.ReLU(),
+            nn.Conv2d(24, 48, 3, padding=1),
+            nn.BatchNorm2d(48),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )
         self.head = nn.Sequential(nn.Linear(48 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
 
     def forward(self, x):
@@ -43,8 +50,7 @@ def accuracy(model, data) -> float:
 
 
 def train(model, data, opt, epochs, milestones=(), on_restart=None):
-    loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     for epoch in range(epochs):
         if epoch in milestones:
             for g in opt.param_groups:
@@ -84,7 +90,7 @@ def main(argv=None):
     opt = compress.RAMDA(model.parameters(), lr=3e-4, lam=args.lam, groups=groups)
     m = sparse_epochs
     train(model, train_ds, opt, m, milestones=(m // 2, 3 * m // 4), on_restart=opt.restart)
-    opt.commit_structured_point()                   # Ŵ, the structured point, becomes the weights
+    opt.commit_structured_point()  # Ŵ, the structured point, becomes the weights
     recalibrate_batchnorm(model, train_ds, torch.device("cpu"))
     zero, weighted = opt.group_sparsity()
     print(f"fine-tuned accuracy {accuracy(model, test_ds):.4f}, {zero:.1%} of groups exactly zero")
@@ -97,10 +103,13 @@ def main(argv=None):
     print(f"compressed accuracy {accuracy(reloaded, test_ds):.4f} (reloaded from safetensors)")
     d = compress.export_onnx(dense.eval(), example, args.out / "dense.onnx", eval_data=test_ds)
     c = compress.export_onnx(small, example, args.out / "model.onnx", eval_data=test_ds)
-    print(f"ONNX accuracy dense {d['onnx_accuracy']:.4f}, compressed {c['onnx_accuracy']:.4f}; "
-          f"max |ORT − torch| {c['max_abs_diff']:.1e}")
-    result = compress.benchmark(args.out / "dense.onnx", args.out / "model.onnx", batch_sizes=(1, 32), threads=(1,),
-                                quick=args.quick)
+    print(
+        f"ONNX accuracy dense {d['onnx_accuracy']:.4f}, compressed {c['onnx_accuracy']:.4f}; "
+        f"max |ORT − torch| {c['max_abs_diff']:.1e}"
+    )
+    result = compress.benchmark(
+        args.out / "dense.onnx", args.out / "model.onnx", batch_sizes=(1, 32), threads=(1,), quick=args.quick
+    )
     from compress.deploy.bench import print_bench_table
 
     print_bench_table(result)

@@ -10,6 +10,7 @@ their own FP32 model) and benchmarked side by side at batch 1 and 32, 1 thread, 
 
     .venv/bin/python examples/quantize_minilm.py --out runs/minilm-int8      (--quick: a smoke test)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,10 @@ def smallest_half(groups, kind: str) -> list:
             by_layer.setdefault(g.layer, []).append(g)
     out = []
     for gs in by_layer.values():
-        norms = [sum(float(t.index_select(s.dim, torch.tensor(s.indices)).pow(2).sum())
-                     for s, t in zip(g.slices, g.tensors)) for g in gs]
+        norms = [
+            sum(float(t.index_select(s.dim, torch.tensor(s.indices)).pow(2).sum()) for s, t in zip(g.slices, g.tensors))
+            for g in gs
+        ]
         out += [gs[i] for i in np.argsort(norms)[: len(gs) // 2]]
     return out
 
@@ -82,8 +85,11 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     tok, dense = load_encoder()
-    ex = tok(["an example sentence for export", "and a second, longer one to vary the length"], padding=True,
-             return_tensors="pt")
+    ex = tok(
+        ["an example sentence for export", "and a second, longer one to vary the length"],
+        padding=True,
+        return_tensors="pt",
+    )
     example = (ex["input_ids"], ex["attention_mask"])
     model = load_encoder()[1]
     groups = compress.find_groups(model, example)
@@ -103,13 +109,19 @@ def main() -> None:
         files[src] = compress.quantize_onnx(out / src, out / dst, cal, eval_data=ev, rounds=args.rounds)
         files[src].pop("calibration_indices")
         print(src, "→", dst, files[src]["form"], f"cos {files[src]['cosine_mean']:.4f}", files[src]["note"])
-    report = {"files": files, "recommended": files["model.onnx"]["recommended"],
-              "pruned_groups": {"heads": sum(g.kind == "head" for g in pruned),
-                                "neurons": sum(g.kind == "neuron" for g in pruned)},
-              "params": {"dense": compress.count_params(dense), "pruned": compress.count_params(small)},
-              "cosine_pruned_fp32_to_dense_fp32": float((e_dense * e_small).sum(1).mean()),
-              "extract_max_abs_diff": ext["max_abs_diff"], "calibration": {"sentences": len(train), "seq": SEQ},
-              "held_out": {"sentences": len(held), "source": "stdlib docstrings, other files"}}
+    report = {
+        "files": files,
+        "recommended": files["model.onnx"]["recommended"],
+        "pruned_groups": {
+            "heads": sum(g.kind == "head" for g in pruned),
+            "neurons": sum(g.kind == "neuron" for g in pruned),
+        },
+        "params": {"dense": compress.count_params(dense), "pruned": compress.count_params(small)},
+        "cosine_pruned_fp32_to_dense_fp32": float((e_dense * e_small).sum(1).mean()),
+        "extract_max_abs_diff": ext["max_abs_diff"],
+        "calibration": {"sentences": len(train), "seq": SEQ},
+        "held_out": {"sentences": len(held), "source": "stdlib docstrings, other files"},
+    }
     (out / QUANT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     bench_quantized(out, rounds=args.rounds)
     print(json.dumps({k: report[k] for k in ("pruned_groups", "params", "cosine_pruned_fp32_to_dense_fp32")}))

@@ -12,6 +12,7 @@ structured point Ŵ is what gets extracted. Either way `compress.extract` remove
 groups, updates num_heads, and verifies the outputs; the script prints the groups,
 heads left per block, params/FLOPs and measured torch latency before and after.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,14 @@ def build(name: str, seq: int):
     if name == "hf-bert":
         import transformers as tf
 
-        cfg = tf.BertConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                            intermediate_size=1024, num_labels=2)
+        cfg = tf.BertConfig(
+            vocab_size=30522,
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=1024,
+            num_labels=2,
+        )
         model = tf.BertForSequenceClassification(cfg)
         return model, torch.randint(0, 30522, (1, seq)), None
     spec = get_model(name)
@@ -73,7 +80,9 @@ def finetune(model, groups, data, steps: int, lam: float, lr: float, console) ->
             step += 1
             if step % 50 == 0 or step == steps:
                 frac, weighted = opt.group_sparsity()
-                console.print(f"step {step:4d}  loss {loss.item():.3f}  zero groups {frac:.1%} (weighted {weighted:.1%})")
+                console.print(
+                    f"step {step:4d}  loss {loss.item():.3f}  zero groups {frac:.1%} (weighted {weighted:.1%})"
+                )
             if step == steps:
                 break
     opt.commit_structured_point()  # extraction must see the structured point Ŵ
@@ -140,8 +149,18 @@ def main():
     t = Table(title="extraction")
     for col in ("", "dense", "compressed", "ratio"):
         t.add_column(col, justify="right")
-    t.add_row("parameters", f"{rep['params_before']:,}", f"{rep['params_after']:,}", f"{rep['params_after'] / rep['params_before']:.3f}")
-    t.add_row("FLOPs", f"{rep['flops_before']:,}", f"{rep['flops_after']:,}", f"{rep['flops_after'] / rep['flops_before']:.3f}")
+    t.add_row(
+        "parameters",
+        f"{rep['params_before']:,}",
+        f"{rep['params_after']:,}",
+        f"{rep['params_after'] / rep['params_before']:.3f}",
+    )
+    t.add_row(
+        "FLOPs",
+        f"{rep['flops_before']:,}",
+        f"{rep['flops_after']:,}",
+        f"{rep['flops_after'] / rep['flops_before']:.3f}",
+    )
     dense_ms, small_ms = latency_ms([model, small], x)
     t.add_row("torch ms (batch 1, median)", f"{dense_ms:.2f}", f"{small_ms:.2f}", f"{small_ms / dense_ms:.3f}")
     t.add_row("heads per block", str(heads_before), str(heads_after), "")

@@ -7,6 +7,7 @@ same model (MagnitudePruner at ratio 0.5: does its pruned model run forward?).
     python examples/zoo.py                       # every model, table on stdout
     python examples/zoo.py tv_vit hf_llama --json zoo.json --torch-pruning
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,9 @@ def run_tp(name: str) -> dict:
     model, x = build(name)
     ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 10]
     try:
-        pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                           pruning_ratio=0.5, ignored_layers=ignored)
+        pruner = tp.pruner.MagnitudePruner(
+            model, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.5, ignored_layers=ignored
+        )
         pruner.step()
         with torch.no_grad():
             model(x)
@@ -104,7 +106,9 @@ def child(name: str, what: str, timeout: float) -> dict:
 
 
 def table(rows) -> str:
-    head = "| model | status | groups (kind) | prunable | params → after | max diff | find s | refused | torch-pruning |"
+    head = (
+        "| model | status | groups (kind) | prunable | params → after | max diff | find s | refused | torch-pruning |"
+    )
     out = [head, "|" + "---|" * 9]
     rows = sorted(rows, key=lambda r: r["model"])
     for r in rows:
@@ -112,8 +116,10 @@ def table(rows) -> str:
         share = f"{r['prunable_share']:.0%}" if "prunable_share" in r else "-"
         after = f"{r.get('params', 0):,} → {r['params_after']:,}" if "params_after" in r else f"{r.get('params', 0):,}"
         diff = f"{r['max_diff']:.1e}" if "max_diff" in r else "-"
-        out.append(f"| {r['model']} | {r.get('status')} | {kinds} | {share} | {after} | {diff} | {r.get('find_s', '-')} "
-                   f"| {r.get('refused', '-')} | {r.get('tp', '')} |")
+        out.append(
+            f"| {r['model']} | {r.get('status')} | {kinds} | {share} | {after} | {diff} | {r.get('find_s', '-')} "
+            f"| {r.get('refused', '-')} | {r.get('tp', '')} |"
+        )
     n = sum(r.get("status") == "exact" for r in rows)
     out.append(f"\nexact: {n}/{len(rows)}; heads found on {sum('head' in r.get('kinds', {}) for r in rows)}")
     reasons = Counter(x.split(":")[0][:70] for r in rows for x in r.get("reasons", []))
@@ -130,8 +136,12 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--torch-pruning", action="store_true")
     ap.add_argument("--child", choices=["compress", "tp"])
-    ap.add_argument("--table", nargs="+", metavar="JSON",
-                    help="print the table of saved runs (later files override; torch-pruning columns kept)")
+    ap.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="print the table of saved runs (later files override; torch-pruning columns kept)",
+    )
     a = ap.parse_args()
     if a.table:
         rows: dict = {}

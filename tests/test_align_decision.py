@@ -1,5 +1,6 @@
 """Alignment follows the measurement: with a fake latency table, width changes stay only where the
 table says they are faster, and nothing is revived or removed for alignment when it does not pay."""
+
 from __future__ import annotations
 
 import torch
@@ -32,11 +33,13 @@ def _widths(cm, mask):
 
 def _table(padded: bool, calls: list):
     """latency/dense as a table of widths: padded to blocks of 16 (blocked kernels) or linear in the width."""
+
     def meter(mask, tag):
         w = _widths(cm_holder[0], mask)
         calls.append(w)
         cost = sum(-(-k // 16) * 16 if padded else k for k in w)
         return cost / (32 + 32 + 32)
+
     return meter
 
 
@@ -51,8 +54,11 @@ def test_alignment_stays_only_in_layers_where_the_table_says_it_pays():
     mask, rep = measured_alignment(cm, pre, aligned, "flops", 1.0, _table(True, calls), margin=0.01)
     # padded: 19 → 16 saves a block (kept); 31 → 32 and 13 → 16 cost the same padded (reverted)
     assert _widths(cm, mask) == [31, 16, 13]
-    assert {r["layer"]: r["kept"] for r in rep["layers"]} == {"stem.0": "unaligned", "layers.0.conv1": "aligned",
-                                                              "layers.1.conv1": "unaligned"}
+    assert {r["layer"]: r["kept"] for r in rep["layers"]} == {
+        "stem.0": "unaligned",
+        "layers.0.conv1": "aligned",
+        "layers.1.conv1": "unaligned",
+    }
     assert rep["decision"] == "aligned" and calls[:2] == [[31, 19, 13], [32, 16, 16]]
     assert rep["chosen"]["measured_speedup"] == rep["aligned"]["measured_speedup"]  # same padded cost: 96/80
     assert rep["aligned"]["measured_speedup"] > rep["unaligned"]["measured_speedup"]

@@ -2,6 +2,7 @@
 every submodule has been imported (importing a submodule binds its name on the parent package, which once
 turned `compress.extract` from the function into the module on its second access). Fresh interpreters,
 so the import order is the one under test and not whatever the rest of the suite left behind."""
+
 import json
 import subprocess
 import sys
@@ -12,9 +13,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Named by the redesign issue: the optimizers, budgets, run-level deployment and BatchNorm recalibration.
-REQUIRED = {"RAMDA", "RMDA", "ProxSGD", "ProxAdam", "ASGO", "DASGO", "DSGD", "Budget", "finetune_to_budget",
-            "export_run", "bench_run", "recalibrate_batchnorm", "extract", "export_onnx", "benchmark", "finetune",
-            "find_groups", "UserError"}
+REQUIRED = {
+    "RAMDA",
+    "RMDA",
+    "ProxSGD",
+    "ProxAdam",
+    "ASGO",
+    "DASGO",
+    "DSGD",
+    "Budget",
+    "finetune_to_budget",
+    "export_run",
+    "bench_run",
+    "recalibrate_batchnorm",
+    "extract",
+    "export_onnx",
+    "benchmark",
+    "finetune",
+    "find_groups",
+    "UserError",
+}
 
 
 def all_modules():
@@ -66,8 +84,13 @@ print(json.dumps({"all": compress.__all__, "first": first, "seen": seen,
 @pytest.fixture(scope="module", params=["access-first", "import-first"])
 def api(request):
     mods = all_modules()
-    res = subprocess.run([sys.executable, "-c", SCRIPT, request.param, json.dumps(mods)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", SCRIPT, request.param, json.dumps(mods)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["loaded"] == sorted(mods)  # every submodule really was imported before the accesses
@@ -91,8 +114,18 @@ def test_classes_stay_classes_and_functions_stay_functions(api):
     kinds = {n: a["kind"] for n, (a, _) in api["seen"].items()}
     for name in ("RAMDA", "RMDA", "ProxSGD", "ProxAdam", "ASGO", "DASGO", "DSGD", "Budget", "UserError"):
         assert kinds[name] == "class", (name, kinds[name])
-    for name in ("extract", "finetune", "finetune_to_budget", "export_run", "bench_run", "recalibrate_batchnorm",
-                 "export_onnx", "benchmark", "find_groups", "evaluate"):
+    for name in (
+        "extract",
+        "finetune",
+        "finetune_to_budget",
+        "export_run",
+        "bench_run",
+        "recalibrate_batchnorm",
+        "export_onnx",
+        "benchmark",
+        "find_groups",
+        "evaluate",
+    ):
         assert kinds[name] == "function", (name, kinds[name])
 
 

@@ -4,6 +4,7 @@ The references never rotate into an eigenbasis: the prox is solved group by grou
 dense block metric (bisection on ‖(rA + τI)⁻¹Az‖ = 1, linear solves), the step solves
 with P = Q diag(h) Qᵀ instead of dividing by h.
 """
+
 from __future__ import annotations
 
 import io
@@ -92,7 +93,7 @@ def dense_structured_prox(z, mats, kinds, spec, tau):
         for i, xg in zip(rows, X):
             pos = 0
             for k, ent in where[i]:
-                out[k].view(-1)[ent] = xg[pos:pos + len(ent)]
+                out[k].view(-1)[ent] = xg[pos : pos + len(ent)]
                 pos += len(ent)
     return out
 
@@ -138,11 +139,11 @@ class RefASGO:
         z, mats, kinds = [], [], []
         for k, (w, g) in enumerate(zip(self.W, grads)):
             self.M[k] = self.b1 * self.M[k] + (1 - self.b1) * g
-            mh = self.M[k] / (1 - self.b1 ** t)
+            mh = self.M[k] / (1 - self.b1**t)
             s = self.side[k]
             if s is None:
                 self.V[k] = self.b2 * self.V[k] + (1 - self.b2) * g * g
-                D = (self.V[k] / (1 - self.b2 ** t)).sqrt() + self.eps
+                D = (self.V[k] / (1 - self.b2**t)).sqrt() + self.eps
                 z.append(w - lr * mh / D)
                 mats.append(D)
                 kinds.append("diag")
@@ -153,9 +154,9 @@ class RefASGO:
             if self.diagonal:
                 self.V[k] = torch.diag(torch.diag(self.V[k]))
             if self.diagonal or (t - 1) % self.every == 0:
-                lam, Q = torch.linalg.eigh(self.V[k] / (1 - self.b2 ** t))
+                lam, Q = torch.linalg.eigh(self.V[k] / (1 - self.b2**t))
                 if self.diagonal:
-                    lam, Q = torch.diag(self.V[k]) / (1 - self.b2 ** t), torch.eye(len(lam), dtype=DT)
+                    lam, Q = torch.diag(self.V[k]) / (1 - self.b2**t), torch.eye(len(lam), dtype=DT)
                 self.P[k] = Q @ torch.diag(self.floor_sqrt(lam)) @ Q.T
             Mh = mh.reshape(G.shape)
             U = torch.linalg.solve(self.P[k], Mh.T).T if s == "right" else torch.linalg.solve(self.P[k], Mh)
@@ -210,8 +211,13 @@ def test_eig_prox_matches_dense_bisection(seed):
     for sl, _ in spec:
         parts = []
         for k, dim, ii in sl:
-            az = (z[k].reshape(z[k].shape[0], -1) @ dense[k]) if kinds[k] == "right" else \
-                (dense[k] @ z[k]) if kinds[k] == "left" else dense[k] * z[k]
+            az = (
+                (z[k].reshape(z[k].shape[0], -1) @ dense[k])
+                if kinds[k] == "right"
+                else (dense[k] @ z[k])
+                if kinds[k] == "left"
+                else dense[k] * z[k]
+            )
             parts.append(az.movedim(dim, 0)[list(ii)].reshape(-1))
         norms.append(float(torch.cat(parts).norm()))
     tau = torch.tensor(norms, dtype=DT) * torch.tensor([0.3, 0.9, 1.1, 0.5, 2.0, 0.05], dtype=DT)
@@ -234,21 +240,25 @@ def test_eig_prox_matches_lbfgs_on_smoothed_problem():
     Pb = mets[2].q @ torch.diag(mets[2].h) @ mets[2].q.T
     delta = 1e-9
     for i in range(6):
-        za, zv, zb = z[0][i].reshape(-1), z[1][i:i + 1], z[2][:, i]
+        za, zv, zb = z[0][i].reshape(-1), z[1][i : i + 1], z[2][:, i]
 
         def f(xn, za=za, zv=zv, zb=zb, i=i):  # bound now: the closure must not see a later iteration
             x = torch.from_numpy(xn)
             xa, xv, xb = x[:8], x[8:9], x[9:]
             ea, ev, eb = xa - za, xv - zv, xb - zb
-            val = tau[i] * torch.sqrt(x @ x + delta ** 2) + 0.5 * (ea @ Pa @ ea + mets[1][i] * ev @ ev + eb @ Pb @ eb)
-            grad = tau[i] * x / torch.sqrt(x @ x + delta ** 2) + torch.cat([Pa @ ea, mets[1][i] * ev, Pb @ eb])
+            val = tau[i] * torch.sqrt(x @ x + delta**2) + 0.5 * (ea @ Pa @ ea + mets[1][i] * ev @ ev + eb @ Pb @ eb)
+            grad = tau[i] * x / torch.sqrt(x @ x + delta**2) + torch.cat([Pa @ ea, mets[1][i] * ev, Pb @ eb])
             return float(val), grad.numpy()
 
         x0 = torch.cat([za, zv, zb]).numpy()
-        res = scipy_opt.minimize(f, x0, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "gtol": 1e-12,
-                                                                            "ftol": 1e-15})
-        mine = torch.cat([got[0][i].reshape(-1), got[1][i:i + 1], got[2][:, i]])
-        assert torch.allclose(mine, torch.from_numpy(res.x), atol=2e-5), (i, (mine - torch.from_numpy(res.x)).abs().max())
+        res = scipy_opt.minimize(
+            f, x0, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "gtol": 1e-12, "ftol": 1e-15}
+        )
+        mine = torch.cat([got[0][i].reshape(-1), got[1][i : i + 1], got[2][:, i]])
+        assert torch.allclose(mine, torch.from_numpy(res.x), atol=2e-5), (
+            i,
+            (mine - torch.from_numpy(res.x)).abs().max(),
+        )
         assert f(mine.numpy())[0] <= res.fun + 1e-9
 
 
@@ -269,10 +279,19 @@ def _drive(opt_cls, steps=20, lam=0.02, every=1, rms=0.2, lrs=None, **kw):
     groups = tiny_groups(model)
     spec = groups_spec(groups, params)
     diag = opt_cls is DASGO
-    opt = opt_cls(params, lr=0.02, lam=lam, betas=(0.9, 0.95), eps=1e-8, eps_rel=1e-6, rms=rms,
-                  precond_every=every, groups=groups, **kw)
-    ref = RefASGO(params, spec, lam=lam, betas=(0.9, 0.95), eps=1e-8, eps_rel=1e-6, rms=rms, every=every,
-                  diagonal=diag)
+    opt = opt_cls(
+        params,
+        lr=0.02,
+        lam=lam,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        eps_rel=1e-6,
+        rms=rms,
+        precond_every=every,
+        groups=groups,
+        **kw,
+    )
+    ref = RefASGO(params, spec, lam=lam, betas=(0.9, 0.95), eps=1e-8, eps_rel=1e-6, rms=rms, every=every, diagonal=diag)
     assert opt.preconditioner_sides() == [s if s is None else s + ("-diag" if diag else "") for s in ref.side]
     lrs = lrs or [0.02] * steps
     seen = set()
@@ -422,11 +441,25 @@ def finetune_resume_bit_exact(name, tmp_path, **cfg_kw):
                 raise _Stop
 
         try:
-            runs.append(finetune(m, tr, te, spec.example_input(2), tmp_path / f"run{stop}", cfg, force=True,
-                                 progress=False, epoch_callbacks=[stopper]))
+            runs.append(
+                finetune(
+                    m,
+                    tr,
+                    te,
+                    spec.example_input(2),
+                    tmp_path / f"run{stop}",
+                    cfg,
+                    force=True,
+                    progress=False,
+                    epoch_callbacks=[stopper],
+                )
+            )
         except _Stop:
-            runs.append(finetune(spec.build(), tr, te, spec.example_input(2), tmp_path / f"run{stop}", resume=True,
-                                 progress=False))
+            runs.append(
+                finetune(
+                    spec.build(), tr, te, spec.example_input(2), tmp_path / f"run{stop}", resume=True, progress=False
+                )
+            )
     a, b = (r.model.state_dict() for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     return runs

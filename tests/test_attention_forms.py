@@ -1,4 +1,5 @@
 """Heads of the attention forms people use: nn.MultiheadAttention's stand-in, fused qkv, GQA."""
+
 import pytest
 import torch
 from torch import nn
@@ -110,7 +111,9 @@ def test_randomized_check_drops_what_the_static_analysis_misses():
     with mock.patch.object(zero_invariance.ZeroAnalysis, "channel_reduced", lambda *a, **k: False):
         m = _RMS().eval()
         x = torch.randn(2, 3, 8)
-        assert [g for g in compress.find_groups(m, x, check=False) if g.layer == "fc1"]  # the static rule alone misses it
+        assert [
+            g for g in compress.find_groups(m, x, check=False) if g.layer == "fc1"
+        ]  # the static rule alone misses it
         groups = compress.find_groups(m, x)
     assert not [g for g in groups if g.layer == "fc1"]
     assert any(layer == "fc1" and "randomized check" in why for layer, why in groups.not_prunable)
@@ -192,9 +195,11 @@ class _GPT2Attn(nn.Module):
         self.c_attn, self.c_proj = Conv1D(3 * e, e), Conv1D(e, e)
 
     def forward(self, x):
-        q, k, v = (t.view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)
-                   for t in self.c_attn(x).split(self.split_size, dim=2))
-        a = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, -1) @ v
+        q, k, v = (
+            t.view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)
+            for t in self.c_attn(x).split(self.split_size, dim=2)
+        )
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim**0.5, -1) @ v
         return x + self.c_proj(a.transpose(1, 2).reshape(*x.shape[:-1], -1))
 
 

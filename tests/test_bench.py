@@ -3,6 +3,7 @@ efficiency, interleaving, round sizing) against a fake clock and scripted sessio
 how busy the machine is; real ORT runs give sane numbers; shape overrides reach the feed, results are JSON,
 the chart is written, bad input is a UserError. Whether a smaller model is faster is a measurement
 (examples/bench_latency.py), not a test."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ import compress.deploy.bench as bench
 from compress.deploy.bench import benchmark, plot_bench, print_bench_table
 from compress.errors import UserError
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*TorchScript-based ONNX export:DeprecationWarning",
-                                        "ignore:The feature will be removed:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*TorchScript-based ONNX export:DeprecationWarning", "ignore:The feature will be removed:DeprecationWarning"
+)
 
 
 def stack(width, depth=3, d_in=256, d_out=10):
@@ -41,8 +43,16 @@ def linear_flops(model, batch=1):
 
 def user_export(model, path, example, axes):
     """Exported the way a user would, straight with torch, not with compress.export."""
-    torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": axes, "y": axes}, opset_version=17)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": axes, "y": axes},
+        opset_version=17,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +66,15 @@ def pair(tmp_path_factory):
 
 def test_real_onnxruntime_numbers_are_sane(pair):
     d, big, small = pair
-    r = benchmark(d / "big.onnx", d / "small.onnx", batch_sizes=(1, 16), threads=(1,), warmup=2, rounds=25,
-                  flops=(linear_flops(big), linear_flops(small)))
+    r = benchmark(
+        d / "big.onnx",
+        d / "small.onnx",
+        batch_sizes=(1, 16),
+        threads=(1,),
+        warmup=2,
+        rounds=25,
+        flops=(linear_flops(big), linear_flops(small)),
+    )
     assert [(x["threads"], x["batch"]) for x in r["results"]] == [(1, 1), (1, 16)]
     for row in r["results"]:
         assert row["engine"] == "onnxruntime" and row["provider"] == "CPU"
@@ -124,8 +141,15 @@ def percentile(xs, q):
 def hand_stats(ns):
     ms = [x / 1e6 for x in ns]
     med, q1, q3 = percentile(ms, 50), percentile(ms, 25), percentile(ms, 75)
-    return {"median_ms": med, "p90_ms": percentile(ms, 90), "min_ms": min(ms), "mean_ms": sum(ms) / len(ms),
-            "iqr_ms": q3 - q1, "spread": (q3 - q1) / med, "n": len(ms)}
+    return {
+        "median_ms": med,
+        "p90_ms": percentile(ms, 90),
+        "min_ms": min(ms),
+        "mean_ms": sum(ms) / len(ms),
+        "iqr_ms": q3 - q1,
+        "spread": (q3 - q1) / med,
+        "n": len(ms),
+    }
 
 
 def segments(log, warmup, rounds_of):
@@ -134,9 +158,9 @@ def segments(log, warmup, rounds_of):
     for key in dict.fromkeys((t, b) for _, t, b, _ in log):
         rounds = rounds_of(key)
         n = 2 + 2 * warmup + 2 * rounds
-        seg = log[i:i + n]
+        seg = log[i : i + n]
         assert {(t, b) for _, t, b, _ in seg} == {key}
-        out.append((key, seg[2:2 + 2 * warmup], seg[2 + 2 * warmup:]))
+        out.append((key, seg[2 : 2 + 2 * warmup], seg[2 + 2 * warmup :]))
         i += n
     assert i == len(log)
     return out
@@ -144,8 +168,9 @@ def segments(log, warmup, rounds_of):
 
 def test_statistics_speedup_and_efficiency_from_a_fake_clock(pair, fake):
     d = pair[0]
-    r = bench.benchmark(d / "big.onnx", d / "small.onnx", batch_sizes=(1, 16), threads=(1, 3), warmup=2, rounds=9,
-                        flops=(26, 2))
+    r = bench.benchmark(
+        d / "big.onnx", d / "small.onnx", batch_sizes=(1, 16), threads=(1, 3), warmup=2, rounds=9, flops=(26, 2)
+    )
     assert fake.sessions == [(m, "CPUExecutionProvider", t, False) for t in (1, 3) for m in ("big", "small")]
     assert r["flop_ratio"] == 13.0
     rows = {(x["threads"], x["batch"]): x for x in r["results"]}
@@ -153,7 +178,9 @@ def test_statistics_speedup_and_efficiency_from_a_fake_clock(pair, fake):
     for key, warm, timed in segments(fake.log, 2, lambda _: 9):
         assert [m for m, *_ in warm] == ["big", "small"] * 2
         # interleaved A B, B A, A B, ...: both see the same drift
-        assert [m for m, *_ in timed] == [m for k in range(9) for m in (("big", "small") if k % 2 == 0 else ("small", "big"))]
+        assert [m for m, *_ in timed] == [
+            m for k in range(9) for m in (("big", "small") if k % 2 == 0 else ("small", "big"))
+        ]
         row = rows[key]
         for name, side in (("big", "dense"), ("small", "compressed")):
             want = hand_stats([c for m, _, _, c in timed if m == name])
@@ -177,7 +204,7 @@ def test_rounds_fill_the_time_budget_from_the_warm_up(pair, fake):
         # the warm-up of each row: 3 pairs right after the two probe runs
         want, i = {}, 0
         for b in (1, 4):
-            pace = sum(c for *_, c in fake.log[i + 2:i + 8]) / 3 / 1e9
+            pace = sum(c for *_, c in fake.log[i + 2 : i + 8]) / 3 / 1e9
             want[b] = int(min(5000, max(10, budget_s / pace)))
             i += 8 + 2 * want[b]
         assert ns == want and all(x["compressed"]["n"] == want[x["batch"]] for x in r["results"])
@@ -196,8 +223,9 @@ def test_quick_means_one_warm_up_and_five_rounds(pair, fake):
 
 def test_torch_reference_params_and_flops(pair):
     d, big, small = pair
-    r = benchmark(d / "big.onnx", d / "small.onnx", batch_sizes=(2,), threads=(1,), quick=True,
-                  torch_models=(big, small))
+    r = benchmark(
+        d / "big.onnx", d / "small.onnx", batch_sizes=(2,), threads=(1,), quick=True, torch_models=(big, small)
+    )
     assert r["flops"]["dense"] == linear_flops(big) and r["flops"]["compressed"] == linear_flops(small)
     assert r["dense"]["params"] == sum(p.numel() for p in big.parameters())
     assert [(x["engine"], x["provider"]) for x in r["results"]] == [("onnxruntime", "CPU"), ("torch", "eager")]
@@ -237,9 +265,11 @@ def test_input_shape_defaults_and_overrides(tmp_path, monkeypatch):
 
 
 def test_text_inputs_get_valid_ids_and_ones_mask():
-    inputs = [("input_ids", ["batch", "seq"], np.dtype(np.int64)),
-              ("attention_mask", ["batch", "seq"], np.dtype(np.int64)),
-              ("pixel", ["batch", 3], np.dtype(np.float32))]
+    inputs = [
+        ("input_ids", ["batch", "seq"], np.dtype(np.int64)),
+        ("attention_mask", ["batch", "seq"], np.dtype(np.int64)),
+        ("pixel", ["batch", 3], np.dtype(np.float32)),
+    ]
     feed = bench.make_feed(inputs, bench.resolve_shapes(inputs, 4, 16, None))
     assert feed["input_ids"].shape == (4, 16) and feed["input_ids"].dtype == np.int64
     assert set(np.unique(feed["input_ids"])) <= {0, 1}

@@ -1,5 +1,6 @@
 """Budgets: the cost model equals what extraction really produces; the controller hits a
 FLOP target; enforcement never leaves the model above the target; Budget validation."""
+
 import copy
 import math
 
@@ -99,8 +100,16 @@ def _mobile(first_block):
     from compress.models.mobilenetv2 import InvertedResidual, _cbr
 
     torch.manual_seed(0)
-    return nn.Sequential(_cbr(3, 16, 3, 2), first_block, InvertedResidual(24, 24, 1, 4), InvertedResidual(24, 24, 1, 4),
-                         _cbr(24, 64, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    return nn.Sequential(
+        _cbr(3, 16, 3, 2),
+        first_block,
+        InvertedResidual(24, 24, 1, 4),
+        InvertedResidual(24, 24, 1, 4),
+        _cbr(24, 64, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
 
 
 def test_cost_model_small_inverted_residuals_with_depthwise_convs():
@@ -236,7 +245,7 @@ def test_critical_lambda_predicts_the_next_prox(name):
     crit = opt.critical_lams()
     vals = crit.sort().values
     gaps = vals[1:] - vals[:-1]
-    k = int(torch.argmax(gaps[len(gaps) // 3: 2 * len(gaps) // 3])) + len(gaps) // 3
+    k = int(torch.argmax(gaps[len(gaps) // 3 : 2 * len(gaps) // 3])) + len(gaps) // 3
     lam = float((vals[k] + vals[k + 1]) / 2)  # halfway between two critical values: no ties
     for g in opt.param_groups:
         g["lam"] = lam
@@ -290,8 +299,9 @@ def _enforce_by_hand(groups, zero, norms, kind, target):
         less = list(w)
         less[j] -= 1
         saving.append((_digits_cost_by_hand(kind, *w) - _digits_cost_by_hand(kind, *less)) / dense)
-    score = [math.inf if zero[i] or saving[layer[i]] <= 0 else float(norms[i]) / saving[layer[i]]
-             for i in range(len(groups))]
+    score = [
+        math.inf if zero[i] or saving[layer[i]] <= 0 else float(norms[i]) / saving[layer[i]] for i in range(len(groups))
+    ]
     for i in sorted(range(len(groups)), key=score.__getitem__):  # stable, like argsort(stable=True)
         if frac(ref) <= target:
             break
@@ -347,8 +357,17 @@ def test_finetune_to_budget_enforcement_holds_the_target_when_the_optimizer_remo
     model, x = _digits_setup()
     tr, te = digits_small
     cfg = TrainConfig(epochs=2, batch_size=64, lam=1e-12, optimizer="proxsgd", milestones=[1])
-    res = finetune_to_budget(model, tr, te, x, tmp_path / "run", cfg, Budget(flops=0.4),
-                             controller={"exact": False, "gain": 0.0, "freeze_epoch": 1}, progress=False)
+    res = finetune_to_budget(
+        model,
+        tr,
+        te,
+        x,
+        tmp_path / "run",
+        cfg,
+        Budget(flops=0.4),
+        controller={"exact": False, "gain": 0.0, "freeze_epoch": 1},
+        progress=False,
+    )
     b = res.budget
     assert b["removed_by_optimizer"] == 0 and b["removed_by_enforcement"] > 0
     assert b["achieved"]["flops_fraction"] <= 0.4
@@ -409,8 +428,17 @@ def test_latency_target_below_the_smallest_model_is_a_one_line_error(tmp_path, d
     model, x = _digits_setup()
     tr, te = digits_small
     with pytest.raises(UserError, match="below what the smallest valid model reaches") as e:
-        finetune_to_budget(model, tr, te, x, tmp_path / "run", TrainConfig(epochs=1), Budget(latency_ms=1e-6),
-                           latency_time_budget_s=0.1, progress=False)
+        finetune_to_budget(
+            model,
+            tr,
+            te,
+            x,
+            tmp_path / "run",
+            TrainConfig(epochs=1),
+            Budget(latency_ms=1e-6),
+            latency_time_budget_s=0.1,
+            progress=False,
+        )
     assert "\n" not in str(e.value) and " ms measured" in str(e.value)
     assert not (tmp_path / "run").exists()  # refused before any training or run files
 
@@ -445,8 +473,18 @@ def test_budget_run_resumes_after_the_freeze_bit_exactly(tmp_path, digits_small)
     model, x = _digits_setup()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     ctl = {"freeze_epoch": 2, "final_optimizer": "same"}  # RAMDA's final phase (the AdamW one: below)
-    full = finetune_to_budget(model, tr, te, x, tmp_path / "full", cfg, Budget(flops=0.6), progress=False, controller=ctl,
-                              measure_alignment=False)  # two independent runs: no timing-noise decisions
+    full = finetune_to_budget(
+        model,
+        tr,
+        te,
+        x,
+        tmp_path / "full",
+        cfg,
+        Budget(flops=0.6),
+        progress=False,
+        controller=ctl,
+        measure_alignment=False,
+    )  # two independent runs: no timing-noise decisions
     _stopped_run(tmp_path / "cut", digits_small, init, cfg, 2, controller=ctl, measure_alignment=False)
     state = __import__("json").loads((tmp_path / "cut" / "budget_state.json").read_text())
     assert state["frozen"] and state["freeze_info"]["epoch"] == 2
@@ -602,12 +640,24 @@ def test_aligned_budget_run_exports_the_same_with_align_1_or_8(tmp_path, digits_
     model, x = _digits_setup()
     tr, te = digits_small
     cfg = TrainConfig(epochs=3, batch_size=64, milestones=[2])
-    res = finetune_to_budget(model, tr, te, x, tmp_path / "run", cfg, Budget(flops=target), progress=False,
-                             controller={"freeze_epoch": 2}, align=align)
+    res = finetune_to_budget(
+        model,
+        tr,
+        te,
+        x,
+        tmp_path / "run",
+        cfg,
+        Budget(flops=target),
+        progress=False,
+        controller={"freeze_epoch": 2},
+        align=align,
+    )
     b = res.budget
     assert b["align"] == align and target - 0.05 <= b["achieved"]["flops_fraction"] <= target
-    assert b["removed_by_optimizer"] + b["removed_by_enforcement"] + b["removed_by_alignment"] == \
-        b["freeze"]["groups_frozen"]
+    assert (
+        b["removed_by_optimizer"] + b["removed_by_enforcement"] + b["removed_by_alignment"]
+        == b["freeze"]["groups_frozen"]
+    )
     small1, rep1 = extract(res.model, res.groups, x, align=1)
     small8, rep8 = extract(res.model, res.groups, x, align=8)
     kept = {lay: e["groups"] - e["removed"] for lay, e in rep1["layers"].items()}
@@ -671,8 +721,13 @@ def test_cli_group_weight_flops_with_and_without_a_target(tmp_path):
     root = Path(__file__).resolve().parents[1]
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True,
-                              cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+        return subprocess.run(
+            [sys.executable, "-m", "compress", *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+        )
 
     model, x = _digits_setup()
     ref = group_weights(model, find_groups(model, x), x, "flops")
@@ -753,15 +808,36 @@ def test_adamw_final_phase_keeps_the_frozen_groups_zero_and_resumes_bit_exactly(
 
     def watch(opt):
         if isinstance(opt, CosineAdamW):
-            seen.append((opt.param_groups[0]["lr"], all(
-                bool((t.index_select(s.dim, torch.tensor(s.indices)) == 0).all())
-                for i in ref["frozen"] for s, t in zip(ref["groups"][i].slices, ref["groups"][i].tensors))))
+            seen.append(
+                (
+                    opt.param_groups[0]["lr"],
+                    all(
+                        bool((t.index_select(s.dim, torch.tensor(s.indices)) == 0).all())
+                        for i in ref["frozen"]
+                        for s, t in zip(ref["groups"][i].slices, ref["groups"][i].tensors)
+                    ),
+                )
+            )
 
-    full = finetune_to_budget(model, tr, te, x, tmp_path / "full", cfg, Budget(flops=0.6), progress=False,
-                              controller=ctl, epoch_callbacks=[grab], step_callbacks=[watch], measure_alignment=False)
+    full = finetune_to_budget(
+        model,
+        tr,
+        te,
+        x,
+        tmp_path / "full",
+        cfg,
+        Budget(flops=0.6),
+        progress=False,
+        controller=ctl,
+        epoch_callbacks=[grab],
+        step_callbacks=[watch],
+        measure_alignment=False,
+    )
     steps = 5  # 300 samples / 64
     total = 3 * steps
-    assert [lr for lr, _ in seen] == pytest.approx([2e-3 * 0.5 * (1 + math.cos(math.pi * k / total)) for k in range(total)])
+    assert [lr for lr, _ in seen] == pytest.approx(
+        [2e-3 * 0.5 * (1 + math.cos(math.pi * k / total)) for k in range(total)]
+    )
     assert all(ok for _, ok in seen)
     assert isinstance(full.optimizer, CosineAdamW)
     st = full.optimizer.state
@@ -782,7 +858,9 @@ def test_adamw_final_phase_keeps_the_frozen_groups_zero_and_resumes_bit_exactly(
     assert sorted(torch.nonzero(zero_mask(full.groups)).flatten().tolist()) == sorted(ref["frozen"])
     assert m[-1]["accuracy"] == pytest.approx(full.budget["accuracy"])  # recalibrated like every epoch's eval
 
-    _stopped_run(tmp_path / "cut", digits_small, init, cfg, 3, controller=ctl, final_optimizer="adamw", measure_alignment=False)
+    _stopped_run(
+        tmp_path / "cut", digits_small, init, cfg, 3, controller=ctl, final_optimizer="adamw", measure_alignment=False
+    )
     model3, _ = _digits_setup(seed=9)  # weights come from the checkpoint (end of epoch 3)
     res = finetune_to_budget(model3, tr, te, x, tmp_path / "cut", resume=True, progress=False)
     assert isinstance(res.optimizer, CosineAdamW)
@@ -817,8 +895,20 @@ def test_rewind_init_restarts_survivors_from_the_start_and_resumes_bit_exactly(t
             got["groups"] = state["groups"]
             got["frozen"] = json.loads((tmp_path / "full" / "budget_state.json").read_text())["frozen"]
 
-    full = finetune_to_budget(model, tr, te, x, tmp_path / "full", cfg, Budget(flops=0.6), progress=False,
-                              controller=ctl, rewind="init", epoch_callbacks=[grab], measure_alignment=False)
+    full = finetune_to_budget(
+        model,
+        tr,
+        te,
+        x,
+        tmp_path / "full",
+        cfg,
+        Budget(flops=0.6),
+        progress=False,
+        controller=ctl,
+        rewind="init",
+        epoch_callbacks=[grab],
+        measure_alignment=False,
+    )
     assert got["frozen"] and full.budget["rewind"] == "init" and full.budget["freeze"]["rewound_to"] == "init"
     expect = {k: init[k].clone() for k in got["params"]}
     names = {id(p): k for k, p in full.model.named_parameters()}
@@ -833,7 +923,9 @@ def test_rewind_init_restarts_survivors_from_the_start_and_resumes_bit_exactly(t
     assert full.budget["achieved"]["flops_fraction"] <= 0.6
 
     for stop_at, name in [(2, "after"), (1, "before")]:
-        _stopped_run(tmp_path / name, digits_small, init, cfg, stop_at, controller=ctl, rewind="init", measure_alignment=False)
+        _stopped_run(
+            tmp_path / name, digits_small, init, cfg, stop_at, controller=ctl, rewind="init", measure_alignment=False
+        )
         model3, _ = _digits_setup(seed=9)  # weights come from the checkpoint
         res = finetune_to_budget(model3, tr, te, x, tmp_path / name, resume=True, progress=False)
         assert res.budget["rewind"] == "init"
@@ -847,11 +939,28 @@ def test_rewind_needs_the_adamw_final_phase(tmp_path, digits_small):
 
     model, x = _digits_setup()
     with pytest.raises(UserError, match="needs final_optimizer adamw"):
-        finetune_to_budget(model, *digits_small, x, tmp_path / "r", TrainConfig(epochs=2, batch_size=64),
-                           Budget(flops=0.6), progress=False, final_optimizer="same", rewind="init")
+        finetune_to_budget(
+            model,
+            *digits_small,
+            x,
+            tmp_path / "r",
+            TrainConfig(epochs=2, batch_size=64),
+            Budget(flops=0.6),
+            progress=False,
+            final_optimizer="same",
+            rewind="init",
+        )
     with pytest.raises(UserError, match="rewind must be"):
-        finetune_to_budget(model, *digits_small, x, tmp_path / "r2", TrainConfig(epochs=2, batch_size=64),
-                           Budget(flops=0.6), progress=False, rewind="best")
+        finetune_to_budget(
+            model,
+            *digits_small,
+            x,
+            tmp_path / "r2",
+            TrainConfig(epochs=2, batch_size=64),
+            Budget(flops=0.6),
+            progress=False,
+            rewind="best",
+        )
 
 
 def test_final_lr_keyword_sets_the_final_phase_peak(tmp_path, digits_small):
@@ -866,10 +975,20 @@ def test_final_lr_keyword_sets_the_final_phase_peak(tmp_path, digits_small):
     tr, te = digits_small
     model, x = _digits_setup()
     seen = []
-    finetune_to_budget(model, tr, te, x, tmp_path / "r", TrainConfig(epochs=3, batch_size=64, milestones=[2], seed=3),
-                       Budget(flops=0.6), progress=False, final_lr=5e-4, controller={"freeze_epoch": 2},
-                       step_callbacks=[lambda opt: seen.append(opt.param_groups[0]["lr"])
-                                       if isinstance(opt, CosineAdamW) else None], measure_alignment=False)
+    finetune_to_budget(
+        model,
+        tr,
+        te,
+        x,
+        tmp_path / "r",
+        TrainConfig(epochs=3, batch_size=64, milestones=[2], seed=3),
+        Budget(flops=0.6),
+        progress=False,
+        final_lr=5e-4,
+        controller={"freeze_epoch": 2},
+        step_callbacks=[lambda opt: seen.append(opt.param_groups[0]["lr"]) if isinstance(opt, CosineAdamW) else None],
+        measure_alignment=False,
+    )
     assert seen and seen[0] == pytest.approx(5e-4) and max(seen) == pytest.approx(5e-4)
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["budget_controller"]["final_lr"] == 5e-4

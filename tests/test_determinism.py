@@ -1,6 +1,7 @@
 """Same command, same seed → the same bits: two straight runs, and a straight run against the same run
 interrupted with Ctrl-C and resumed. Compared by the sha256 of every weight file (init, structured point)
 and tensor by tensor, so a single flipped bit fails."""
+
 import hashlib
 import json
 import signal
@@ -18,8 +19,20 @@ ARGS = ["--epochs", "4", "--lam", "1e-2", "--batch-size", "32", "--seed", "3", "
 
 
 def finetune(model_file: Path, out: Path, *extra):
-    cmd = [sys.executable, "-m", "compress", "finetune", "--model", f"{model_file}:make", "--data",
-           f"{model_file}:data", *ARGS, "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "compress",
+        "finetune",
+        "--model",
+        f"{model_file}:make",
+        "--data",
+        f"{model_file}:data",
+        *ARGS,
+        "--out",
+        str(out),
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
@@ -38,8 +51,9 @@ def assert_same_run(a: Path, b: Path):
     ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
     drop = ("seconds",)
-    assert [{k: v for k, v in m.items() if k not in drop} for m in ma] == \
-           [{k: v for k, v in m.items() if k not in drop} for m in mb]
+    assert [{k: v for k, v in m.items() if k not in drop} for m in ma] == [
+        {k: v for k, v in m.items() if k not in drop} for m in mb
+    ]
 
 
 @pytest.fixture
@@ -65,8 +79,19 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, model_file):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     res = finetune(model_file, straight)
     assert res.returncode == 0, res.stderr
-    cmd = [sys.executable, "-m", "compress", "finetune", "--model", f"{model_file}:make", "--data",
-           f"{model_file}:data", *ARGS, "--out", str(broken)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "compress",
+        "finetune",
+        "--model",
+        f"{model_file}:make",
+        "--data",
+        f"{model_file}:data",
+        *ARGS,
+        "--out",
+        str(broken),
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (broken / "checkpoint.safetensors").exists() and time.time() < deadline:
@@ -75,8 +100,14 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, model_file):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert not (broken / "weights.safetensors").exists()  # really stopped before the end
-    res = subprocess.run([sys.executable, "-m", "compress", "finetune", "--resume", str(broken), "--quiet"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "compress", "finetune", "--resume", str(broken), "--quiet"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert_same_run(straight, broken)
 
@@ -87,9 +118,23 @@ def test_budget_run_twice_gives_identical_bits(tmp_path, model_file):
     are kept per machine (compress.budget.latency_memo), so the second run freezes the same structure."""
     env = {**ENV, "COMPRESS_CACHE": str(tmp_path / "cache")}
     for name in ("a", "b"):
-        cmd = [sys.executable, "-m", "compress", "finetune", "--model", f"{model_file}:make", "--data",
-               f"{model_file}:data", *[a for a in ARGS if a not in ("--lam", "1e-2")], "--target-flops", "0.5",
-               "--init", "random", "--out", str(tmp_path / name)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "compress",
+            "finetune",
+            "--model",
+            f"{model_file}:make",
+            "--data",
+            f"{model_file}:data",
+            *[a for a in ARGS if a not in ("--lam", "1e-2")],
+            "--target-flops",
+            "0.5",
+            "--init",
+            "random",
+            "--out",
+            str(tmp_path / name),
+        ]
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
     assert_same_run(tmp_path / "a", tmp_path / "b")

@@ -1,5 +1,6 @@
 """Distillation from the starting model: the losses against a by-hand transcription, the teacher
 frozen at the init weights, exact resume and reproducibility, settings validated."""
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,13 @@ def test_losses_match_a_transcription_by_hand():
     s, t = torch.randn(5, 7) * 3, torch.randn(5, 7) * 3
     for T in (1.0, 4.0):
         assert float(distill_loss("kl", s, t, T)) == pytest.approx(_kl_by_hand(s, t, T), rel=1e-5)
-    cos = sum(1 - sum(a * b for a, b in zip(x, y)) / math.sqrt(sum(a * a for a in x) * sum(b * b for b in y))
-              for x, y in zip(s.tolist(), t.tolist())) / 5
+    cos = (
+        sum(
+            1 - sum(a * b for a, b in zip(x, y)) / math.sqrt(sum(a * a for a in x) * sum(b * b for b in y))
+            for x, y in zip(s.tolist(), t.tolist())
+        )
+        / 5
+    )
     assert float(distill_loss("cosine", s, t, 1.0)) == pytest.approx(cos, rel=1e-5)
     mse = sum((a - b) ** 2 for x, y in zip(s.tolist(), t.tolist()) for a, b in zip(x, y)) / 35
     assert float(distill_loss("mse", s, t, 1.0)) == pytest.approx(mse, rel=1e-5)
@@ -65,10 +71,20 @@ def _run(tmp_path, name, data, interrupt_at=None, resume=False, **kw):
             os.kill(os.getpid(), signal.SIGINT)
         return F.cross_entropy(out, y)
 
-    cfg = TrainConfig(epochs=3, lr=0.01, lam=2e-3, milestones=[2], batch_size=32,
-                      **{"distill": "kl", "distill_alpha": 0.5, **kw})
-    return finetune(model, data[0], data[1], torch.rand(1, 1, 8, 8), tmp_path / name, cfg,
-                    loss_fn=loss_fn, resume=resume, progress=False)
+    cfg = TrainConfig(
+        epochs=3, lr=0.01, lam=2e-3, milestones=[2], batch_size=32, **{"distill": "kl", "distill_alpha": 0.5, **kw}
+    )
+    return finetune(
+        model,
+        data[0],
+        data[1],
+        torch.rand(1, 1, 8, 8),
+        tmp_path / name,
+        cfg,
+        loss_fn=loss_fn,
+        resume=resume,
+        progress=False,
+    )
 
 
 def _same(a, b) -> bool:
@@ -108,8 +124,14 @@ def test_teacher_is_the_start_and_never_updated(tmp_path, digits_small, monkeypa
     assert any(not torch.equal(trained[k].cpu(), init[k]) for k in init)  # the student did move
 
 
-@pytest.mark.parametrize("kw,field", [(dict(distill="kd"), "distill"), (dict(distill_temperature=0.0),
-                                      "distill_temperature"), (dict(distill_alpha=1.5), "distill_alpha")])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(distill="kd"), "distill"),
+        (dict(distill_temperature=0.0), "distill_temperature"),
+        (dict(distill_alpha=1.5), "distill_alpha"),
+    ],
+)
 def test_bad_distill_settings_name_their_field(kw, field):
     with pytest.raises(UserError) as e:
         TrainConfig(**kw).resolved().validate()
@@ -132,8 +154,12 @@ def test_cli_names_the_distill_flags(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-m", "compress", "finetune", "--distill", "kd", "--out", str(tmp_path / "r")],
-                         capture_output=True, text=True, cwd=root,
-                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+    res = subprocess.run(
+        [sys.executable, "-m", "compress", "finetune", "--distill", "kd", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    )
     assert res.returncode == 2 and "--distill" in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert not (tmp_path / "r").exists()

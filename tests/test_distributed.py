@@ -1,4 +1,5 @@
 """Data-parallel fine-tuning: 2 processes (gloo) equal one process with the same global batch."""
+
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ pytestmark = pytest.mark.e2e  # two processes under torchrun, finetune end to en
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import sys, torch
     import torch.distributed as dist
     from compress.train.config import TrainConfig
@@ -28,9 +29,9 @@ SCRIPT = textwrap.dedent('''
              for k, v in opt.state[p].items() if torch.is_tensor(v)}
     state.update({f"w/{k}": v for k, v in res.model.state_dict().items()})
     torch.save(state, f"{out}/rank{rank}.pt")
-''')
+""")
 
-COMMON = textwrap.dedent('''
+COMMON = textwrap.dedent("""
     import torch
     from compress.models.digits import digits_datasets
 
@@ -43,16 +44,31 @@ COMMON = textwrap.dedent('''
         tr, te = digits_datasets()
         ds = torch.utils.data.TensorDataset
         return ds(tr.tensors[0][:320].flatten(1), tr.tensors[1][:320]), ds(te.tensors[0][:64].flatten(1), te.tensors[1][:64])
-''')
+""")
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
     (tmp_path / "ddp_common.py").write_text(COMMON)
     (tmp_path / "ddp_run.py").write_text(SCRIPT)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29531", str(tmp_path / "ddp_run.py"), str(tmp_path), str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=240,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            str(tmp_path / "ddp_run.py"),
+            str(tmp_path),
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0.keys() == r1.keys() and any(k.endswith("/w_hat") for k in r0)

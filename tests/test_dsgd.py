@@ -1,4 +1,5 @@
 """DSGD against slow float64 transcriptions of ALGORITHMS §3 (greedy layer scores, secant L, group prox)."""
+
 from __future__ import annotations
 
 import math
@@ -39,12 +40,12 @@ class RefDSGD:
     def dual_sq(self, g):
         if self.norm == "spectral" and g.dim() >= 2:
             return float(torch.linalg.svdvals(g.reshape(g.shape[0], -1)).sum()) ** 2
-        return float((g ** 2).sum())
+        return float((g**2).sum())
 
     def primal_sq(self, w):
         if self.norm == "spectral" and w.dim() >= 2:
             return float(torch.linalg.svdvals(w.reshape(w.shape[0], -1)).max()) ** 2
-        return float((w ** 2).sum())
+        return float((w**2).sum())
 
     def dual_map(self, g):
         if self.norm == "spectral" and g.dim() >= 2:
@@ -70,8 +71,9 @@ class RefDSGD:
             s[i] = (lr / self.lr0) / self.L[i]
             for k in self.layers[i]:
                 z[k] = self.W[k] - s[i] * self.dual_map(grads[k])
-        tau = torch.tensor([self.lam * wg * s.get(li, 0.0) for (_, wg), li in zip(self.spec, self.layer_of_group)],
-                           dtype=DT)
+        tau = torch.tensor(
+            [self.lam * wg * s.get(li, 0.0) for (_, wg), li in zip(self.spec, self.layer_of_group)], dtype=DT
+        )
         new = soft_threshold(z, self.spec, tau)
         self.fresh = [i in picked for i in range(len(self.layers))]
         for i in picked:
@@ -89,8 +91,7 @@ def _drive(steps=20, lr=0.05, lam=0.0, k=1, norm="euclidean", adapt=True, lrs=No
     groups = tiny_groups(model)
     opt = DSGD(params, lr=lr, lam=lam, k=k, norm=norm, adapt_L=adapt, groups=groups, L_bounds=bounds)
     assert opt.layers == TINY_LAYERS
-    ref = RefDSGD(params, TINY_LAYERS, groups_spec(groups, params), lr, lam, k, norm=norm, adapt=adapt,
-                  bounds=bounds)
+    ref = RefDSGD(params, TINY_LAYERS, groups_spec(groups, params), lr, lam, k, norm=norm, adapt=adapt, bounds=bounds)
     lrs = lrs or [lr] * steps
     for t in range(steps):
         opt.param_groups[0]["lr"] = lrs[t]
@@ -174,8 +175,12 @@ def test_digits_resnet_layers():
     m = spec.build()
     groups = find_groups(m, spec.example_input(2))
     layers, names = model_layers(m, groups)
-    assert names == ["stem.0+stem.1+layers.0.conv2+layers.0.bn2+layers.1.conv2+layers.1.bn2",
-                     "layers.0.conv1+layers.0.bn1", "layers.1.conv1+layers.1.bn1", "fc"]
+    assert names == [
+        "stem.0+stem.1+layers.0.conv2+layers.0.bn2+layers.1.conv2+layers.1.bn2",
+        "layers.0.conv1+layers.0.bn1",
+        "layers.1.conv1+layers.1.bn1",
+        "fc",
+    ]
     opt = make_optimizer("dsgd", m.parameters(), groups=groups, lr=1e-2, lam=1e-3, k=2)
     assert len(opt.layers) == 5  # fc.weight and fc.bias are in no group: one layer each by default
 

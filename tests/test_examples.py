@@ -1,5 +1,6 @@
 """Every example runs, in its quick form, as a user would start it, and prints figures that hold: counts
 worked out by hand from the models' definitions, accuracies above chance, exact extraction and export."""
+
 import json
 import re
 import subprocess
@@ -15,8 +16,9 @@ ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
 
 
 def run(tmp_path, *args, timeout=600):
-    res = subprocess.run([sys.executable, *map(str, args)], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                         timeout=timeout)
+    res = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res.stdout
 
@@ -50,14 +52,24 @@ def test_custom_model(tmp_path):
     # the removed groups explain the parameters left, in torch and in the ONNX file (BatchNorm folded)
     onnx_before, onnx_after = grab(r"params ([\d,]+) → ([\d,]+) \(", out)
     assert onnx_before == smallnet_params(24, 48, 64, bn=False)
-    widths = [(24 - da, 48 - db, 64 - (n_zero - da - db)) for da in range(25) for db in range(49)
-              if 0 <= n_zero - da - db <= 64]
-    assert any((smallnet_params(*w), smallnet_params(*w, bn=False)) == (after, onnx_after) for w in widths), \
-        (n_zero, after, onnx_after)
+    widths = [
+        (24 - da, 48 - db, 64 - (n_zero - da - db))
+        for da in range(25)
+        for db in range(49)
+        if 0 <= n_zero - da - db <= 64
+    ]
+    assert any((smallnet_params(*w), smallnet_params(*w, bn=False)) == (after, onnx_after) for w in widths), (
+        n_zero,
+        after,
+        onnx_after,
+    )
     # extraction, saving and ONNX are exact: the same accuracy at every stage
     assert grab(r"compressed accuracy (\d\.\d+) \(reloaded", out) == [tuned_acc]
-    onnx_dense, onnx_small, ort_diff = grab(r"ONNX accuracy dense (\d\.\d+), compressed (\d\.\d+); "
-                                            r"max \|ORT − torch\| ([\d.e+-]+)", out)
+    onnx_dense, onnx_small, ort_diff = grab(
+        r"ONNX accuracy dense (\d\.\d+), compressed (\d\.\d+); "
+        r"max \|ORT − torch\| ([\d.e+-]+)",
+        out,
+    )
     assert (onnx_dense, onnx_small) == (dense_acc, tuned_acc) and ort_diff <= 1e-4
     assert len(re.findall(r"^\s+ORT\s+1\s+(1|32)\s+\d+\.\d+\s+\d+\.\d+", out, re.M)) == 2  # batch 1 and 32
 
@@ -66,8 +78,9 @@ def bert_mini_counts(heads, hidden, pooler, t=16, dim=256, depth=4, vocab=30522,
     """compress/models/bert.py counted by hand: (params, FLOPs at sequence length t) with `heads` heads of 64
     and `hidden` MLP neurons per block and `pooler` pooler outputs."""
     inner = 64 * heads
-    block_params = 3 * (dim * inner + inner) + inner * dim + dim + 2 * 2 * dim \
-        + dim * hidden + hidden + hidden * dim + dim
+    block_params = (
+        3 * (dim * inner + inner) + inner * dim + dim + 2 * 2 * dim + dim * hidden + hidden + hidden * dim + dim
+    )
     params = (vocab + max_len + 2) * dim + 2 * dim + depth * block_params + dim * pooler + pooler + 2 * pooler + 2
     block_flops = 2 * t * (4 * dim * inner) + 2 * 2 * t * t * inner + 2 * t * 2 * dim * hidden
     return params, depth * block_flops + 2 * dim * pooler + 2 * pooler * 2
@@ -94,8 +107,11 @@ def test_bench_optimizers_small(tmp_path):
     assert mparams == 0.04  # digits-resnet: 37,802
     rows = {}
     for line in out.splitlines():
-        m = re.match(r"(adamw foreach|adamw fused|ramda exact|ramda pg|proxadam|proxsgd|rmda)\s+([\d.]+)\s+([\d.]+)"
-                     r"\s+\S+\s+(\S+)\s+[\d.]+$", line)
+        m = re.match(
+            r"(adamw foreach|adamw fused|ramda exact|ramda pg|proxadam|proxsgd|rmda)\s+([\d.]+)\s+([\d.]+)"
+            r"\s+\S+\s+(\S+)\s+[\d.]+$",
+            line,
+        )
         if m:
             rows[m[1]] = (float(m[2]), float(m[3]), None if m[4] == "-" else float(m[4]))
     assert list(rows) == ["adamw foreach", "adamw fused", "ramda exact", "ramda pg", "proxadam", "proxsgd", "rmda"]
@@ -142,7 +158,8 @@ def test_bench_latency(tmp_path):
         assert all(e["max_abs_diff"] <= 1e-4 for e in r["export"].values()), m
         assert r["flop_ratio"] == r["flops"]["dense"] / r["flops"]["compressed"] > 1
         assert sorted((x["threads"], x["batch"]) for x in r["results"]) == sorted(
-            {(t, b) for t in (1, cores) for b in (1, 8)})
+            {(t, b) for t in (1, cores) for b in (1, 8)}
+        )
         assert all(x["dense"]["n"] == x["compressed"]["n"] == 5 for x in r["results"])  # --quick
     summary = json.loads((tmp_path / "runs/bench_latency/summary.json").read_text())
     assert len(summary) == sum(len(r["results"]) for r in res.values())
@@ -155,9 +172,25 @@ def test_bench_latency(tmp_path):
 def test_budget_table(tmp_path):
     """One FLOP-target row: the widths it reports explain its FLOP and parameter fractions (digits-resnet counted
     by hand), the target holds, the removals add up, alignment to 16 shows in the widths, export is exact."""
-    run(tmp_path, ROOT / "examples/budget_table.py", "--epochs", "4", "--dense-epochs", "3", "--milestones", "3",
-        "--targets", "0.5", "--group-weights", "sqrt", "--skip-latency", "--aligns", "16",  # 16 unmeasured: deterministic
-        "--out", tmp_path / "b")
+    run(
+        tmp_path,
+        ROOT / "examples/budget_table.py",
+        "--epochs",
+        "4",
+        "--dense-epochs",
+        "3",
+        "--milestones",
+        "3",
+        "--targets",
+        "0.5",
+        "--group-weights",
+        "sqrt",
+        "--skip-latency",
+        "--aligns",
+        "16",  # 16 unmeasured: deterministic
+        "--out",
+        tmp_path / "b",
+    )
     (row,) = json.loads((tmp_path / "b" / "budget_table.json").read_text())
     assert row["model"] == "digits-resnet" and row["groups_total"] == 96 and row["met"] is True
     w = row["widths"]

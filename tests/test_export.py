@@ -1,5 +1,6 @@
 """ONNX export: ORT agrees with torch, dynamic axes really are dynamic, accuracy figures are
 right, and a failed export leaves nothing behind (nor touches an existing file)."""
+
 from __future__ import annotations
 
 import os
@@ -62,7 +63,7 @@ def _text(b, t, seed):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 50, (b, t), generator=g)
     mask = torch.ones(b, t, dtype=torch.long)
-    mask[:, t // 2 + 1:] = torch.randint(0, 2, (b, t - t // 2 - 1), generator=g)
+    mask[:, t // 2 + 1 :] = torch.randint(0, 2, (b, t - t // 2 - 1), generator=g)
     return ids, mask
 
 
@@ -73,8 +74,7 @@ def digits():
     model = spec.build().eval()
     # a few Adam steps, so accuracy is neither chance nor perfect and BN statistics are real
     train, _ = spec.data()
-    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     threads = torch.get_num_threads()
@@ -113,7 +113,7 @@ def test_digits_resnet_dynamic_batch_and_accuracy(digits, tmp_path):
     xs, ys = test.tensors
     with torch.no_grad():
         torch_acc = int((model(xs).argmax(1) == ys).sum()) / len(ys)
-    onnx_pred = [int(sess.run(None, {name: xs[i:i + 1].numpy()})[0].argmax()) for i in range(len(ys))]
+    onnx_pred = [int(sess.run(None, {name: xs[i : i + 1].numpy()})[0].argmax()) for i in range(len(ys))]
     onnx_acc = float(np.mean(np.array(onnx_pred) == ys.numpy()))
     assert rep["eval_samples"] == len(ys)
     assert rep["torch_accuracy"] == pytest.approx(torch_acc, abs=1e-12)
@@ -125,7 +125,7 @@ def test_eval_data_as_batches_matches_dataset(digits, tmp_path):
     spec, model = digits
     _, test = spec.data()
     xs, ys = test.tensors
-    batches = [(xs[i:i + 50], ys[i:i + 50]) for i in range(0, 200, 50)]
+    batches = [(xs[i : i + 50], ys[i : i + 50]) for i in range(0, 200, 50)]
     rep = export_onnx(model, xs[:1], tmp_path / "m.onnx", eval_data=batches)
     with torch.no_grad():
         acc = int((model(xs[:200]).argmax(1) == ys[:200]).sum()) / 200

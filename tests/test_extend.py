@@ -1,4 +1,5 @@
 """`resume` with more `epochs` makes an interrupted or finished run longer (issue 19, item 8)."""
+
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from compress.errors import UserError
 from compress.request import FinetuneOptions, finetune_from
 from tests.test_cli import assert_one_line_error, cli
 
-SMALL = '''
+SMALL = """
 import torch
 from compress.models.digits import DigitsResNet, digits_datasets
 
@@ -20,15 +21,22 @@ def data():
     tr, te = digits_datasets()
     ds = torch.utils.data.TensorDataset
     return ds(*(t[:128] for t in tr.tensors)), ds(*(t[:64] for t in te.tensors))
-'''
+"""
 
 
 @pytest.fixture
 def small(tmp_path):
     f = tmp_path / "small.py"
     f.write_text(SMALL)
-    return {"model": f"{f}:make", "data": f"{f}:data", "input_shape": "1,1,8,8", "lam": 1e-2, "threads": 1,
-            "batch_size": 32, "init": "random"}
+    return {
+        "model": f"{f}:make",
+        "data": f"{f}:data",
+        "input_shape": "1,1,8,8",
+        "lam": 1e-2,
+        "threads": 1,
+        "batch_size": 32,
+        "init": "random",
+    }
 
 
 def metrics(run):
@@ -56,12 +64,24 @@ def test_extending_a_finished_run_equals_the_longer_run(tmp_path, small):
 
 def test_cosine_schedule_is_stretched(tmp_path, small):
     out = tmp_path / "cos"
-    finetune_from(FinetuneOptions(out=out, epochs=2, schedule="cosine", optimizer="adamw", lam=0.0,
-                                  **{k: v for k, v in small.items() if k != "lam"}), progress=False)
+    finetune_from(
+        FinetuneOptions(
+            out=out,
+            epochs=2,
+            schedule="cosine",
+            optimizer="adamw",
+            lam=0.0,
+            **{k: v for k, v in small.items() if k != "lam"},
+        ),
+        progress=False,
+    )
     lr = json.loads((out / "config.json").read_text())["train"]["lr"]
     finetune_from(FinetuneOptions(epochs=4), resume=out, progress=False)
     got = [m["lr"] for m in metrics(out)]
-    assert got[:2] == [lr, pytest.approx(lr * 0.5)] and got[2:] == [pytest.approx(lr * 0.5), pytest.approx(lr * 0.5 * (1 - 0.5 ** 0.5))]
+    assert got[:2] == [lr, pytest.approx(lr * 0.5)] and got[2:] == [
+        pytest.approx(lr * 0.5),
+        pytest.approx(lr * 0.5 * (1 - 0.5**0.5)),
+    ]
 
 
 def test_extension_from_the_command_line_and_not_for_budget_runs(tmp_path, small):

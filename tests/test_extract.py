@@ -1,4 +1,5 @@
 """Extraction: exact outputs, parameter counts predicted by hand, all-zero layers, failures named."""
+
 import random
 
 import pytest
@@ -91,7 +92,9 @@ def test_a_group_that_is_not_zero_invariant_is_named():
     model, x = _digits()
     find_groups(model, x)
     # a bogus group: conv1 row 3 zeroed but BN β left alive -> channel 3 is relu(β) != 0
-    bogus = GroupList([Group(f"bogus:{c}", "channel", "layers.0.conv1", [Slice("layers.0.conv1.weight", 0, (c,))]) for c in (3, 4)])
+    bogus = GroupList(
+        [Group(f"bogus:{c}", "channel", "layers.0.conv1", [Slice("layers.0.conv1.weight", 0, (c,))]) for c in (3, 4)]
+    )
     bind_groups(bogus, model)
     _zero(bogus[0])
     with torch.no_grad():
@@ -110,8 +113,16 @@ def test_onnx_export_of_extracted_model_matches_onnxruntime(tmp_path):
         _zero(gl[i])
     small, _ = extract(model, gl, x)
     path = tmp_path / "m.onnx"
-    torch.onnx.export(small, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17)
+    torch.onnx.export(
+        small,
+        (x,),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "b"}, "y": {0: "b"}},
+        opset_version=17,
+    )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
@@ -186,9 +197,17 @@ def test_squeeze_excitation_gate_does_not_block_the_gated_channels():
     # sigmoid(0) = 0.5 != 0, but it only multiplies the zero channel: the expand row is a
     # dependent (deleted, not regularized)
     assert {(s.param, s.dim, s.indices) for s in g.slices} == {
-        ("conv.0.weight", 0, (2,)), ("conv.0.bias", 0, (2,)), ("conv.1.weight", 0, (2,)), ("conv.1.bias", 0, (2,))}
+        ("conv.0.weight", 0, (2,)),
+        ("conv.0.bias", 0, (2,)),
+        ("conv.1.weight", 0, (2,)),
+        ("conv.1.bias", 0, (2,)),
+    }
     assert {(s.param, s.dim, s.indices) for s in g.dependents} == {
-        ("reduce.weight", 1, (2,)), ("expand.weight", 0, (2,)), ("expand.bias", 0, (2,)), ("out.weight", 1, (2,))}
+        ("reduce.weight", 1, (2,)),
+        ("expand.weight", 0, (2,)),
+        ("expand.bias", 0, (2,)),
+        ("out.weight", 1, (2,)),
+    }
     for i in (1, 2, 5, 9):
         _zero(gl[i])
     small, rep = extract(m, gl, x)

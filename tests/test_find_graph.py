@@ -1,5 +1,6 @@
 """find_groups' dependency graph maps reshapes once (torch-pruning remapped them in every
 get_pruning_group): the groups are the same as with remapping, and the mapping runs once."""
+
 from unittest import mock
 
 import torch
@@ -15,7 +16,12 @@ class _Windows(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.c1, self.fc1, self.fc2, self.c2 = nn.Conv2d(3, 8, 1), nn.Linear(8, 16), nn.Linear(16, 8), nn.Conv2d(8, 4, 1)
+        self.c1, self.fc1, self.fc2, self.c2 = (
+            nn.Conv2d(3, 8, 1),
+            nn.Linear(8, 16),
+            nn.Linear(16, 8),
+            nn.Conv2d(8, 4, 1),
+        )
 
     def forward(self, x):
         h = torch.relu(self.c1(x))  # (B, 8, 4, 4)
@@ -41,8 +47,10 @@ def _find_counting_reshape_maps(m, x, frozen=True):
         return inner(graph, node)
 
     build = lambda *a, frozen=False, _f=frozen, **k: orig_build(*a, frozen=_f, **k)  # noqa: E731
-    with mock.patch.object(im, "update_reshape_index_mapping", counting), \
-            mock.patch("compress.structure.find.build_graph", build):
+    with (
+        mock.patch.object(im, "update_reshape_index_mapping", counting),
+        mock.patch("compress.structure.find.build_graph", build),
+    ):
         return find_groups(m, x, check=False), len(calls)
 
 

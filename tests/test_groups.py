@@ -1,4 +1,5 @@
 """Groups: membership against hand-written expectations, zero-invariance checked numerically."""
+
 import copy
 import json
 import math
@@ -57,18 +58,28 @@ def test_digits_groups_match_hand_written_expectation(digits):
     for c in (0, 17, 31):
         g = gl[c]
         assert {(s.param, s.dim, s.indices) for s in g.slices} == {
-            ("stem.0.weight", 0, (c,)), ("stem.1.weight", 0, (c,)), ("stem.1.bias", 0, (c,)),
-            ("layers.0.conv2.weight", 0, (c,)), ("layers.0.bn2.weight", 0, (c,)), ("layers.0.bn2.bias", 0, (c,)),
-            ("layers.1.conv2.weight", 0, (c,)), ("layers.1.bn2.weight", 0, (c,)), ("layers.1.bn2.bias", 0, (c,)),
+            ("stem.0.weight", 0, (c,)),
+            ("stem.1.weight", 0, (c,)),
+            ("stem.1.bias", 0, (c,)),
+            ("layers.0.conv2.weight", 0, (c,)),
+            ("layers.0.bn2.weight", 0, (c,)),
+            ("layers.0.bn2.bias", 0, (c,)),
+            ("layers.1.conv2.weight", 0, (c,)),
+            ("layers.1.bn2.weight", 0, (c,)),
+            ("layers.1.bn2.bias", 0, (c,)),
         }
         assert {(s.param, s.dim, s.indices) for s in g.dependents} == {
-            ("layers.0.conv1.weight", 1, (c,)), ("layers.1.conv1.weight", 1, (c,)), ("fc.weight", 1, (c,)),
+            ("layers.0.conv1.weight", 1, (c,)),
+            ("layers.1.conv1.weight", 1, (c,)),
+            ("fc.weight", 1, (c,)),
         }
         assert g.weight == pytest.approx(math.sqrt(9 + 2 + 2 * (32 * 9 + 2)))
         for b in (0, 1):
             g = gl[32 * (b + 1) + c]
             assert {(s.param, s.dim, s.indices) for s in g.slices} == {
-                (f"layers.{b}.conv1.weight", 0, (c,)), (f"layers.{b}.bn1.weight", 0, (c,)), (f"layers.{b}.bn1.bias", 0, (c,)),
+                (f"layers.{b}.conv1.weight", 0, (c,)),
+                (f"layers.{b}.bn1.weight", 0, (c,)),
+                (f"layers.{b}.bn1.bias", 0, (c,)),
             }
             assert [(s.param, s.dim, s.indices) for s in g.dependents] == [(f"layers.{b}.conv2.weight", 1, (c,))]
             assert g.weight == pytest.approx(math.sqrt(32 * 9 + 2))
@@ -77,7 +88,10 @@ def test_digits_groups_match_hand_written_expectation(digits):
 
 def _consumer_inputs(model, x, names):
     seen = {}
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, i[0].detach())) for n in names]
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, i[0].detach()))
+        for n in names
+    ]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -112,15 +126,28 @@ def test_sparsity_and_zero_groups_against_brute_force(digits):
         model.layers[0].bn1.bias[10] = 0.0
         model.layers[0].conv1.weight[10].zero_()
         model.layers[0].bn1.weight[10] = 1e-30
-    zs = [i for i, g in enumerate(gl) if all(bool(torch.all(t.index_select(s.dim, torch.tensor(s.indices)) == 0)) for s, t in zip(g.slices, g.tensors))]
+    zs = [
+        i
+        for i, g in enumerate(gl)
+        if all(
+            bool(torch.all(t.index_select(s.dim, torch.tensor(s.indices)) == 0)) for s, t in zip(g.slices, g.tensors)
+        )
+    ]
     assert zero_groups(gl) == zs == [0, 3, 40, 95]
-    sizes = [sum(t.index_select(s.dim, torch.tensor(s.indices)).numel() for s, t in zip(g.slices, g.tensors)) for g in gl]
+    sizes = [
+        sum(t.index_select(s.dim, torch.tensor(s.indices)).numel() for s, t in zip(g.slices, g.tensors)) for g in gl
+    ]
     frac, weighted = group_sparsity(gl)
     assert frac == pytest.approx(4 / 96)
     assert weighted == pytest.approx(sum(sizes[i] for i in zs) / sum(sizes))
     norms = group_norms(gl)
     for i in (1, 42):
-        direct = math.sqrt(sum(float(t.detach().index_select(s.dim, torch.tensor(s.indices)).double().pow(2).sum()) for s, t in zip(gl[i].slices, gl[i].tensors)))
+        direct = math.sqrt(
+            sum(
+                float(t.detach().index_select(s.dim, torch.tensor(s.indices)).double().pow(2).sum())
+                for s, t in zip(gl[i].slices, gl[i].tensors)
+            )
+        )
         assert float(norms[i]) == pytest.approx(direct, rel=1e-12)
 
 
@@ -150,7 +177,9 @@ def test_save_load_round_trip_and_mismatch_errors(digits, tmp_path):
 
 
 def test_group_json_is_backward_compatible():
-    g = Group.from_json({"name": "a:0", "kind": "channel", "layer": "a", "weight": 2.0, "slices": [["a.weight", 0, [0]]]})
+    g = Group.from_json(
+        {"name": "a:0", "kind": "channel", "layer": "a", "weight": 2.0, "slices": [["a.weight", 0, [0]]]}
+    )
     assert g.dependents == [] and g.slices == [Slice("a.weight", 0, (0,))]
     with pytest.raises(ValueError, match="not bound"):
         _ = g.size
@@ -187,7 +216,7 @@ def test_activation_and_norm_rules(act, norm, ok, reason):
     gl = find_groups(m, torch.rand(2, 3, 6, 6))
     assert (len(gl) == 8) == ok
     if not ok:
-        (layer, why), = [(lay, r) for lay, r in gl.not_prunable if lay == "c1"]
+        ((layer, why),) = [(lay, r) for lay, r in gl.not_prunable if lay == "c1"]
         assert reason in why
 
 
@@ -248,8 +277,15 @@ def test_layer_that_produces_and_consumes_one_group_keeps_its_input_columns_as_d
     from compress.models.mobilenetv2 import InvertedResidual, _cbr
 
     torch.manual_seed(0)
-    model = nn.Sequential(_cbr(3, 16, 3, 2), InvertedResidual(16, 16, 1, 1), InvertedResidual(16, 24, 2, 4),
-                          _cbr(24, 32, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    model = nn.Sequential(
+        _cbr(3, 16, 3, 2),
+        InvertedResidual(16, 16, 1, 1),
+        InvertedResidual(16, 24, 2, 4),
+        _cbr(24, 32, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
     _randomize_bn(model)
     model.eval()
     x = torch.rand(1, 3, 32, 32)
@@ -258,12 +294,19 @@ def test_layer_that_produces_and_consumes_one_group_keeps_its_input_columns_as_d
     assert len(stem) == 16
     for c, g in enumerate(stem):
         assert {(s.param, s.dim, s.indices) for s in g.slices} == {
-            ("0.0.weight", 0, (c,)), ("0.1.weight", 0, (c,)), ("0.1.bias", 0, (c,)),
-            ("1.conv.0.0.weight", 0, (c,)), ("1.conv.0.1.weight", 0, (c,)), ("1.conv.0.1.bias", 0, (c,)),
-            ("1.conv.1.weight", 0, (c,)), ("1.conv.2.weight", 0, (c,)), ("1.conv.2.bias", 0, (c,)),
+            ("0.0.weight", 0, (c,)),
+            ("0.1.weight", 0, (c,)),
+            ("0.1.bias", 0, (c,)),
+            ("1.conv.0.0.weight", 0, (c,)),
+            ("1.conv.0.1.weight", 0, (c,)),
+            ("1.conv.0.1.bias", 0, (c,)),
+            ("1.conv.1.weight", 0, (c,)),
+            ("1.conv.2.weight", 0, (c,)),
+            ("1.conv.2.bias", 0, (c,)),
         }
         assert {(s.param, s.dim, s.indices) for s in g.dependents} == {
-            ("1.conv.1.weight", 1, (c,)), ("2.conv.0.0.weight", 1, (c,)),
+            ("1.conv.1.weight", 1, (c,)),
+            ("2.conv.0.0.weight", 1, (c,)),
         }
     g = torch.Generator().manual_seed(0)
     half = torch.randperm(len(gl), generator=g)[: len(gl) // 2].tolist()

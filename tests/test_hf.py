@@ -1,5 +1,6 @@
 """`--model hf:PATH` on tiny BERT folders built here (no download): inspect, a one-epoch text
 run, export, ONNX Runtime vs torch, load-back; and the real all-MiniLM-L6-v2 when installed."""
+
 import json
 import subprocess
 import sys
@@ -16,9 +17,20 @@ from hf_tiny import sentences, tiny_folder  # noqa: E402 - after the importorski
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], check=False, capture_output=True, text=True,
-                          cwd=cwd or ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200",
-                                                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "compress", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env={
+            "PYTHONPATH": str(ROOT),
+            "PATH": "/usr/bin:/bin",
+            "COLUMNS": "200",
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +43,24 @@ def text_run(tiny, tmp_path_factory):
     """One epoch of distillation with a λ large enough to zero heads and neurons, then export."""
     d = tmp_path_factory.mktemp("run")
     (d / "sentences.txt").write_text("\n".join(sentences(60)) + "\n")
-    res = cli("finetune", "--model", f"hf:{tiny}", "--data", d / "sentences.txt", "--out", d / "run", "--epochs", 1,
-              "--lam", 2e-2, "--batch-size", 16, "--threads", 1, "-q")
+    res = cli(
+        "finetune",
+        "--model",
+        f"hf:{tiny}",
+        "--data",
+        d / "sentences.txt",
+        "--out",
+        d / "run",
+        "--epochs",
+        1,
+        "--lam",
+        2e-2,
+        "--batch-size",
+        16,
+        "--threads",
+        1,
+        "-q",
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     res = cli("export", d / "run", "--align", 1)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -50,8 +78,9 @@ def test_pooling_from_sentence_transformers_config(tmp_path):
     from compress.models.hf import read_pooling
 
     assert read_pooling(tmp_path) == {"pooling": "mean", "normalize": True}  # no config: mean + normalise
-    (tmp_path / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.Pooling",
-                                                        "path": "1_Pooling"}]))
+    (tmp_path / "modules.json").write_text(
+        json.dumps([{"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}])
+    )
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
     assert read_pooling(tmp_path) == {"pooling": "cls", "normalize": False}
@@ -65,7 +94,7 @@ def test_wrapper_is_the_sentence_transformers_embedding(tiny):
     ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0], [2, 8, 3, 0, 0, 0, 0]])
     mask = (ids != 0).long()
     h = m.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    ref = torch.stack([h[i, :int(mask[i].sum())].mean(0) for i in range(2)])
+    ref = torch.stack([h[i, : int(mask[i].sum())].mean(0) for i in range(2)])
     ref = ref / ref.norm(dim=-1, keepdim=True)
     assert torch.allclose(m(ids, mask), ref, atol=1e-6)
 

@@ -1,4 +1,5 @@
 """Built-in models: group counts by hand, 50% random removal exact, counts predicted, ONNX agrees."""
+
 import random
 
 import pytest
@@ -244,8 +245,16 @@ def test_bert_attention_mask_still_works_after_head_removal():
 def _onnx_check(model, small, x, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "m.onnx"
-    torch.onnx.export(small, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
-                      output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    torch.onnx.export(
+        small,
+        (x,),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "b"}, "y": {0: "b"}},
+    )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
     with torch.no_grad():
@@ -272,16 +281,30 @@ def _hf():
 
 def _hf_bert():
     tf = _hf()
-    cfg = tf.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=96, max_position_embeddings=64, num_labels=3)
+    cfg = tf.BertConfig(
+        vocab_size=500,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     return tf.BertForSequenceClassification(cfg).eval()
 
 
 def _hf_vit():
     tf = _hf()
-    cfg = tf.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=96, num_labels=5)
+    cfg = tf.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        num_labels=5,
+    )
     torch.manual_seed(0)
     return tf.ViTForImageClassification(cfg).eval()
 

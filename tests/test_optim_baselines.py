@@ -1,4 +1,5 @@
 """RMDA, ProxSGD, ProxAdam against direct float64 transcriptions; make_optimizer."""
+
 from __future__ import annotations
 
 import io
@@ -50,31 +51,47 @@ def _drive(make_opt, make_ref, restart=False, steps=20, lrs=None, atol=1e-8):
 
 
 def test_rmda_matches_transcription():
-    _drive(lambda ps, gs: RMDA(ps, lr=0.05, lam=0.2, momentum=0.3, groups=gs),
-           lambda ps, spec: RefRMDA(ps, lam=0.2, c=0.3, spec=spec), restart=True,
-           lrs=[0.05] * 10 + [0.02] * 10)
+    _drive(
+        lambda ps, gs: RMDA(ps, lr=0.05, lam=0.2, momentum=0.3, groups=gs),
+        lambda ps, spec: RefRMDA(ps, lam=0.2, c=0.3, spec=spec),
+        restart=True,
+        lrs=[0.05] * 10 + [0.02] * 10,
+    )
 
 
 def test_proxsgd_matches_transcription():
-    _drive(lambda ps, gs: ProxSGD(ps, lr=0.1, lam=0.1, momentum=0.9, groups=gs),
-           lambda ps, spec: RefProxSGD(ps, lam=0.1, mu=0.9, spec=spec), restart=True,
-           lrs=[0.1] * 10 + [0.03] * 10)
+    _drive(
+        lambda ps, gs: ProxSGD(ps, lr=0.1, lam=0.1, momentum=0.9, groups=gs),
+        lambda ps, spec: RefProxSGD(ps, lam=0.1, mu=0.9, spec=spec),
+        restart=True,
+        lrs=[0.1] * 10 + [0.03] * 10,
+    )
 
 
 def test_proxadam_matches_transcription():
-    _drive(lambda ps, gs: ProxAdam(ps, lr=0.02, lam=0.01, betas=(0.9, 0.99), eps=1e-8, groups=gs),
-           lambda ps, spec: RefProxAdam(ps, lam=0.01, betas=(0.9, 0.99), eps=1e-8, spec=spec), restart=True,
-           lrs=[0.02] * 10 + [0.005] * 10)
+    _drive(
+        lambda ps, gs: ProxAdam(ps, lr=0.02, lam=0.01, betas=(0.9, 0.99), eps=1e-8, groups=gs),
+        lambda ps, spec: RefProxAdam(ps, lam=0.01, betas=(0.9, 0.99), eps=1e-8, spec=spec),
+        restart=True,
+        lrs=[0.02] * 10 + [0.005] * 10,
+    )
 
 
-@pytest.mark.parametrize("ours,theirs", [
-    # ProxAdam with λ = 0 is Adam
-    (lambda ps: ProxAdam(ps, lr=0.01, lam=0.0, betas=(0.8, 0.95)),
-     lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-8)),
-    # ProxSGD's momentum is SGD(momentum=μ, dampening=μ): at a fixed point m = g
-    (lambda ps: ProxSGD(ps, lr=0.05, lam=0.0, momentum=0.8),
-     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, dampening=0.8)),
-])
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        # ProxAdam with λ = 0 is Adam
+        (
+            lambda ps: ProxAdam(ps, lr=0.01, lam=0.0, betas=(0.8, 0.95)),
+            lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-8),
+        ),
+        # ProxSGD's momentum is SGD(momentum=μ, dampening=μ): at a fixed point m = g
+        (
+            lambda ps: ProxSGD(ps, lr=0.05, lam=0.0, momentum=0.8),
+            lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, dampening=0.8),
+        ),
+    ],
+)
 def test_lam_zero_is_the_torch_optimizer(ours, theirs):
     torch.manual_seed(0)
     a = torch.nn.Linear(5, 3).double()

@@ -1,4 +1,5 @@
 """The torch.compile'd kernels compute what the eager ones do (slow: compiling takes a while)."""
+
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.skipif(not compile_available(torch.device("cpu")), reas
 
 
 def test_bits_newton_cube_root_accuracy():
-    for dt, bound in ((torch.float32, 2.5 * 2.0 ** -23), (torch.float64, 1e-13)):
+    for dt, bound in ((torch.float32, 2.5 * 2.0**-23), (torch.float64, 1e-13)):
         lo, hi = (-37, 37) if dt == torch.float32 else (-300, 300)
         x = torch.logspace(lo, hi, 100001, dtype=torch.float64).to(dt)
         ref = x.double().pow(1.0 / 3.0)
@@ -27,8 +28,14 @@ def test_bits_newton_cube_root_accuracy():
 def _model():
     torch.manual_seed(0)
     # both convs are large enough (>= COMPILE_MIN_TENSOR) to run compiled; BN and the head run eagerly
-    return torch.nn.Sequential(torch.nn.Conv2d(8, 512, 3), torch.nn.BatchNorm2d(512), torch.nn.ReLU(),
-                               torch.nn.Conv2d(512, 16, 3), torch.nn.Flatten(), torch.nn.Linear(16 * 16, 10))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(8, 512, 3),
+        torch.nn.BatchNorm2d(512),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(512, 16, 3),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 16, 10),
+    )
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ support is certified by the optimality conditions with a margin. RAMDA, RMDA, Pr
 and ProxAdam, trained on the same full-batch objective with a step schedule (restarts at
 the decays for the dual-averaging methods), must reach exactly that support.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """RAMDA against a direct float64 transcription of ALGORITHMS §2, plus its contract."""
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,9 @@ def _run_against_reference(solver, groups_kind, steps=20, restart_at=10, lam=1e-
     groups = tiny_groups(model) if groups_kind == "custom" else None
     spec = groups_spec(groups, params) if groups is not None else rows_spec(params)
     ref = RefRAMDA(params, lam=lam, c=0.3, eps=1e-6, spec=spec)
-    opt = RAMDA(params, lr=0.05, lam=lam, momentum=0.3, eps=1e-6, groups=groups, solver=solver,
-                eps_restart_factor=0.1, **kw)
+    opt = RAMDA(
+        params, lr=0.05, lam=lam, momentum=0.3, eps=1e-6, groups=groups, solver=solver, eps_restart_factor=0.1, **kw
+    )
     lrs = lrs or [0.05] * steps
     zeros_seen = 0
     for t in range(steps):
@@ -98,7 +100,7 @@ def test_cube_root_state_error_bound_float32():
     opt = RAMDA([p], lr=1e-3, lam=0.0)
     U = torch.zeros(n, dtype=DT)
     delta = torch.zeros(n, dtype=DT)
-    u = 2.0 ** -24
+    u = 2.0**-24
     worst = 0.0
     for t in range(300):
         # heavy-tailed gradients with occasional spikes: the hard case for incremental updates
@@ -199,7 +201,9 @@ def test_lam_and_lr_are_read_from_param_groups_and_momentum_ramp():
 
 def test_float32_and_no_grad_params():
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(16, 2)
+    )
     opt = RAMDA(m.parameters(), lr=0.01, lam=1e-3)
     x = torch.randn(4, 2, 4, 4)
     for _ in range(3):
@@ -231,7 +235,12 @@ def test_channels_last_parameter():
 
 def test_bad_arguments():
     p = torch.nn.Parameter(torch.randn(3, 3))
-    for kw in (dict(lr=-1), dict(lr=0.1, lam=-1), dict(lr=0.1, momentum=0), dict(lr=0.1, eps=0),
-               dict(lr=0.1, solver="lbfgs")):
+    for kw in (
+        dict(lr=-1),
+        dict(lr=0.1, lam=-1),
+        dict(lr=0.1, momentum=0),
+        dict(lr=0.1, eps=0),
+        dict(lr=0.1, solver="lbfgs"),
+    ):
         with pytest.raises(ValueError):
             RAMDA([p], **kw)

@@ -4,6 +4,7 @@ compare against), a tiny model to drive them, and checks of the references thems
 Nothing here imports compress.optim: the prox is solved group by group by bisection on
 φ(r) = 1, the updates are written as in the spec.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,6 +18,7 @@ DT = torch.float64
 
 
 # --------------------------------------------------------------------------- group specs
+
 
 def rows_spec(params):
     """Default grouping: each row of a >= 2-D parameter, weight sqrt(row size)."""
@@ -84,6 +86,7 @@ def taus(spec, factor):
 
 # --------------------------------------------------------------------------- references
 
+
 class RefRAMDA:
     def __init__(self, params, lam, c, eps, spec):
         self.W = [p.detach().clone() for p in params]
@@ -143,7 +146,11 @@ class RefProxSGD:
         """ProxSGD has no stages: a learning-rate decay changes nothing else."""
 
     def step(self, grads, lr):
-        self.m = [g.clone() for g in grads] if self.m is None else [self.mu * m + (1 - self.mu) * g for m, g in zip(self.m, grads)]
+        self.m = (
+            [g.clone() for g in grads]
+            if self.m is None
+            else [self.mu * m + (1 - self.mu) * g for m, g in zip(self.m, grads)]
+        )
         z = [W - lr * m for W, m in zip(self.W, self.m)]
         self.W = soft_threshold(z, self.spec, taus(self.spec, lr * self.lam))
         self.W_hat = self.W
@@ -164,8 +171,8 @@ class RefProxAdam:
         self.t += 1
         self.m = [self.b1 * m + (1 - self.b1) * g for m, g in zip(self.m, grads)]
         self.v = [self.b2 * v + (1 - self.b2) * g * g for v, g in zip(self.v, grads)]
-        mh = [m / (1 - self.b1 ** self.t) for m in self.m]
-        D = [(v / (1 - self.b2 ** self.t)).sqrt() + self.eps for v in self.v]
+        mh = [m / (1 - self.b1**self.t) for m in self.m]
+        D = [(v / (1 - self.b2**self.t)).sqrt() + self.eps for v in self.v]
         z = [W - lr * m / Dk for W, m, Dk in zip(self.W, mh, D)]
         d = [Dk / lr for Dk in D]  # the metric of the Adam step
         self.W = ref_prox(z, d, self.spec, taus(self.spec, self.lam))
@@ -173,6 +180,7 @@ class RefProxAdam:
 
 
 # --------------------------------------------------------------------------- a small model
+
 
 class TinyNet(nn.Module):
     """conv+BN+ReLU, conv(+bias)+ReLU, linear: row groups, cross-parameter groups, column groups."""
@@ -228,6 +236,7 @@ def grads_at(model, W, x, y):
 
 
 # --------------------------------------------------------------------------- the references themselves
+
 
 def test_ref_prox_equal_d_is_soft_threshold():
     torch.manual_seed(1)

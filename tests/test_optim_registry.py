@@ -1,5 +1,6 @@
 """The optimizer table, the interface the loop and the budget controller use, and the critical λ
 against a brute-force bisection on λ (one more step, zero gradient)."""
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,11 @@ VARIANTS = [("ramda", {}), ("rmda", {}), ("ramda", {"reg_space": "preconditioned
 def _trained(name: str, kw: dict, steps: int = 4, seed: int = 0):
     """Float64 params (two matrices, rows are the groups, one bias), an optimizer after `steps` random-gradient steps."""
     g = torch.Generator().manual_seed(seed)
-    data = [torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64),
-            torch.randn(4, generator=g, dtype=torch.float64)]
+    data = [
+        torch.randn(6, 5, generator=g, dtype=torch.float64),
+        torch.randn(4, 3, generator=g, dtype=torch.float64),
+        torch.randn(4, generator=g, dtype=torch.float64),
+    ]
     ps = [nn.Parameter(d.clone()) for d in data]
     opt = build_optimizer(name, ps, lr=0.05, lam=1e-3, **kw)
     for _ in range(steps):
@@ -92,8 +96,11 @@ def test_every_entry_builds_and_answers_the_interface():
         assert isinstance(opt, s.cls) and isinstance(opt, StructuredOptimizer), name
         assert s.structured == (name != "adamw") and s.momentum_schedule == (name in ("ramda", "rmda"))
         assert s.dual_averaging == (name in ("ramda", "rmda"))
-        assert (s.structured, s.momentum_schedule, s.dual_averaging) == \
-            (s.cls.structured, s.cls.momentum_schedule, issubclass(s.cls, optim.DualAveraging)), name  # table = class
+        assert (s.structured, s.momentum_schedule, s.dual_averaging) == (
+            s.cls.structured,
+            s.cls.momentum_schedule,
+            issubclass(s.cls, optim.DualAveraging),
+        ), name  # table = class
         assert DEFAULT_LR[name] == s.default_lr and s.default_lam == (0.0 if name == "adamw" else 1.5e-2)
         assert name in help_text()
     assert spec("DASGO").cls is optim.DASGO
@@ -103,11 +110,13 @@ def test_every_entry_builds_and_answers_the_interface():
 
 def test_validate_config_reads_the_table():
     validate_config(TrainConfig(optimizer="proxadam", reg_space="preconditioned").resolved())
-    for cfg, msg in [(TrainConfig(optimizer="sgdx"), "unknown optimizer"),
-                     (TrainConfig(optimizer="rmda", momentum=0.0), "momentum"),
-                     (TrainConfig(optimizer="adamw", lam=0.1), "dense"),
-                     (TrainConfig(optimizer="rmda", reg_space="preconditioned"), "ramda and proxadam"),
-                     (TrainConfig(optimizer="ramda", reg_space="z"), "param or preconditioned")]:
+    for cfg, msg in [
+        (TrainConfig(optimizer="sgdx"), "unknown optimizer"),
+        (TrainConfig(optimizer="rmda", momentum=0.0), "momentum"),
+        (TrainConfig(optimizer="adamw", lam=0.1), "dense"),
+        (TrainConfig(optimizer="rmda", reg_space="preconditioned"), "ramda and proxadam"),
+        (TrainConfig(optimizer="ramda", reg_space="z"), "param or preconditioned"),
+    ]:
         with pytest.raises(UserError, match=msg):
             validate_config(cfg)
     validate_config(TrainConfig(optimizer="proxsgd", momentum=0.0))  # its momentum is another quantity

@@ -1,6 +1,7 @@
 """The wheel a user installs: one top-level package (`compress`, the cli/ folder inside it as compress.cli),
 the `compress` command, and a distribution name of its own (`compress` on the index is another project).
 Built offline with setuptools' PEP 517 backend from a copy of the tree, so the checkout stays clean."""
+
 import configparser
 import email.parser
 import shutil

@@ -1,4 +1,5 @@
 """The batched metric group prox (compress/optim/prox.py) against brute force."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,10 @@ def _mixed_problem(seed=0, dspan=(1e-6, 1e3), dtype=DT):
     """>= 1000 groups: rows of matrices, dim-1 groups of a conv kernel, groups spanning two tensors."""
     g = torch.Generator().manual_seed(seed)
     shapes = [(600, 3), (200, 17), (4, 250, 3, 3), (150, 6), (150,), (7,)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype) * torch.exp(torch.randn((), generator=g)))
-              for s in shapes]
+    params = [
+        torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype) * torch.exp(torch.randn((), generator=g)))
+        for s in shapes
+    ]
     names = [f"p{k}" for k in range(len(params))]
     groups = []
 
@@ -47,15 +50,19 @@ def _mixed_problem(seed=0, dspan=(1e-6, 1e3), dtype=DT):
     index = GroupIndex(params, groups)
     spec = groups_spec(groups, params)
     # thresholds around ‖d z‖ so that about half the groups are zero
-    anorm = torch.tensor([math.sqrt(sum(float(((d[k] * z[k]).movedim(dm, 0)[i] ** 2).sum()) for k, dm, i in sl))
-                          for sl, _ in spec], dtype=DT)
+    anorm = torch.tensor(
+        [math.sqrt(sum(float(((d[k] * z[k]).movedim(dm, 0)[i] ** 2).sum()) for k, dm, i in sl)) for sl, _ in spec],
+        dtype=DT,
+    )
     tau = anorm * torch.empty(len(spec), dtype=DT).uniform_(0.0, 2.0, generator=g)
     return params, groups, index, spec, z, d, tau, anorm
 
 
 def _group_norms(w, spec):
-    return torch.tensor([math.sqrt(sum(float((w[k].movedim(dm, 0)[i].double() ** 2).sum()) for k, dm, i in sl))
-                         for sl, _ in spec], dtype=DT)
+    return torch.tensor(
+        [math.sqrt(sum(float((w[k].movedim(dm, 0)[i].double() ** 2).sum()) for k, dm, i in sl)) for sl, _ in spec],
+        dtype=DT,
+    )
 
 
 def test_exact_prox_matches_brute_force_and_optimality():
@@ -74,8 +81,12 @@ def test_exact_prox_matches_brute_force_and_optimality():
     for gi, (sl, _) in enumerate(spec):
         if norms[gi] == 0:
             continue
-        res = torch.cat([((d[k] * (w[k] - z[k])).movedim(dm, 0)[i] + tau[gi] * w[k].movedim(dm, 0)[i] / norms[gi])
-                         .reshape(-1) for k, dm, i in sl])
+        res = torch.cat(
+            [
+                ((d[k] * (w[k] - z[k])).movedim(dm, 0)[i] + tau[gi] * w[k].movedim(dm, 0)[i] / norms[gi]).reshape(-1)
+                for k, dm, i in sl
+            ]
+        )
         worst = max(worst, float(res.norm() / anorm[gi]))
     assert worst <= 1e-8
     # ungrouped entries (odd rows of p1, all of p5) are left at z

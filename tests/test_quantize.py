@@ -1,6 +1,7 @@
 """INT8 quantization: the calibration sample is deterministic, the INT8 file passes onnx.checker and its
 reported accuracy is what ORT gives, too large a loss is refused, bad calibration input fails cleanly,
 and no refusal or error leaves a file behind."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ from compress.deploy.calibration import split
 from compress.deploy.quantize import quantize_onnx
 from compress.errors import UserError
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*TorchScript-based ONNX export:DeprecationWarning",
-                                        "ignore:The feature will be removed:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*TorchScript-based ONNX export:DeprecationWarning", "ignore:The feature will be removed:DeprecationWarning"
+)
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"rounds": 3, "batch_sizes": (1,)}
 
@@ -31,11 +33,25 @@ def tiny(tmp_path_factory):
     """A small conv classifier (random weights) exported the way a user would, and 600 inputs whose
     labels are its own FP32 predictions (so FP32 accuracy is 100% by construction)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                        nn.Flatten(), nn.Linear(16 * 64, 10)).eval()
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 64, 10),
+    ).eval()
     path = tmp_path_factory.mktemp("q") / "fp32.onnx"
-    torch.onnx.export(net, (torch.rand(1, 1, 8, 8),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17)
+    torch.onnx.export(
+        net,
+        (torch.rand(1, 1, 8, 8),),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "b"}, "y": {0: "b"}},
+        opset_version=17,
+    )
     x = np.random.default_rng(1).random((600, 1, 8, 8), dtype=np.float32)
     with torch.no_grad():
         labels = net(torch.from_numpy(x)).argmax(1).numpy()
@@ -130,20 +146,24 @@ def test_a_fixed_batch_model_is_calibrated_checked_and_timed_at_its_batch(tiny, 
     torch.onnx.export(net, (torch.rand(4, 1, 8, 8),), str(path), dynamo=False, input_names=["x"], opset_version=17)
     with torch.no_grad():
         y = net(torch.from_numpy(x)).argmax(1).numpy()
-    rep = quantize_onnx(path, tmp_path / "fixed.int8.onnx", {"x": x, "labels": y}, forms=["qoperator"], rounds=2,
-                        max_accuracy_drop=5)  # a random net has near-ties: the check here is the batching
+    rep = quantize_onnx(
+        path, tmp_path / "fixed.int8.onnx", {"x": x, "labels": y}, forms=["qoperator"], rounds=2, max_accuracy_drop=5
+    )  # a random net has near-ties: the check here is the batching
     assert set(rep["latency"]["by_batch"]) == {"4"} and rep["fp32_accuracy"] == 100.0
     assert rep["held_out_samples"] == 344 and rep["calibration_samples"] == 256
 
 
-@pytest.mark.parametrize("make, needle", [
-    (lambda p, x: p.write_bytes(b"PK\x03\x04 this is not a zip archive"), "not a readable .npz"),
-    (lambda p, x: np.savez(p, inputs=x, other=x), "lacks the model input(s) ['x']"),
-    (lambda p, x: np.savez(p, x=np.where(x > 0.5, np.nan, x)), "NaN"),
-    (lambda p, x: np.savez(p, x=x[:, :, :4]), "shape"),
-    (lambda p, x: np.savez(p, x=(x * 10).astype(np.int64)), "int64"),
-    (lambda p, x: np.savez(p, x=x, labels=np.zeros(3, np.int64)), "number of samples"),
-])
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p, x: p.write_bytes(b"PK\x03\x04 this is not a zip archive"), "not a readable .npz"),
+        (lambda p, x: np.savez(p, inputs=x, other=x), "lacks the model input(s) ['x']"),
+        (lambda p, x: np.savez(p, x=np.where(x > 0.5, np.nan, x)), "NaN"),
+        (lambda p, x: np.savez(p, x=x[:, :, :4]), "shape"),
+        (lambda p, x: np.savez(p, x=(x * 10).astype(np.int64)), "int64"),
+        (lambda p, x: np.savez(p, x=x, labels=np.zeros(3, np.int64)), "number of samples"),
+    ],
+)
 def test_bad_calibration_file_is_a_clear_error_and_leaves_no_file(tiny, tmp_path, make, needle):
     path, x, _ = tiny
     cal = tmp_path / "cal.npz"
@@ -158,15 +178,43 @@ def test_cli_quantizes_a_foreign_onnx_file(tiny, tmp_path):
     path, x, labels = tiny
     np.savez(tmp_path / "cal.npz", x=x, labels=labels)
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "compress", "quantize", str(path), "--calibration",
-                          str(tmp_path / "cal.npz"), "--out", str(tmp_path / "m.int8.onnx")],
-                         capture_output=True, text=True, env=env, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compress",
+            "quantize",
+            str(path),
+            "--calibration",
+            str(tmp_path / "cal.npz"),
+            "--out",
+            str(tmp_path / "m.int8.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "m.int8.onnx").is_file() and "Recommended file" in res.stdout
     (tmp_path / "bad.npz").write_text("garbage")
-    res = subprocess.run([sys.executable, "-m", "compress", "quantize", str(path), "--calibration",
-                          str(tmp_path / "bad.npz"), "--out", str(tmp_path / "n.int8.onnx")],
-                         capture_output=True, text=True, env=env, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compress",
+            "quantize",
+            str(path),
+            "--calibration",
+            str(tmp_path / "bad.npz"),
+            "--out",
+            str(tmp_path / "n.int8.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "is not a readable .npz archive" in lines[0], res.stderr
@@ -178,8 +226,9 @@ def test_run_export_quantize_and_bench(tmp_path):
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 
     def cli(*a):
-        return subprocess.run([sys.executable, "-m", "compress", *map(str, a)], capture_output=True, text=True, check=False,
-                              env=env)
+        return subprocess.run(
+            [sys.executable, "-m", "compress", *map(str, a)], capture_output=True, text=True, check=False, env=env
+        )
 
     out = tmp_path / "run"
     assert cli("finetune", "--epochs", "1", "--lam", "5e-2", "--out", out, "--quiet").returncode == 0

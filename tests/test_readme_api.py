@@ -1,6 +1,7 @@
 """README's Python API block, run verbatim (issue 19, item 5) on a BatchNorm CNN: the snippet's settings
 work, and committing the structured point recalibrates BatchNorm, so the exported model is far above
 chance (forgetting it read 10.3% on this kind of model)."""
+
 import os
 import re
 from pathlib import Path
@@ -24,9 +25,16 @@ class BNNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+            torch.nn.Conv2d(1, 16, 3, padding=1),
+            torch.nn.BatchNorm2d(16),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1),
+            torch.nn.BatchNorm2d(32),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(32, 10),
+        )
 
     def forward(self, x):
         return self.body(x)
@@ -36,8 +44,7 @@ def dense_start(train):
     """A trained BatchNorm CNN (the snippet fine-tunes a trained model), its loader and dense.onnx."""
     torch.manual_seed(0)
     model = BNNet()
-    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     adam = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(12):
         for x, y in loader:
@@ -60,8 +67,16 @@ def test_readme_api_block_runs_verbatim_on_a_batchnorm_cnn(tmp_path, monkeypatch
     example_inputs = torch.rand(1, 1, 8, 8)
     compress.export_onnx(BNNet().eval(), example_inputs, "dense.onnx")
     x_cal, y_cal = train.tensors[0][:128].numpy(), train.tensors[1][:128].numpy()
-    ns = {"model": model, "example_inputs": example_inputs, "epochs": 6, "milestones": [3, 5], "loader": loader,
-          "loss_fn": torch.nn.functional.cross_entropy, "calib_x": x_cal, "calib_y": y_cal}
+    ns = {
+        "model": model,
+        "example_inputs": example_inputs,
+        "epochs": 6,
+        "milestones": [3, 5],
+        "loader": loader,
+        "loss_fn": torch.nn.functional.cross_entropy,
+        "calib_x": x_cal,
+        "calib_y": y_cal,
+    }
     os.environ.setdefault("COMPRESS_QUIET_EXPORT", "1")
     exec(compile(readme_api_block(), "README.md", "exec"), ns)
     small, report = ns["small"], ns["report"]
@@ -76,7 +91,9 @@ def test_commit_recalibrates_batchnorm_and_refuses_without_data(digits_small):
     train, _ = digits_small
     torch.manual_seed(0)
     model = BNNet()
-    opt = compress.RAMDA(model.parameters(), lr=1e-2, lam=1e-2, groups=compress.find_groups(model, torch.rand(1, 1, 8, 8)))
+    opt = compress.RAMDA(
+        model.parameters(), lr=1e-2, lam=1e-2, groups=compress.find_groups(model, torch.rand(1, 1, 8, 8))
+    )
     loader = torch.utils.data.DataLoader(train, batch_size=50)
     for x, y in loader:
         opt.zero_grad()

@@ -1,4 +1,5 @@
 """Regularization in preconditioned variables (ALGORITHMS §5) against direct z-space transcriptions."""
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,8 @@ class RefProxAdamZ:
         self.t += 1
         self.m = [self.b1 * m + (1 - self.b1) * g for m, g in zip(self.m, grads)]
         self.v = [self.b2 * v + (1 - self.b2) * g * g for v, g in zip(self.v, grads)]
-        D = [(v / (1 - self.b2 ** self.t)).sqrt() + self.eps for v in self.v]
-        w_adam = [W - lr * (m / (1 - self.b1 ** self.t)) / Dk for W, m, Dk in zip(self.W, self.m, D)]
+        D = [(v / (1 - self.b2**self.t)).sqrt() + self.eps for v in self.v]
+        w_adam = [W - lr * (m / (1 - self.b1**self.t)) / Dk for W, m, Dk in zip(self.W, self.m, D)]
         z = [Dk.sqrt() * w for Dk, w in zip(D, w_adam)]
         z = soft_threshold(z, self.spec, taus(self.spec, lr * self.lam))
         self.W = [zk / Dk.sqrt() for zk, Dk in zip(z, D)]
@@ -160,9 +161,9 @@ def test_adamw_decay_is_l2_of_preconditioned_variables():
         g = grad(w, idx)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        D = (v / (1 - b2 ** t)).sqrt() + eps
+        D = (v / (1 - b2**t)).sqrt() + eps
         z = D.sqrt() * w
-        z = z - lr * (m / (1 - b1 ** t)) / D.sqrt() - lr * lam * z
+        z = z - lr * (m / (1 - b1**t)) / D.sqrt() - lr * lam * z
         w = z / D.sqrt()
         for p, o in ((wt, opt), (w_c, coupled)):
             p.grad = grad(p.detach(), idx)
@@ -173,8 +174,9 @@ def test_adamw_decay_is_l2_of_preconditioned_variables():
 
 def test_make_optimizer_reg_space_and_bit_exact_resume():
     lin = torch.nn.Linear(4, 3)
-    assert isinstance(make_optimizer("proxadam", lin.parameters(), lr=1e-3, reg_space="preconditioned"),
-                      PrecondProxAdam)
+    assert isinstance(
+        make_optimizer("proxadam", lin.parameters(), lr=1e-3, reg_space="preconditioned"), PrecondProxAdam
+    )
     assert type(make_optimizer("ramda", lin.parameters(), lr=1e-3, reg_space="param")) is RAMDA
     with pytest.raises(ValueError, match="reg_space"):
         make_optimizer("ramda", lin.parameters(), lr=1e-3, reg_space="z")

@@ -1,4 +1,5 @@
 """Faults during long runs: Ctrl-C, kill -9 during a checkpoint write, corrupted files, read-only dirs."""
+
 import json
 import os
 import signal
@@ -60,8 +61,25 @@ def user_model(tmp_path):
 @pytest.mark.e2e
 def test_ctrl_c_writes_resumable_checkpoint_and_resume_finishes(tmp_path, user_model):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "compress", "finetune", "--model", f"{user_model}:make", "--data",
-            f"{user_model}:data", "--epochs", "12", "--lam", "1e-3", "--batch-size", "32", "--out", str(out), "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "compress",
+        "finetune",
+        "--model",
+        f"{user_model}:make",
+        "--data",
+        f"{user_model}:data",
+        "--epochs",
+        "12",
+        "--lam",
+        "1e-3",
+        "--batch-size",
+        "32",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (out / "checkpoint.safetensors").exists() and time.time() < deadline:
@@ -72,14 +90,20 @@ def test_ctrl_c_writes_resumable_checkpoint_and_resume_finishes(tmp_path, user_m
     assert "--resume" in err and "Traceback" not in err
     info = load_checkpoint(out / "checkpoint.safetensors")["info"]
     assert info["status"] == "running" and info["epoch"] < 12
-    res = subprocess.run([sys.executable, "-m", "compress", "finetune", "--resume", str(out), "--quiet"], cwd=ROOT,
-                         env=ENV, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "compress", "finetune", "--resume", str(out), "--quiet"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert load_checkpoint(out / "checkpoint.safetensors")["info"]["status"] == "done"
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 13))
 
 
-WRITER = textwrap.dedent('''
+WRITER = textwrap.dedent("""
     import sys, torch
     from compress.train.checkpoint import save_checkpoint
     model = torch.nn.Linear(2000, 2000)
@@ -90,7 +114,7 @@ WRITER = textwrap.dedent('''
         with torch.no_grad():
             model.weight.fill_(i)
         save_checkpoint(sys.argv[1], model, None, {"i": i})
-''')
+""")
 
 
 def test_kill_9_during_checkpoint_write_leaves_previous_checkpoint(tmp_path):

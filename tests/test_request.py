@@ -1,5 +1,6 @@
 """A finetune request is built, resolved and validated once in the library; its errors name fields,
 which the CLI shows as flags; the run directory is checked and prepared in one place (compress.runs)."""
+
 import dataclasses
 import inspect
 import json
@@ -28,21 +29,28 @@ def test_budget_request_gets_one_decay_at_the_freeze(tmp_path):
     assert req.budget.flops == 0.5 and req.controller == {"align": 8}
 
 
-@pytest.mark.parametrize("kw, field, text", [
-    (dict(target_flops=1.5), "target_flops", "target_flops must be a fraction"),
-    (dict(target_latency_ms=2.0, bench_batch=0), "bench_batch", "bench_batch must be a positive integer"),
-    (dict(target_flops=0.5, bench_threads=2), "bench_threads", "only apply to a latency target (target_latency_ms)"),
-    (dict(bench_batch=4), "bench_batch", "only apply to target_latency_ms"),
-    (dict(target_flops=0.5, lam=0.01), "lam", "give either lam or a target"),
-    (dict(rewind="init"), "rewind", "rewind applies to target runs only"),
-    (dict(final_lr=1e-4), "final_lr", "final_lr applies to target runs only"),
-    (dict(target_flops=0.5, final_lr=0.0), "final_lr", "final_lr must be positive"),
-    (dict(epochs=0), "epochs", "epochs must be positive"),
-    (dict(milestones="1,x"), "milestones", "milestones must be comma-separated"),
-    (dict(input_shape="1,-3"), "input_shape", "input_shape must be positive integers"),
-    (dict(epochs="3"), "epochs", "epochs must be int, got '3'"),
-    (dict(device="tpu"), "device", "device must be auto, cpu or cuda"),  # before the model is built
-])
+@pytest.mark.parametrize(
+    "kw, field, text",
+    [
+        (dict(target_flops=1.5), "target_flops", "target_flops must be a fraction"),
+        (dict(target_latency_ms=2.0, bench_batch=0), "bench_batch", "bench_batch must be a positive integer"),
+        (
+            dict(target_flops=0.5, bench_threads=2),
+            "bench_threads",
+            "only apply to a latency target (target_latency_ms)",
+        ),
+        (dict(bench_batch=4), "bench_batch", "only apply to target_latency_ms"),
+        (dict(target_flops=0.5, lam=0.01), "lam", "give either lam or a target"),
+        (dict(rewind="init"), "rewind", "rewind applies to target runs only"),
+        (dict(final_lr=1e-4), "final_lr", "final_lr applies to target runs only"),
+        (dict(target_flops=0.5, final_lr=0.0), "final_lr", "final_lr must be positive"),
+        (dict(epochs=0), "epochs", "epochs must be positive"),
+        (dict(milestones="1,x"), "milestones", "milestones must be comma-separated"),
+        (dict(input_shape="1,-3"), "input_shape", "input_shape must be positive integers"),
+        (dict(epochs="3"), "epochs", "epochs must be int, got '3'"),
+        (dict(device="tpu"), "device", "device must be auto, cpu or cuda"),  # before the model is built
+    ],
+)
 def test_errors_name_the_field(tmp_path, kw, field, text):
     with pytest.raises(UserError) as e:
         build_request(FinetuneOptions(out=tmp_path / "r", **kw))

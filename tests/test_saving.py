@@ -1,4 +1,5 @@
 """A compressed model survives save → load into a fresh dense instance, with identical outputs."""
+
 import pytest
 import torch
 
@@ -35,7 +36,9 @@ def test_round_trip(tmp_path, name):
 def test_wrong_model_is_a_clear_error(tmp_path):
     save_compressed(torch.nn.Sequential(torch.nn.Linear(3, 2)), tmp_path / "c.safetensors")
     with pytest.raises(UserError, match="does not match"):
-        load_compressed(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Linear(3, 2)), tmp_path / "c.safetensors")
+        load_compressed(
+            torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Linear(3, 2)), tmp_path / "c.safetensors"
+        )
     (tmp_path / "bad.safetensors").write_bytes(b"nope")
     with pytest.raises(UserError, match="not a compressed model"):
         load_compressed(torch.nn.Linear(3, 2), tmp_path / "bad.safetensors")

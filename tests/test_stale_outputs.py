@@ -1,6 +1,7 @@
 """Outputs stay consistent (issue 19, item 7): a re-export removes the bench of the previous export, a
 bench records the files it measured and inspect says when they changed, two ONNX files with different
 signatures are not compared, and an output path is checked before the benchmark runs."""
+
 import json
 import shutil
 import subprocess
@@ -21,8 +22,19 @@ def run(tmp_path):
     f = tmp_path / "small.py"
     f.write_text(SMALL)
     out = tmp_path / "run"
-    finetune_from(FinetuneOptions(out=out, model=f"{f}:make", data=f"{f}:data", input_shape="1,1,8,8", epochs=1,
-                                  lam=1e-2, threads=1, init="random"), progress=False)
+    finetune_from(
+        FinetuneOptions(
+            out=out,
+            model=f"{f}:make",
+            data=f"{f}:data",
+            input_shape="1,1,8,8",
+            epochs=1,
+            lam=1e-2,
+            threads=1,
+            init="random",
+        ),
+        progress=False,
+    )
     export_run(out)
     return out
 
@@ -52,10 +64,13 @@ def onnx_pair(tmp_path, a_out=10, b_out=10, b_in=64):
     return a, b
 
 
-@pytest.mark.parametrize("b_out, b_in, needle", [
-    (5, 64, "output 0 of a.onnx is float32[?, 10] but of b.onnx float32[?, 5]"),
-    (10, 32, "input 0 of a.onnx is float32[?, 64] but of b.onnx float32[?, 32]"),
-])
+@pytest.mark.parametrize(
+    "b_out, b_in, needle",
+    [
+        (5, 64, "output 0 of a.onnx is float32[?, 10] but of b.onnx float32[?, 5]"),
+        (10, 32, "input 0 of a.onnx is float32[?, 64] but of b.onnx float32[?, 32]"),
+    ],
+)
 def test_bench_refuses_models_with_other_signatures(tmp_path, b_out, b_in, needle):
     a, b = onnx_pair(tmp_path, b_out=b_out, b_in=b_in)
     res = cli("bench", a, b, "--batch", "1", "--threads", "1", "--rounds", "3")

@@ -1,6 +1,7 @@
 """Where a run starts (issue 19, item 2): a sparse run never starts from random weights silently;
 `init` dense trains a built-in model's dense baseline once and caches it; a random start is reported
 as "start", never as "dense"."""
+
 import json
 
 import pytest
@@ -43,10 +44,12 @@ def test_init_dense_trains_the_baseline_once_and_starts_from_it(tmp_path, short_
 
 def test_init_dense_needs_a_builtin_model(tmp_path, short_recipe):
     f = tmp_path / "m.py"
-    f.write_text("import torch\ndef make():\n    return torch.nn.Linear(64, 10)\n"
-                 "def data():\n    from compress.models.digits import digits_datasets\n"
-                 "    tr, te = digits_datasets()\n    f = lambda d: torch.utils.data.TensorDataset(d.tensors[0]"
-                 ".flatten(1), d.tensors[1])\n    return f(tr), f(te)\n")
+    f.write_text(
+        "import torch\ndef make():\n    return torch.nn.Linear(64, 10)\n"
+        "def data():\n    from compress.models.digits import digits_datasets\n"
+        "    tr, te = digits_datasets()\n    f = lambda d: torch.utils.data.TensorDataset(d.tensors[0]"
+        ".flatten(1), d.tensors[1])\n    return f(tr), f(te)\n"
+    )
     with pytest.raises(UserError, match="trains the recipe of a built-in model") as e:
         run(tmp_path / "r", model=f"{f}:make", data=f"{f}:data", init="dense")
     assert e.value.field == "init" and not (tmp_path / "r").exists()

@@ -1,4 +1,5 @@
 """Example inputs of every form (tensor, tuple, list, dict) are read the same way everywhere."""
+
 from __future__ import annotations
 
 import torch

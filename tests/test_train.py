@@ -1,5 +1,6 @@
 """Training loop: schedule, exact resume after an interruption, validation of settings; every optimizer
 learns through the loop, and the structured ones leave exact zero groups."""
+
 import copy
 import math
 import os
@@ -22,7 +23,7 @@ def test_step_schedule_and_momentum_ramp_by_hand():
     # before the last milestone c = c0; then a geometric ramp 0.25 → 1 over (8-6)//2 = 1 epoch
     assert [momentum_at(cfg, e) for e in range(8)] == pytest.approx([0.25] * 6 + [1.0, 1.0])
     cfg = TrainConfig(epochs=10, lr=1.0, milestones=[6], momentum=0.1).resolved()
-    assert momentum_at(cfg, 6) == pytest.approx(0.1 * 10 ** 0.5)  # half-way through a 2-epoch ramp
+    assert momentum_at(cfg, 6) == pytest.approx(0.1 * 10**0.5)  # half-way through a 2-epoch ramp
     assert momentum_at(cfg, 7) == pytest.approx(1.0)
 
 
@@ -31,11 +32,17 @@ def test_default_milestones():
     assert TrainConfig(epochs=30, schedule="cosine").resolved().milestones == []
 
 
-@pytest.mark.parametrize("kw, msg, field", [
-    (dict(epochs=0), "^epochs must", "epochs"), (dict(lr=0.0), "^lr must", "lr"), (dict(lam=-1.0), "^lam must", "lam"),
-    (dict(lam=float("nan")), "^lam must", "lam"), (dict(optimizer="adamw", lam=0.1), "adamw", "lam"),
-    (dict(epochs=5, milestones=[7]), "milestone", "milestones"),
-])
+@pytest.mark.parametrize(
+    "kw, msg, field",
+    [
+        (dict(epochs=0), "^epochs must", "epochs"),
+        (dict(lr=0.0), "^lr must", "lr"),
+        (dict(lam=-1.0), "^lam must", "lam"),
+        (dict(lam=float("nan")), "^lam must", "lam"),
+        (dict(optimizer="adamw", lam=0.1), "adamw", "lam"),
+        (dict(epochs=5, milestones=[7]), "milestone", "milestones"),
+    ],
+)
 def test_bad_settings_are_user_errors(kw, msg, field):
     """Library errors name the library's fields (the CLI shows them as flags: tests/test_cli.py)."""
     with pytest.raises(UserError, match=msg) as e:
@@ -55,8 +62,17 @@ def _run(tmp_path, name, data, interrupt_at=None, resume=False, epochs=3):
         return F.cross_entropy(out, y)
 
     cfg = TrainConfig(epochs=epochs, lr=0.01, lam=2e-3, milestones=[2], batch_size=32)
-    return finetune(model, data[0], data[1], torch.rand(1, 1, 8, 8), tmp_path / name, cfg,
-                    loss_fn=loss_fn, resume=resume, progress=False)
+    return finetune(
+        model,
+        data[0],
+        data[1],
+        torch.rand(1, 1, 8, 8),
+        tmp_path / name,
+        cfg,
+        loss_fn=loss_fn,
+        resume=resume,
+        progress=False,
+    )
 
 
 @pytest.mark.parametrize("interrupt_at", [5, 10 + 1])  # mid-epoch, and the first step of epoch 2
@@ -89,8 +105,15 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, digits_small
 
     assert load_checkpoint(tmp_path / "r" / "checkpoint.safetensors")["info"]["epoch"] == 1
     # --resume from the kept checkpoint, with a lower learning rate, finishes the run
-    res = finetune(DigitsResNet(channels=8), *digits_small, torch.rand(1, 1, 8, 8), tmp_path / "r", resume=True,
-                   resume_lr=0.005, progress=False)
+    res = finetune(
+        DigitsResNet(channels=8),
+        *digits_small,
+        torch.rand(1, 1, 8, 8),
+        tmp_path / "r",
+        resume=True,
+        resume_lr=0.005,
+        progress=False,
+    )
     assert [m["epoch"] for m in res.metrics] == [1, 2, 3]
     assert [m["lr"] for m in res.metrics][1:] == pytest.approx([0.0005, 0.00005])  # new base lr, milestones 1, 2
 
@@ -100,8 +123,9 @@ def test_existing_output_dir_is_refused_and_untouched(tmp_path, digits_small):
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
     with pytest.raises(UserError, match="already exists; use force") as e:
-        finetune(DigitsResNet(channels=8), *digits_small, torch.rand(1, 1, 8, 8), out, TrainConfig(epochs=1),
-                 progress=False)
+        finetune(
+            DigitsResNet(channels=8), *digits_small, torch.rand(1, 1, 8, 8), out, TrainConfig(epochs=1), progress=False
+        )
     assert e.value.field == "force"
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
@@ -110,9 +134,17 @@ def test_existing_output_dir_is_refused_and_untouched(tmp_path, digits_small):
 # DigitsResNet(channels=8), 3 epochs of 6 steps, λ = 1e-3 and a learning rate that trains each; measured on
 # this subset (full-batch cross-entropy, train-mode BatchNorm): 2.383 before, after: ramda 1.83, ramda-p 1.64,
 # rmda 2.07, proxsgd 2.11, proxadam 1.97, asgo 2.08, dasgo 2.06, dsgd 2.12, adamw 1.37.
-LEARN = [("ramda", 3e-3, {}), ("ramda", 9e-3, {"reg_space": "preconditioned"}), ("rmda", 0.1, {}),
-         ("proxsgd", 0.1, {}), ("proxadam", 3e-3, {}), ("asgo", 6e-3, {}), ("dasgo", 6e-3, {}),
-         ("dsgd", 0.1, {"dsgd_k": 2}), ("adamw", 3e-3, {})]
+LEARN = [
+    ("ramda", 3e-3, {}),
+    ("ramda", 9e-3, {"reg_space": "preconditioned"}),
+    ("rmda", 0.1, {}),
+    ("proxsgd", 0.1, {}),
+    ("proxadam", 3e-3, {}),
+    ("asgo", 6e-3, {}),
+    ("dasgo", 6e-3, {}),
+    ("dsgd", 0.1, {"dsgd_k": 2}),
+    ("adamw", 3e-3, {}),
+]
 LEARN_IDS = [n + ("-precond" if e.get("reg_space") else "") for n, _, e in LEARN]
 # A λ large enough that one epoch (6 steps) zeroes groups (measured: 3 to 24 of 24); the preconditioned space
 # measures groups in D^{1/2}-scaled units, where the same λ is weaker.
@@ -138,8 +170,10 @@ def _full_batch_loss(model, data):
 def _exactly_zero_groups(model, x):
     """Groups whose every slice (weight rows, biases, BatchNorm γ/β, coupled channels) is exactly 0.0."""
     groups = find_groups(model, x)
-    zero = [all(bool((t.index_select(s.dim, torch.tensor(s.indices)) == 0).all()) for s, t in zip(g.slices, g.tensors))
-            for g in groups]
+    zero = [
+        all(bool((t.index_select(s.dim, torch.tensor(s.indices)) == 0).all()) for s, t in zip(g.slices, g.tensors))
+        for g in groups
+    ]
     return sum(zero), len(groups)
 
 
@@ -154,8 +188,9 @@ def test_every_optimizer_lowers_the_loss_through_the_loop(tmp_path, digits_small
     torch.manual_seed(0)
     model = DigitsResNet(channels=8)
     before = _full_batch_loss(model, tr)
-    cfg = TrainConfig(epochs=3, optimizer=name, lr=lr, lam=0.0 if name == "adamw" else 1e-3, batch_size=50,
-                      milestones=[], **extra)
+    cfg = TrainConfig(
+        epochs=3, optimizer=name, lr=lr, lam=0.0 if name == "adamw" else 1e-3, batch_size=50, milestones=[], **extra
+    )
     res = finetune(model, tr, te, torch.rand(1, 1, 8, 8), tmp_path / "r", cfg, progress=False)
     after = _full_batch_loss(res.model, tr)
     assert before > label_entropy + 0.05 and after < label_entropy - 0.1, (before, label_entropy, after)
@@ -171,8 +206,7 @@ def test_structured_optimizers_produce_exact_zero_groups(tmp_path, digits_small,
     lam = 0.0 if name == "adamw" else ZERO_LAM[extra.get("reg_space", "param")]
     torch.manual_seed(0)
     cfg = TrainConfig(epochs=1, optimizer=name, lr=lr, lam=lam, batch_size=50, milestones=[], **extra)
-    res = finetune(DigitsResNet(channels=8), *digits_small, torch.rand(1, 1, 8, 8), tmp_path / "r", cfg,
-                   progress=False)
+    res = finetune(DigitsResNet(channels=8), *digits_small, torch.rand(1, 1, 8, 8), tmp_path / "r", cfg, progress=False)
     zero, total = _exactly_zero_groups(res.model, torch.rand(1, 1, 8, 8))
     assert total == 24
     if name == "adamw":

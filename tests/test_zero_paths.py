@@ -1,6 +1,7 @@
 """Paths that keep a zero channel at zero: constant zero padding, a BatchNorm applied functionally
 inside a fused BN+activation module. Offered when exact, refused with the reason when not; the
 compressed model is compared with the dense model whose groups were zeroed (the ground truth)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,11 +63,14 @@ def test_zero_keeping_path_offered_and_extracted_exactly(model_fn, layer):
     torch.testing.assert_close(small(x), m(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_fn, layer, why", [
-    (lambda: _Pad(value=1.0), "c1", "fill value 1"),
-    (lambda: _Pad(pad=(0, 0, 0, 0, 1, 0)), "c1", "may shift channels"),
-    (lambda: _bnact_model(nn.Sigmoid()), "0", "Sigmoid after its BatchNorm"),
-])
+@pytest.mark.parametrize(
+    "model_fn, layer, why",
+    [
+        (lambda: _Pad(value=1.0), "c1", "fill value 1"),
+        (lambda: _Pad(pad=(0, 0, 0, 0, 1, 0)), "c1", "may shift channels"),
+        (lambda: _bnact_model(nn.Sigmoid()), "0", "Sigmoid after its BatchNorm"),
+    ],
+)
 def test_path_that_does_not_keep_zero_refused_statically(model_fn, layer, why):
     m = model_fn().eval()
     groups = find_groups(m, torch.randn(2, 3, 12, 12), check=False)

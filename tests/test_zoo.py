@@ -4,6 +4,7 @@ For each model: find_groups, then zero every second group of every layer (so eac
 group of each layer is exercised), extract (which compares dense and compressed outputs and
 raises on a mismatch), compare again here, export to ONNX and check ONNX Runtime agrees.
 """
+
 import pytest
 import torch
 

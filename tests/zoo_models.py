@@ -6,6 +6,7 @@ against a CPU torch; its pure-Python model code only needs the two op schemas it
 registers (`torchvision::nms`, `torchvision::qnms`), so `register_torchvision_ops` defines
 them with torch.library before torchvision (and timm/transformers, which import it) loads.
 """
+
 from __future__ import annotations
 
 import torch
@@ -86,7 +87,9 @@ def _tv_convnext():
 def _tv_vit():
     from torchvision.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10), _img(32)
+    return VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
+    ), _img(32)
 
 
 def _tv_swin():
@@ -98,8 +101,16 @@ def _tv_swin():
 def _tv_maxvit():
     from torchvision.models.maxvit import MaxVit
 
-    m = MaxVit(input_size=(64, 64), stem_channels=16, partition_size=2, block_channels=[32, 64], block_layers=[1, 1],
-               head_dim=16, stochastic_depth_prob=0.0, num_classes=10)
+    m = MaxVit(
+        input_size=(64, 64),
+        stem_channels=16,
+        partition_size=2,
+        block_channels=[32, 64],
+        block_layers=[1, 1],
+        head_dim=16,
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    )
     return m, _img()
 
 
@@ -132,8 +143,14 @@ _VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads
 
 # --------------------------------------------------------------------------- transformers
 
-_TEXT = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-             "max_position_embeddings": 32}
+_TEXT = {
+    "vocab_size": 100,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "max_position_embeddings": 32,
+}
 
 
 def _hf(model_cls, config_cls, inputs=_ids, **cfg):
@@ -148,8 +165,15 @@ def _hf(model_cls, config_cls, inputs=_ids, **cfg):
 
 
 _DEC = dict(_TEXT, num_key_value_heads=2, use_cache=False, tie_word_embeddings=False)
-_HFVIS = {"image_size": 32, "patch_size": 8, "num_channels": 3, "hidden_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "intermediate_size": 128}
+_HFVIS = {
+    "image_size": 32,
+    "patch_size": 8,
+    "num_channels": 3,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+}
 
 MODELS = {
     # torchvision (20)
@@ -183,31 +207,76 @@ MODELS = {
     "timm_levit": _timm("levit_128s", 64, img_size=64),
     "timm_regnetx": _timm("regnetx_002"),
     "timm_mixer": _timm_mixer,
-    "timm_swin": _timm("swin_tiny_patch4_window7_224", 64, img_size=64, window_size=4, embed_dim=32, depths=(1, 1),
-                       num_heads=(2, 4)),
+    "timm_swin": _timm(
+        "swin_tiny_patch4_window7_224", 64, img_size=64, window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 4)
+    ),
     "timm_ghostnet": _timm("ghostnet_100"),
     # transformers (16)
     "hf_bert": _hf("BertModel", "BertConfig", **_TEXT),
     "hf_roberta": _hf("RobertaModel", "RobertaConfig", **dict(_TEXT, max_position_embeddings=40)),
     "hf_electra": _hf("ElectraModel", "ElectraConfig", **dict(_TEXT, embedding_size=32)),
-    "hf_distilbert": _hf("DistilBertModel", "DistilBertConfig", vocab_size=100, dim=64, n_layers=2, n_heads=4,
-                         hidden_dim=128, max_position_embeddings=32),
+    "hf_distilbert": _hf(
+        "DistilBertModel",
+        "DistilBertConfig",
+        vocab_size=100,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=128,
+        max_position_embeddings=32,
+    ),
     "hf_albert": _hf("AlbertModel", "AlbertConfig", **dict(_TEXT, embedding_size=32)),
-    "hf_gpt2": _hf("GPT2Model", "GPT2Config", vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32,
-                   use_cache=False, bos_token_id=0, eos_token_id=0),
-    "hf_t5_encoder": _hf("T5EncoderModel", "T5Config", vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2,
-                         num_heads=4, use_cache=False),
+    "hf_gpt2": _hf(
+        "GPT2Model",
+        "GPT2Config",
+        vocab_size=100,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "hf_t5_encoder": _hf(
+        "T5EncoderModel",
+        "T5Config",
+        vocab_size=100,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        use_cache=False,
+    ),
     "hf_llama": _hf("LlamaModel", "LlamaConfig", **_DEC),
     "hf_mistral": _hf("MistralModel", "MistralConfig", **dict(_DEC, sliding_window=None)),
     "hf_qwen2": _hf("Qwen2Model", "Qwen2Config", **_DEC),
     "hf_vit": _hf("ViTModel", "ViTConfig", lambda: _img(32), **_HFVIS),
-    "hf_swin": _hf("SwinModel", "SwinConfig", _img, image_size=64, patch_size=4, embed_dim=32, depths=[1, 1],
-                   num_heads=[2, 4], window_size=4),
+    "hf_swin": _hf(
+        "SwinModel",
+        "SwinConfig",
+        _img,
+        image_size=64,
+        patch_size=4,
+        embed_dim=32,
+        depths=[1, 1],
+        num_heads=[2, 4],
+        window_size=4,
+    ),
     "hf_mobilenet_v2": _hf("MobileNetV2Model", "MobileNetV2Config", _img, image_size=64, depth_multiplier=0.35),
-    "hf_mobilevit": _hf("MobileViTModel", "MobileViTConfig", _img, image_size=64, hidden_sizes=[32, 48, 64],
-                        neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 160], num_attention_heads=2),
-    "hf_resnet": _hf("ResNetModel", "ResNetConfig", _img, embedding_size=16, hidden_sizes=[16, 32, 64, 128],
-                     depths=[1, 1, 1, 1]),
+    "hf_mobilevit": _hf(
+        "MobileViTModel",
+        "MobileViTConfig",
+        _img,
+        image_size=64,
+        hidden_sizes=[32, 48, 64],
+        neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 160],
+        num_attention_heads=2,
+    ),
+    "hf_resnet": _hf(
+        "ResNetModel", "ResNetConfig", _img, embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1]
+    ),
     "hf_convnext": _hf("ConvNextModel", "ConvNextConfig", _img, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1]),
 }
 

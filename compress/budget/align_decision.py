@@ -8,6 +8,7 @@ whose width alignment changed, reverted alone to the optimizer's width. A change
 it measures slower by more than `margin` — the optimizer's pattern wins ties, and no group is revived or
 removed for alignment unless the latency says it pays.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,9 +23,18 @@ from compress.structure.cost_model import CostModel
 Meter = Callable[[torch.Tensor, str], float]
 
 
-def measured_alignment(cm: CostModel, pre: torch.Tensor, aligned: torch.Tensor, kind: str, target: float,
-                       meter: Meter, margin: float = 0.03, max_probes: int = 8, floor: float | None = None,
-                       log=None) -> tuple[torch.Tensor, dict]:
+def measured_alignment(
+    cm: CostModel,
+    pre: torch.Tensor,
+    aligned: torch.Tensor,
+    kind: str,
+    target: float,
+    meter: Meter,
+    margin: float = 0.03,
+    max_probes: int = 8,
+    floor: float | None = None,
+    log=None,
+) -> tuple[torch.Tensor, dict]:
     """(mask, report): `aligned` where its width changes measure faster than `pre`'s, `pre` elsewhere.
 
     Reverting a layer must keep the `kind` cost ≤ `target` and, if given, ≥ `floor` (else the aligned width
@@ -36,16 +46,19 @@ def measured_alignment(cm: CostModel, pre: torch.Tensor, aligned: torch.Tensor, 
     log = log or (lambda msg: None)
     w_pre, w_al = kept_widths(cm, pre), kept_widths(cm, aligned)
     r_pre, r_al = meter(pre, "unaligned pattern"), meter(aligned, "aligned pattern")
-    report = {"margin": margin, "unaligned": _point(cm, pre, r_pre), "aligned": _point(cm, aligned, r_al),
-              "layers": []}
+    report = {"margin": margin, "unaligned": _point(cm, pre, r_pre), "aligned": _point(cm, aligned, r_al), "layers": []}
     if r_al > r_pre * (1 - margin):  # alignment as a whole does not pay here
         report.update(decision="unaligned", chosen=report["unaligned"])
-        log(f"budget: alignment measured {1 / r_al:.2f}× vs unaligned {1 / r_pre:.2f}× — not worth it, kept the "
-            "optimizer's widths")
+        log(
+            f"budget: alignment measured {1 / r_al:.2f}× vs unaligned {1 / r_pre:.2f}× — not worth it, kept the "
+            "optimizer's widths"
+        )
         return pre.clone(), report
     mask, r_cur = aligned.clone(), r_al
-    changed = sorted((li for li, name in enumerate(cm.layers) if w_pre[name] != w_al[name]),
-                     key=lambda li: -abs(w_pre[cm.layers[li]] - w_al[cm.layers[li]]))
+    changed = sorted(
+        (li for li, name in enumerate(cm.layers) if w_pre[name] != w_al[name]),
+        key=lambda li: -abs(w_pre[cm.layers[li]] - w_al[cm.layers[li]]),
+    )
     for li in changed[:max_probes]:
         name, members = cm.layers[li], torch.nonzero(cm._layer_of == li).flatten()
         trial = mask.clone()
@@ -63,12 +76,18 @@ def measured_alignment(cm: CostModel, pre: torch.Tensor, aligned: torch.Tensor, 
         if not pays:
             mask, r_cur = trial, r
     report.update(decision="aligned" if bool((mask != pre).any()) else "unaligned", chosen=_point(cm, mask, r_cur))
-    log(f"budget: alignment measured: unaligned {1 / r_pre:.2f}×, aligned {1 / r_al:.2f}×, chosen {1 / r_cur:.2f}× "
-        f"({sum(r['kept'] == 'aligned' for r in report['layers'])} of {len(changed)} changed widths kept)")
+    log(
+        f"budget: alignment measured: unaligned {1 / r_pre:.2f}×, aligned {1 / r_al:.2f}×, chosen {1 / r_cur:.2f}× "
+        f"({sum(r['kept'] == 'aligned' for r in report['layers'])} of {len(changed)} changed widths kept)"
+    )
     return mask, report
 
 
 def _point(cm: CostModel, mask: torch.Tensor, ratio: float) -> dict:
     """Predicted (dense / blocked FLOPs) and measured (dense / latency) speedup of a pattern, and its widths."""
-    return {"predicted_speedup": 1 / float(cm.cost(mask, "flops_blocked")), "measured_speedup": 1 / ratio,
-            "flops": float(cm.cost(mask, "flops")), "widths": kept_widths(cm, mask)}
+    return {
+        "predicted_speedup": 1 / float(cm.cost(mask, "flops_blocked")),
+        "measured_speedup": 1 / ratio,
+        "flops": float(cm.cost(mask, "flops")),
+        "widths": kept_widths(cm, mask),
+    }

@@ -1,4 +1,5 @@
 """The λ controller: drives the structured point's cost to the budget, then freezes the pattern."""
+
 from __future__ import annotations
 
 import math
@@ -65,14 +66,39 @@ class BudgetController:
     from epoch to epoch), 87-95% at 0.1 (RAMDA 71-77%), same widths and ORT speedups.
     """
 
-    def __init__(self, budget: Budget, cost_model: CostModel, groups, cfg, steps_per_epoch: int, *,
-                 target: float | None = None, kind: str | None = None, lam0: float | None = None,
-                 freeze_epoch: int | None = None, plan_end: float = 0.8, controls_per_epoch: int = 4,
-                 gain: float = 4.0, max_factor: float = 2.0, tol: float = 0.02, revive: bool = True,
-                 final_lam: float | None = 0.0, restart_at_freeze: bool = True, exact: bool = True,
-                 align: int | None = None, align_window: float = 0.05, final_optimizer: str = "adamw",
-                 final_lr: float = 1e-3, final_weight_decay: float = 1e-4, rewind: str = "none",
-                 rewind_weights=None, latency=None, bn_data=None, log=None, align_meter=None):
+    def __init__(
+        self,
+        budget: Budget,
+        cost_model: CostModel,
+        groups,
+        cfg,
+        steps_per_epoch: int,
+        *,
+        target: float | None = None,
+        kind: str | None = None,
+        lam0: float | None = None,
+        freeze_epoch: int | None = None,
+        plan_end: float = 0.8,
+        controls_per_epoch: int = 4,
+        gain: float = 4.0,
+        max_factor: float = 2.0,
+        tol: float = 0.02,
+        revive: bool = True,
+        final_lam: float | None = 0.0,
+        restart_at_freeze: bool = True,
+        exact: bool = True,
+        align: int | None = None,
+        align_window: float = 0.05,
+        final_optimizer: str = "adamw",
+        final_lr: float = 1e-3,
+        final_weight_decay: float = 1e-4,
+        rewind: str = "none",
+        rewind_weights=None,
+        latency=None,
+        bn_data=None,
+        log=None,
+        align_meter=None,
+    ):
         self.budget, self.cm, self.groups, self.cfg = budget, cost_model, groups, cfg
         self.kind = kind or ("flops_blocked" if budget.kind == "latency" else budget.kind)
         self.target = float(target if target is not None else budget.target)
@@ -90,14 +116,20 @@ class BudgetController:
         self.align_window = align_window
         self.align_meter = align_meter  # meter(mask, tag) → latency/dense: alignment stays where it measures faster
         if final_optimizer not in FINAL_OPTIMIZERS:
-            raise UserError(f"`final_optimizer` must be {' or '.join(FINAL_OPTIMIZERS)}, got {final_optimizer!r}",
-                            field="final_optimizer")
+            raise UserError(
+                f"`final_optimizer` must be {' or '.join(FINAL_OPTIMIZERS)}, got {final_optimizer!r}",
+                field="final_optimizer",
+            )
         self.final_optimizer, self.final_lr, self.final_weight_decay = final_optimizer, final_lr, final_weight_decay
         if rewind not in REWINDS:
             raise UserError(f"`rewind` must be {' or '.join(REWINDS)}, got {rewind!r}", field="rewind")
         if rewind != "none" and final_optimizer != "adamw":
-            raise UserError("`rewind` init restarts the survivors from the starting weights for the AdamW final phase; "
-                            "it needs `final_optimizer` adamw", field="rewind", fields=("final_optimizer",))
+            raise UserError(
+                "`rewind` init restarts the survivors from the starting weights for the AdamW final phase; "
+                "it needs `final_optimizer` adamw",
+                field="rewind",
+                fields=("final_optimizer",),
+            )
         self.rewind, self.rewind_weights = rewind, rewind_weights
         self.latency, self.bn_data, self.log = latency, bn_data, log or (lambda msg: None)
         self.step = 0
@@ -187,7 +219,9 @@ class BudgetController:
             self._set_lam(opt, self.lam0)
         interval = max(1, self.steps_per_epoch // self.controls)
         in_epoch = self.step % self.steps_per_epoch
-        if (self.step == 1 or in_epoch and in_epoch % interval == 0) and self.step < self.freeze_epoch * self.steps_per_epoch:
+        if (
+            self.step == 1 or in_epoch and in_epoch % interval == 0
+        ) and self.step < self.freeze_epoch * self.steps_per_epoch:
             self._control(opt, self.step / self.steps_per_epoch)
 
     def on_epoch(self, state: dict) -> dict:
@@ -207,8 +241,15 @@ class BudgetController:
                 self.latency.measure(zero, tag=f"structured point, epoch {epoch + 1}")
                 self.latency._refit()
                 a, b = self.latency.fit
-                self.target = float(min(max((self.budget.latency_ms / self.latency.dense_ms - a) / max(b, 1e-6),
-                                            self.latency.min_point["flops_blocked"]), 0.99))
+                self.target = float(
+                    min(
+                        max(
+                            (self.budget.latency_ms / self.latency.dense_ms - a) / max(b, 1e-6),
+                            self.latency.min_point["flops_blocked"],
+                        ),
+                        0.99,
+                    )
+                )
         else:
             if self.keeper is None:
                 self.freeze(opt, state["model"], state.get("config"), epoch)
@@ -219,10 +260,18 @@ class BudgetController:
         zero, _ = _structured_zero(opt, self.groups)
         if self.frozen is not None:
             zero = zero | self.frozen  # revived groups' Ŵ is still zero until the next step
-        out = {"cost": float(self.cm.cost(zero, self.kind)), "cost_flops": float(self.cm.cost(zero, "flops")),
-               "cost_params": float(self.cm.cost(zero, "params")), "target": self.target, "phase": phase,
-               "lam": lam_used, "lam_next": self._lam(opt), "groups_zero": int(zero.sum()), "optimizer": trained_by,
-               **self.counts}
+        out = {
+            "cost": float(self.cm.cost(zero, self.kind)),
+            "cost_flops": float(self.cm.cost(zero, "flops")),
+            "cost_params": float(self.cm.cost(zero, "params")),
+            "target": self.target,
+            "phase": phase,
+            "lam": lam_used,
+            "lam_next": self._lam(opt),
+            "groups_zero": int(zero.sum()),
+            "optimizer": trained_by,
+            **self.counts,
+        }
         if rec is not None:
             out["plan"] = rec["plan"]
         return out
@@ -231,8 +280,13 @@ class BudgetController:
         """The final phase's AdamW over every trainable parameter, its cosine spanning the epochs after
         the freeze (also what a resumed run rebuilds before loading the checkpoint's state)."""
         steps = (self.cfg.epochs - self.freeze_epoch) * self.steps_per_epoch
-        return CosineAdamW([p for p in model.parameters() if p.requires_grad], lr=self.final_lr,
-                           total_steps=steps, weight_decay=self.final_weight_decay, groups=self.groups)
+        return CosineAdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=self.final_lr,
+            total_steps=steps,
+            weight_decay=self.final_weight_decay,
+            groups=self.groups,
+        )
 
     # ---- freeze: commit, enforce or revive, keep zero
 
@@ -245,11 +299,21 @@ class BudgetController:
         n_opt = int(zero.sum())
         c0 = float(self.cm.cost(zero, self.kind))
         mask, added = enforce(self.cm, zero, norms, self.kind, self.target)
-        if self.do_revive and not bool(added.any()) and c0 < self.target - self.tol and bool((iterate_norms[zero] > 0).any()):
-            mask, _ = revive(self.cm, zero, torch.where(zero, iterate_norms, torch.zeros_like(iterate_norms)),
-                             self.kind, self.target)
-        info = {"epoch": None if epoch is None else epoch + 1, "cost_optimizer": c0, "zero_optimizer": n_opt,
-                "lam_at_freeze": self._lam(opt)}
+        if (
+            self.do_revive
+            and not bool(added.any())
+            and c0 < self.target - self.tol
+            and bool((iterate_norms[zero] > 0).any())
+        ):
+            mask, _ = revive(
+                self.cm, zero, torch.where(zero, iterate_norms, torch.zeros_like(iterate_norms)), self.kind, self.target
+            )
+        info = {
+            "epoch": None if epoch is None else epoch + 1,
+            "cost_optimizer": c0,
+            "zero_optimizer": n_opt,
+            "lam_at_freeze": self._lam(opt),
+        }
         if self.latency is not None:
             mask, info["latency"] = self.latency.settle(mask, norms, self)
         pre = mask  # the pattern before alignment (what the alignment removed is counted apart)
@@ -258,11 +322,13 @@ class BudgetController:
                 target, floor = self.target, self.target - self.align_window
             else:  # aligned widths never cost more blocked FLOPs than the settled pattern
                 target, floor = float(self.cm.cost(mask, self.kind)), None
-            mask, info["alignment"] = align_widths(self.cm, self.groups, mask, norms, iterate_norms, self.kind,
-                                                   target, self.align, floor=floor)
+            mask, info["alignment"] = align_widths(
+                self.cm, self.groups, mask, norms, iterate_norms, self.kind, target, self.align, floor=floor
+            )
             if self.align_meter is not None and bool((mask != pre).any()):
                 mask, info["alignment"]["measured"] = measured_alignment(
-                    self.cm, pre, mask, self.kind, target, self.align_meter, floor=floor, log=self.log)
+                    self.cm, pre, mask, self.kind, target, self.align_meter, floor=floor, log=self.log
+                )
                 info["alignment"]["widths"] = info["alignment"]["measured"]["chosen"]["widths"]
                 if not bool((mask != pre).any()):
                     info["alignment"]["align"] = 1
@@ -283,26 +349,37 @@ class BudgetController:
             from compress.train.evaluate import recalibrate_batchnorm
 
             recalibrate_batchnorm(model, self.bn_data, next(model.parameters()).device)
-        self.counts = {"removed_by_optimizer": int((zero & mask).sum()),
-                       "removed_by_enforcement": int((added & pre).sum()),
-                       "removed_by_alignment": int((added & ~pre).sum()), "revived": int(revived.sum())}
+        self.counts = {
+            "removed_by_optimizer": int((zero & mask).sum()),
+            "removed_by_enforcement": int((added & pre).sum()),
+            "removed_by_alignment": int((added & ~pre).sum()),
+            "revived": int(revived.sum()),
+        }
         info.update(self.counts, cost_frozen=float(self.cm.cost(mask, self.kind)), groups_frozen=int(mask.sum()))
         self.freeze_info = info
-        self.log(f"budget: froze {int(mask.sum())} zero groups at epoch {info['epoch']} — {self.counts['removed_by_optimizer']} "
-                 f"by the optimizer, {self.counts['removed_by_enforcement']} by enforcement, "
-                 f"{self.counts['removed_by_alignment']} by alignment to {info.get('alignment', {}).get('align', 1)}, "
-                 f"{self.counts['revived']} revived; "
-                 f"{self.kind} {info['cost_frozen']:.4f} (target {self.target:.4f})")
+        self.log(
+            f"budget: froze {int(mask.sum())} zero groups at epoch {info['epoch']} — {self.counts['removed_by_optimizer']} "
+            f"by the optimizer, {self.counts['removed_by_enforcement']} by enforcement, "
+            f"{self.counts['removed_by_alignment']} by alignment to {info.get('alignment', {}).get('align', 1)}, "
+            f"{self.counts['revived']} revived; "
+            f"{self.kind} {info['cost_frozen']:.4f} (target {self.target:.4f})"
+        )
         return info
 
     def _commit(self, opt, revived: torch.Tensor) -> None:
         """W ← Ŵ, except revived groups, which keep the iterate's values so they can train again."""
         saved = None
         if bool(revived.any()):
-            saved = [(t, s.dim, torch.tensor(s.indices, device=t.device),
-                      t.detach().index_select(s.dim, torch.tensor(s.indices, device=t.device)).clone())
-                     for i in torch.nonzero(revived).flatten().tolist()
-                     for s, t in zip(self.groups[i].slices, self.groups[i].tensors)]
+            saved = [
+                (
+                    t,
+                    s.dim,
+                    torch.tensor(s.indices, device=t.device),
+                    t.detach().index_select(s.dim, torch.tensor(s.indices, device=t.device)).clone(),
+                )
+                for i in torch.nonzero(revived).flatten().tolist()
+                for s, t in zip(self.groups[i].slices, self.groups[i].tensors)
+            ]
         as_structured(opt, self.groups).commit_structured_point()
         for t, d, ix, vals in saved or []:
             t.detach().index_copy_(d, ix, vals)
@@ -317,9 +394,15 @@ class BudgetController:
         model.load_state_dict({k: v.to(dev) for k, v in w.items()})
 
     def state(self) -> dict:
-        return {"target": self.target, "kind": self.kind, "freeze_epoch": self.freeze_epoch, "counts": self.counts,
-                "frozen": None if self.frozen is None else torch.nonzero(self.frozen).flatten().tolist(),
-                "freeze_info": self.freeze_info, "history": self.history}
+        return {
+            "target": self.target,
+            "kind": self.kind,
+            "freeze_epoch": self.freeze_epoch,
+            "counts": self.counts,
+            "frozen": None if self.frozen is None else torch.nonzero(self.frozen).flatten().tolist(),
+            "freeze_info": self.freeze_info,
+            "history": self.history,
+        }
 
 
 FINAL_OPTIMIZERS = ("adamw", "same")

@@ -1,4 +1,5 @@
 """The latency model: measured ONNX Runtime latency of zero patterns, fitted on blocked FLOPs."""
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,19 @@ class LatencyModel:
     fits latency/dense ≈ a + b·FLOP fraction by least squares; `flops_for(T)` inverts it.
     """
 
-    def __init__(self, model: nn.Module, groups, example_inputs, cost_model: CostModel, *, batch: int = 1,
-                 threads: int | None = None, workdir=None, time_budget_s: float = 1.5, log=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        groups,
+        example_inputs,
+        cost_model: CostModel,
+        *,
+        batch: int = 1,
+        threads: int | None = None,
+        workdir=None,
+        time_budget_s: float = 1.5,
+        log=None,
+    ):
         import tempfile
 
         self.model = copy.deepcopy(model).cpu().eval()
@@ -75,15 +87,23 @@ class LatencyModel:
             self._dense_onnx = self._export(self.model, "dense")
         small = model if model is not None else self._small(mask)
         path = self._export(small, f"candidate{len(self.points)}")
-        res = benchmark(self._dense_onnx, path, batch_sizes=(self.batch,), threads=(self.threads,),
-                        time_budget_s=self.time_budget_s)
+        res = benchmark(
+            self._dense_onnx, path, batch_sizes=(self.batch,), threads=(self.threads,), time_budget_s=self.time_budget_s
+        )
         row = res["results"][0]
         mask = torch.as_tensor(mask, dtype=torch.bool)
-        pt = {"tag": tag, "flops": float(self.cm.cost(mask, "flops")), "params": float(self.cm.cost(mask, "params")),
-              "flops_blocked": float(self.cm.cost(mask, "flops_blocked")),
-              "latency_ms": row["compressed"]["median_ms"], "dense_ms": row["dense"]["median_ms"],
-              "ratio": row["compressed"]["median_ms"] / row["dense"]["median_ms"],
-              "spread": row["compressed"]["spread"], "threads": row["threads"], "batch": row["batch"]}
+        pt = {
+            "tag": tag,
+            "flops": float(self.cm.cost(mask, "flops")),
+            "params": float(self.cm.cost(mask, "params")),
+            "flops_blocked": float(self.cm.cost(mask, "flops_blocked")),
+            "latency_ms": row["compressed"]["median_ms"],
+            "dense_ms": row["dense"]["median_ms"],
+            "ratio": row["compressed"]["median_ms"] / row["dense"]["median_ms"],
+            "spread": row["compressed"]["spread"],
+            "threads": row["threads"],
+            "batch": row["batch"],
+        }
         self.points.append(pt)
         self.log(f"latency: {tag}: FLOPs {pt['flops']:.3f} → {pt['latency_ms']:.3f} ms (dense {pt['dense_ms']:.3f} ms)")
         return pt
@@ -135,11 +155,17 @@ class LatencyModel:
     def check_target(self, target_ms: float) -> None:
         lo = self.min_point["latency_ms"]
         if target_ms < lo:
-            raise UserError(f"`latency_ms` {target_ms:g} is below what the smallest valid model reaches: "
-                            f"{lo:.3f} ms measured (batch {self.batch}, every removable group removed)", field="latency_ms")
+            raise UserError(
+                f"`latency_ms` {target_ms:g} is below what the smallest valid model reaches: "
+                f"{lo:.3f} ms measured (batch {self.batch}, every removable group removed)",
+                field="latency_ms",
+            )
         if target_ms >= self.dense_ms:
-            raise UserError(f"`latency_ms` {target_ms:g} is not below the dense model's {self.dense_ms:.3f} ms "
-                            f"(batch {self.batch}): nothing to compress", field="latency_ms")
+            raise UserError(
+                f"`latency_ms` {target_ms:g} is not below the dense model's {self.dense_ms:.3f} ms "
+                f"(batch {self.batch}): nothing to compress",
+                field="latency_ms",
+            )
 
     def latency_of(self, pt: dict) -> float:
         """A point's latency on the session's scale: its ratio to the dense model timed in the same
@@ -156,8 +182,15 @@ class LatencyModel:
         def probe(m, tag):
             pred = self.predict(m)
             pt = self.measure(m, tag=tag)
-            probes.append({"groups": int(m.sum()), "flops_blocked": pt["flops_blocked"], "predicted_ms": pred,
-                           "measured_ms": self.latency_of(pt), "raw_ms": pt["latency_ms"]})
+            probes.append(
+                {
+                    "groups": int(m.sum()),
+                    "flops_blocked": pt["flops_blocked"],
+                    "predicted_ms": pred,
+                    "measured_ms": self.latency_of(pt),
+                    "raw_ms": pt["latency_ms"],
+                }
+            )
             return self.latency_of(pt) <= target_ms
 
         if probe(mask, "frozen pattern"):
@@ -192,8 +225,9 @@ class LatencyModel:
                 break
             lo = k
             if k == len(order):
-                raise UserError(f"`latency_ms` {target_ms:g} is not reached even with every group removed",
-                                field="latency_ms")
+                raise UserError(
+                    f"`latency_ms` {target_ms:g} is not reached even with every group removed", field="latency_ms"
+                )
             k = min(len(order), 2 * k)
         if hi is None:
             hi = len(order)  # probes exhausted: the smallest model, measured at calibration to be fast enough
@@ -208,8 +242,15 @@ class LatencyModel:
         return prefix(hi), {"probes": probes}
 
     def table(self) -> dict:
-        return {"batch": self.batch, "threads": self.threads, "block": self.cm.block,
-                "fit": {"a": self.fit[0], "b": self.fit[1]} if self.fit else None,
-                "fit_calibration": {"a": self.fit_calibration[0], "b": self.fit_calibration[1]} if self.fit_calibration else None,
-                "dense_ms": self.dense_ms if self.points else None, "points": self.points,
-                "model": "latency/dense ≈ a + b·(blocked FLOP fraction), least squares over the measured points"}
+        return {
+            "batch": self.batch,
+            "threads": self.threads,
+            "block": self.cm.block,
+            "fit": {"a": self.fit[0], "b": self.fit[1]} if self.fit else None,
+            "fit_calibration": {"a": self.fit_calibration[0], "b": self.fit_calibration[1]}
+            if self.fit_calibration
+            else None,
+            "dense_ms": self.dense_ms if self.points else None,
+            "points": self.points,
+            "model": "latency/dense ≈ a + b·(blocked FLOP fraction), least squares over the measured points",
+        }

@@ -6,6 +6,7 @@ measurement of an (architecture, widths, setting) on this machine is stored unde
 and every later run reads it: the same command and seed give the same run, and the decision is still
 a measurement (delete the folder to measure again, e.g. after an ONNX Runtime upgrade).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,9 @@ class MeasuredLatencies:
 
     def __init__(self, model: torch.nn.Module, example_inputs, setting: str):
         shapes = [(tuple(t.shape), str(t.dtype)) for t in flatten_tensors(example_inputs)]
-        ident = json.dumps({"model": str(model), "inputs": shapes, "setting": setting, "machine": machine()},
-                           sort_keys=True)
+        ident = json.dumps(
+            {"model": str(model), "inputs": shapes, "setting": setting, "machine": machine()}, sort_keys=True
+        )
         self.path = cache_dir() / "latency" / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.json"
         try:
             self.ratios = json.loads(self.path.read_text())["ratios"]

@@ -1,4 +1,5 @@
 """Zero patterns at a budget: enforce, revive, align widths; and keeping a frozen pattern zero."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,9 @@ class ZeroKeeper:
             g = groups[i]
             for s, t in zip(g.slices, g.tensors):
                 by_pd.setdefault((id(t), s.dim), (t, s.dim, []))[2].extend(s.indices)
-        self.items = [(t, d, torch.tensor(sorted(set(ix)), dtype=torch.long, device=t.device))
-                      for t, d, ix in by_pd.values()]
+        self.items = [
+            (t, d, torch.tensor(sorted(set(ix)), dtype=torch.long, device=t.device)) for t, d, ix in by_pd.values()
+        ]
 
     @torch.no_grad()
     def apply(self, optimizer=None) -> None:
@@ -67,8 +69,9 @@ def enforce(cm: CostModel, zero: torch.Tensor, norms: torch.Tensor, kind: str, t
         return m
 
     if cm.cost(with_prefix(hi), kind) > target:
-        raise UserError(f"the {kind} target {target:g} cannot be reached even with every group removed "
-                        f"({cm.minimum(kind):.4f})")
+        raise UserError(
+            f"the {kind} target {target:g} cannot be reached even with every group removed ({cm.minimum(kind):.4f})"
+        )
     while lo < hi:
         mid = (lo + hi) // 2
         if cm.cost(with_prefix(mid), kind) <= target:
@@ -153,8 +156,9 @@ def _aligned_once(cm: CostModel, zero, weak, strong, kind, target, align, kinds,
             if not bool(fits.any()):
                 return mask
             base = float(cm.cost(mask, kind))
-            score = torch.tensor([float(strong[b].sum()) for b in blocks], dtype=torch.float64) \
-                / (cost - base).clamp_min(1e-300)
+            score = torch.tensor([float(strong[b].sum()) for b in blocks], dtype=torch.float64) / (
+                cost - base
+            ).clamp_min(1e-300)
             score[~fits] = -math.inf
             mask[blocks[int(torch.argmax(score))]] = False
 
@@ -180,8 +184,9 @@ def _aligned_once(cm: CostModel, zero, weak, strong, kind, target, align, kinds,
     return mask
 
 
-def align_widths(cm: CostModel, groups, zero, weak, strong, kind: str, target: float, align: int,
-                 floor: float | None = None):
+def align_widths(
+    cm: CostModel, groups, zero, weak, strong, kind: str, target: float, align: int, floor: float | None = None
+):
     """The zero pattern whose every channel/neuron width keeps a multiple of `align` groups.
 
     ONNX Runtime's CPU convolutions run in blocks of `simd_block()` channels: on digits-resnet at
@@ -203,15 +208,24 @@ def align_widths(cm: CostModel, groups, zero, weak, strong, kind: str, target: f
     zero = torch.as_tensor(zero, dtype=torch.bool).clone()
     weak, strong = torch.as_tensor(weak).double().cpu(), torch.as_tensor(strong).double().cpu()
     kinds = [g.kind for g in groups]
-    info = {"align_requested": int(align), "align": 1, "cost_before": float(cm.cost(zero, kind)),
-            "widths_before": kept_widths(cm, zero)}
+    info = {
+        "align_requested": int(align),
+        "align": 1,
+        "cost_before": float(cm.cost(zero, kind)),
+        "widths_before": kept_widths(cm, zero),
+    }
     a = int(align)
     while a > 1:
         mask = _aligned_once(cm, zero, weak, strong, kind, target, a, kinds, floor)
         c = float(cm.cost(mask, kind))
         if floor is None or c >= floor or c >= info["cost_before"]:
-            info.update(align=a, cost=c, removed=int((mask & ~zero).sum()), given_back=int((zero & ~mask).sum()),
-                        widths=kept_widths(cm, mask))
+            info.update(
+                align=a,
+                cost=c,
+                removed=int((mask & ~zero).sum()),
+                given_back=int((zero & ~mask).sum()),
+                widths=kept_widths(cm, mask),
+            )
             return mask, info
         info.setdefault("rejected", []).append({"align": a, "cost": c, "widths": kept_widths(cm, mask)})
         a = a // 2 if a // 2 >= 8 else 1

@@ -1,4 +1,5 @@
 """finetune_to_budget: a fine-tuning run whose λ the controller sets, with resume and a report."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,15 +38,29 @@ class BudgetRunResult:
     budget: dict
 
 
-
-
-def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, out, config=None,
-                       budget: Budget | None = None, *, groups=None, resume: bool = False,
-                       controller: dict | None = None, align: int | None = None,
-                       final_optimizer: str | None = None, rewind: str | None = None, final_lr: float | None = None,
-                       measure_latency: bool | None = None,
-                       latency_calibration=(0.75, 0.5, 0.3), latency_time_budget_s: float = 1.5,
-                       measure_alignment: bool = True, console=None, **finetune_kwargs) -> BudgetRunResult:
+def finetune_to_budget(
+    model: nn.Module,
+    train_data,
+    eval_data,
+    example_inputs,
+    out,
+    config=None,
+    budget: Budget | None = None,
+    *,
+    groups=None,
+    resume: bool = False,
+    controller: dict | None = None,
+    align: int | None = None,
+    final_optimizer: str | None = None,
+    rewind: str | None = None,
+    final_lr: float | None = None,
+    measure_latency: bool | None = None,
+    latency_calibration=(0.75, 0.5, 0.3),
+    latency_time_budget_s: float = 1.5,
+    measure_alignment: bool = True,
+    console=None,
+    **finetune_kwargs,
+) -> BudgetRunResult:
     """Fine-tune `model` so that the exported model meets `budget`; λ is found by the controller.
 
     `config.lam` (if > 0) is only λ's starting value; `config.milestones=None` means one lr decay
@@ -72,11 +87,22 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
     out = Path(out)
     setup = _setup(out, config, budget, groups, resume, controller, model, example_inputs)
     budget, cfg = setup.budget, setup.cfg
-    latency, target = _latency_model(model, example_inputs, setup, measure_latency, latency_calibration,
-                                     latency_time_budget_s, console)
+    latency, target = _latency_model(
+        model, example_inputs, setup, measure_latency, latency_calibration, latency_time_budget_s, console
+    )
     ctl_kw = {k: v for k, v in setup.controller.items() if k != "lam0"}
-    ctl_kw.update({k: v for k, v in (("align", align), ("final_optimizer", final_optimizer), ("rewind", rewind),
-                                     ("final_lr", final_lr)) if v is not None})
+    ctl_kw.update(
+        {
+            k: v
+            for k, v in (
+                ("align", align),
+                ("final_optimizer", final_optimizer),
+                ("rewind", rewind),
+                ("final_lr", final_lr),
+            )
+            if v is not None
+        }
+    )
     if measure_alignment and align is None and "align_meter" not in ctl_kw and not _data_parallel():
         # an explicit `align` is the caller's decision; under torchrun ranks would time differently
         ctl_kw["align_meter"] = _align_meter(model, example_inputs, setup, latency, latency_time_budget_s, console)
@@ -86,14 +112,32 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
         finetune_kwargs["build_optimizer"] = lambda cfg, model, groups: ctl.make_final_optimizer(model)
     run_info = dict(finetune_kwargs.pop("run_info", None) or {})
     run_info["budget"] = dataclasses.asdict(budget)
-    run_info["budget_controller"] = {**ctl_kw, "freeze_epoch": ctl.freeze_epoch, "lam0": setup.lam0,
-                                     "align": ctl.align, "final_optimizer": ctl.final_optimizer, "rewind": ctl.rewind}
+    run_info["budget_controller"] = {
+        **ctl_kw,
+        "freeze_epoch": ctl.freeze_epoch,
+        "lam0": setup.lam0,
+        "align": ctl.align,
+        "final_optimizer": ctl.final_optimizer,
+        "rewind": ctl.rewind,
+    }
     epoch_cbs = [_state_saver(out, ctl, latency), *finetune_kwargs.pop("epoch_callbacks", ())]
     step_cbs = [ctl.on_step, *finetune_kwargs.pop("step_callbacks", ())]
     t0 = time.perf_counter()
-    result = finetune(model, train_data, eval_data, example_inputs, out, None if resume else cfg,
-                      groups=setup.groups, resume=resume, run_info=run_info, epoch_callbacks=epoch_cbs,
-                      step_callbacks=step_cbs, console=console, **finetune_kwargs)
+    result = finetune(
+        model,
+        train_data,
+        eval_data,
+        example_inputs,
+        out,
+        None if resume else cfg,
+        groups=setup.groups,
+        resume=resume,
+        run_info=run_info,
+        epoch_callbacks=epoch_cbs,
+        step_callbacks=step_cbs,
+        console=console,
+        **finetune_kwargs,
+    )
     train_s = time.perf_counter() - t0
     final_zero, post_hoc = _hold_target(out, result, ctl, setup, train_data)
     achieved, acc, small = _achieved(result.model, setup, final_zero, eval_data)
@@ -103,8 +147,14 @@ def finetune_to_budget(model: nn.Module, train_data, eval_data, example_inputs, 
         achieved["latency_ms"] = lat["measured_ms"]
     summary = budget_summary(budget, ctl, setup.dense, achieved, acc, result.metrics, lat, post_hoc, train_s, cfg)
     atomic_write_json(out / RUN_FILES["budget"], summary)
-    return BudgetRunResult(out=result.out, metrics=result.metrics, model=result.model, optimizer=result.optimizer,
-                           groups=setup.groups, budget=summary)
+    return BudgetRunResult(
+        out=result.out,
+        metrics=result.metrics,
+        model=result.model,
+        optimizer=result.optimizer,
+        groups=setup.groups,
+        budget=summary,
+    )
 
 
 @dataclass
@@ -155,8 +205,9 @@ def _setup(out: Path, config, budget, groups, resume: bool, controller, model, e
     lam0 = controller.get("lam0") or (cfg.lam if cfg.lam > 0 else LAM0_FALLBACK)
     if not resume:
         cfg = dataclasses.replace(cfg, lam=lam0)
-    return _Setup(budget, cfg, controller, *_cost_model(model, groups, example_inputs, cfg, budget), lam0,
-                  restore, position)
+    return _Setup(
+        budget, cfg, controller, *_cost_model(model, groups, example_inputs, cfg, budget), lam0, restore, position
+    )
 
 
 def _check_runnable(budget: Budget, cfg: TrainConfig) -> None:
@@ -165,12 +216,16 @@ def _check_runnable(budget: Budget, cfg: TrainConfig) -> None:
     from compress.optim.registry import STRUCTURED, spec
 
     if budget.kind == "latency" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("a latency target is measured on this machine and cannot be used under torchrun; "
-                        "use `target_flops` or `target_params` for data-parallel runs", field="target_latency_ms",
-                        fields=("target_flops", "target_params"))
+        raise UserError(
+            "a latency target is measured on this machine and cannot be used under torchrun; "
+            "use `target_flops` or `target_params` for data-parallel runs",
+            field="target_latency_ms",
+            fields=("target_flops", "target_params"),
+        )
     if not spec(cfg.optimizer).structured:
-        raise UserError(f"a budget needs a group-sparse optimizer ({', '.join(STRUCTURED)}); "
-                        f"{cfg.optimizer} trains dense models")
+        raise UserError(
+            f"a budget needs a group-sparse optimizer ({', '.join(STRUCTURED)}); {cfg.optimizer} trains dense models"
+        )
 
 
 def _cost_model(model, groups, example_inputs, cfg, budget: Budget) -> tuple:
@@ -192,8 +247,16 @@ def _latency_model(model, example_inputs, setup: _Setup, measure_latency, calibr
     budget, restore = setup.budget, setup.restore
     if not (budget.kind == "latency" or measure_latency):
         return None, None
-    latency = LatencyModel(model, setup.groups, setup.example, setup.cm, batch=budget.batch, threads=budget.threads,
-                           time_budget_s=time_budget_s, log=console.print)
+    latency = LatencyModel(
+        model,
+        setup.groups,
+        setup.example,
+        setup.cm,
+        batch=budget.batch,
+        threads=budget.threads,
+        time_budget_s=time_budget_s,
+        log=console.print,
+    )
     if restore and restore.get("latency"):
         lt = restore["latency"]
         latency.points, latency.fit = lt["points"], tuple(lt["fit"])
@@ -205,8 +268,10 @@ def _latency_model(model, example_inputs, setup: _Setup, measure_latency, calibr
     if budget.kind != "latency":
         return latency, None
     target = restore["target"] if restore else latency.flops_for(budget.latency_ms)
-    console.print(f"budget: {budget.describe()} → blocked-FLOP fraction {target:.4f} "
-                  f"(fit latency/dense = {latency.fit[0]:.3f} + {latency.fit[1]:.3f}·blocked FLOPs)")
+    console.print(
+        f"budget: {budget.describe()} → blocked-FLOP fraction {target:.4f} "
+        f"(fit latency/dense = {latency.fit[0]:.3f} + {latency.fit[1]:.3f}·blocked FLOPs)"
+    )
     return latency, target
 
 
@@ -231,8 +296,19 @@ def _align_meter(model, example_inputs, setup: _Setup, latency, time_budget_s: f
         if latency is None and memo.get(widths) is not None:  # measured before on this machine: same decision
             return memo.get(widths)
         if held["models"] is None:
-            held["models"] = [LatencyModel(model, setup.groups, setup.example, setup.cm, batch=b, threads=1,
-                                           time_budget_s=time_budget_s, log=console.print) for b in (1, 32)]
+            held["models"] = [
+                LatencyModel(
+                    model,
+                    setup.groups,
+                    setup.example,
+                    setup.cm,
+                    batch=b,
+                    threads=1,
+                    time_budget_s=time_budget_s,
+                    log=console.print,
+                )
+                for b in (1, 32)
+            ]
         ratios = [float(m.measure(mask, tag=f"alignment: {tag}")["ratio"]) for m in held["models"]]
         ratio = math.prod(ratios) ** (1 / len(ratios))
         if latency is None:
@@ -252,9 +328,20 @@ def _controller(out: Path, setup: _Setup, train_data, target, latency, ctl_kw: d
         return load_file(out / RUN_FILES["init"])
 
     cfg, budget, groups = setup.cfg, setup.budget, setup.groups
-    ctl = BudgetController(budget, setup.cm, groups, cfg, num_batches(train_data, cfg.batch_size), target=target,
-                           lam0=setup.lam0, latency=latency if budget.kind == "latency" else None,
-                           bn_data=train_data, log=console.print, rewind_weights=start_weights, **ctl_kw)
+    ctl = BudgetController(
+        budget,
+        setup.cm,
+        groups,
+        cfg,
+        num_batches(train_data, cfg.batch_size),
+        target=target,
+        lam0=setup.lam0,
+        latency=latency if budget.kind == "latency" else None,
+        bn_data=train_data,
+        log=console.print,
+        rewind_weights=start_weights,
+        **ctl_kw,
+    )
     restore, info = setup.restore, setup.position
     if restore:
         ctl.counts, ctl.history, ctl.freeze_info = restore["counts"], restore["history"], restore["freeze_info"]
@@ -275,8 +362,12 @@ def _state_saver(out: Path, ctl: BudgetController, latency):
         extra = ctl.on_epoch(st)
         s = ctl.state()
         if latency is not None and latency.fit is not None:
-            s["latency"] = {"points": latency.points, "fit": list(latency.fit), "min_point": latency.min_point,
-                            "fit_calibration": list(latency.fit_calibration) if latency.fit_calibration else None}
+            s["latency"] = {
+                "points": latency.points,
+                "fit": list(latency.fit),
+                "min_point": latency.min_point,
+                "fit_calibration": list(latency.fit_calibration) if latency.fit_calibration else None,
+            }
         if out.is_dir():
             atomic_write_json(out / RUN_FILES["budget_state"], s)
         return extra
@@ -320,10 +411,14 @@ def _achieved(model, setup: _Setup, final_zero, eval_data) -> tuple[dict, dict, 
     device, was = next(model.parameters()).device, model.training
     small, rep = extract(model.cpu(), setup.groups, setup.example)
     model.to(device).train(was)
-    achieved = {"flops": rep["flops_after"], "params": rep["params_after"],
-                "flops_fraction": rep["flops_after"] / dense["flops"],
-                "params_fraction": rep["params_after"] / dense["params"],
-                "flops_predicted": cm.flops(final_zero), "params_predicted": cm.params(final_zero)}
+    achieved = {
+        "flops": rep["flops_after"],
+        "params": rep["params_after"],
+        "flops_fraction": rep["flops_after"] / dense["flops"],
+        "params_fraction": rep["params_after"] / dense["params"],
+        "flops_predicted": cm.flops(final_zero),
+        "params_predicted": cm.params(final_zero),
+    }
     acc = {} if eval_data is None else {"accuracy": evaluate(small, eval_data, torch.device("cpu"))["accuracy"]}
     return achieved, acc, small
 
@@ -335,18 +430,25 @@ def _latency_report(out: Path, latency: LatencyModel, final_zero, small, budget:
     with console.status("measuring the latency of the compressed model"):
         pt = latency.measure(final_zero, model=small, tag="final model")
     meas = latency.latency_of(pt)
-    lat = {"measured_ms": meas, "measured_raw_ms": pt["latency_ms"], "dense_ms": latency.dense_ms,
-           "dense_raw_ms": pt["dense_ms"], "ratio_to_dense": pt["ratio"], "target_ms": budget.latency_ms,
-           "batch": budget.batch, "threads": pt["threads"],
-           "measured_note": "ratio to the dense model timed interleaved in the same run × the dense model's "
-                            "median latency over all runs of this session",
-           # from the fit to the calibration patterns only (before training): the model's own prediction
-           "predicted_ms": predicted_cal,
-           "prediction_error": None if predicted_cal is None else (predicted_cal - meas) / meas,
-           # refit on every pattern measured before the final export, incl. the freeze probes (one of
-           # which has the final architecture): a consistency check of the measurements, not a model
-           "predicted_ms_refit": predicted,
-           "prediction_error_refit": None if predicted is None else (predicted - meas) / meas}
+    lat = {
+        "measured_ms": meas,
+        "measured_raw_ms": pt["latency_ms"],
+        "dense_ms": latency.dense_ms,
+        "dense_raw_ms": pt["dense_ms"],
+        "ratio_to_dense": pt["ratio"],
+        "target_ms": budget.latency_ms,
+        "batch": budget.batch,
+        "threads": pt["threads"],
+        "measured_note": "ratio to the dense model timed interleaved in the same run × the dense model's "
+        "median latency over all runs of this session",
+        # from the fit to the calibration patterns only (before training): the model's own prediction
+        "predicted_ms": predicted_cal,
+        "prediction_error": None if predicted_cal is None else (predicted_cal - meas) / meas,
+        # refit on every pattern measured before the final export, incl. the freeze probes (one of
+        # which has the final architecture): a consistency check of the measurements, not a model
+        "predicted_ms_refit": predicted,
+        "prediction_error_refit": None if predicted is None else (predicted - meas) / meas,
+    }
     if latency.fit:
         lat["table"] = latency.table()
         atomic_write_json(out / RUN_FILES["latency"], latency.table())
@@ -365,17 +467,34 @@ def budget_config(cfg) -> TrainConfig:
     return cfg
 
 
-def budget_summary(budget: Budget, ctl: BudgetController, dense: dict, achieved: dict, accuracy: dict,
-                   metrics: list, latency: dict | None, post_hoc: int, train_seconds: float, cfg) -> dict:
+def budget_summary(
+    budget: Budget,
+    ctl: BudgetController,
+    dense: dict,
+    achieved: dict,
+    accuracy: dict,
+    metrics: list,
+    latency: dict | None,
+    post_hoc: int,
+    train_seconds: float,
+    cfg,
+) -> dict:
     """Target, achieved and dense cost side by side, how λ ended, and who removed which groups."""
     kind = budget.kind
     s = {
-        "target": {"kind": kind, "value": budget.target, "describe": budget.describe(),
-                   "controlled_as": {"kind": ctl.kind, "fraction": ctl.target}},
+        "target": {
+            "kind": kind,
+            "value": budget.target,
+            "describe": budget.describe(),
+            "controlled_as": {"kind": ctl.kind, "fraction": ctl.target},
+        },
         "dense": dense,
         "achieved": achieved,
-        "met": (achieved["latency_ms"] <= budget.target if kind == "latency"
-                else achieved[f"{kind}_fraction"] <= budget.target),
+        "met": (
+            achieved["latency_ms"] <= budget.target
+            if kind == "latency"
+            else achieved[f"{kind}_fraction"] <= budget.target
+        ),
         **accuracy,
         "lam_final": ctl.freeze_info.get("lam_at_freeze"),  # λ that produced the frozen pattern
         "lam_final_phase": ctl.final_lam,

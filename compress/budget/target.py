@@ -1,4 +1,5 @@
 """Budget: what the user asks for (a fraction of FLOPs or parameters, or a latency)."""
+
 from __future__ import annotations
 
 import math
@@ -25,24 +26,31 @@ class Budget:
     def __post_init__(self):
         given = [k for k in ("flops", "params", "latency_ms") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise UserError("give exactly one budget target: `flops`, `params` or `latency_ms`; "
-                            f"got {', '.join(given) or 'none'}", fields=("flops", "params", "latency_ms"))
+            raise UserError(
+                f"give exactly one budget target: `flops`, `params` or `latency_ms`; got {', '.join(given) or 'none'}",
+                fields=("flops", "params", "latency_ms"),
+            )
         for k in ("flops", "params"):
             v = getattr(self, k)
             if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
                 raise UserError(f"`{k}` must be a fraction of the dense model in (0, 1), got {v}", field=k)
         lat = self.latency_ms
         if lat is not None and not (isinstance(lat, (int, float)) and 0 < lat < math.inf):
-            raise UserError(f"`latency_ms` must be a positive number of milliseconds, got {self.latency_ms}",
-                            field="latency_ms")
+            raise UserError(
+                f"`latency_ms` must be a positive number of milliseconds, got {self.latency_ms}", field="latency_ms"
+            )
         if self.latency_ms is None and (self.batch != 1 or self.threads is not None):
-            raise UserError("`batch` and `threads` only apply to a latency target (`latency_ms`)",
-                            field="batch" if self.batch != 1 else "threads", fields=("batch", "threads", "latency_ms"))
+            raise UserError(
+                "`batch` and `threads` only apply to a latency target (`latency_ms`)",
+                field="batch" if self.batch != 1 else "threads",
+                fields=("batch", "threads", "latency_ms"),
+            )
         if not isinstance(self.batch, int) or self.batch < 1:
             raise UserError(f"`batch` must be a positive integer, got {self.batch}", field="batch")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise UserError(f"`threads` must be a positive integer (or unset for all cores), got {self.threads}",
-                            field="threads")
+            raise UserError(
+                f"`threads` must be a positive integer (or unset for all cores), got {self.threads}", field="threads"
+            )
 
     @property
     def kind(self) -> str:
@@ -64,6 +72,8 @@ class Budget:
             return
         floor = cm.minimum(self.kind)
         if self.target < floor:
-            raise UserError(f"`{self.kind}` {self.target:g} is below the smallest valid model: removing every "
-                            f"removable group (one kept per layer) leaves {floor:.4f} of the dense {self.kind}",
-                            field=self.kind)
+            raise UserError(
+                f"`{self.kind}` {self.target:g} is below the smallest valid model: removing every "
+                f"removable group (one kept per layer) leaves {floor:.4f} of the dense {self.kind}",
+                field=self.kind,
+            )

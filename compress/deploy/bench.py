@@ -11,6 +11,7 @@ Why it is built this way:
 Works on any two ONNX files with the same input names: shapes come from the graph,
 dynamic batch dims take each batch size and other dynamic dims `seq_len`.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,15 @@ def all_cores() -> int:
 def _stats(ns: list[int]) -> dict:
     a = np.asarray(ns, dtype=np.float64) / 1e6
     q1, med, q3, p90 = np.percentile(a, [25, 50, 75, 90])
-    return {"median_ms": float(med), "p90_ms": float(p90), "min_ms": float(a.min()), "mean_ms": float(a.mean()),
-            "iqr_ms": float(q3 - q1), "spread": float((q3 - q1) / med) if med > 0 else 0.0, "n": int(a.size)}
+    return {
+        "median_ms": float(med),
+        "p90_ms": float(p90),
+        "min_ms": float(a.min()),
+        "mean_ms": float(a.mean()),
+        "iqr_ms": float(q3 - q1),
+        "spread": float((q3 - q1) / med) if med > 0 else 0.0,
+        "n": int(a.size),
+    }
 
 
 def _interleaved(run_a, run_b, warmup: int, rounds: int | None, budget_s: float) -> tuple[list, list]:
@@ -52,7 +60,7 @@ def _interleaved(run_a, run_b, warmup: int, rounds: int | None, budget_s: float)
         rounds = int(min(5000, max(10, budget_s / max(per_pair, 1e-6))))
     ta, tb = [], []
     for r in range(rounds):
-        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+        for which in (0, 1) if r % 2 == 0 else (1, 0):
             fn, acc = (run_a, ta) if which == 0 else (run_b, tb)
             s = clock()
             fn()
@@ -88,8 +96,14 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": all_cores(), "platform": platform.platform(), "python": platform.python_version(),
-            "onnxruntime": ort.__version__, "numpy": np.__version__}
+    info = {
+        "cpu": cpu,
+        "cores": all_cores(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+    }
     try:
         import torch
 
@@ -144,11 +158,32 @@ def benchmark(
     flop_info = _flop_info(torch_models, flops, models, inputs, seq_len, input_shapes, seed)
     flop_ratio = flop_info["dense"] / max(flop_info["compressed"], 1) if flop_info else None
     timing = {"warmup": warmup, "rounds": rounds, "budget_s": time_budget_s, "flop_ratio": flop_ratio, "seed": seed}
-    rows = _ort_rows((dense_path, compressed_path), models, providers, thread_list, batch_sizes, inputs,
-                     seq_len, input_shapes, spinning, timing)
+    rows = _ort_rows(
+        (dense_path, compressed_path),
+        models,
+        providers,
+        thread_list,
+        batch_sizes,
+        inputs,
+        seq_len,
+        input_shapes,
+        spinning,
+        timing,
+    )
     if torch_models is not None:
-        rows += _torch_rows(torch_models, inputs, thread_list, batch_sizes, seq_len, input_shapes, warmup, rounds,
-                            time_budget_s, flop_ratio, seed)
+        rows += _torch_rows(
+            torch_models,
+            inputs,
+            thread_list,
+            batch_sizes,
+            seq_len,
+            input_shapes,
+            warmup,
+            rounds,
+            time_budget_s,
+            flop_ratio,
+            seed,
+        )
     return {
         "dense": models["dense"],
         "compressed": models["compressed"],
@@ -156,10 +191,18 @@ def benchmark(
         "flop_ratio": flop_ratio,
         "params_ratio": models["dense"].get("params", models["dense"]["params_onnx"])
         / max(1, models["compressed"].get("params", models["compressed"]["params_onnx"])),
-        "settings": {"batch_sizes": list(batch_sizes), "threads": thread_list, "providers": list(providers),
-                     "warmup": warmup, "rounds": rounds, "time_budget_s": time_budget_s, "seq_len": seq_len,
-                     "spinning": spinning, "interleaved": True,
-                     "input_shapes": {k: list(v) if not isinstance(v, int) else v for k, v in (input_shapes or {}).items()}},
+        "settings": {
+            "batch_sizes": list(batch_sizes),
+            "threads": thread_list,
+            "providers": list(providers),
+            "warmup": warmup,
+            "rounds": rounds,
+            "time_budget_s": time_budget_s,
+            "seq_len": seq_len,
+            "spinning": spinning,
+            "interleaved": True,
+            "input_shapes": {k: list(v) if not isinstance(v, int) else v for k, v in (input_shapes or {}).items()},
+        },
         "machine": _machine(),
         "results": rows,
     }
@@ -174,7 +217,7 @@ def _thread_list(threads) -> list[int]:
 
 
 def _providers(providers) -> list[str]:
-    """"auto": CPU, plus CUDA where this onnxruntime has it; a given list must all be available."""
+    """ "auto": CPU, plus CUDA where this onnxruntime has it; a given list must all be available."""
     import onnxruntime as ort
 
     if providers == "auto":
@@ -183,7 +226,9 @@ def _providers(providers) -> list[str]:
             providers.append("CUDAExecutionProvider")
     for p in providers:
         if p not in ort.get_available_providers():
-            raise UserError(f"ONNX Runtime provider {p} is not available here ({', '.join(ort.get_available_providers())})")
+            raise UserError(
+                f"ONNX Runtime provider {p} is not available here ({', '.join(ort.get_available_providers())})"
+            )
     return providers
 
 
@@ -192,13 +237,18 @@ def _describe_models(dense_path, compressed_path) -> tuple[list, dict]:
     protos = [load_onnx(dense_path), load_onnx(compressed_path)]
     ins = [graph_inputs(p) for p in protos]
     if [n for n, _, _ in ins[0]] != [n for n, _, _ in ins[1]]:
-        raise UserError(f"the models' inputs differ: {dense_path} takes {[n for n, _, _ in ins[0]]}, "
-                        f"{compressed_path} takes {[n for n, _, _ in ins[1]]}")
+        raise UserError(
+            f"the models' inputs differ: {dense_path} takes {[n for n, _, _ in ins[0]]}, "
+            f"{compressed_path} takes {[n for n, _, _ in ins[1]]}"
+        )
     models = {}
     for key, path, proto, inp in zip(("dense", "compressed"), (dense_path, compressed_path), protos, ins):
-        models[key] = {"path": str(path), "file_bytes": Path(path).stat().st_size,
-                       "params_onnx": initializer_elements(proto),
-                       "inputs": {n: [d if d is not None else "?" for d in dims] for n, dims, _ in inp}}
+        models[key] = {
+            "path": str(path),
+            "file_bytes": Path(path).stat().st_size,
+            "params_onnx": initializer_elements(proto),
+            "inputs": {n: [d if d is not None else "?" for d in dims] for n, dims, _ in inp},
+        }
     return ins[0], models
 
 
@@ -219,8 +269,9 @@ def _flop_info(torch_models, flops, models, inputs, seq_len, input_shapes, seed)
     return None
 
 
-def _ort_rows(paths, models, providers, thread_list, batch_sizes, inputs, seq_len, input_shapes, spinning,
-              timing) -> list[dict]:
+def _ort_rows(
+    paths, models, providers, thread_list, batch_sizes, inputs, seq_len, input_shapes, spinning, timing
+) -> list[dict]:
     """One row per (provider, threads, batch): both models timed interleaved on the same feed.
     CUDA runs once, at the last thread count (intra-op threads barely matter there)."""
     rows = []
@@ -233,10 +284,21 @@ def _ort_rows(paths, models, providers, thread_list, batch_sizes, inputs, seq_le
                 feed = make_feed(inputs, shapes, timing["seed"])
                 _first_run(sd, feed, models["dense"]["path"], shapes)
                 _first_run(sc, feed, models["compressed"]["path"], shapes)
-                ta, tb = _interleaved(_runner(sd, feed), _runner(sc, feed),
-                                      timing["warmup"], timing["rounds"], timing["budget_s"])
-                rows.append(_row("onnxruntime", provider.replace("ExecutionProvider", ""), t, b, shapes,
-                                 ta, tb, timing["flop_ratio"]))
+                ta, tb = _interleaved(
+                    _runner(sd, feed), _runner(sc, feed), timing["warmup"], timing["rounds"], timing["budget_s"]
+                )
+                rows.append(
+                    _row(
+                        "onnxruntime",
+                        provider.replace("ExecutionProvider", ""),
+                        t,
+                        b,
+                        shapes,
+                        ta,
+                        tb,
+                        timing["flop_ratio"],
+                    )
+                )
             del sd, sc
     return rows
 
@@ -250,18 +312,28 @@ def _first_run(sess, feed, path, shapes) -> None:
     try:
         sess.run(None, feed)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path} does not run on inputs "
-                        f"{ {k: list(v) for k, v in shapes.items()} }: "
-                        f"{str(e).splitlines()[0][:200]}; override with input_shapes") from None
+        raise UserError(
+            f"{path} does not run on inputs "
+            f"{ {k: list(v) for k, v in shapes.items()} }: "
+            f"{str(e).splitlines()[0][:200]}; override with input_shapes"
+        ) from None
 
 
 def _row(engine, provider, threads, batch, shapes, ta, tb, flop_ratio) -> dict:
     d, c = _stats(ta), _stats(tb)
     speedup = d["median_ms"] / c["median_ms"] if c["median_ms"] > 0 else float("inf")
-    return {"engine": engine, "provider": provider, "threads": threads, "batch": batch,
-            "input_shapes": {k: list(v) for k, v in shapes.items()}, "dense": d, "compressed": c,
-            "speedup": speedup, "flop_ratio": flop_ratio,
-            "efficiency": speedup / flop_ratio if flop_ratio else None}
+    return {
+        "engine": engine,
+        "provider": provider,
+        "threads": threads,
+        "batch": batch,
+        "input_shapes": {k: list(v) for k, v in shapes.items()},
+        "dense": d,
+        "compressed": c,
+        "speedup": speedup,
+        "flop_ratio": flop_ratio,
+        "efficiency": speedup / flop_ratio if flop_ratio else None,
+    }
 
 
 def _torch_args(feed, inputs):
@@ -280,8 +352,9 @@ def _eager(model, args):
     return run
 
 
-def _torch_rows(torch_models, inputs, thread_list, batch_sizes, seq_len, input_shapes, warmup, rounds, budget_s,
-                flop_ratio, seed) -> list[dict]:
+def _torch_rows(
+    torch_models, inputs, thread_list, batch_sizes, seq_len, input_shapes, warmup, rounds, budget_s, flop_ratio, seed
+) -> list[dict]:
     """Eager torch on CPU, same feeds and interleaving: the reference ORT should beat."""
     import torch
 

@@ -3,6 +3,7 @@
 Apart from `compress.deploy.bench` so that reading or plotting a saved bench.json needs
 neither ONNX Runtime nor a model.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,9 +20,12 @@ def print_bench_table(result: dict, console=None) -> None:
     console = console or Console()
     m = result.get("machine", {})
     wide = console.width >= 110  # p90 and IQR columns only where they fit; the JSON always has them
-    t = Table(title=f"latency, dense vs compressed (medians; interleaved) — {m.get('cpu', '?')}, "
-                    f"{m.get('cores', '?')} cores, onnxruntime {m.get('onnxruntime', '?')}",
-              box=box.SIMPLE_HEAD, padding=(0, 1))
+    t = Table(
+        title=f"latency, dense vs compressed (medians; interleaved) — {m.get('cpu', '?')}, "
+        f"{m.get('cores', '?')} cores, onnxruntime {m.get('onnxruntime', '?')}",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+    )
     cols = ["engine", "thr", "batch", "dense ms", "compr. ms"]
     cols += ["p90 ms d / c", "IQR/med d / c"] if wide else []
     for col in cols + ["speedup", "FLOP ×", "eff."]:
@@ -34,13 +38,16 @@ def print_bench_table(result: dict, console=None) -> None:
         cells = [eng, str(r["threads"]), str(r["batch"]), f"{d['median_ms']:.3f}", f"{c['median_ms']:.3f}"]
         if wide:
             cells += [f"{d['p90_ms']:.3f} / {c['p90_ms']:.3f}", f"{d['spread']:.2f} / {c['spread']:.2f}"]
-        t.add_row(*cells, f"{r['speedup']:.2f}×", "–" if fr is None else f"{fr:.2f}×",
-                  "–" if eff is None else f"{eff:.2f}")
+        t.add_row(
+            *cells, f"{r['speedup']:.2f}×", "–" if fr is None else f"{fr:.2f}×", "–" if eff is None else f"{eff:.2f}"
+        )
     console.print(t)
     dn, cp = result["dense"], result["compressed"]
     pk = "params" if "params" in dn else "params_onnx"
-    line = (f"params {dn[pk]:,} → {cp[pk]:,} ({result['params_ratio']:.2f}×), "
-            f"file {dn['file_bytes'] / 1024:.0f} → {cp['file_bytes'] / 1024:.0f} KiB")
+    line = (
+        f"params {dn[pk]:,} → {cp[pk]:,} ({result['params_ratio']:.2f}×), "
+        f"file {dn['file_bytes'] / 1024:.0f} → {cp['file_bytes'] / 1024:.0f} KiB"
+    )
     if result.get("flops"):
         f = result["flops"]
         line += f", FLOPs/sample {f['dense']:,} → {f['compressed']:,} ({result['flop_ratio']:.2f}×)"
@@ -54,9 +61,11 @@ def plot_bench(result: dict, png_path) -> None:
     from matplotlib.figure import Figure
 
     rows = result["results"]
-    labels = [f"{'ORT' if r['engine'] == 'onnxruntime' else r['engine']}"
-              f"{'' if r['provider'] in ('CPU', 'eager') else ' ' + r['provider']}\n{r['threads']}t b{r['batch']}"
-              for r in rows]
+    labels = [
+        f"{'ORT' if r['engine'] == 'onnxruntime' else r['engine']}"
+        f"{'' if r['provider'] in ('CPU', 'eager') else ' ' + r['provider']}\n{r['threads']}t b{r['batch']}"
+        for r in rows
+    ]
     x = np.arange(len(rows))
     fig = Figure(figsize=(max(6.0, 1.1 * len(rows) + 3), 4.2))
     FigureCanvasAgg(fig)
@@ -64,8 +73,15 @@ def plot_bench(result: dict, png_path) -> None:
     for off, key, color in ((-0.2, "dense", "#8c8c8c"), (0.2, "compressed", "#2b8cbe")):
         med = [r[key]["median_ms"] for r in rows]
         p90 = [r[key]["p90_ms"] for r in rows]
-        ax1.bar(x + off, med, 0.4, label=key, color=color,
-                yerr=[np.zeros(len(rows)), np.maximum(0, np.subtract(p90, med))], capsize=2)
+        ax1.bar(
+            x + off,
+            med,
+            0.4,
+            label=key,
+            color=color,
+            yerr=[np.zeros(len(rows)), np.maximum(0, np.subtract(p90, med))],
+            capsize=2,
+        )
     ax1.set_yscale("log")
     ax1.set_ylabel("latency ms (median, bar to p90)")
     ax1.set_xticks(x, labels, fontsize=7)

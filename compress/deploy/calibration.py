@@ -4,6 +4,7 @@ Why a module of its own: a bad calibration file must fail here, with one line th
 problem, before any quantized file exists; and the samples picked must be the same every time
 (seeded choice, sorted), so the same inputs give the same INT8 model.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,9 +14,16 @@ import numpy as np
 from compress.errors import UserError
 
 LABEL_KEYS = ("labels", "label", "y", "targets")
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-               "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+}
 
 
 def model_inputs(onnx_path) -> list[tuple[str, list, type]]:
@@ -63,8 +71,10 @@ def as_arrays(source, inputs) -> tuple[dict[str, np.ndarray], np.ndarray | None]
         arrays = {names[0]: next(iter(arrays.values()))}
     missing = [n for n in names if n not in arrays]
     if missing:
-        raise UserError(f"{where} lacks the model input(s) {missing}; it has {sorted(arrays)} "
-                        f"(keys must be the ONNX input names, plus optional 'labels')")
+        raise UserError(
+            f"{where} lacks the model input(s) {missing}; it has {sorted(arrays)} "
+            f"(keys must be the ONNX input names, plus optional 'labels')"
+        )
     feeds = {n: _checked(arrays[n], n, shape, dt, where) for n, shape, dt in inputs}
     sizes = {len(a) for a in feeds.values()} | ({len(labels)} if labels is not None else set())
     if len(sizes) != 1:
@@ -82,8 +92,11 @@ def _checked(a: np.ndarray, name: str, shape: list, dt, where: str) -> np.ndarra
             raise UserError(f"{where}: input {name} has shape {list(a.shape)}, the model takes {shape} (axis {i})")
     if len(a) == 0:
         raise UserError(f"{where}: input {name} has no samples")
-    kind_ok = (np.issubdtype(a.dtype, np.floating) and np.issubdtype(dt, np.floating)) or \
-              (np.issubdtype(a.dtype, np.integer) and np.issubdtype(dt, np.integer)) or a.dtype == dt
+    kind_ok = (
+        (np.issubdtype(a.dtype, np.floating) and np.issubdtype(dt, np.floating))
+        or (np.issubdtype(a.dtype, np.integer) and np.issubdtype(dt, np.integer))
+        or a.dtype == dt
+    )
     if not kind_ok:
         raise UserError(f"{where}: input {name} is {a.dtype}, the model takes {np.dtype(dt).name}")
     if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
@@ -108,7 +121,7 @@ def take(feeds: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]
 def batches(feeds: dict[str, np.ndarray], size: int):
     n = len(next(iter(feeds.values())))
     for s in range(0, n, size):
-        yield {k: v[s:s + size] for k, v in feeds.items()}
+        yield {k: v[s : s + size] for k, v in feeds.items()}
 
 
 def reader(feeds: dict[str, np.ndarray], size: int):

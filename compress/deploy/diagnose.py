@@ -1,5 +1,6 @@
 """Why an ONNX export failed, in words a user can act on: the unsupported operator and the
 module whose forward calls it, instead of a page of exporter traceback."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,12 @@ def export_error(model, inputs, device, opset, errors) -> UserError:
         if op:
             where = _op_module(model, inputs, device, op)
             loc = f" in module {where}" if where else ""
-            return UserError(f"cannot export to ONNX: operator {op}{loc} is not supported at opset {opset} "
-                             f"by {' or '.join(n for n, _ in errors)} exporter; replace it with supported ops "
-                             f"or try a newer `opset`", fields=("opset",))
+            return UserError(
+                f"cannot export to ONNX: operator {op}{loc} is not supported at opset {opset} "
+                f"by {' or '.join(n for n, _ in errors)} exporter; replace it with supported ops "
+                f"or try a newer `opset`",
+                fields=("opset",),
+            )
     detail = "; ".join(f"{n}: {one_line(e)}" for n, e in errors)
     err = UserError(f"ONNX export failed ({detail})")
     err.__cause__ = errors[-1][1]

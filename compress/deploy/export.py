@@ -10,6 +10,7 @@ and falls back to dynamo (which also covers a future torch without the legacy ex
 Nothing half-done reaches `path`: everything happens in a temporary directory beside it,
 and only a checked and verified single-file model is renamed into place.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -85,8 +86,11 @@ def _is_text(t: torch.Tensor) -> bool:
 def _default_input_names(model: torch.nn.Module, n: int) -> list[str]:
     """The forward's own argument names (input_ids, attention_mask ...) when they fit."""
     try:
-        params = [p for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         params = []
     if len(params) >= n > 0:
@@ -103,8 +107,9 @@ def _output_dynamic_axes(model, inputs, device, dyn_batch, dyn_seq, gen) -> list
     if dyn_batch:
         probes.append(("batch", [random_like(x, x.shape[0] + 1, None, gen) for x in inputs]))
     if dyn_seq:
-        probes.append(("seq", [random_like(x, None, x.shape[1] + 1 if s else None, gen)
-                               for x, s in zip(inputs, dyn_seq)]))
+        probes.append(
+            ("seq", [random_like(x, None, x.shape[1] + 1 if s else None, gen) for x, s in zip(inputs, dyn_seq)])
+        )
     for name, probe in probes:
         shapes = [o.shape for o in flatten_tensors(torch_forward(model, probe, device))]
         for i, (a, b) in enumerate(zip(base, shapes)):
@@ -120,8 +125,17 @@ def _output_dynamic_axes(model, inputs, device, dyn_batch, dyn_seq, gen) -> list
 def _export_torchscript(model, inputs, tmp, opset, names, out_names, dyn_in, dyn_out):
     axes = {n: d for n, d in zip(names, dyn_in) if d}
     axes.update({n: d for n, d in zip(out_names, dyn_out) if d})
-    torch.onnx.export(model, inputs, tmp, dynamo=False, opset_version=opset, input_names=names,
-                      output_names=out_names, dynamic_axes=axes or None, do_constant_folding=True)
+    torch.onnx.export(
+        model,
+        inputs,
+        tmp,
+        dynamo=False,
+        opset_version=opset,
+        input_names=names,
+        output_names=out_names,
+        dynamic_axes=axes or None,
+        do_constant_folding=True,
+    )
 
 
 def _export_dynamo(model, inputs, tmp, opset, names, out_names, dyn_in, dyn_out):
@@ -135,9 +149,17 @@ def _export_dynamo(model, inputs, tmp, opset, names, out_names, dyn_in, dyn_out)
         return dims[n]
 
     shapes = tuple({k: dim(v) for k, v in d.items()} or None for d in dyn_in)
-    onx = torch.onnx.export(model, inputs, dynamo=True, opset_version=opset, input_names=names,
-                            output_names=out_names, dynamic_shapes=shapes if any(dyn_in) else None,
-                            verbose=False, report=False)
+    onx = torch.onnx.export(
+        model,
+        inputs,
+        dynamo=True,
+        opset_version=opset,
+        input_names=names,
+        output_names=out_names,
+        dynamic_shapes=shapes if any(dyn_in) else None,
+        verbose=False,
+        report=False,
+    )
     onx.save(tmp)
 
 
@@ -184,8 +206,9 @@ def export_onnx(
     model.eval()
     try:
         out_names = _output_names(plan, output_names)
-        dyn_out = _output_dynamic_axes(model, plan.inputs, plan.device, dynamic_batch,
-                                       any(plan.dyn_seq) and plan.dyn_seq, gen)
+        dyn_out = _output_dynamic_axes(
+            model, plan.inputs, plan.device, dynamic_batch, any(plan.dyn_seq) and plan.dyn_seq, gen
+        )
         tmpdir = _tmpdir_beside(path)
         try:
             report, single = _export_checked(plan, path, tmpdir, exporter, opset, out_names, dyn_out)
@@ -238,15 +261,18 @@ def _plan(model, example_inputs, dynamic_batch, dynamic_seq, input_names) -> Ver
     names = list(input_names) if input_names else _default_input_names(model, len(inputs))
     if len(names) != len(inputs):
         raise UserError(f"{len(names)} input names for {len(inputs)} inputs")
-    dyn_in = [({0: "batch"} if dynamic_batch and x.dim() >= 1 else {}) | ({1: "seq"} if s else {})
-              for x, s in zip(inputs, dyn_seq)]
+    dyn_in = [
+        ({0: "batch"} if dynamic_batch and x.dim() >= 1 else {}) | ({1: "seq"} if s else {})
+        for x, s in zip(inputs, dyn_seq)
+    ]
     return VerifyPlan(model, inputs, device, names, dyn_in, dynamic_batch, dyn_seq)
 
 
 def _output_names(plan: VerifyPlan, output_names) -> list[str]:
     n_out = len(flatten_tensors(torch_forward(plan.model, plan.inputs, plan.device)))
-    out_names = list(output_names) if output_names else (["output"] if n_out == 1 else
-                                                         [f"output_{i}" for i in range(n_out)])
+    out_names = (
+        list(output_names) if output_names else (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+    )
     if len(out_names) != n_out:
         raise UserError(f"{len(out_names)} output names for {n_out} outputs")
     return out_names
@@ -290,26 +316,33 @@ def _export_checked(plan, path: Path, tmpdir: Path, exporter, opset, out_names, 
     onnx.checker.check_model(proto, full_check=True)
     single = str(tmpdir / "single.onnx")
     onnx.save(proto, single)
-    report = {"path": str(path), "exporter": used, "opset": _opset_of(proto),
-              "input_names": plan.names, "output_names": out_names,
-              "dynamic_axes": {n: {str(k): v for k, v in d.items()} for n, d in zip(plan.names, plan.dyn_in)}}
+    report = {
+        "path": str(path),
+        "exporter": used,
+        "opset": _opset_of(proto),
+        "input_names": plan.names,
+        "output_names": out_names,
+        "dynamic_axes": {n: {str(k): v for k, v in d.items()} for n, d in zip(plan.names, plan.dyn_in)},
+    }
     if errors:
         report["exporter_fallback_reason"] = one_line(errors[0][1])
     return report, single
 
 
 def _final_report(report: dict, path: Path, ver: dict, verify: bool, t0: float) -> dict:
-    report.update({
-        "file_bytes": path.stat().st_size,
-        "max_abs_diff": ver.get("max_abs_diff"),
-        "max_rel_diff": ver.get("max_rel_diff"),
-        "verified": bool(verify),
-        "torch_accuracy": ver.get("torch_accuracy"),
-        "onnx_accuracy": ver.get("onnx_accuracy"),
-        "eval_samples": ver.get("eval_samples"),
-        "verify_checks": ver.get("checks", []),
-        "seconds": round(time.perf_counter() - t0, 3),
-    })
+    report.update(
+        {
+            "file_bytes": path.stat().st_size,
+            "max_abs_diff": ver.get("max_abs_diff"),
+            "max_rel_diff": ver.get("max_rel_diff"),
+            "verified": bool(verify),
+            "torch_accuracy": ver.get("torch_accuracy"),
+            "onnx_accuracy": ver.get("onnx_accuracy"),
+            "eval_samples": ver.get("eval_samples"),
+            "verify_checks": ver.get("checks", []),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    )
     return report
 
 

@@ -8,6 +8,7 @@ attributes updated. The result is only returned after dense and compressed outpu
 agree to `atol` relative to the output scale; otherwise `ExtractionError` names the
 group whose removal broke the equivalence.
 """
+
 from __future__ import annotations
 
 import copy
@@ -67,7 +68,9 @@ def _channel_index(g, layer_module_weight: str, transposed: bool) -> list[int]:
     for s in g.slices:
         if s.param == layer_module_weight and s.dim == dim:
             return list(s.indices)
-    raise ExtractionError(f"group {g.name}: no slice of {layer_module_weight} on dim {dim}; the groups do not match the model", g.name)
+    raise ExtractionError(
+        f"group {g.name}: no slice of {layer_module_weight} on dim {dim}; the groups do not match the model", g.name
+    )
 
 
 def _plan(model, groups, zero: torch.Tensor, align: int = 1):
@@ -98,10 +101,11 @@ def _plan(model, groups, zero: torch.Tensor, align: int = 1):
         kept = len(idx) - len(entry["remove"])
         if align > 1 and groups[idx[0]].kind != "head" and kept % align:
             extra = min(len(entry["remove"]), align - kept % align)
-            entry["remove"] = entry["remove"][:len(entry["remove"]) - extra]
+            entry["remove"] = entry["remove"][: len(entry["remove"]) - extra]
             entry["aligned"] = extra
-            entry["note"] = (entry["note"] + "; " if entry["note"] else "") + \
-                f"kept {extra} zero groups so {kept + extra} (a multiple of {align}) remain"
+            entry["note"] = (
+                entry["note"] + "; " if entry["note"] else ""
+            ) + f"kept {extra} zero groups so {kept + extra} (a multiple of {align}) remain"
         plan[layer] = entry
     return plan
 

@@ -1,5 +1,6 @@
 """An ONNX file's inputs for a benchmark: the graph read without its weights, the real inputs (name,
 dims, dtype), concrete shapes for each batch size and sequence length, and random feeds every model accepts."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,8 +52,10 @@ def resolve_shapes(inputs, batch: int, seq_len: int, input_shapes: dict | None) 
     names = {n for n, _, _ in inputs}
     for k in over:
         if k not in names and not isinstance(over[k], int):
-            raise UserError(f"input_shapes names {k!r}, which is neither an input ({', '.join(sorted(names))}) "
-                            "nor a symbolic dimension given as an int")
+            raise UserError(
+                f"input_shapes names {k!r}, which is neither an input ({', '.join(sorted(names))}) "
+                "nor a symbolic dimension given as an int"
+            )
     shapes = {}
     for name, dims, _ in inputs:
         spec = list(over[name]) if name in over else list(dims)

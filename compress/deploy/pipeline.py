@@ -1,4 +1,5 @@
 """Run-level export and bench: rebuild the model from a run directory, extract, export, measure."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,9 @@ from compress.runs import RUN_FILES, load_run
 from compress.train.evaluate import evaluate
 
 
-def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, align: int | None = None,
-               console=None) -> dict:
+def export_run(
+    run: str | Path, *, opset: int = 17, simplify: bool = False, align: int | None = None, console=None
+) -> dict:
     """Extract the zero groups of a run, export dense.onnx and model.onnx, verify, write report.json.
 
     `align` None: 8 (8-aligned widths run much faster on CPU), except for runs trained to a FLOP or
@@ -38,7 +40,10 @@ def export_run(run: str | Path, *, opset: int = 17, simplify: bool = False, alig
     save_compressed(small, run / RUN_FILES["compressed"], {"model": r["config"]["model"]})
     acc = _accuracies(r, small, eval_data, console)
     onnx = {}
-    for key, model, name in (("dense", r["dense"], RUN_FILES["dense_onnx"]), ("compressed", small, RUN_FILES["model_onnx"])):
+    for key, model, name in (
+        ("dense", r["dense"], RUN_FILES["dense_onnx"]),
+        ("compressed", small, RUN_FILES["model_onnx"]),
+    ):
         onnx[key] = _export_verified(model, example, run / name, opset, simplify, eval_data, console)
     report = _run_report(r, small, example, ext, onnx, acc, align)
     task_report = getattr(r["model"], "compress_report", None)  # a wrapper's own figures (hf: heads, NN agreement)
@@ -56,7 +61,9 @@ def start_name(config: dict) -> str:
     random weights has no dense model to compare with, and the report must not call it one."""
     from compress.models import is_pretrained
 
-    trained = config.get("init") not in (None, "random") or (config.get("init") is None and is_pretrained(config.get("model")))
+    trained = config.get("init") not in (None, "random") or (
+        config.get("init") is None and is_pretrained(config.get("model"))
+    )
     return "dense" if trained else "start"
 
 
@@ -66,9 +73,11 @@ def _accuracies(r: dict, small, eval_data, console) -> dict:
         return {}
     dev = torch.device("cpu")
     with console.status("evaluating the starting, fine-tuned and compressed models"):
-        return {f"{start_name(r['config'])}_accuracy": evaluate(r["dense"], eval_data, dev)["accuracy"],
-                "finetuned_accuracy": evaluate(r["model"], eval_data, dev)["accuracy"],
-                "compressed_accuracy": evaluate(small, eval_data, dev)["accuracy"]}
+        return {
+            f"{start_name(r['config'])}_accuracy": evaluate(r["dense"], eval_data, dev)["accuracy"],
+            "finetuned_accuracy": evaluate(r["model"], eval_data, dev)["accuracy"],
+            "compressed_accuracy": evaluate(small, eval_data, dev)["accuracy"],
+        }
 
 
 def _export_verified(model, example, path: Path, opset, simplify, eval_data, console) -> dict:
@@ -147,16 +156,36 @@ def print_report(report: dict, console) -> None:
     t.add_column("ratio", justify="right")
     metric = "mean cosine" if report.get("task", {}).get("task") == "embedding" else "accuracy"  # the wrapper's score
     t.add_row(f"{metric} (torch)", pct(report.get(f"{start}_accuracy")), pct(report.get("compressed_accuracy")), "")
-    t.add_row(f"{metric} (ONNX Runtime)", pct(report.get(f"{start}_onnx_accuracy")), pct(report.get("onnx_accuracy")),
-              "")
-    t.add_row("parameters", f"{report['params_dense']:,}", f"{report['params_compressed']:,}",
-              f"{report['params_dense'] / max(report['params_compressed'], 1):.2f}×")
-    t.add_row("FLOPs / sample", f"{report['flops_dense']:,}", f"{report['flops_compressed']:,}",
-              f"{report['flop_ratio']:.2f}×")
-    t.add_row("ONNX file", f"{report['dense_onnx_bytes'] / 1024:.1f} KiB", f"{report['onnx_bytes'] / 1024:.1f} KiB",
-              f"{report['dense_onnx_bytes'] / max(report['onnx_bytes'], 1):.2f}×")
-    t.add_row("groups removed (zero)", "", f"{report['groups_removed']} ({report.get('groups_zero', report['groups_removed'])}) / {report['groups_total']}", "")
-    t.add_row("max |Δ| extract / ONNX", "", f"{report['max_abs_diff_extract']:.1e} / {report['max_abs_diff_onnx']:.1e}", "")
+    t.add_row(
+        f"{metric} (ONNX Runtime)", pct(report.get(f"{start}_onnx_accuracy")), pct(report.get("onnx_accuracy")), ""
+    )
+    t.add_row(
+        "parameters",
+        f"{report['params_dense']:,}",
+        f"{report['params_compressed']:,}",
+        f"{report['params_dense'] / max(report['params_compressed'], 1):.2f}×",
+    )
+    t.add_row(
+        "FLOPs / sample",
+        f"{report['flops_dense']:,}",
+        f"{report['flops_compressed']:,}",
+        f"{report['flop_ratio']:.2f}×",
+    )
+    t.add_row(
+        "ONNX file",
+        f"{report['dense_onnx_bytes'] / 1024:.1f} KiB",
+        f"{report['onnx_bytes'] / 1024:.1f} KiB",
+        f"{report['dense_onnx_bytes'] / max(report['onnx_bytes'], 1):.2f}×",
+    )
+    t.add_row(
+        "groups removed (zero)",
+        "",
+        f"{report['groups_removed']} ({report.get('groups_zero', report['groups_removed'])}) / {report['groups_total']}",
+        "",
+    )
+    t.add_row(
+        "max |Δ| extract / ONNX", "", f"{report['max_abs_diff_extract']:.1e} / {report['max_abs_diff_onnx']:.1e}", ""
+    )
     console.print(t)
     if "task" in report:
         print_task(report["task"], console)
@@ -175,8 +204,10 @@ def print_task(task: dict, console) -> None:
     t.add_row("total", *(f"{tot[k][1]:,} / {tot[k][0]:,}" for k in ("heads", "neurons")))
     console.print(t)
     if "cosine" in task:
-        console.print(f"held-out ({task['sentences']} sentences): mean cosine to dense {task['cosine']:.4f}, "
-                      f"nearest-neighbour agreement {task['nn_agreement']:.3f}")
+        console.print(
+            f"held-out ({task['sentences']} sentences): mean cosine to dense {task['cosine']:.4f}, "
+            f"nearest-neighbour agreement {task['nn_agreement']:.3f}"
+        )
 
 
 def _drop_stale_bench(run: Path, console) -> None:
@@ -187,8 +218,10 @@ def _drop_stale_bench(run: Path, console) -> None:
     for p in stale:
         p.unlink()
     if stale:
-        console.print(f"removed {', '.join(p.name for p in stale)}: measured on the previous export; "
-                      f"measure again with: compress bench {run}")
+        console.print(
+            f"removed {', '.join(p.name for p in stale)}: measured on the previous export; "
+            f"measure again with: compress bench {run}"
+        )
 
 
 def bench_files(run: Path) -> dict:
@@ -198,8 +231,15 @@ def bench_files(run: Path) -> dict:
     return {name: sha256_of(run / name) for name in ("dense.onnx", "model.onnx") if (run / name).is_file()}
 
 
-def bench_run(run: str | Path, *, batch_sizes=(1, 32), threads=(1, None), rounds: int | None = None,
-              seq_len: int = 128, console=None) -> dict:
+def bench_run(
+    run: str | Path,
+    *,
+    batch_sizes=(1, 32),
+    threads=(1, None),
+    rounds: int | None = None,
+    seq_len: int = 128,
+    console=None,
+) -> dict:
     """Benchmark RUN/dense.onnx against RUN/model.onnx; writes bench.json and bench.png.
 
     A run trained to a latency target (RUN/budget.json) is also timed at the target's batch and
@@ -254,24 +294,46 @@ def latency_vs_prediction(lat: dict, result: dict) -> dict:
 
     The prediction is a ratio to the dense model (fit at calibration), so it is also scaled by
     the dense latency measured now: load on the machine moves both alike."""
-    row = next(r for r in result["results"] if r["engine"] == "onnxruntime" and r["provider"] == "CPU"
-               and r["batch"] == lat["batch"] and r["threads"] == lat["threads"])
+    row = next(
+        r
+        for r in result["results"]
+        if r["engine"] == "onnxruntime"
+        and r["provider"] == "CPU"
+        and r["batch"] == lat["batch"]
+        and r["threads"] == lat["threads"]
+    )
     measured, dense_now = row["compressed"]["median_ms"], row["dense"]["median_ms"]
     pred = lat.get("predicted_ms")
     pred_now = None if pred is None else pred / lat["dense_ms"] * dense_now
-    return {"target_ms": lat["target_ms"], "batch": lat["batch"], "threads": lat["threads"],
-            "predicted_ms": pred, "measured_at_training_ms": lat["measured_ms"], "dense_at_training_ms": lat["dense_ms"],
-            "measured_ms": measured, "dense_ms": dense_now, "predicted_now_ms": pred_now,
-            "prediction_error": None if pred_now is None else (pred_now - measured) / measured,
-            "met": measured <= lat["target_ms"]}
+    return {
+        "target_ms": lat["target_ms"],
+        "batch": lat["batch"],
+        "threads": lat["threads"],
+        "predicted_ms": pred,
+        "measured_at_training_ms": lat["measured_ms"],
+        "dense_at_training_ms": lat["dense_ms"],
+        "measured_ms": measured,
+        "dense_ms": dense_now,
+        "predicted_now_ms": pred_now,
+        "prediction_error": None if pred_now is None else (pred_now - measured) / measured,
+        "met": measured <= lat["target_ms"],
+    }
 
 
 def print_latency_vs_prediction(v: dict, console) -> None:
     pred = "–" if v["predicted_ms"] is None else f"{v['predicted_ms']:.3f} ms"
-    now = "" if v["predicted_now_ms"] is None else (f" (× today's dense {v['dense_ms']:.3f} / training's "
-                                                    f"{v['dense_at_training_ms']:.3f}: {v['predicted_now_ms']:.3f} ms, "
-                                                    f"error {100 * v['prediction_error']:+.1f}%)")
-    console.print(f"latency target {v['target_ms']:g} ms (batch {v['batch']}, {v['threads']} thread"
-                  f"{'s' * (v['threads'] > 1)}): measured {v['measured_ms']:.3f} ms "
-                  f"({'met' if v['met'] else 'NOT met'}), predicted {pred}{now}; "
-                  f"measured at training {v['measured_at_training_ms']:.3f} ms")
+    now = (
+        ""
+        if v["predicted_now_ms"] is None
+        else (
+            f" (× today's dense {v['dense_ms']:.3f} / training's "
+            f"{v['dense_at_training_ms']:.3f}: {v['predicted_now_ms']:.3f} ms, "
+            f"error {100 * v['prediction_error']:+.1f}%)"
+        )
+    )
+    console.print(
+        f"latency target {v['target_ms']:g} ms (batch {v['batch']}, {v['threads']} thread"
+        f"{'s' * (v['threads'] > 1)}): measured {v['measured_ms']:.3f} ms "
+        f"({'met' if v['met'] else 'NOT met'}), predicted {pred}{now}; "
+        f"measured at training {v['measured_at_training_ms']:.3f} ms"
+    )

@@ -13,6 +13,7 @@ Why it is built this way:
 * INT8 is often *slower* than FP32 on CPU (small layers, QDQ overhead): the report says so and
   recommends the FP32 file then.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,9 +34,22 @@ FORMS = ("qoperator", "qdq", "dynamic")
 DEFAULT_DROP = {"accuracy": 1.0, "cosine": 0.01}  # points of top-1 accuracy / cosine
 
 
-def quantize_onnx(fp32_path, out_path, calibration, *, eval_data=None, max_accuracy_drop: float | None = None,
-                  forms=None, n_calibration: int = 256, seed: int = 0, batch_sizes=(1, 32), threads: int = 1,
-                  rounds: int | None = None, time_budget_s: float = 1.0, max_held_out: int = 2000) -> dict:
+def quantize_onnx(
+    fp32_path,
+    out_path,
+    calibration,
+    *,
+    eval_data=None,
+    max_accuracy_drop: float | None = None,
+    forms=None,
+    n_calibration: int = 256,
+    seed: int = 0,
+    batch_sizes=(1, 32),
+    threads: int = 1,
+    rounds: int | None = None,
+    time_budget_s: float = 1.0,
+    max_held_out: int = 2000,
+) -> dict:
     """Quantize `fp32_path` to INT8 at `out_path`; returns a JSON-ready report.
 
     calibration: an .npz path (keys = ONNX input names, optional 'labels'), a dict of arrays, or
@@ -58,16 +72,39 @@ def quantize_onnx(fp32_path, out_path, calibration, *, eval_data=None, max_accur
         reused = len(held_idx) == 0
         held_idx = cal_idx if reused else held_idx
         held, held_labels = cal.take(feeds, held_idx), None if labels is None else labels[held_idx]
-    return quantize_arrays(fp32_path, out_path, inputs, cal.take(feeds, cal_idx), held, held_labels,
-                           max_accuracy_drop=max_accuracy_drop, forms=forms, batch_sizes=batch_sizes,
-                           threads=threads, rounds=rounds, time_budget_s=time_budget_s,
-                           extra={"calibration_indices": cal_idx.tolist(), "seed": seed,
-                                  "held_out_is_calibration": reused})
+    return quantize_arrays(
+        fp32_path,
+        out_path,
+        inputs,
+        cal.take(feeds, cal_idx),
+        held,
+        held_labels,
+        max_accuracy_drop=max_accuracy_drop,
+        forms=forms,
+        batch_sizes=batch_sizes,
+        threads=threads,
+        rounds=rounds,
+        time_budget_s=time_budget_s,
+        extra={"calibration_indices": cal_idx.tolist(), "seed": seed, "held_out_is_calibration": reused},
+    )
 
 
-def quantize_arrays(fp32_path: Path, out_path: Path, inputs, cal_feeds: dict, held: dict, labels, *,
-                    max_accuracy_drop=None, forms=None, batch_sizes=(1, 32), threads=1, rounds=None,
-                    time_budget_s=1.0, extra=None) -> dict:
+def quantize_arrays(
+    fp32_path: Path,
+    out_path: Path,
+    inputs,
+    cal_feeds: dict,
+    held: dict,
+    labels,
+    *,
+    max_accuracy_drop=None,
+    forms=None,
+    batch_sizes=(1, 32),
+    threads=1,
+    rounds=None,
+    time_budget_s=1.0,
+    extra=None,
+) -> dict:
     """`quantize_onnx` once the calibration and held-out arrays are chosen (run export uses this)."""
     kind = "accuracy" if _is_labels(labels, held) else "cosine"
     limit = DEFAULT_DROP[kind] if max_accuracy_drop is None else float(max_accuracy_drop)
@@ -151,8 +188,11 @@ def _quiet(workdir: Path):
     """ORT's quantization tools print shape-inference protos, log a warning per tensor, and drop
     files into the current directory when symbolic shape inference fails (sym_shape_infer_temp.onnx
     and its weights): run them silenced, inside our temporary directory."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-            contextlib.chdir(workdir):
+    with (
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+        contextlib.chdir(workdir),
+    ):
         logging.disable(logging.WARNING)
         try:
             yield
@@ -194,13 +234,21 @@ def _build_form(form: str, src: Path, dst: Path, cal_feeds: dict, batch: int) ->
     )
 
     if form == "dynamic":
-        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"])
+        quantize_dynamic(
+            str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        )
         return
     fmt = QuantFormat.QOperator if form == "qoperator" else QuantFormat.QDQ
-    quantize_static(str(src), str(dst), cal.reader(cal_feeds, batch), quant_format=fmt, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    quantize_static(
+        str(src),
+        str(dst),
+        cal.reader(cal_feeds, batch),
+        quant_format=fmt,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
 
 
 def _check(path: Path) -> None:
@@ -248,13 +296,20 @@ def _latency(fp32: Path, int8: Path, batch_sizes, threads: int, rounds, budget_s
     """INT8 vs FP32 medians, interleaved in one process; ratio = geometric mean of int8/fp32 over batches."""
     from compress.deploy.bench import benchmark
 
-    kw = {"batch_sizes": tuple(batch_sizes), "threads": (threads,), "providers": ["CPUExecutionProvider"],
-          "time_budget_s": budget_s}
+    kw = {
+        "batch_sizes": tuple(batch_sizes),
+        "threads": (threads,),
+        "providers": ["CPUExecutionProvider"],
+        "time_budget_s": budget_s,
+    }
     if rounds is not None:
         kw["rounds"] = rounds
     rep = benchmark(str(fp32), str(int8), **kw)
-    by = {str(r["batch"]): {"fp32_ms": r["dense"]["median_ms"], "int8_ms": r["compressed"]["median_ms"]}
-          for r in rep["results"] if r["engine"] == "onnxruntime"}
+    by = {
+        str(r["batch"]): {"fp32_ms": r["dense"]["median_ms"], "int8_ms": r["compressed"]["median_ms"]}
+        for r in rep["results"]
+        if r["engine"] == "onnxruntime"
+    }
     ratios = [v["int8_ms"] / v["fp32_ms"] for v in by.values()]
     return {"threads": threads, "by_batch": by, "ratio": math.exp(sum(map(math.log, ratios)) / len(ratios))}
 
@@ -266,24 +321,39 @@ def _refusal(fp32_path: Path, cands: dict, kind: str, limit: float, n: int) -> s
         return f"quantization of {fp32_path.name} failed in every form ({errs}); nothing written"
     c = min(built, key=lambda c: c["drop"])
     if kind == "accuracy":
-        what = (f"loses {c['drop']:.2f} accuracy points ({c['fp32_accuracy']:.2f}% → {c['int8_accuracy']:.2f}%)")
+        what = f"loses {c['drop']:.2f} accuracy points ({c['fp32_accuracy']:.2f}% → {c['int8_accuracy']:.2f}%)"
         lim = f"{limit:g} point{'' if limit == 1 else 's'}"
     else:
         what, lim = f"keeps only {c['cosine_mean']:.4f} cosine to FP32", f"a drop of {limit:g}"
-    return (f"INT8 {fp32_path.name} ({c['form']}, the best form) {what} on {n} held-out samples, more than "
-            f"the allowed {lim} (max_accuracy_drop); nothing written")
+    return (
+        f"INT8 {fp32_path.name} ({c['form']}, the best form) {what} on {n} held-out samples, more than "
+        f"the allowed {lim} (max_accuracy_drop); nothing written"
+    )
 
 
 def _report(fp32: Path, out: Path, best: dict, cands: dict, kind, limit, extra: dict) -> dict:
     slower = {b: v for b, v in best["latency"]["by_batch"].items() if v["int8_ms"] >= v["fp32_ms"]}
     faster = not slower  # recommended only if it is not slower at any measured batch size
-    note = ("INT8 is faster than FP32 here" if not slower else
-            "INT8 is SLOWER than FP32 on this CPU at batch " + ", ".join(
-                f"{b} ({v['int8_ms']:.3f} vs {v['fp32_ms']:.3f} ms)" for b, v in slower.items())
-            + f"; the FP32 file {fp32.name} stays the recommended one")
+    note = (
+        "INT8 is faster than FP32 here"
+        if not slower
+        else "INT8 is SLOWER than FP32 on this CPU at batch "
+        + ", ".join(f"{b} ({v['int8_ms']:.3f} vs {v['fp32_ms']:.3f} ms)" for b, v in slower.items())
+        + f"; the FP32 file {fp32.name} stays the recommended one"
+    )
     keep = {k: v for k, v in best.items() if k not in ("ok", "form", "latency")}
-    return {"fp32": str(fp32), "int8": str(out), "form": best["form"], "kind": kind, "max_accuracy_drop": limit,
-            **keep, "latency": best["latency"], "int8_faster": faster,
-            "recommended": str(out if faster else fp32), "note": note,
-            "recommended_by_batch": {b: str(fp32 if b in slower else out) for b in best["latency"]["by_batch"]},
-            "candidates": {f: {k: v for k, v in c.items() if k != "form"} for f, c in cands.items()}, **extra}
+    return {
+        "fp32": str(fp32),
+        "int8": str(out),
+        "form": best["form"],
+        "kind": kind,
+        "max_accuracy_drop": limit,
+        **keep,
+        "latency": best["latency"],
+        "int8_faster": faster,
+        "recommended": str(out if faster else fp32),
+        "note": note,
+        "recommended_by_batch": {b: str(fp32 if b in slower else out) for b in best["latency"]["by_batch"]},
+        "candidates": {f: {k: v for k, v in c.items() if k != "form"} for f, c in cands.items()},
+        **extra,
+    }

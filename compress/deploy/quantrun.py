@@ -5,6 +5,7 @@ whether INT8 pays at all on their CPU). The pruned model is the deliverable, so 
 must pass the accuracy check (or nothing is written); the dense INT8 file is only a point of
 comparison, so a dense refusal is reported, not raised.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ def run_arrays(run: Path, fp32: Path, n_calibration: int, seed: int, max_held_ou
 
     r = load_run(run)
     if not r["data"] or r["data"][1] is None:
-        raise UserError(f"{run} has no training and held-out data to calibrate on; quantize its ONNX file "
-                        "with compress.quantize_onnx and your own calibration arrays")
+        raise UserError(
+            f"{run} has no training and held-out data to calibrate on; quantize its ONNX file "
+            "with compress.quantize_onnx and your own calibration arrays"
+        )
     train, test = r["data"]
     names = [n for n, _, _ in cal.model_inputs(fp32)]
     cal_idx, _ = cal.split(len(train), n_calibration, seed)
@@ -35,8 +38,15 @@ def run_arrays(run: Path, fp32: Path, n_calibration: int, seed: int, max_held_ou
     return cal_feeds, held, labels, cal_idx
 
 
-def quantize_run(run, *, max_accuracy_drop: float | None = None, n_calibration: int = 256, seed: int = 0,
-                 rounds: int | None = None, console=None) -> dict:
+def quantize_run(
+    run,
+    *,
+    max_accuracy_drop: float | None = None,
+    n_calibration: int = 256,
+    seed: int = 0,
+    rounds: int | None = None,
+    console=None,
+) -> dict:
     """RUN/model.onnx → RUN/model.int8.onnx (verified), and RUN/dense.onnx → RUN/dense.int8.onnx; RUN/quantize.json."""
     from rich.console import Console
 
@@ -53,16 +63,27 @@ def quantize_run(run, *, max_accuracy_drop: float | None = None, n_calibration: 
     for src, dst in INT8_FILES.items():
         with console.status(f"quantizing {src}: calibrating, verifying and timing each INT8 form"):
             try:
-                reports[src] = quantize_arrays(run / src, run / dst, inputs, cal_feeds, held, labels,
-                                               max_accuracy_drop=max_accuracy_drop, rounds=rounds)
+                reports[src] = quantize_arrays(
+                    run / src,
+                    run / dst,
+                    inputs,
+                    cal_feeds,
+                    held,
+                    labels,
+                    max_accuracy_drop=max_accuracy_drop,
+                    rounds=rounds,
+                )
             except UserError as e:
                 if src == "model.onnx":
                     raise
                 (run / dst).unlink(missing_ok=True)  # a stale dense INT8 file would mislead the benchmark
                 reports[src] = {"refused": str(e)}
-    result = {"calibration": {"samples": len(cal_idx), "seed": seed, "indices": cal_idx.tolist(),
-                              "source": "training data"}, "held_out": {"samples": len(labels), "source": "test data"},
-              "files": reports, "recommended": reports["model.onnx"]["recommended"]}
+    result = {
+        "calibration": {"samples": len(cal_idx), "seed": seed, "indices": cal_idx.tolist(), "source": "training data"},
+        "held_out": {"samples": len(labels), "source": "test data"},
+        "files": reports,
+        "recommended": reports["model.onnx"]["recommended"],
+    }
     atomic_write_json(run / QUANT_REPORT, result)
     _note_in_export_report(run, result)
     print_quantize(result, console)
@@ -74,8 +95,21 @@ def _note_in_export_report(run: Path, result: dict) -> None:
     if path.is_file():
         rep = json.loads(path.read_text())
         m = result["files"]["model.onnx"]
-        rep["int8"] = {k: m.get(k) for k in ("int8", "form", "kind", "fp32_accuracy", "int8_accuracy", "cosine_mean",
-                                             "max_abs_diff", "mean_abs_diff", "int8_faster", "note")}
+        rep["int8"] = {
+            k: m.get(k)
+            for k in (
+                "int8",
+                "form",
+                "kind",
+                "fp32_accuracy",
+                "int8_accuracy",
+                "cosine_mean",
+                "max_abs_diff",
+                "mean_abs_diff",
+                "int8_faster",
+                "note",
+            )
+        }
         rep["recommended_file"] = Path(result["recommended"]).name
         atomic_write_json(path, rep)
 
@@ -90,16 +124,26 @@ def print_quantize(result: dict, console) -> None:
         if "refused" in r:
             t.add_row(INT8_FILES[src], "refused", r["refused"], "", "", "")
             continue
-        acc = (f"{r['fp32_accuracy']:.2f}% → {r['int8_accuracy']:.2f}%" if r["kind"] == "accuracy"
-               else f"cos {r['cosine_mean']:.4f}")
+        acc = (
+            f"{r['fp32_accuracy']:.2f}% → {r['int8_accuracy']:.2f}%"
+            if r["kind"] == "accuracy"
+            else f"cos {r['cosine_mean']:.4f}"
+        )
         lat = r["latency"]["by_batch"]
-        t.add_row(Path(r["int8"]).name, r["form"], acc, f"{r['max_abs_diff']:.3g} / {r['mean_abs_diff']:.3g}",
-                  *(f"{lat[b]['fp32_ms']:.3f} → {lat[b]['int8_ms']:.3f}" if b in lat else "–" for b in ("1", "32")))
+        t.add_row(
+            Path(r["int8"]).name,
+            r["form"],
+            acc,
+            f"{r['max_abs_diff']:.3g} / {r['mean_abs_diff']:.3g}",
+            *(f"{lat[b]['fp32_ms']:.3f} → {lat[b]['int8_ms']:.3f}" if b in lat else "–" for b in ("1", "32")),
+        )
     console.print(t)
     m = result["files"]["model.onnx"]
     if m.get("held_out_is_calibration"):
-        console.print("[yellow]no sample was left after calibration: the check above ran on the calibration "
-                      "samples themselves; give held-out data for a real check[/]")
+        console.print(
+            "[yellow]no sample was left after calibration: the check above ran on the calibration "
+            "samples themselves; give held-out data for a real check[/]"
+        )
     console.print(f"{m['note']}. Recommended file: {Path(result['recommended']).name}")
 
 
@@ -118,11 +162,16 @@ def bench_quantized(run, *, batch_sizes=(1, 32), rounds: int | None = None, cons
     run = Path(run)
     if not (run / "model.int8.onnx").is_file():
         raise UserError(f"{run} has no model.int8.onnx; export the run with INT8 quantization first")
-    stale = [d for s, d in INT8_FILES.items() if (run / d).is_file()
-             and (run / d).stat().st_mtime < (run / s).stat().st_mtime]
+    stale = [
+        d
+        for s, d in INT8_FILES.items()
+        if (run / d).is_file() and (run / d).stat().st_mtime < (run / s).stat().st_mtime
+    ]
     for d in stale:
-        console.print(f"[yellow]{d} is older than the FP32 file it was made from (the run was exported again "
-                      "since): not benchmarked; export again with INT8 quantization[/]")
+        console.print(
+            f"[yellow]{d} is older than the FP32 file it was made from (the run was exported again "
+            "since): not benchmarked; export again with INT8 quantization[/]"
+        )
     if "model.int8.onnx" in stale:
         return None
     kw = {"batch_sizes": tuple(batch_sizes), "threads": (1,), "providers": ["CPUExecutionProvider"]}
@@ -166,8 +215,10 @@ def _speed_notes(cols: dict) -> list[str]:
     for src, dst in INT8_FILES.items():
         for b, row in cols.items():
             if dst in row and row[dst] >= row[src]:
-                notes.append(f"{dst} is SLOWER than {src} on this CPU at batch {b} ({row[dst]:.3f} vs "
-                             f"{row[src]:.3f} ms, 1 thread): ship {src} for this batch size")
+                notes.append(
+                    f"{dst} is SLOWER than {src} on this CPU at batch {b} ({row[dst]:.3f} vs "
+                    f"{row[src]:.3f} ms, 1 thread): ship {src} for this batch size"
+                )
     return notes
 
 
@@ -185,8 +236,10 @@ def print_bench_quantized(result: dict, console) -> None:
     acc = result["accuracy"]
     if acc:
         cls = acc["kind"] == "accuracy"
-        t.add_row("held-out accuracy" if cls else "cosine to its FP32 file",
-                  *((f"{acc[n]:.2f}%" if cls else f"{acc[n]:.4f}") if n in acc else "–" for n in names))
+        t.add_row(
+            "held-out accuracy" if cls else "cosine to its FP32 file",
+            *((f"{acc[n]:.2f}%" if cls else f"{acc[n]:.4f}") if n in acc else "–" for n in names),
+        )
     console.print(t)
     for n in result["notes"]:
         console.print(f"[yellow]{n}[/]")

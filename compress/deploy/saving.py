@@ -6,6 +6,7 @@ state_dict (safetensors) and, as JSON metadata, each module's public scalar attr
 model from its own factory, re-applies those attributes and parameter shapes, then loads
 the weights — so the pruned architecture is rebuilt from the user's code, never unpickled.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,11 @@ def module_attributes(model: torch.nn.Module) -> dict[str, dict]:
     """Public plain-data attributes of every module (what shapes the architecture)."""
     out = {}
     for name, mod in model.named_modules():
-        attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(mod).items()
-                 if not k.startswith("_") and k != "training" and _jsonable(v)}
+        attrs = {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in vars(mod).items()
+            if not k.startswith("_") and k != "training" and _jsonable(v)
+        }
         if attrs:
             out[name] = attrs
     return out
@@ -40,8 +44,11 @@ def save_compressed(model: torch.nn.Module, path: str | Path, info: dict | None 
     """Write the compressed model's weights and architecture attributes to one safetensors file."""
     from compress.train.checkpoint import write_tensors
 
-    meta = {"format": "compress.compressed/1", "attributes": json.dumps(module_attributes(model)),
-            "info": json.dumps(info or {})}
+    meta = {
+        "format": "compress.compressed/1",
+        "attributes": json.dumps(module_attributes(model)),
+        "info": json.dumps(info or {}),
+    }
     write_tensors(path, model.state_dict(), meta)
 
 

@@ -2,6 +2,7 @@
 inputs or outputs (another head, another resolution) reports a speedup that means nothing, so
 `benchmark` compares their signatures first: the same number of inputs and outputs, element types
 and every dimension except symbolic ones (the batch, a sequence length)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,14 +36,18 @@ def check_same_signature(a_path, b_path, a_proto, b_proto) -> None:
     a_name, b_name = Path(a_path).name, Path(b_path).name
     for kind in ("inputs", "outputs"):
         if len(a[kind]) != len(b[kind]):
-            raise UserError(f"{a_name} has {len(a[kind])} {kind} and {b_name} {len(b[kind])}: the two models do "
-                            "not compute the same thing, so their latencies cannot be compared")
+            raise UserError(
+                f"{a_name} has {len(a[kind])} {kind} and {b_name} {len(b[kind])}: the two models do "
+                "not compute the same thing, so their latencies cannot be compared"
+            )
         for i, ((_, ta, da), (_, tb, db)) in enumerate(zip(a[kind], b[kind])):
             same_dims = len(da) == len(db) and all(x is None or y is None or x == y for x, y in zip(da, db))
             if ta != tb or not same_dims:
-                raise UserError(f"{kind[:-1]} {i} of {a_name} is {_text(ta, da)} but of {b_name} {_text(tb, db)}: "
-                                "the two models do not compute the same thing, so their latencies cannot be "
-                                "compared")
+                raise UserError(
+                    f"{kind[:-1]} {i} of {a_name} is {_text(ta, da)} but of {b_name} {_text(tb, db)}: "
+                    "the two models do not compute the same thing, so their latencies cannot be "
+                    "compared"
+                )
 
 
 def _text(dtype: str, dims: tuple) -> str:

@@ -5,6 +5,7 @@ and, for text inputs, another sequence length — and on the caller's held-out d
 where top-1 accuracy of both is measured too. Random inputs are drawn from each example
 tensor's own value range, so token ids stay inside the vocabulary and masks stay 0/1.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -108,7 +109,8 @@ class OutputDiff:
             raise UserError(
                 f"ONNX Runtime disagrees with torch: output {name!r}{list(idx)} = {ov:.8g} in ONNX vs {tv:.8g} in "
                 f"torch (|Δ| = {abs(ov - tv):.3g} > atol {self.atol:g} + rtol {self.rtol:g}·|torch|) on {where}; "
-                f"max |Δ| over all checks {self.max_abs:.3g}")
+                f"max |Δ| over all checks {self.max_abs:.3g}"
+            )
 
 
 def _session(onnx_path: str):
@@ -142,8 +144,10 @@ def verify_onnx(plan: VerifyPlan, onnx_path: str, gen: torch.Generator) -> dict:
     diff = OutputDiff([o.name for o in sess.get_outputs()], plan.rtol, plan.atol)
     checks = []
     for b, t in _random_sizes(plan):
-        rnd = [random_like(x, b if d.get(0) else None, t if d.get(1) else None, gen)
-               for x, d in zip(plan.inputs, plan.dyn_in)]
+        rnd = [
+            random_like(x, b if d.get(0) else None, t if d.get(1) else None, gen)
+            for x, d in zip(plan.inputs, plan.dyn_in)
+        ]
         where = f"random inputs of shape {[tuple(x.shape) for x in rnd]}"
         try:
             got = _ort_run(sess, plan.names, rnd)
@@ -161,8 +165,9 @@ def verify_onnx(plan: VerifyPlan, onnx_path: str, gen: torch.Generator) -> dict:
 
 def _eval_batches(eval_data, batch_size=256):
     if isinstance(eval_data, torch.utils.data.Dataset):
-        return torch.utils.data.DataLoader(eval_data, batch_size=batch_size, shuffle=False,
-                                           collate_fn=getattr(eval_data, "collate", None))
+        return torch.utils.data.DataLoader(
+            eval_data, batch_size=batch_size, shuffle=False, collate_fn=getattr(eval_data, "collate", None)
+        )
     return eval_data
 
 
@@ -176,8 +181,10 @@ def _eval_inputs(plan: VerifyPlan, batch) -> tuple[tuple, torch.Tensor]:
     xs = tuple(torch.as_tensor(x).cpu() for x in xs)
     example = plan.inputs
     if not plan.dynamic_batch and xs[0].shape[0] != example[0].shape[0]:
-        raise UserError(f"eval batch of {xs[0].shape[0]} but the export has a fixed batch of "
-                        f"{example[0].shape[0]}; export with dynamic_batch=True")
+        raise UserError(
+            f"eval batch of {xs[0].shape[0]} but the export has a fixed batch of "
+            f"{example[0].shape[0]}; export with dynamic_batch=True"
+        )
     return xs, y
 
 

@@ -3,6 +3,7 @@
 `get_model(name)` returns a `ModelSpec`: a factory, an example input and, where the
 model ships with data, a function returning (train, eval) datasets.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,6 +1,7 @@
 """`bert-mini`: a BERT-style text encoder (Turc et al. 2019 "mini": 4 layers, 256 hidden,
 4 heads, intermediate 1024) with token/position/segment embeddings, post-LN blocks, a
 tanh pooler on the first token and a 2-class head. Input: int64 token ids (batch, seq)."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,16 @@ from compress.models.transformer import EncoderBlock
 
 
 class BertMini(nn.Module):
-    def __init__(self, vocab: int = 30522, dim: int = 256, depth: int = 4, heads: int = 4, mlp: int = 1024,
-                 max_len: int = 512, num_classes: int = 2):
+    def __init__(
+        self,
+        vocab: int = 30522,
+        dim: int = 256,
+        depth: int = 4,
+        heads: int = 4,
+        mlp: int = 1024,
+        max_len: int = 512,
+        num_classes: int = 2,
+    ):
         super().__init__()
         self.word = nn.Embedding(vocab, dim)
         self.position = nn.Embedding(max_len, dim)

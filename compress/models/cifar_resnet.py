@@ -4,6 +4,7 @@ Three stages of 16/32/64 channels with n basic blocks each (depth 6n+2). Downsam
 blocks use a 1x1 conv + BN projection shortcut (option B), which keeps every channel
 coupling visible to torch-pruning's DependencyGraph (option A's zero padding is not).
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """`digits-resnet`: a small residual CNN on scikit-learn's bundled 8x8 digits (ships offline)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,9 +30,7 @@ class DigitsResNet(nn.Module):
 
     def __init__(self, channels: int = 32, blocks: int = 2, num_classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
-        )
+        self.stem = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
         self.layers = nn.Sequential(*[BasicBlock(channels) for _ in range(blocks)])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)

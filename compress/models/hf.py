@@ -15,6 +15,7 @@ The wrapper speaks compress's small task protocol (`compress_config`, and for em
 `compress_loss` / `compress_score`), so the training loop, evaluation and export use the
 right objective without the caller passing it, and config.json names the wrapper.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,7 +91,9 @@ def read_pooling(folder: Path) -> dict:
             modes = [m for m in ("cls_token", "max_tokens", "mean_tokens") if c.get(f"pooling_mode_{m}")]
             if c.get("pooling_mode_mean_sqrt_len_tokens") or len(modes) > 1:
                 raise UserError(f"{cfg}: only one of mean, cls or max pooling is supported")
-            pooling = {"cls_token": "cls", "max_tokens": "max", "mean_tokens": "mean"}.get(modes[0] if modes else "", "mean")
+            pooling = {"cls_token": "cls", "max_tokens": "max", "mean_tokens": "mean"}.get(
+                modes[0] if modes else "", "mean"
+            )
     return {"pooling": pooling, "normalize": normalize}
 
 
@@ -142,10 +145,14 @@ class HFModule(nn.Module):
 
     def compress_config(self) -> dict:
         """What config.json records about this wrapper (a run dir says how its model was built)."""
-        return {"class": f"compress.models.hf.{type(self).__name__}", "path": self.path, "task": self.task,
-                "pooling": self.pooling if self.task == "embedding" else None,
-                "normalize": self.normalize if self.task == "embedding" else None,
-                "architecture": type(self.model).__name__}
+        return {
+            "class": f"compress.models.hf.{type(self).__name__}",
+            "path": self.path,
+            "task": self.task,
+            "pooling": self.pooling if self.task == "embedding" else None,
+            "normalize": self.normalize if self.task == "embedding" else None,
+            "architecture": type(self.model).__name__,
+        }
 
     def compress_loss(self, out, y):
         return distill_loss(out, y) if self.task == "embedding" else F.cross_entropy(out, y)
@@ -155,12 +162,15 @@ class HFModule(nn.Module):
             return cosine_sum(out, y)
         return float((out.argmax(-1) == y).sum())
 
-
     def compress_report(self, dense: nn.Module, small: nn.Module, eval_data) -> dict:
         """Heads and neurons per layer (dense → kept) and, for embeddings, held-out cosine and NN agreement."""
-        rep = {"task": self.task, "layers": [{"layer": d["layer"], "heads": [d["heads"], c["heads"]],
-                                              "neurons": [d["neurons"], c["neurons"]]}
-                                             for d, c in zip(structure(dense), structure(small))]}
+        rep = {
+            "task": self.task,
+            "layers": [
+                {"layer": d["layer"], "heads": [d["heads"], c["heads"]], "neurons": [d["neurons"], c["neurons"]]}
+                for d, c in zip(structure(dense), structure(small))
+            ],
+        }
         if self.task == "embedding" and eval_data is not None:
             from compress.train.text import embedding_agreement
 
@@ -185,8 +195,11 @@ def load(path: str | Path) -> HFModule:
     task = task_of(config)
     # dropout off for embeddings: the target is the starting model's deterministic embedding
     kw = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if task == "embedding" else {}
-    auto = {"embedding": tf.AutoModel, "classification": tf.AutoModelForSequenceClassification,
-            "image": tf.AutoModelForImageClassification}[task]
+    auto = {
+        "embedding": tf.AutoModel,
+        "classification": tf.AutoModelForSequenceClassification,
+        "image": tf.AutoModelForImageClassification,
+    }[task]
     try:
         model = auto.from_pretrained(str(folder), attn_implementation="eager", **kw)
     except (OSError, ValueError) as e:
@@ -219,7 +232,7 @@ def example_input(config, batch: int = 1, seq_len: int = SEQ_LEN, task: str = "e
 
 def hf_spec(spec: str) -> ModelSpec:
     """The ModelSpec of `hf:PATH`: build, example input, the built-in data and `data_from(--data)`."""
-    path = spec[len(PREFIX):]
+    path = spec[len(PREFIX) :]
     if not path or not Path(path).is_dir():
         raise UserError(f"{spec}: PATH must be a local folder with config.json and weights (nothing is downloaded)")
     tf = _transformers()
@@ -229,11 +242,14 @@ def hf_spec(spec: str) -> ModelSpec:
     def data_from(data_spec: str | None):
         return task_data(path, task, data_spec)
 
-    return ModelSpec(name=spec, build=lambda: load(path),
-                     example_input=lambda b=1: example_input(config, b, task=task),
-                     data=(lambda: data_from(None)) if task == "embedding" else None,
-                     description=f"Hugging Face {getattr(config, 'model_type', '?')} folder ({task})",
-                     data_from=data_from)
+    return ModelSpec(
+        name=spec,
+        build=lambda: load(path),
+        example_input=lambda b=1: example_input(config, b, task=task),
+        data=(lambda: data_from(None)) if task == "embedding" else None,
+        description=f"Hugging Face {getattr(config, 'model_type', '?')} folder ({task})",
+        data_from=data_from,
+    )
 
 
 def structure(model: nn.Module) -> list[dict]:
@@ -247,8 +263,13 @@ def structure(model: nn.Module) -> list[dict]:
         parent = u.name.rsplit(".", 1)[0] if "." in u.name else ""
         inter = getattr(model.get_submodule(parent), "intermediate", None) if parent else None
         dense = getattr(inter, "dense", None) or getattr(getattr(layer, "mlp", None), "fc1", None)
-        rows.append({"layer": parent or u.name, "heads": getattr(holder, u.heads_attr),
-                     "neurons": dense.out_features if isinstance(dense, nn.Linear) else None})
+        rows.append(
+            {
+                "layer": parent or u.name,
+                "heads": getattr(holder, u.heads_attr),
+                "neurons": dense.out_features if isinstance(dense, nn.Linear) else None,
+            }
+        )
     return rows
 
 
@@ -283,7 +304,7 @@ def task_data(path: str, task: str, data_spec: str | None):
         raise UserError("an image model takes tensor data: give a module:function returning (train, eval) datasets")
     if task == "classification":
         if data_spec is None or not data_spec.endswith(".jsonl"):
-            raise UserError("a sequence-classification model needs a .jsonl file of {\"text\": ..., \"label\": ...} lines")
+            raise UserError('a sequence-classification model needs a .jsonl file of {"text": ..., "label": ...} lines')
         return classification_data(path, _existing(data_spec))
     if data_spec is None:
         return embedding_data(path, builtin_split())

@@ -5,6 +5,7 @@ ReLU6, 1x1 linear projection + BN, identity shortcut when shapes allow. An expan
 channel's group spans expand row, its depthwise filter and both BNs; projection
 channels are coupled through the shortcut adds of their stage.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,11 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = cin * expand
         layers = [] if expand == 1 else [_cbr(cin, hidden, 1)]
-        layers += [_cbr(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        layers += [
+            _cbr(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
         self.conv = nn.Sequential(*layers)
         self.use_res = stride == 1 and cin == cout
 

@@ -3,6 +3,7 @@
 Layout follows torchvision's (stride on the 3x3 conv, "v1.5") so parameter and FLOP
 counts match the usual figures (25.6M parameters, ~8.2 GFLOPs with multiply-add = 2).
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ They exist so that every built-in model can be fine-tuned end to end offline (a 
 test of the pipeline, not a benchmark): each class is a fixed random prototype plus
 noise, so the task is learnable and accuracy is meaningful.
 """
+
 from __future__ import annotations
 
 import torch

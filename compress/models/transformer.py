@@ -4,6 +4,7 @@
 from the attributes `num_heads` and `head_dim`, so extraction can drop heads by
 slicing the projections and lowering `num_heads` (compress.groups.AttentionUnit).
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -3,6 +3,7 @@
 Accepted forms: a built-in name (`digits-resnet`), `package.module:factory`, or
 `path/to/file.py:factory`. Every failure is a UserError that says what to fix.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,8 +28,10 @@ def _import_from_cwd(name: str):
 
 def _load_callable(spec: str, what: str):
     if ":" not in spec:
-        raise UserError(f"`{what}` {spec!r} is neither a built-in name nor of the form module:function or "
-                        "file.py:function", field=what)
+        raise UserError(
+            f"`{what}` {spec!r} is neither a built-in name nor of the form module:function or file.py:function",
+            field=what,
+        )
     mod_name, func_name = spec.rsplit(":", 1)
     try:
         if mod_name.endswith(".py"):
@@ -60,8 +63,9 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     except ValueError:
         shape = ()
     if len(shape) < 2 or any(d <= 0 for d in shape):
-        raise UserError(f"`input_shape` must be positive integers like 1,3,32,32 (batch first), got {text!r}",
-                        field="input_shape")
+        raise UserError(
+            f"`input_shape` must be positive integers like 1,3,32,32 (batch first), got {text!r}", field="input_shape"
+        )
     return shape
 
 
@@ -97,8 +101,11 @@ def resolve_model(spec: str, input_shape: tuple[int, ...] | None = None) -> Mode
         model = build()
         ex = getattr(model, "example_input", None)
         if ex is None:
-            raise UserError(f"model from {spec!r} needs an example input: give `input_shape` (1,C,H,W), give "
-                            "the module an example_input(batch) method, or use the Python API", field="input_shape")
+            raise UserError(
+                f"model from {spec!r} needs an example input: give `input_shape` (1,C,H,W), give "
+                "the module an example_input(batch) method, or use the Python API",
+                field="input_shape",
+            )
         return ex(batch) if callable(ex) else ex
 
     return ModelSpec(name=spec, build=build, example_input=example_input, data=None, description=f"user model {spec}")
@@ -117,9 +124,12 @@ def resolve_data(spec: str, model: ModelSpec | None = None):
     except Exception as e:  # noqa: BLE001
         raise UserError(f"data function {spec!r} raised {type(e).__name__}: {e}") from e
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise UserError(f"data function {spec!r} must return (train, eval) datasets or loaders, got {type(out).__name__}")
+        raise UserError(
+            f"data function {spec!r} must return (train, eval) datasets or loaders, got {type(out).__name__}"
+        )
     for part, name in zip(out, ("train", "eval")):
         if not isinstance(part, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
-            raise UserError(f"data function {spec!r}: the {name} part is a {type(part).__name__}, "
-                            "not a torch Dataset or DataLoader")
+            raise UserError(
+                f"data function {spec!r}: the {name} part is a {type(part).__name__}, not a torch Dataset or DataLoader"
+            )
     return tuple(out)

@@ -4,6 +4,7 @@
 synthetic data (shapes and cost only). `digits-vit`: a small ViT on scikit-learn's 8x8 digits, the
 transformer that trains to a meaningful accuracy offline in under a minute on one CPU thread.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,18 @@ class ViT(nn.Module):
     small can get. None keeps the standard non-overlapping embedding.
     """
 
-    def __init__(self, image: int = 224, patch: int = 16, dim: int = 192, depth: int = 12, heads: int = 3,
-                 mlp: int = 768, num_classes: int = 1000, channels: int = 3, patch_kernel: int | None = None):
+    def __init__(
+        self,
+        image: int = 224,
+        patch: int = 16,
+        dim: int = 192,
+        depth: int = 12,
+        heads: int = 3,
+        mlp: int = 768,
+        num_classes: int = 1000,
+        channels: int = 3,
+        patch_kernel: int | None = None,
+    ):
         super().__init__()
         k = patch_kernel or patch
         if k < patch or (k - patch) % 2:
@@ -68,6 +79,6 @@ register(
         example_input=lambda b=1: torch.rand(b, 1, 8, 8),
         data=digits_datasets,
         description="small ViT (dim 64, 3 blocks x 4 heads, MLP 128, 16 tokens + cls) on scikit-learn digits, "
-                    "8x8, 10 classes",
+        "8x8, 10 classes",
     )
 )

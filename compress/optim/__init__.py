@@ -10,18 +10,36 @@ ProxAdam and RAMDA take reg_space="param"|"preconditioned" (regspace.py).
 
 Names are imported on first access, so the CLI can read the registry without loading torch.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _API = {
-    "ASGO": "asgo", "DASGO": "asgo", "ProxOptimizer": "base", "AdamW": "dense", "CosineAdamW": "dense",
-    "DSGD": "dsgd", "DualAveraging": "dual_averaging", "GroupIndex": "group_index",
-    "StructuredOptimizer": "interface", "as_structured": "interface",
-    "group_soft_threshold": "prox", "metric_group_prox": "prox", "metric_group_prox_pg": "prox",
-    "PrecondProxAdam": "proxadam", "ProxAdam": "proxadam", "ProxSGD": "proxsgd", "PrecondRAMDA": "ramda",
-    "RAMDA": "ramda", "RMDA": "rmda", "OPTIMIZERS": "registry", "REGISTRY": "registry", "OptimizerSpec": "registry",
-    "build_optimizer": "registry", "help_text": "registry",
+    "ASGO": "asgo",
+    "DASGO": "asgo",
+    "ProxOptimizer": "base",
+    "AdamW": "dense",
+    "CosineAdamW": "dense",
+    "DSGD": "dsgd",
+    "DualAveraging": "dual_averaging",
+    "GroupIndex": "group_index",
+    "StructuredOptimizer": "interface",
+    "as_structured": "interface",
+    "group_soft_threshold": "prox",
+    "metric_group_prox": "prox",
+    "metric_group_prox_pg": "prox",
+    "PrecondProxAdam": "proxadam",
+    "ProxAdam": "proxadam",
+    "ProxSGD": "proxsgd",
+    "PrecondRAMDA": "ramda",
+    "RAMDA": "ramda",
+    "RMDA": "rmda",
+    "OPTIMIZERS": "registry",
+    "REGISTRY": "registry",
+    "OptimizerSpec": "registry",
+    "build_optimizer": "registry",
+    "help_text": "registry",
 }
 _ALIASES = {"make_optimizer": ("registry", "build_optimizer")}  # the name the API has always had
 

@@ -14,6 +14,7 @@ Steps run over a "step index": large tensors one by one (compiled when worth it)
 tensors of a param group packed into one flat tensor whose state buffers back the
 per-parameter state entries (which are views into them).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,8 +77,12 @@ class ProxOptimizer(StructuredOptimizer, torch.optim.Optimizer):
         pe, pgrp = idx.pair_entry.cpu(), idx.pair_group.cpu()
         pgs = torch.tensor(pg_of, dtype=torch.long)[pe] if len(pe) else pe
         # a group's slices must share one param group (its α, λ, lr): compare any two writers
-        first = torch.full((idx.n_groups,), -1, dtype=torch.long).scatter_reduce(0, pgrp, pgs, "amin", include_self=False)
-        last = torch.full((idx.n_groups,), -1, dtype=torch.long).scatter_reduce(0, pgrp, pgs, "amax", include_self=False)
+        first = torch.full((idx.n_groups,), -1, dtype=torch.long).scatter_reduce(
+            0, pgrp, pgs, "amin", include_self=False
+        )
+        last = torch.full((idx.n_groups,), -1, dtype=torch.long).scatter_reduce(
+            0, pgrp, pgs, "amax", include_self=False
+        )
         if bool((first != last).any()):
             g = int(torch.nonzero(first != last)[0])
             raise ValueError(f"group {idx.names[g]} spans several param groups; put all its parameters in one")
@@ -88,7 +93,10 @@ class ProxOptimizer(StructuredOptimizer, torch.optim.Optimizer):
         if flag is None:
             flag = total >= COMPILE_MIN_NUMEL and compile_available(dev)
         elif flag and not compile_available(dev):
-            warnings.warn("torch.compile is unavailable here (no C++ compiler or COMPRESS_COMPILE=0); running eagerly", stacklevel=2)
+            warnings.warn(
+                "torch.compile is unavailable here (no C++ compiler or COMPRESS_COMPILE=0); running eagerly",
+                stacklevel=2,
+            )
             flag = False
         self._use_compile = bool(flag)
         self._eager_only: set[str] = set()
@@ -127,8 +135,11 @@ class ProxOptimizer(StructuredOptimizer, torch.optim.Optimizer):
             try:
                 return self._kernels(True)[name](*args)
             except Exception as e:  # compile failure: this kernel runs eagerly from now on (same math)
-                warnings.warn(f"{type(self).__name__}: torch.compile of {name!r} failed ({type(e).__name__}: "
-                              f"{str(e)[:300]}); running it eagerly", stacklevel=2)
+                warnings.warn(
+                    f"{type(self).__name__}: torch.compile of {name!r} failed ({type(e).__name__}: "
+                    f"{str(e)[:300]}); running it eagerly",
+                    stacklevel=2,
+                )
                 self._eager_only.add(name)
         return self._kernels(False)[name](*args)
 
@@ -226,7 +237,7 @@ class ProxOptimizer(StructuredOptimizer, torch.optim.Optimizer):
                 flat = torch.cat([self.state[p][key].reshape(-1) for p in ps])
                 off = 0
                 for p in ps:
-                    self.state[p][key] = flat[off:off + p.numel()].view(p.shape)
+                    self.state[p][key] = flat[off : off + p.numel()].view(p.shape)
                     off += p.numel()
                 self._flat[i][key] = flat
         self._state_packed = True

@@ -2,6 +2,7 @@
 
 Named `AdamW` so run logs read as before; `CosineAdamW` is the budget run's final phase.
 """
+
 from __future__ import annotations
 
 import math

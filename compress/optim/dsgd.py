@@ -28,6 +28,7 @@ every other parameter is a layer of its own; `model_layers` builds named layers 
 model's modules. Per-layer bookkeeping (L, pick counts) lives in param_groups[0] so that
 it round-trips through `state_dict()` and the JSON checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,10 +91,20 @@ class DSGD(ProxOptimizer):
     keeps the picks of this process's steps (not checkpointed); `plot_layer_picks` draws them.
     """
 
-    def __init__(self, params, lr: float, lam: float = 0.0, k: int = 1, norm: str = "euclidean",
-                 adapt_L: bool = True, L_smoothing: float = 0.9, L_bounds: tuple[float, float] = (1.0, 1e4),
-                 layers: Sequence[Sequence[Tensor]] | None = None, layer_names: Sequence[str] | None = None,
-                 groups=None):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        lam: float = 0.0,
+        k: int = 1,
+        norm: str = "euclidean",
+        adapt_L: bool = True,
+        L_smoothing: float = 0.9,
+        L_bounds: tuple[float, float] = (1.0, 1e4),
+        layers: Sequence[Sequence[Tensor]] | None = None,
+        layer_names: Sequence[str] | None = None,
+        groups=None,
+    ):
         if not lr > 0:
             raise ValueError(f"lr must be > 0 (the first smoothness estimate is 1/lr), got {lr}")
         if not lam >= 0:
@@ -169,8 +180,12 @@ class DSGD(ProxOptimizer):
         # every group must live inside one layer: compare the layers of any two of its slices
         gl = layer_of[idx.pair_entry.cpu()]
         G = idx.n_groups
-        lo = torch.full((G,), n, dtype=torch.long).scatter_reduce(0, idx.pair_group.cpu(), gl, "amin", include_self=False)
-        hi = torch.full((G,), -1, dtype=torch.long).scatter_reduce(0, idx.pair_group.cpu(), gl, "amax", include_self=False)
+        lo = torch.full((G,), n, dtype=torch.long).scatter_reduce(
+            0, idx.pair_group.cpu(), gl, "amin", include_self=False
+        )
+        hi = torch.full((G,), -1, dtype=torch.long).scatter_reduce(
+            0, idx.pair_group.cpu(), gl, "amax", include_self=False
+        )
         if bool((lo != hi).any()):
             g = int(torch.nonzero(lo != hi)[0])
             raise ValueError(f"group {idx.names[g]} spans several layers; a layer must hold whole groups")
@@ -257,8 +272,9 @@ class DSGD(ProxOptimizer):
                     b = self.L_smoothing
                     L[i] = min(max(math.exp(b * math.log(L[i]) + (1 - b) * math.log(est)), lo / lr0), hi / lr0)
         duals = [self._dual(g) for g in grads]
-        scores = torch.tensor([sum(duals[k][0] for k in ks) / (2 * L[i]) for i, ks in enumerate(self.layers)],
-                              dtype=torch.float64)
+        scores = torch.tensor(
+            [sum(duals[k][0] for k in ks) / (2 * L[i]) for i, ks in enumerate(self.layers)], dtype=torch.float64
+        )
         order = torch.sort(scores, descending=True, stable=True).indices.tolist()
         picked = sorted(order[: min(self.k, len(self.layers))])
         step_size = [0.0] * len(self.layers)

@@ -4,6 +4,7 @@ The structured point Ŵ is a function of the dual state, so the λ at which each
 prox gives exactly zero can be read off that state (`critical_lams`, ALGORITHMS §2a); the
 budget controller uses it to set λ for a zero pattern exactly instead of by trial.
 """
+
 from __future__ import annotations
 
 import math

@@ -16,6 +16,7 @@ and diagonal entries, and z rotated: one secular equation per group, solved for 
 at once by the shared `metric_group_prox`, then rotated back. One eigendecomposition
 serves every group of a layer.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -66,8 +67,10 @@ def side_for(index: GroupIndex, k: int, shape: Sequence[int]) -> str:
 def check_side(index: GroupIndex, k: int, side: str) -> None:
     e = index.entries[k]
     if e.has_groups and (side == "right") != (e.dim == 0):
-        raise ValueError(f"parameter {k} is grouped along dim {e.dim}: a {side} metric would mix its groups "
-                         f"(use side={'right' if e.dim == 0 else 'left'!r})")
+        raise ValueError(
+            f"parameter {k} is grouped along dim {e.dim}: a {side} metric would mix its groups "
+            f"(use side={'right' if e.dim == 0 else 'left'!r})"
+        )
 
 
 def rotate(x: Tensor, met: EigMetric) -> Tensor:
@@ -90,8 +93,16 @@ def eig_diag(shape: Sequence[int], met: EigMetric) -> Tensor:
     return met.h.reshape(shape[0], *([1] * (len(shape) - 1)))
 
 
-def eig_metric_group_prox(z: Sequence[Tensor], metrics: Sequence, index: GroupIndex, tau, r0: Tensor | None = None,
-                          tol: float | None = None, max_iter: int = 50, return_info: bool = False):
+def eig_metric_group_prox(
+    z: Sequence[Tensor],
+    metrics: Sequence,
+    index: GroupIndex,
+    tau,
+    r0: Tensor | None = None,
+    tol: float | None = None,
+    max_iter: int = 50,
+    return_info: bool = False,
+):
     """argmin_x Σ_g τ_g‖x_g‖ + Σ_k ½‖x_k − z_k‖²_{A_k}, exactly, for every group at once.
 
     `metrics[k]`: an `EigMetric` (one-sided SPD matrix), a positive tensor broadcastable to

@@ -5,6 +5,7 @@ Each parameter is a 3-D view [A, n, B] where n is the size along its grouped dim
 LongTensor maps each of the n indices to a group id (-1: ungrouped). A per-group reduction
 is "sum over dims 0 and 2, index_add into a vector of groups".
 """
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,7 @@ class GroupIndex:
             if d is None:
                 entries.append((None, (1, 1, p.numel()), torch.full((1,), -1, dtype=torch.long)))
             else:
-                entries.append((d, (math.prod(p.shape[:d]), p.shape[d], math.prod(p.shape[d + 1:])), gid_lists[k]))
+                entries.append((d, (math.prod(p.shape[:d]), p.shape[d], math.prod(p.shape[d + 1 :])), gid_lists[k]))
         self._set_entries(entries)
 
     def _row_groups(self) -> tuple:
@@ -106,7 +107,9 @@ class GroupIndex:
                     )
                 p = self.params[k]
                 if not 0 <= s.dim < p.dim():
-                    raise ValueError(f"group {name}: dim {s.dim} does not exist in {s.param!r} of shape {list(p.shape)}")
+                    raise ValueError(
+                        f"group {name}: dim {s.dim} does not exist in {s.param!r} of shape {list(p.shape)}"
+                    )
                 if dims[k] is None:
                     dims[k] = s.dim
                     gid_lists[k] = torch.full((p.shape[s.dim],), -1, dtype=torch.long)
@@ -136,8 +139,11 @@ class GroupIndex:
         self.pair_entry = torch.cat(pair_e).to(device) if pair_e else torch.zeros(0, dtype=torch.long, device=device)
         self.pair_group = torch.cat(pair_g).to(device) if pair_g else torch.zeros(0, dtype=torch.long, device=device)
         self.grouped = [k for k, e in enumerate(self.entries) if e.has_groups]
-        self._gid_flat = torch.cat([e.gid_ext for e in self.entries]) if self.entries else \
-            torch.zeros(0, dtype=torch.long, device=device)
+        self._gid_flat = (
+            torch.cat([e.gid_ext for e in self.entries])
+            if self.entries
+            else torch.zeros(0, dtype=torch.long, device=device)
+        )
         self._splits = [len(e.gid_ext) for e in self.entries]
         self._gid_cache: dict = {}
 
@@ -149,8 +155,13 @@ class GroupIndex:
         entry of the new index (packs after the unpacked parameters, in order).
         """
         out = object.__new__(GroupIndex)
-        out.n_groups, out.device, out.weights, out.sizes, out.names = \
-            self.n_groups, self.device, self.weights, self.sizes, self.names
+        out.n_groups, out.device, out.weights, out.sizes, out.names = (
+            self.n_groups,
+            self.device,
+            self.weights,
+            self.sizes,
+            self.names,
+        )
         in_pack = {k for pk in packs for k in pk}
         layout = [("param", k) for k in range(len(self.params)) if k not in in_pack]
         entries = [(self.entries[k].dim, self.entries[k].shape3, self.entries[k].gid) for _, k in layout]

@@ -4,6 +4,7 @@ Every optimizer they can drive answers the same questions, so they never probe w
 `hasattr`: the prox optimizers answer from their state (base.py), dense ones trivially
 (dense.py), and a foreign torch optimizer is viewed through `as_structured`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,8 +79,11 @@ def recalibrate_for(model: torch.nn.Module | None, data) -> None:
     if data is None:
         from compress.errors import UserError
 
-        raise UserError("the model has BatchNorm layers whose running statistics belong to the trained point, not "
-                        "the structured one: give `data` (training batches) to recalibrate them", field="data")
+        raise UserError(
+            "the model has BatchNorm layers whose running statistics belong to the trained point, not "
+            "the structured one: give `data` (training batches) to recalibrate them",
+            field="data",
+        )
     from compress.train.evaluate import recalibrate_batchnorm  # a step of training, called at the optimizer's end
 
     param = next(model.parameters(), None)

@@ -3,6 +3,7 @@
 Compiling pays off only for large tensors and where inductor has a backend; the thresholds
 below were measured on the prox step (first compile costs seconds).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,5 +37,3 @@ def compile_available(device: torch.device) -> bool:
     import shutil
 
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-
-

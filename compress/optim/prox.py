@@ -18,6 +18,7 @@ parameter and never loops over groups in Python.
 The kernels (`make_prox_kernels`) are plain tensor functions of 3-D views so that the
 optimizers can hand them to torch.compile; the public functions here run them eagerly.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -101,8 +102,17 @@ def make_prox_kernels(ad: Callable, finish: Callable) -> dict[str, Callable]:
     def pg_final(state, scal, w):
         finish(state, w, scal)
 
-    return {"sums0": sums0, "sums": sums, "sq": sq, "final": final, "dmax": dmax,
-            "pg_obj": pg_obj, "pg_sums": pg_sums, "pg_step": pg_step, "pg_final": pg_final}
+    return {
+        "sums0": sums0,
+        "sums": sums,
+        "sq": sq,
+        "final": final,
+        "dmax": dmax,
+        "pg_obj": pg_obj,
+        "pg_sums": pg_sums,
+        "pg_step": pg_step,
+        "pg_final": pg_final,
+    }
 
 
 # --------------------------------------------------------------------------- solvers
@@ -113,9 +123,16 @@ def default_newton_tol(dtype: torch.dtype) -> float:
     return 1e-7 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-15
 
 
-def secular_newton(r: Tensor, s2: Tensor, s3: Tensor, active: Tensor,
-                   evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
-                   tol: float, noise: float, max_iter: int) -> tuple[Tensor, int]:
+def secular_newton(
+    r: Tensor,
+    s2: Tensor,
+    s3: Tensor,
+    active: Tensor,
+    evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    tol: float,
+    noise: float,
+    max_iter: int,
+) -> tuple[Tensor, int]:
     """Newton on f(r) = 1/sqrt(φ(r)) − 1 for every `active` group at once.
 
     f is increasing and concave (φ^{-1/2} is the reciprocal of a norm of z_j/(r+τ/d_j),
@@ -213,11 +230,15 @@ class ProxProblem:
         free = tau <= 0
         r = torch.where(free, 1.0, ((na - tau) / dscale).clamp_min(0.0))
         self._final(r, tau)
-        return r, {"zero": int(((na <= tau) & ~free).sum()), "active": int(((na > tau) & ~free).sum()),
-                   "newton_evals": 0}
+        return r, {
+            "zero": int(((na <= tau) & ~free).sum()),
+            "active": int(((na > tau) & ~free).sum()),
+            "newton_evals": 0,
+        }
 
-    def solve_pg(self, tau: Tensor, w: Sequence[Tensor], rtol: float = 1e-8, min_iter: int = 2,
-                 max_iter: int = 100) -> tuple[Tensor, dict]:
+    def solve_pg(
+        self, tau: Tensor, w: Sequence[Tensor], rtol: float = 1e-8, min_iter: int = 2, max_iter: int = 100
+    ) -> tuple[Tensor, dict]:
         """The paper's solver (§2b): screening, then proximal gradient with θ_g = 1/max d.
 
         `w[k]` (a 3-D view per grouped parameter) holds the starting point; it is
@@ -294,8 +315,16 @@ def _problem(index: GroupIndex, z: Sequence[Tensor], d, out: list[Tensor]) -> Pr
     return ProxProblem(index, _eager_call, states, [()] * len(z))
 
 
-def metric_group_prox(z: Sequence[Tensor], d, index: GroupIndex, tau, r0: Tensor | None = None,
-                      tol: float | None = None, max_iter: int = 50, return_info: bool = False):
+def metric_group_prox(
+    z: Sequence[Tensor],
+    d,
+    index: GroupIndex,
+    tau,
+    r0: Tensor | None = None,
+    tol: float | None = None,
+    max_iter: int = 50,
+    return_info: bool = False,
+):
     """argmin_w Σ_g τ_g‖w_g‖ + ½ Σ d (w − z)², exactly (zero test + batched Newton).
 
     `z`: tensors aligned with `index.params`; `d`: matching positive tensors (or one
@@ -309,14 +338,24 @@ def metric_group_prox(z: Sequence[Tensor], d, index: GroupIndex, tau, r0: Tensor
     return (out, r, info) if return_info else out
 
 
-def metric_group_prox_pg(z: Sequence[Tensor], d, index: GroupIndex, tau, w0: Sequence[Tensor] | None = None,
-                         rtol: float = 1e-8, min_iter: int = 2, max_iter: int = 100, return_info: bool = False):
+def metric_group_prox_pg(
+    z: Sequence[Tensor],
+    d,
+    index: GroupIndex,
+    tau,
+    w0: Sequence[Tensor] | None = None,
+    rtol: float = 1e-8,
+    min_iter: int = 2,
+    max_iter: int = 100,
+    return_info: bool = False,
+):
     """The same subproblem by the paper's screening + proximal gradient (§2b), from `w0` (default z)."""
     out = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in z]  # contiguous: written through views
     w = [(t if w0 is None else w0[k]).clone(memory_format=torch.contiguous_format) for k, t in enumerate(z)]
     tau = _as_tau(index, tau)
-    norms, info = _problem(index, z, d, out).solve_pg(tau, [index.view3(k, t) for k, t in enumerate(w)], rtol=rtol,
-                                                      min_iter=min_iter, max_iter=max_iter)
+    norms, info = _problem(index, z, d, out).solve_pg(
+        tau, [index.view3(k, t) for k, t in enumerate(w)], rtol=rtol, min_iter=min_iter, max_iter=max_iter
+    )
     return (out, norms, info) if return_info else out
 
 

@@ -8,6 +8,7 @@ those of the regularized problem, as in the RAMDA authors' ProxSGD. Heavy-ball m
 without dampening (m = g / (1 − μ) at a fixed point) would silently solve the problem
 with λ(1 − μ) instead. This is torch.optim.SGD(momentum=μ, dampening=μ).
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ class ProxSGD(ProxOptimizer):
 
     _state_keys = ("momentum_buffer",)
 
-    def __init__(self, params, lr: float, lam: float = 0.0, momentum: float = 0.9, groups=None,
-                 compile: bool | None = None):
+    def __init__(
+        self, params, lr: float, lam: float = 0.0, momentum: float = 0.9, groups=None, compile: bool | None = None
+    ):
         self._check_lr_lam(lr, lam)
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")

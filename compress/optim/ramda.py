@@ -19,6 +19,7 @@ memory speed (exp/log made the fused kernel compute-bound, twice as slow): an in
 guess from the float's bits (exponent / 3, within 3.5%) and 3 (float32) or 4 (float64)
 Newton steps, accurate to about one ulp.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,11 @@ def _cbrt_bits_newton(x):
         guess = (709921077.0 + x.view(torch.int32).to(torch.float32) * (1.0 / 3.0)).to(torch.int32).view(torch.float32)
         iters = 3
     else:
-        guess = (3071306043645493248.0 + x.view(torch.int64).to(torch.float64) * (1.0 / 3.0)) \
-            .to(torch.int64).view(torch.float64)
+        guess = (
+            (3071306043645493248.0 + x.view(torch.int64).to(torch.float64) * (1.0 / 3.0))
+            .to(torch.int64)
+            .view(torch.float64)
+        )
         iters = 4
     c = guess
     for _ in range(iters):
@@ -70,11 +74,24 @@ class RAMDA(DualAveraging):
     def __new__(cls, *args, reg_space: str = "param", **kwargs):
         return super().__new__(pick_variant(cls, PrecondRAMDA, reg_space))
 
-    def __init__(self, params, lr: float, lam: float = 0.0, momentum: float = 0.1, eps: float = 1e-6,
-                 groups=None, solver: str = "exact", eps_restart_factor: float = 1.0,
-                 newton_tol: float | None = None, max_newton: int = 50,
-                 pg_rtol: float = 1e-8, pg_min_iter: int = 2, pg_max_iter: int = 100,
-                 compile: bool | None = None, reg_space: str = "param"):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        lam: float = 0.0,
+        momentum: float = 0.1,
+        eps: float = 1e-6,
+        groups=None,
+        solver: str = "exact",
+        eps_restart_factor: float = 1.0,
+        newton_tol: float | None = None,
+        max_newton: int = 50,
+        pg_rtol: float = 1e-8,
+        pg_min_iter: int = 2,
+        pg_max_iter: int = 100,
+        compile: bool | None = None,
+        reg_space: str = "param",
+    ):
         self._check_lr_lam(lr, lam)
         if not 0 < momentum <= 1:
             raise ValueError(f"momentum (the averaging weight c) must be in (0, 1], got {momentum}")
@@ -89,8 +106,9 @@ class RAMDA(DualAveraging):
         self.solver = solver
         self.newton_tol, self.max_newton = newton_tol, max_newton
         self.pg_rtol, self.pg_min_iter, self.pg_max_iter = pg_rtol, pg_min_iter, pg_max_iter
-        defaults = dict(lr=lr, lam=lam, momentum=momentum, eps=eps, eps_restart_factor=eps_restart_factor,
-                        t=0, alpha=0.0)
+        defaults = dict(
+            lr=lr, lam=lam, momentum=momentum, eps=eps, eps_restart_factor=eps_restart_factor, t=0, alpha=0.0
+        )
         super().__init__(params, defaults, groups=groups, compile=compile)
 
     # ---- kernels (state = (W, V, cbrt U, W0, Ŵ), scal = (s, eps, c))
@@ -130,10 +148,12 @@ class RAMDA(DualAveraging):
             r, info = prob.solve_exact(tau, self._get_r(), tol=self.newton_tol, max_iter=self.max_newton)
             self._set_r(r)
         else:
-            _, info = prob.solve_pg(tau, self._step_views("w_hat"), rtol=self.pg_rtol, min_iter=self.pg_min_iter,
-                                    max_iter=self.pg_max_iter)
+            _, info = prob.solve_pg(
+                tau, self._step_views("w_hat"), rtol=self.pg_rtol, min_iter=self.pg_min_iter, max_iter=self.pg_max_iter
+            )
         self._end(back, info)
 
 
 PrecondRAMDA = preconditioned_variant(
-    RAMDA, "RAMDA with the group lasso on z = P^{1/2} W (P = cbrt(U) + ε): Ŵ = P^{-1/2} shrink(P^{1/2}(W⁰ − V/P)).")
+    RAMDA, "RAMDA with the group lasso on z = P^{1/2} W (P = cbrt(U) + ε): Ŵ = P^{-1/2} shrink(P^{1/2}(W⁰ − V/P))."
+)

@@ -4,6 +4,7 @@ Everything that used to keep its own list of names (the CLI help, TrainConfig's 
 checks, the training loop's keyword plumbing, the budget runner's "needs a group lasso")
 reads this table, so adding an optimizer is one entry here.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -66,20 +67,46 @@ class OptimizerSpec:
 # model (20-30 epochs): lr 1e-2 destroyed it, lr 1e-3 with λ 1e-2 kept 95.6% with 43% of groups zero,
 # lr 3e-4 with λ 1.5e-2 kept 99.33% with 45% zero. adamw's is for dense training from scratch.
 _SPECS = (
-    OptimizerSpec("ramda", "compress.optim.ramda:RAMDA", 3e-4, "regularized adaptive momentum dual averaging "
-                  "(the method)", momentum_schedule=True, dual_averaging=True, reg_spaces=REG_SPACES,
-                  config_kwargs=_ramda),
-    OptimizerSpec("rmda", "compress.optim.rmda:RMDA", 1e-2, "regularized modernized dual averaging",
-                  momentum_schedule=True, dual_averaging=True, config_kwargs=_averaging),
+    OptimizerSpec(
+        "ramda",
+        "compress.optim.ramda:RAMDA",
+        3e-4,
+        "regularized adaptive momentum dual averaging (the method)",
+        momentum_schedule=True,
+        dual_averaging=True,
+        reg_spaces=REG_SPACES,
+        config_kwargs=_ramda,
+    ),
+    OptimizerSpec(
+        "rmda",
+        "compress.optim.rmda:RMDA",
+        1e-2,
+        "regularized modernized dual averaging",
+        momentum_schedule=True,
+        dual_averaging=True,
+        config_kwargs=_averaging,
+    ),
     OptimizerSpec("proxsgd", "compress.optim.proxsgd:ProxSGD", 1e-2, "proximal momentum SGD"),
-    OptimizerSpec("proxadam", "compress.optim.proxadam:ProxAdam", 1e-4, "Adam with the group prox in its metric",
-                  reg_spaces=REG_SPACES),
-    OptimizerSpec("asgo", "compress.optim.asgo:ASGO", 3e-4, "one-sided matrix preconditioner, exact prox in its "
-                  "eigenbasis"),
+    OptimizerSpec(
+        "proxadam",
+        "compress.optim.proxadam:ProxAdam",
+        1e-4,
+        "Adam with the group prox in its metric",
+        reg_spaces=REG_SPACES,
+    ),
+    OptimizerSpec(
+        "asgo", "compress.optim.asgo:ASGO", 3e-4, "one-sided matrix preconditioner, exact prox in its eigenbasis"
+    ),
     OptimizerSpec("dasgo", "compress.optim.asgo:DASGO", 3e-4, "ASGO with the diagonal preconditioner"),
     OptimizerSpec("dsgd", "compress.optim.dsgd:DSGD", 1e-2, "greedy layer-wise proximal steps", config_kwargs=_dsgd),
-    OptimizerSpec("adamw", "compress.optim.dense:AdamW", 3e-3, "dense training, no group lasso", structured=False,
-                  config_kwargs=lambda cfg, model, groups: {"weight_decay": cfg.weight_decay}),
+    OptimizerSpec(
+        "adamw",
+        "compress.optim.dense:AdamW",
+        3e-3,
+        "dense training, no group lasso",
+        structured=False,
+        config_kwargs=lambda cfg, model, groups: {"weight_decay": cfg.weight_decay},
+    ),
 )
 REGISTRY: dict[str, OptimizerSpec] = {s.name: s for s in _SPECS}
 OPTIMIZERS = tuple(REGISTRY)
@@ -102,8 +129,10 @@ def build_optimizer(name: str, params, groups=None, lr: float = 1e-3, lam: float
     s = spec(name)
     if not s.structured:
         if lam:
-            raise ValueError(f"{s.name} trains dense models and takes no group lasso: use lam=0 (got {lam}) "
-                             f"or one of {'|'.join(STRUCTURED)}")
+            raise ValueError(
+                f"{s.name} trains dense models and takes no group lasso: use lam=0 (got {lam}) "
+                f"or one of {'|'.join(STRUCTURED)}"
+            )
         return s.cls(params, lr=lr, groups=groups, **kw)
     return s.cls(params, lr=lr, lam=lam, groups=groups, **kw)
 
@@ -122,20 +151,23 @@ def validate_config(cfg) -> None:
     """The optimizer-dependent checks of a TrainConfig (UserError)."""
     key = str(cfg.optimizer).lower()
     if key not in REGISTRY:
-        raise UserError(f"unknown `optimizer` {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}",
-                        field="optimizer")
+        raise UserError(
+            f"unknown `optimizer` {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}", field="optimizer"
+        )
     s = REGISTRY[key]
     if s.momentum_schedule and not 0 < cfg.momentum <= 1:
         raise UserError(f"`momentum` must be in (0, 1] for {cfg.optimizer}, got {cfg.momentum}", field="momentum")
     if not s.structured and (cfg.lam or 0) > 0:
-        raise UserError(f"{s.name} trains dense models: use `lam` 0, or choose `optimizer` {'|'.join(STRUCTURED)}",
-                        field="lam", fields=("optimizer",))
+        raise UserError(
+            f"{s.name} trains dense models: use `lam` 0, or choose `optimizer` {'|'.join(STRUCTURED)}",
+            field="lam",
+            fields=("optimizer",),
+        )
     if cfg.reg_space not in REG_SPACES:
         raise UserError(f"`reg_space` must be param or preconditioned, got {cfg.reg_space!r}", field="reg_space")
     if cfg.reg_space not in s.reg_spaces:
         with_precond = [n for n, e in REGISTRY.items() if "preconditioned" in e.reg_spaces]
-        raise UserError(f"`reg_space` {cfg.reg_space} applies to {' and '.join(with_precond)} only",
-                        field="reg_space")
+        raise UserError(f"`reg_space` {cfg.reg_space} applies to {' and '.join(with_precond)} only", field="reg_space")
 
 
 def help_text() -> str:

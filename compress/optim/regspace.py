@@ -17,6 +17,7 @@ checkpoints are the parent's. `ProxAdam(..., reg_space="preconditioned")` and
 `RAMDA(..., reg_space="preconditioned")` construct the variants their modules define
 with `preconditioned_variant` (PrecondProxAdam, PrecondRAMDA).
 """
+
 from __future__ import annotations
 
 from compress.optim.registry import REG_SPACES
@@ -33,9 +34,17 @@ def preconditioned_variant(parent: type, doc: str) -> type:
         _, d = parent._ad(state, scal)
         parent._finish(state, w / d.sqrt(), scal)
 
-    return type(f"Precond{parent.__name__}", (parent,), {
-        "__doc__": doc, "__module__": parent.__module__, "reg_space": "preconditioned",
-        "_ad": staticmethod(_ad), "_finish": staticmethod(_finish)})
+    return type(
+        f"Precond{parent.__name__}",
+        (parent,),
+        {
+            "__doc__": doc,
+            "__module__": parent.__module__,
+            "reg_space": "preconditioned",
+            "_ad": staticmethod(_ad),
+            "_finish": staticmethod(_finish),
+        },
+    )
 
 
 def pick_variant(cls: type, variant: type, reg_space: str) -> type:

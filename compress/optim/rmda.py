@@ -5,6 +5,7 @@ RAMDA without the adaptive metric: P = β_t I with β_t = sqrt(t+1), s_t = η_t 
 soft-threshold), W ← (1 − c) W + c Ŵ; stages and restarts as in RAMDA.
 State per parameter: v, w0, w_hat (three parameter-sized buffers).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ class RMDA(DualAveraging):
     _state_keys = ("v", "w0", "w_hat")
     _stage_zero = ("v",)
 
-    def __init__(self, params, lr: float, lam: float = 0.0, momentum: float = 0.1, groups=None,
-                 compile: bool | None = None):
+    def __init__(
+        self, params, lr: float, lam: float = 0.0, momentum: float = 0.1, groups=None, compile: bool | None = None
+    ):
         self._check_lr_lam(lr, lam)
         if not 0 < momentum <= 1:
             raise ValueError(f"momentum (the averaging weight c) must be in (0, 1], got {momentum}")

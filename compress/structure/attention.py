@@ -6,6 +6,7 @@ entries, the out-projection's input columns, and per-head parameters such as a r
 position bias table's column. Removing it is exact: the head's contribution to the out
 projection is its columns times its (zeroed) values.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -91,7 +92,6 @@ class AttentionUnit:
         if self.kv_heads and isinstance(getattr(m, "num_key_value_heads", None), int):
             m.num_key_value_heads = n_groups
 
-
     def param(self, role: str, what: str) -> str:
         """Name of the weight/bias parameter of `role` ('q', 'k', 'v', 'qkv', 'o')."""
         if self.mha and role != "o":
@@ -106,8 +106,13 @@ def is_linear(m) -> bool:
 def is_conv1d(m) -> bool:
     """GPT-2's Conv1D (transformers): y = x·W + b with W of shape (nx, nf); matched by its layout."""
     w = getattr(m, "weight", None)
-    return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int)
-            and isinstance(w, nn.Parameter) and w.dim() == 2 and tuple(w.shape) == (m.nx, m.nf))
+    return (
+        type(m).__name__ == "Conv1D"
+        and isinstance(getattr(m, "nf", None), int)
+        and isinstance(w, nn.Parameter)
+        and w.dim() == 2
+        and tuple(w.shape) == (m.nx, m.nf)
+    )
 
 
 def _in_out(m) -> tuple[int, int] | None:
@@ -151,9 +156,20 @@ def _unit(name, m, named) -> AttentionUnit | None:
         if shape is None or qkv[1] % 3 or proj[0] != qkv[1] // 3:
             return None
         nh, hd, attr = shape
-        return AttentionUnit(name, name, pre + qkv_name, pre + qkv_name, pre + qkv_name, pre + proj_name, nh, hd,
-                             attr, fused=True, tables=_tables(m, pre, nh),
-                             transposed=is_conv1d(getattr(m, qkv_name)))
+        return AttentionUnit(
+            name,
+            name,
+            pre + qkv_name,
+            pre + qkv_name,
+            pre + qkv_name,
+            pre + proj_name,
+            nh,
+            hd,
+            attr,
+            fused=True,
+            tables=_tables(m, pre, nh),
+            transposed=is_conv1d(getattr(m, qkv_name)),
+        )
     q, k, v = _child(m, _Q), _child(m, _K), _child(m, _V)
     if not (q and k and v):
         return None
@@ -181,8 +197,7 @@ def _unit(name, m, named) -> AttentionUnit | None:
     kv = kw // hd if kw != nh * hd else 0
     if getattr(m, v).out_features != kw:
         return None
-    return AttentionUnit(unit_name, name, pre + q, pre + k, pre + v, o, nh, hd, attr, kv,
-                         tables=_tables(m, pre, nh))
+    return AttentionUnit(unit_name, name, pre + q, pre + k, pre + v, o, nh, hd, attr, kv, tables=_tables(m, pre, nh))
 
 
 def attention_units(model: nn.Module) -> list[AttentionUnit]:
@@ -192,8 +207,11 @@ def attention_units(model: nn.Module) -> list[AttentionUnit]:
         if isinstance(m, nn.MultiheadAttention):
             if mha_prunable(m):
                 pre = f"{name}." if name else ""
-                units.append(AttentionUnit(name, name, name, name, name, pre + "out_proj", m.num_heads, m.head_dim,
-                                           None, mha=True))
+                units.append(
+                    AttentionUnit(
+                        name, name, name, name, name, pre + "out_proj", m.num_heads, m.head_dim, None, mha=True
+                    )
+                )
             continue
         u = _unit(name, m, named)
         if u is not None:

@@ -1,4 +1,5 @@
 """Channel groups: a DepGraph root with every coupled slice, kept only where removal is exact."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -75,12 +76,18 @@ def _roles(DG, items, attn_linears) -> tuple[set, set, str | None]:
         node = it.dep.target
         if node.type in (T.CONV, T.LINEAR):
             if isinstance(node.module, nn.modules.conv._ConvNd) and node.module.groups > 1:
-                return producers, consumers, (f"grouped convolution {_name_of(DG, node)} "
-                                              f"(groups={node.module.groups}) is coupled")
+                return (
+                    producers,
+                    consumers,
+                    (f"grouped convolution {_name_of(DG, node)} (groups={node.module.groups}) is coupled"),
+                )
             if _writes_out(DG, it):
                 if node.module in attn_linears:
-                    return producers, consumers, (f"coupled to attention projection {_name_of(DG, node)} "
-                                                  "(heads are grouped separately)")
+                    return (
+                        producers,
+                        consumers,
+                        (f"coupled to attention projection {_name_of(DG, node)} (heads are grouped separately)"),
+                    )
                 producers.add(node)
             else:
                 consumers.add(node)

@@ -1,4 +1,5 @@
 """Parameter and FLOP counts of a model, measured with torch's own flop counter."""
+
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,11 @@ def count_flops(model: torch.nn.Module, example_inputs) -> int:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), counted_attention(), FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+        with (
+            torch.no_grad(),
+            counted_attention(),
+            FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter,
+        ):
             call_model(model, example_inputs)
     finally:
         model.train(was_training)

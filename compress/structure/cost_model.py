@@ -1,4 +1,5 @@
 """CostModel: FLOPs and parameters of the model `extract` would produce for a zero pattern, without extracting."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -60,6 +61,7 @@ class _OpRecorder:
         def enter(name):
             def hook(mod, inp):
                 self.stack.append(name)
+
             return hook
 
         def leave(mod, inp, out):
@@ -129,8 +131,11 @@ class CostModel:
         self._flat_pos = torch.tensor(pos, dtype=torch.long)
         self._flat_gid = torch.tensor(gid, dtype=torch.long)
         self._flat_n = total
-        self._pair_of_flat = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)) \
-            if sizes else torch.zeros(0, dtype=torch.long)
+        self._pair_of_flat = (
+            torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+            if sizes
+            else torch.zeros(0, dtype=torch.long)
+        )
         self._pair_size = torch.tensor(sizes, dtype=torch.long)
         return pair_ix, sizes
 
@@ -281,8 +286,11 @@ class CostModel:
         if kind in ("flops", "flops_blocked"):  # blocked FLOPs move in steps: rank by their smooth version
             per_param, per_pair, dense = self._coef_param.double(), self._coef_pair.double(), self.dense_flops
         else:
-            per_param, per_pair, dense = torch.ones(len(self.param_names), dtype=torch.float64), \
-                torch.zeros(len(self.pairs), dtype=torch.float64), self.dense_params
+            per_param, per_pair, dense = (
+                torch.ones(len(self.param_names), dtype=torch.float64),
+                torch.zeros(len(self.pairs), dtype=torch.float64),
+                self.dense_params,
+            )
         # d numel(P) / d kept(P, d) = numel(P) / kept(P, d): one entry of (P, d) costs that much
         pair_param = self._pair_param
         per_index = per_param[pair_param] * numel[pair_param] / kept.clamp_min(1) + per_pair

@@ -1,4 +1,5 @@
 """Layers find_groups does not analyse, named so that nothing is skipped silently."""
+
 from __future__ import annotations
 
 from torch import nn

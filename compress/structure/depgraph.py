@@ -6,6 +6,7 @@ shuffle after `chunk`): a ZeroDivisionError that aborted the whole graph. The gu
 that one reshape without an index mapping instead; groups through it are then analysed like
 any other and removed by the randomized check (`soundness.py`) if they are not exact.
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """find_groups: the removable structures of a model, and their group weights."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,9 @@ from compress.structure.tensors import as_args, flatten_tensors
 GROUP_WEIGHTS = ("size", "flops", "sqrt", "unit")
 
 
-def find_groups(model: nn.Module, example_inputs, ignored_layers=None, weight: str = "size",
-                check: bool = True) -> GroupList:
+def find_groups(
+    model: nn.Module, example_inputs, ignored_layers=None, weight: str = "size", check: bool = True
+) -> GroupList:
     """All zero-invariant groups of `model`, bound to its live parameters.
 
     Channels/neurons come from torch-pruning's DependencyGraph: for each conv/linear
@@ -82,7 +84,10 @@ def _head_groups(model, ignored, order, found, not_prunable, example_inputs=None
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention) and name not in {u.name for u in all_units}:
             not_prunable.append(
-                (name, "nn.MultiheadAttention: heads are not offered (rewrite it with separate q/k/v/out nn.Linear layers and num_heads/head_dim attributes to prune heads)")
+                (
+                    name,
+                    "nn.MultiheadAttention: heads are not offered (rewrite it with separate q/k/v/out nn.Linear layers and num_heads/head_dim attributes to prune heads)",
+                )
             )
     return attn_linears
 
@@ -115,7 +120,11 @@ def _out_members(DG, m) -> tuple[list, list]:
     for it in items:
         mod = it.dep.target.module
         p = DG.get_pruner_of_module(mod) if isinstance(mod, nn.Module) else None
-        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) and p is not None and it.dep.handler == p.prune_out_channels:
+        if (
+            isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd))
+            and p is not None
+            and it.dep.handler == p.prune_out_channels
+        ):
             members.append(mod)
     return members, items
 
@@ -174,7 +183,8 @@ def group_weights(model: nn.Module, groups, example_inputs, weight: str = "size"
     if not len(groups):
         return sav
     if not bool((sav > 0).any()):
-        raise UserError("`group_weight` flops: no group saves any FLOPs on the example input; use size",
-                        field="group_weight")
+        raise UserError(
+            "`group_weight` flops: no group saves any FLOPs on the example input; use size", field="group_weight"
+        )
     size = torch.tensor([math.sqrt(g.size) for g in groups], dtype=torch.float64)
     return sav * (size.mean() / sav.mean())

@@ -1,4 +1,5 @@
 """The Group: (parameter, dim, indices) slices that are removed together; serialization to JSON."""
+
 from __future__ import annotations
 
 import json
@@ -134,7 +135,9 @@ def load_groups(path, model: nn.Module) -> GroupList:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"groups file {path} is not valid JSON: {e}") from None
     try:
-        groups = GroupList([Group.from_json(d) for d in data["groups"]], [tuple(x) for x in data.get("not_prunable", [])])
+        groups = GroupList(
+            [Group.from_json(d) for d in data["groups"]], [tuple(x) for x in data.get("not_prunable", [])]
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"groups file {path} is malformed: {e!r}") from None
     params = dict(model.named_parameters())

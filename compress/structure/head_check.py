@@ -7,6 +7,7 @@ randomized check (`soundness.py`) finds this too, but by bisection over every la
 cost minutes on full-size Swin; one head removed from a copy of one block costs a forward
 of that block.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,16 +28,26 @@ def _relative(u: AttentionUnit) -> AttentionUnit:
     def rel(n):
         return n[cut:] if n != u.name else ""
 
-    return dataclasses.replace(u, name="", holder=rel(u.holder), q=rel(u.q), k=rel(u.k), v=rel(u.v), o=rel(u.o),
-                               tables=[rel(t) for t in u.tables])
+    return dataclasses.replace(
+        u,
+        name="",
+        holder=rel(u.holder),
+        q=rel(u.q),
+        k=rel(u.k),
+        v=rel(u.v),
+        o=rel(u.o),
+        tables=[rel(t) for t in u.tables],
+    )
 
 
 def _capture(model, units, example_inputs) -> dict:
     """unit name → (args, kwargs) of the block's first call on the example."""
     seen, hooks = {}, []
     for u in units:
+
         def hook(mod, args, kwargs, _n=u.name):
             seen.setdefault(_n, (args, kwargs))
+
         hooks.append(model.get_submodule(u.name).register_forward_pre_hook(hook, with_kwargs=True))
     args, kwargs = as_args(example_inputs)
     was = model.training

@@ -6,6 +6,7 @@ Extraction replaces it with `SplitHeadAttention`: separate q/k/v/out nn.Linear l
 the remaining heads' rows, computing the same function with the same call signature, and
 exporting to ONNX as plain MatMul/Softmax.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,9 +33,9 @@ class SplitHeadAttention(nn.Module):
         w, b = mha.in_proj_weight.detach(), mha.in_proj_bias
         self.q, self.k, self.v = (nn.Linear(e, len(rows), bias=b is not None) for _ in range(3))
         for i, lin in enumerate((self.q, self.k, self.v)):
-            lin.weight.data.copy_(w[i * e:(i + 1) * e][rows])
+            lin.weight.data.copy_(w[i * e : (i + 1) * e][rows])
             if b is not None:
-                lin.bias.data.copy_(b.detach()[i * e:(i + 1) * e][rows])
+                lin.bias.data.copy_(b.detach()[i * e : (i + 1) * e][rows])
         self.out = nn.Linear(len(rows), e, bias=mha.out_proj.bias is not None)
         self.out.weight.data.copy_(mha.out_proj.weight.detach()[:, rows])
         if mha.out_proj.bias is not None:
@@ -44,8 +45,17 @@ class SplitHeadAttention(nn.Module):
         n, length, _ = x.shape
         return x.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         batched = query.dim() == 3
         if not batched:
             query, key, value = (t.unsqueeze(1 if not self.batch_first else 0) for t in (query, key, value))

@@ -8,6 +8,7 @@ parameters are given random values (so nothing passes by accident), zero a rando
 every layer's groups, then all of them, remove them as `extract` does and compare outputs.
 On a mismatch the layers are bisected and the culprits' groups dropped with the reason.
 """
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """Group norms and sparsity of the live parameters, through a cached flat index."""
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,9 @@ class _Index:
                 pos.extend(s.indices)
                 gid.extend([gi] * len(s.indices))
                 sizes[gi] += slice_numel(s, t.shape)
-        self.parts = {k: (torch.tensor(p, dtype=torch.long), torch.tensor(g, dtype=torch.long)) for k, (p, g) in parts.items()}
+        self.parts = {
+            k: (torch.tensor(p, dtype=torch.long), torch.tensor(g, dtype=torch.long)) for k, (p, g) in parts.items()
+        }
         self.sizes = torch.tensor(sizes, dtype=torch.float64)
         self.n = len(groups)
 
@@ -45,8 +48,10 @@ class _Index:
 
 def _index(groups) -> _Index:
     idx = getattr(groups, "_index", None) if isinstance(groups, GroupList) else None
-    if idx is None or idx.n != len(groups) or any(
-        idx.tensor.get(s.param) is not t for g in groups[:1] for s, t in zip(g.slices, g.tensors)
+    if (
+        idx is None
+        or idx.n != len(groups)
+        or any(idx.tensor.get(s.param) is not t for g in groups[:1] for s, t in zip(g.slices, g.tensors))
     ):
         idx = _Index(groups)
         if isinstance(groups, GroupList):

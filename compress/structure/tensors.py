@@ -5,6 +5,7 @@ list (positional arguments) or a dict (keyword arguments); `as_args` is the one 
 says so, and calling a model, moving inputs and exporting all go through it. A model output
 is a tensor, a tuple/list, a dict or a ModelOutput; `flatten_tensors` lists its tensors.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,17 +1,52 @@
 """Static zero-invariance analysis: does a zero channel stay zero through an op of the autograd graph?"""
+
 from __future__ import annotations
 
 # --------------------------------------------------------------------------- DepGraph channels
 
 # Autograd ops that map an all-zero channel to an all-zero channel (f(0) = 0, per channel).
 ZERO_PRESERVING = {
-    "Relu", "Gelu", "Silu", "Tanh", "LeakyRelu", "Elu", "Hardswish", "Mish", "Neg",
-    "Mul", "View", "Reshape", "ReshapeAlias", "UnsafeView", "Clone", "Cat", "Split",
-    "SplitWithSizes", "Slice", "Unbind", "Expand", "Squeeze", "Unsqueeze", "Alias",
-    "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices", "AvgPool1D",
-    "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool1D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
-    "AdaptiveMaxPool1D", "AdaptiveMaxPool2D", "AdaptiveMaxPool3D", "NativeDropout",
-    "UpsampleNearest1D", "UpsampleNearest2D", "UpsampleBilinear2D", "Contiguous",
+    "Relu",
+    "Gelu",
+    "Silu",
+    "Tanh",
+    "LeakyRelu",
+    "Elu",
+    "Hardswish",
+    "Mish",
+    "Neg",
+    "Mul",
+    "View",
+    "Reshape",
+    "ReshapeAlias",
+    "UnsafeView",
+    "Clone",
+    "Cat",
+    "Split",
+    "SplitWithSizes",
+    "Slice",
+    "Unbind",
+    "Expand",
+    "Squeeze",
+    "Unsqueeze",
+    "Alias",
+    "MaxPool1DWithIndices",
+    "MaxPool2DWithIndices",
+    "MaxPool3DWithIndices",
+    "AvgPool1D",
+    "AvgPool2D",
+    "AvgPool3D",
+    "AdaptiveAvgPool1D",
+    "AdaptiveAvgPool2D",
+    "AdaptiveAvgPool3D",
+    "AdaptiveMaxPool1D",
+    "AdaptiveMaxPool2D",
+    "AdaptiveMaxPool3D",
+    "NativeDropout",
+    "UpsampleNearest1D",
+    "UpsampleNearest2D",
+    "UpsampleBilinear2D",
+    "Contiguous",
 }
 
 
@@ -124,13 +159,18 @@ class ZeroAnalysis:
         nexts = [f for f, _ in gf.next_functions] if gf is not None else []
         if op in ("Add", "Sub"):
             if len(nexts) < 2 or any(self.operand(f) is None for f in nexts):
-                return False, f"{op.lower()} with an operand outside the group (e.g. a constant or an unregistered parameter)"
+                return (
+                    False,
+                    f"{op.lower()} with an operand outside the group (e.g. a constant or an unregistered parameter)",
+                )
             return self._all([self.operand(f) for f in nexts], op)
         if op == "Mul":
             why = "mul with no zero factor"
             if any(self.channel_reduced(self.operand(f)) for f in nexts):
-                return False, ("normalised over the pruned dimension by x·rsqrt(mean(x²)) or the like (RMSNorm, "
-                               "T5LayerNorm): removing a channel changes the mean")
+                return False, (
+                    "normalised over the pruned dimension by x·rsqrt(mean(x²)) or the like (RMSNorm, "
+                    "T5LayerNorm): removing a channel changes the mean"
+                )
             for f in nexts:
                 n = self.operand(f)
                 if n is not None:

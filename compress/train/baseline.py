@@ -6,6 +6,7 @@ sparse run prints a warning naming both.
 
 The cache: $COMPRESS_CACHE, else $XDG_CACHE_HOME/compress, else ~/.cache/compress; one run directory
 per model and seed under dense/ (delete it to retrain)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -34,16 +35,22 @@ def dense_baseline(model: str, is_builtin: bool, train, console, train_run: Call
     from compress.runs import RUN_FILES
 
     if not is_builtin:
-        raise UserError("`init` dense trains the recipe of a built-in model; for your own model train a dense "
-                        "model first (`optimizer` adamw, `lam` 0, `schedule` cosine) and give its "
-                        "weights.safetensors as `init`", field="init", fields=("optimizer", "lam", "schedule"))
+        raise UserError(
+            "`init` dense trains the recipe of a built-in model; for your own model train a dense "
+            "model first (`optimizer` adamw, `lam` 0, `schedule` cosine) and give its "
+            "weights.safetensors as `init`",
+            field="init",
+            fields=("optimizer", "lam", "schedule"),
+        )
     run = baseline_dir(model, train.seed)
     weights = run / RUN_FILES["weights"]
     if weights.is_file():
         console.print(f"[bold]init[/]: the cached dense baseline {weights}")
         return weights
-    console.print(f"[bold]init[/]: training the dense baseline of {model} first (AdamW, cosine, "
-                  f"{RECIPE['epochs']} epochs, seed {train.seed}); it is cached in {run}")
+    console.print(
+        f"[bold]init[/]: training the dense baseline of {model} first (AdamW, cosine, "
+        f"{RECIPE['epochs']} epochs, seed {train.seed}); it is cached in {run}"
+    )
     train_run(run, RECIPE)
     return weights
 
@@ -55,8 +62,13 @@ def warn_random_start(console, sparse: bool, name=None) -> None:
         from rich.markup import escape
 
         init = (name or (lambda f: f"`{f}`"))("init")
-        console.print("[yellow]warning:[/] " + escape(
-            f"starting from random weights: the group lasso will remove structures of an untrained model. Start "
-            f"from a trained model with {init} dense (built-in models: trains and caches a dense baseline under "
-            f"{cache_dir() / 'dense'}) or {init} FILE, or give {init} random to say this is intended"),
-            soft_wrap=True, highlight=False)
+        console.print(
+            "[yellow]warning:[/] "
+            + escape(
+                f"starting from random weights: the group lasso will remove structures of an untrained model. Start "
+                f"from a trained model with {init} dense (built-in models: trains and caches a dense baseline under "
+                f"{cache_dir() / 'dense'}) or {init} FILE, or give {init} random to say this is intended"
+            ),
+            soft_wrap=True,
+            highlight=False,
+        )

@@ -5,6 +5,7 @@ its string metadata holds the JSON of everything else (optimizer scalars, param 
 schedule position). Loading never unpickles code, and the file is written atomically,
 so `kill -9` during a save leaves the previous checkpoint intact.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for name, t in tensors.items():
-        idx, key = name[len(_OPT):].split("/", 1)
+        idx, key = name[len(_OPT) :].split("/", 1)
         state.setdefault(int(idx), {})[key] = t
     for name, val in meta["scalars"].items():
         idx, key = name.split("/", 1)
@@ -44,8 +45,13 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, info: dict,
-                    rng: dict[str, torch.Tensor] | None = None) -> None:
+def save_checkpoint(
+    path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    info: dict,
+    rng: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write model weights, optimizer state, RNG states and `info` (JSON) to one file, atomically."""
     tensors = {f"{_MODEL}{k}": v for k, v in model.state_dict().items()}
     opt_meta = None
@@ -72,9 +78,11 @@ def load_checkpoint(path) -> dict:
         info = json.loads(meta["info"])
         opt_meta = json.loads(meta["optimizer"])
     except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise UserError(f"checkpoint {path} is corrupted or truncated ({e}); resume from an earlier run or start again") from e
-    model = {k[len(_MODEL):]: v for k, v in tensors.items() if k.startswith(_MODEL)}
-    rng = {k[len(_RNG):]: v for k, v in tensors.items() if k.startswith(_RNG)}
+        raise UserError(
+            f"checkpoint {path} is corrupted or truncated ({e}); resume from an earlier run or start again"
+        ) from e
+    model = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}
+    rng = {k[len(_RNG) :]: v for k, v in tensors.items() if k.startswith(_RNG)}
     opt = None
     if opt_meta is not None:
         opt = _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith(_OPT)}, opt_meta)
@@ -97,7 +105,7 @@ def load_weights(path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as e:
             raise UserError(f"weights file {path} is corrupted or truncated ({e})") from e
         if any(k.startswith(_MODEL) for k in sd):  # a checkpoint: take its model part
-            sd = {k[len(_MODEL):]: v for k, v in sd.items() if k.startswith(_MODEL)}
+            sd = {k[len(_MODEL) :]: v for k, v in sd.items() if k.startswith(_MODEL)}
         return sd
     import warnings
 
@@ -108,8 +116,10 @@ def load_weights(path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - torch raises many types for unsafe or broken pickles
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UserError(f"{path} is a pickle that would run code when loaded; refusing it. "
-                            "Save a plain state_dict (torch.save(model.state_dict(), ...)) or safetensors") from e
+            raise UserError(
+                f"{path} is a pickle that would run code when loaded; refusing it. "
+                "Save a plain state_dict (torch.save(model.state_dict(), ...)) or safetensors"
+            ) from e
         raise UserError(f"cannot read weights from {path}: {msg}") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -126,12 +136,16 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     if missing or unexpected:
         first = missing[0] if missing else unexpected[0]
         kind = "missing from" if missing else "unexpected in"
-        raise UserError(f"{source} does not match the model: parameter {first!r} is {kind} the file "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected); was it saved from another model?")
+        raise UserError(
+            f"{source} does not match the model: parameter {first!r} is {kind} the file "
+            f"({len(missing)} missing, {len(unexpected)} unexpected); was it saved from another model?"
+        )
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise UserError(f"{source} does not match the model: {k!r} has shape {tuple(state[k].shape)} "
-                            f"in the file but {tuple(v.shape)} in the model")
+            raise UserError(
+                f"{source} does not match the model: {k!r} has shape {tuple(state[k].shape)} "
+                f"in the file but {tuple(v.shape)} in the model"
+            )
     model.load_state_dict(state)
 
 
@@ -176,9 +190,9 @@ def _sort_metadata(path) -> None:
 
     data = Path(path).read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + data[8 + n:])
+        f.write(struct.pack("<Q", len(text)) + text + data[8 + n :])

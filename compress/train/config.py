@@ -1,4 +1,5 @@
 """Training configuration: every setting of a run, its defaults, schedules and validation."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,8 +56,11 @@ class TrainConfig:
         """UserError naming the field at fault (`field`); the CLI shows it as its flag."""
         _check(self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
         _check(self.lr is None or self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        _check(self.lam is None or (self.lam >= 0 and not math.isinf(self.lam)), "lam",
-               f"must be a finite number ≥ 0, got {self.lam}")
+        _check(
+            self.lam is None or (self.lam >= 0 and not math.isinf(self.lam)),
+            "lam",
+            f"must be a finite number ≥ 0, got {self.lam}",
+        )
         _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         _check(self.schedule in ("step", "cosine"), "schedule", f"must be step or cosine, got {self.schedule!r}")
         _check(self.threads is None or self.threads > 0, "threads", f"must be positive, got {self.threads}")
@@ -64,12 +68,19 @@ class TrainConfig:
         validate_config(self)  # the optimizer-dependent checks (registry.py)
         from compress.structure.find import GROUP_WEIGHTS
 
-        _check(self.group_weight in GROUP_WEIGHTS, "group_weight",
-               f"must be size or flops (or unit), got {self.group_weight!r}")
-        _check(self.distill in DISTILL_KINDS, "distill",
-               f"must be one of {', '.join(DISTILL_KINDS)}, got {self.distill!r}")
-        _check(self.distill_temperature > 0 and math.isfinite(self.distill_temperature), "distill_temperature",
-               f"must be a finite number > 0, got {self.distill_temperature}")
+        _check(
+            self.group_weight in GROUP_WEIGHTS,
+            "group_weight",
+            f"must be size or flops (or unit), got {self.group_weight!r}",
+        )
+        _check(
+            self.distill in DISTILL_KINDS, "distill", f"must be one of {', '.join(DISTILL_KINDS)}, got {self.distill!r}"
+        )
+        _check(
+            self.distill_temperature > 0 and math.isfinite(self.distill_temperature),
+            "distill_temperature",
+            f"must be a finite number > 0, got {self.distill_temperature}",
+        )
         _check(0 <= self.distill_alpha <= 1, "distill_alpha", f"must be between 0 and 1, got {self.distill_alpha}")
         _check(self.dsgd_k >= 1, "dsgd_k", f"must be ≥ 1, got {self.dsgd_k}")
         _check(_is_device_name(self.device), "device", f"must be auto, cpu or cuda, got {self.device!r}")

@@ -2,6 +2,7 @@
 
 Moving inputs and calling the model on them live in compress/structure/tensors.py
 (re-exported here for the training loop)."""
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ def iter_batches(data, epoch: int, seed: int, batch_size: int, skip: int = 0, sh
     for i, s in enumerate(starts):
         if i < skip:
             continue
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         if shard is not None:
             idx = shard(idx)
         if tensor_ds:

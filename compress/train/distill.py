@@ -8,6 +8,7 @@ Losses (student output s, teacher output t, temperature T):
   mse     mean squared error between s and t (embeddings, regression).
 The training loss is `alpha · distillation + (1 − alpha) · task loss` (alpha = 1: pure distillation).
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,7 +42,7 @@ def distill_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, temper
         s, t = s.flatten(0, -2), t.flatten(0, -2)  # rows = samples (× positions), columns = classes
         log_p = F.log_softmax(s / temperature, dim=-1)
         log_q = F.log_softmax(t / temperature, dim=-1)
-        return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature ** 2
+        return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature**2
     if kind == "cosine":
         return (1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)).mean()
     if kind == "mse":
@@ -66,8 +67,9 @@ def make_teacher(model: torch.nn.Module, init_weights: dict[str, torch.Tensor]) 
 class DistillLoss:
     """loss(student_out, y, x) = alpha · distill(student, teacher(x)) + (1 − alpha) · task(student_out, y)."""
 
-    def __init__(self, teacher: torch.nn.Module, task_loss: Callable, kind: str, temperature: float,
-                 alpha: float, call: Callable):
+    def __init__(
+        self, teacher: torch.nn.Module, task_loss: Callable, kind: str, temperature: float, alpha: float, call: Callable
+    ):
         self.teacher, self.task_loss, self.kind = teacher, task_loss, kind
         self.temperature, self.alpha, self.call = temperature, alpha, call
 

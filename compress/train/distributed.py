@@ -5,6 +5,7 @@ joins the process group (gloo on CPU, nccl on GPU). Each rank takes an interleav
 every global batch, so N processes with batch B/N see exactly the samples of one process
 with batch B, and the averaged gradient is the same. Only rank 0 writes files and prints.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,12 +39,16 @@ class DistContext:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
             owns = True
-        return DistContext(rank=dist.get_rank(), world=dist.get_world_size(),
-                           local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
+        return DistContext(
+            rank=dist.get_rank(),
+            world=dist.get_world_size(),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            owns_group=owns,
+        )
 
     def shard(self, idx: torch.Tensor) -> torch.Tensor:
         """This rank's share of a global batch's sample indices."""
-        return idx[self.rank::self.world] if self.enabled else idx
+        return idx[self.rank :: self.world] if self.enabled else idx
 
     def any(self, *flags: bool, device=None) -> list[bool]:
         """Logical OR of each flag over all ranks (Ctrl-C and NaN must stop every rank at the same step)."""

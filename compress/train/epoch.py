@@ -4,6 +4,7 @@ callbacks, the checkpoint and the report of each epoch.
 `Run` holds what the epochs share and change (the optimizer a callback may replace, the
 position a checkpoint records); compress.train.loop sets it up and finishes it.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,12 +79,25 @@ def train_epochs(run: Run) -> None:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     scaler = torch.amp.GradScaler(run.device.type) if cfg.amp == "fp16" else None
     n_batches = num_batches(run.train_data, cfg.batch_size)
-    bar = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn(), console=run.console, disable=not run.progress, transient=True)
+    bar = Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=run.console,
+        disable=not run.progress,
+        transient=True,
+    )
     with bar:
-        task = bar.add_task("fine-tuning", total=cfg.epochs * n_batches,
-                            completed=run.start_epoch * n_batches + run.start_batch, loss=float("nan"))
+        task = bar.add_task(
+            "fine-tuning",
+            total=cfg.epochs * n_batches,
+            completed=run.start_epoch * n_batches + run.start_batch,
+            loss=float("nan"),
+        )
         for epoch in range(run.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             _begin_epoch(run, epoch)
@@ -124,7 +138,10 @@ def _train_batches(run: Run, net, amp: tuple, epoch: int, advance: Callable) -> 
             raise NonFiniteLoss(
                 f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
                 f"({run.out / RUN_FILES['checkpoint']}) is kept: lower `lr` (now {cfg.lr:g}) and "
-                f"start again, or `resume` {run.out} with a lower `lr`", field="lr", fields=("resume",))
+                f"start again, or `resume` {run.out} with a lower `lr`",
+                field="lr",
+                fields=("resume",),
+            )
         _step(run.opt, loss, scaler)
         for cb in run.step_callbacks:
             cb(run.opt)
@@ -133,8 +150,9 @@ def _train_batches(run: Run, net, amp: tuple, epoch: int, advance: Callable) -> 
         advance(carry["loss_sum"] / carry["seen"])
         if run.interrupted:
             save_checkpoint(run, epoch, i + 1)
-            raise TrainingInterrupted(f"interrupted at epoch {epoch + 1}, step {i + 1}; "
-                                      f"continue with: compress finetune --resume {run.out}")
+            raise TrainingInterrupted(
+                f"interrupted at epoch {epoch + 1}, step {i + 1}; continue with: compress finetune --resume {run.out}"
+            )
     run.start_batch = 0
 
 
@@ -157,19 +175,31 @@ def _epoch_metrics(run: Run, epoch: int, t0: float) -> dict:
         ev = evaluate(model, run.eval_data, run.device, loss_fn=run.loss_fn)
         sp, wsp = (float(v) for v in opt.group_sparsity())
     carry, pg = run.carry, run.opt.param_groups[0]
-    return {"epoch": epoch + 1, "train_loss": carry["loss_sum"] / max(carry["seen"], 1),
-            "eval_loss": ev["loss"], "accuracy": ev["accuracy"], "group_sparsity": sp,
-            "weighted_group_sparsity": wsp, "lr": float(pg["lr"]),  # the last step's
-            "lam": float(pg.get("lam", 0.0)),
-            "momentum": momentum_at(run.cfg, epoch) if opt.momentum_schedule else None,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "epoch": epoch + 1,
+        "train_loss": carry["loss_sum"] / max(carry["seen"], 1),
+        "eval_loss": ev["loss"],
+        "accuracy": ev["accuracy"],
+        "group_sparsity": sp,
+        "weighted_group_sparsity": wsp,
+        "lr": float(pg["lr"]),  # the last step's
+        "lam": float(pg.get("lam", 0.0)),
+        "momentum": momentum_at(run.cfg, epoch) if opt.momentum_schedule else None,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _end_epoch(run: Run, epoch: int, m: dict) -> None:
     """Callbacks (which may hand over a new optimizer), checkpoint, metrics file and plot, one line."""
     cfg = run.cfg
-    state = {"epoch": epoch, "optimizer": run.opt, "model": run.model, "groups": run.groups, "metrics": m,
-             "config": cfg}
+    state = {
+        "epoch": epoch,
+        "optimizer": run.opt,
+        "model": run.model,
+        "groups": run.groups,
+        "metrics": m,
+        "config": cfg,
+    }
     for cb in run.epoch_callbacks:
         extra = cb(state)
         if extra:
@@ -186,16 +216,24 @@ def _end_epoch(run: Run, epoch: int, m: dict) -> None:
         f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {m['train_loss']:.4f}  acc {100 * m['accuracy']:6.2f}%  "
         f"groups zero {100 * m['group_sparsity']:5.1f}% (weighted {100 * m['weighted_group_sparsity']:5.1f}%)  "
         f"lr {m['lr']:.3g}" + (f"  λ {m['lam']:.3g}" if m["lam"] else "") + f"  [{m['seconds']:.1f}s]",
-        soft_wrap=True)
+        soft_wrap=True,
+    )
     if run.interrupted:
-        raise TrainingInterrupted(f"interrupted after epoch {epoch + 1}; "
-                                  f"continue with: compress finetune --resume {run.out}")
+        raise TrainingInterrupted(
+            f"interrupted after epoch {epoch + 1}; continue with: compress finetune --resume {run.out}"
+        )
 
 
 def save_checkpoint(run: Run, epoch: int, batch: int, status: str = "running") -> None:
     """The position (epoch, batch), loss sums, λ, RNG, model and optimizer; rank 0 only."""
     if not run.main:
         return
-    info = {"epoch": epoch, "batch": batch, "status": status, **run.carry, "run_meta": run.run_meta,
-            "lam": run.opt.param_groups[0].get("lam", 0.0)}
+    info = {
+        "epoch": epoch,
+        "batch": batch,
+        "status": status,
+        **run.carry,
+        "run_meta": run.run_meta,
+        "lam": run.opt.param_groups[0].get("lam", 0.0),
+    }
     ckpt.save_checkpoint(run.out / RUN_FILES["checkpoint"], run.model, run.opt, info, rng_state())

@@ -1,4 +1,5 @@
 """Evaluation and BatchNorm recalibration (the structured point needs statistics of its own)."""
+
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,9 @@ def evaluate(model, data, device, batch_size: int = 256, loss_fn=None) -> dict:
     was = model.training
     model.eval()
     correct, count, loss_sum = 0, 0, 0.0
-    for _, batch in iter_batches(data, 0, 0, batch_size) if not isinstance(data, torch.utils.data.DataLoader) else enumerate(data):
+    for _, batch in (
+        iter_batches(data, 0, 0, batch_size) if not isinstance(data, torch.utils.data.DataLoader) else enumerate(data)
+    ):
         x, y = split_batch(batch)
         x, y = to_device(x, device), to_device(y, device)
         out = call_model(model, x)
@@ -52,8 +55,11 @@ def recalibrate_batchnorm(model, data, device, batch_size: int = 256, max_batche
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for i, batch in iter_batches(data, 0, 12345, batch_size) if not isinstance(data, torch.utils.data.DataLoader) \
-            else enumerate(data):
+    for i, batch in (
+        iter_batches(data, 0, 12345, batch_size)
+        if not isinstance(data, torch.utils.data.DataLoader)
+        else enumerate(data)
+    ):
         if i >= max_batches:
             break
         x, _ = split_batch(batch)

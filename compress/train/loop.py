@@ -3,6 +3,7 @@
 Plain PyTorch (no framework): the data order of epoch e is a permutation seeded by
 (seed, e), so a run interrupted anywhere — between epochs or mid-epoch by Ctrl-C — and
 resumed from its checkpoint ends with bitwise-identical weights on CPU."""
+
 from __future__ import annotations
 
 import contextlib
@@ -87,9 +88,20 @@ def finetune(
     out = Path(out)
     cfg, state = _config(out, config, resume, resume_lr, resume_epochs)
     device, ctx, console, progress = _context(cfg, dist_ctx, console or Console(), progress)
-    run = Run(out=out, cfg=cfg, model=model, device=device, ctx=ctx, console=console, progress=progress,
-              loss_fn=_task_loss(model, loss_fn), train_data=train_data, eval_data=eval_data,
-              epoch_callbacks=list(epoch_callbacks), step_callbacks=list(step_callbacks))
+    run = Run(
+        out=out,
+        cfg=cfg,
+        model=model,
+        device=device,
+        ctx=ctx,
+        console=console,
+        progress=progress,
+        loss_fn=_task_loss(model, loss_fn),
+        train_data=train_data,
+        eval_data=eval_data,
+        epoch_callbacks=list(epoch_callbacks),
+        step_callbacks=list(step_callbacks),
+    )
     _start(run, example_inputs, groups, init_weights, run_info, state, force, build_optimizer)
     with _catch_sigint(run):
         train_epochs(run)
@@ -97,8 +109,9 @@ def finetune(
     return RunResult(out=out, metrics=run.metrics, model=model, optimizer=run.opt, groups=run.groups)
 
 
-def _config(out: Path, config: TrainConfig | None, resume: bool, resume_lr: float | None,
-            resume_epochs: int | None = None):
+def _config(
+    out: Path, config: TrainConfig | None, resume: bool, resume_lr: float | None, resume_epochs: int | None = None
+):
     """(the run's validated TrainConfig, the checkpoint to resume from or None). `resume_epochs` extends
     (or shortens) a resumed run, a finished one too: see `_extended`."""
     if not resume:
@@ -117,8 +130,11 @@ def _config(out: Path, config: TrainConfig | None, resume: bool, resume_lr: floa
         _extended(cfg, saved, state["info"], resume_epochs, out)
         atomic_write_json(out / RUN_FILES["config"], saved)
     if state["info"].get("status") == "done":
-        raise UserError(f"run {out} already finished; make it longer with `resume` {out} and more `epochs`, or "
-                        f"start a new run with `init` {out / RUN_FILES['weights']}", fields=("init", "resume", "epochs"))
+        raise UserError(
+            f"run {out} already finished; make it longer with `resume` {out} and more `epochs`, or "
+            f"start a new run with `init` {out / RUN_FILES['weights']}",
+            fields=("init", "resume", "epochs"),
+        )
     cfg.validate()
     return cfg, state
 
@@ -129,8 +145,10 @@ def _extended(cfg: TrainConfig, saved: dict, info: dict, epochs: int, out: Path)
     averaging-weight ramp after the last milestone spans the new length; the cosine schedule is
     stretched over the new length (a finished run's lr rises again to its value at the old end)."""
     if epochs <= info["epoch"]:
-        raise UserError(f"run {out} has trained {info['epoch']} epochs; `epochs` must be more than that, "
-                        f"got {epochs}", field="epochs")
+        raise UserError(
+            f"run {out} has trained {info['epoch']} epochs; `epochs` must be more than that, got {epochs}",
+            field="epochs",
+        )
     cfg.epochs = saved["train"]["epochs"] = epochs
     if info.get("status") == "done":
         info["status"] = "running"
@@ -202,8 +220,9 @@ def _distiller(run: Run, init_weights: dict) -> None:
     from compress.train.distill import DistillLoss, make_teacher
 
     teacher = make_teacher(run.model, init_weights)
-    run.distill = DistillLoss(teacher, run.loss_fn, cfg.distill, cfg.distill_temperature, cfg.distill_alpha,
-                              call=call_model)
+    run.distill = DistillLoss(
+        teacher, run.loss_fn, cfg.distill, cfg.distill_temperature, cfg.distill_alpha, call=call_model
+    )
 
 
 def _restore(run: Run, state: dict) -> None:

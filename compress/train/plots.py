@@ -1,4 +1,5 @@
 """PNG plots of a run, for people who would rather look than read."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -9,6 +9,7 @@
 Items are (token ids, target); `TextDataset.collate` pads each batch to its own longest
 sentence, so short sentences do not pay for the longest one.
 """
+
 from __future__ import annotations
 
 import ast
@@ -43,7 +44,7 @@ class TextDataset(torch.utils.data.Dataset):
         ids = torch.full((len(items), n), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(items), n, dtype=torch.long)
         for r, (x, _) in enumerate(items):
-            ids[r, :len(x)], mask[r, :len(x)] = x, 1
+            ids[r, : len(x)], mask[r, : len(x)] = x, 1
         return (ids, mask), torch.stack([torch.as_tensor(y) for _, y in items])
 
 
@@ -125,7 +126,7 @@ def embed(model, data: TextDataset, batch: int = 64) -> torch.Tensor:
     order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
     out = None
     for s in range(0, len(order), batch):
-        idx = order[s:s + batch]
+        idx = order[s : s + batch]
         (ids, mask), _ = data.collate([data[i] for i in idx])
         y = model(ids, mask)
         out = out if out is not None else torch.empty(len(data), *y.shape[1:])
@@ -144,8 +145,11 @@ def embedding_agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict:
         sim.fill_diagonal_(-float("inf"))
         return sim.argmax(1)
 
-    return {"cosine": float((s * t).sum(-1).mean()), "nn_agreement": float((nearest(s) == nearest(t)).float().mean()),
-            "sentences": len(s)}
+    return {
+        "cosine": float((s * t).sum(-1).mean()),
+        "nn_agreement": float((nearest(s) == nearest(t)).float().mean()),
+        "sentences": len(s),
+    }
 
 
 def write_corpus(out: str | Path, n: int) -> int:
@@ -156,4 +160,6 @@ def write_corpus(out: str | Path, n: int) -> int:
 
 
 if __name__ == "__main__":  # python -m compress.train.text sentences.txt 600
-    print(f"wrote {write_corpus(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 600)} sentences to {sys.argv[1]}")
+    print(
+        f"wrote {write_corpus(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 600)} sentences to {sys.argv[1]}"
+    )

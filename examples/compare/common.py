@@ -5,6 +5,7 @@ result tables and Pareto plots.
 Every method, ours or a peer's, ends as a plain torch model; `measure` is the only place a
 speedup comes from, so all methods are timed the same way.
 """
+
 from __future__ import annotations
 
 import copy
@@ -110,7 +111,7 @@ def tensor_batches(inputs: tuple[torch.Tensor, ...], target: torch.Tensor, batch
     def gen(epoch: int):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         for s in range(0, n, batch_size):
-            idx = order[s:s + batch_size]
+            idx = order[s : s + batch_size]
             yield tuple(t[idx] for t in inputs), target[idx]
 
     return gen
@@ -134,8 +135,18 @@ def ours_lam(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, **kw
     from compress.train.config import TrainConfig
     from compress.train.loop import finetune
 
-    res = finetune(model, train, eval_data, example, out_dir, TrainConfig(**cfg_kw), force=True, progress=False,
-                   console=quiet_console(), **kw)
+    res = finetune(
+        model,
+        train,
+        eval_data,
+        example,
+        out_dir,
+        TrainConfig(**cfg_kw),
+        force=True,
+        progress=False,
+        console=quiet_console(),
+        **kw,
+    )
     # as `compress export` does by default: keep a few zero channels so widths stay multiples of 8
     small, _ = extract(res.model, res.groups, example, align=8)
     return small, (res.metrics[-1] if res.metrics else {}), res
@@ -152,8 +163,19 @@ def ours_budget(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, f
     from compress.deploy.extract import extract
     from compress.train.config import TrainConfig
 
-    res = finetune_to_budget(model, train, eval_data, example, out_dir, TrainConfig(**cfg_kw), Budget(flops=flops),
-                             force=True, progress=False, console=quiet_console(), **kw)
+    res = finetune_to_budget(
+        model,
+        train,
+        eval_data,
+        example,
+        out_dir,
+        TrainConfig(**cfg_kw),
+        Budget(flops=flops),
+        force=True,
+        progress=False,
+        console=quiet_console(),
+        **kw,
+    )
     small, _ = extract(res.model, res.groups, example)
     return small, (res.metrics[-1] if res.metrics else {}), res
 
@@ -198,13 +220,25 @@ class Task:
         for opt_name, lams in self.cfg["lams"].items():
             for lam in lams:
                 with Timer() as t:
-                    small, last, res = ours_lam(copy.deepcopy(self.model), *self._data(), self.example,
-                                           self.out / "runs" / f"{opt_name}_lam{lam:g}",
-                                           {"epochs": self.cfg["epochs"], "optimizer": opt_name, "lam": lam,
-                                            **self._train_kw(opt_name)}, **self._loss_kw)
-                self._row(opt_name, f"λ={lam:g}", small, {"train_loss": last.get("train_loss"),
-                                                          "group_sparsity": last.get("group_sparsity"),
-                                                          "seconds": t.seconds, **self._pattern_extra(res.model)})
+                    small, last, res = ours_lam(
+                        copy.deepcopy(self.model),
+                        *self._data(),
+                        self.example,
+                        self.out / "runs" / f"{opt_name}_lam{lam:g}",
+                        {"epochs": self.cfg["epochs"], "optimizer": opt_name, "lam": lam, **self._train_kw(opt_name)},
+                        **self._loss_kw,
+                    )
+                self._row(
+                    opt_name,
+                    f"λ={lam:g}",
+                    small,
+                    {
+                        "train_loss": last.get("train_loss"),
+                        "group_sparsity": last.get("group_sparsity"),
+                        "seconds": t.seconds,
+                        **self._pattern_extra(res.model),
+                    },
+                )
 
     def ours_budget(self) -> None:
         """`compress.budget.finetune_to_budget` at the peers' FLOP targets for all epochs, then extract."""
@@ -232,8 +266,15 @@ class Task:
         tag = "ramda-budget+ft" if ft_epochs else "ramda-budget-rewind" if rewind == "init" else "ramda-budget"
         kw = {**self._loss_kw, **self._budget_kw(), **({"rewind": rewind} if rewind else {})}
         with Timer() as t:
-            got = ours_budget(copy.deepcopy(self.model), *self._data(), self.example, self.out / "runs" / f"{tag}_{f}",
-                              {"epochs": epochs, "optimizer": "ramda", **self._train_kw("ramda")}, f, **kw)
+            got = ours_budget(
+                copy.deepcopy(self.model),
+                *self._data(),
+                self.example,
+                self.out / "runs" / f"{tag}_{f}",
+                {"epochs": epochs, "optimizer": "ramda", **self._train_kw("ramda")},
+                f,
+                **kw,
+            )
             if got is None:
                 self.log("ramda-budget: not run (compress.budget is missing)")
                 self.notes.append("ramda-budget not run: compress.budget is missing")
@@ -243,8 +284,9 @@ class Task:
             if ft_epochs:
                 extra[self.before_key] = self._score(small)
                 extra["train_loss"] = self._finetune(small, ft_epochs)[-1]
-        self._row(tag, f"flops≤{f}", small, {**extra, "group_sparsity": last.get("group_sparsity"),
-                                             "seconds": t.seconds})
+        self._row(
+            tag, f"flops≤{f}", small, {**extra, "group_sparsity": last.get("group_sparsity"), "seconds": t.seconds}
+        )
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -258,8 +300,7 @@ def export(model: torch.nn.Module, example, path: Path, **kw) -> dict:
     return export_onnx(model, example, path, **kw)
 
 
-def bench_pair(dense_onnx: Path, comp_onnx: Path, rounds: int | None, flops: tuple[int, int] | None,
-               **kw) -> dict:
+def bench_pair(dense_onnx: Path, comp_onnx: Path, rounds: int | None, flops: tuple[int, int] | None, **kw) -> dict:
     """Our benchmark: dense and compressed interleaved, ORT CPU, 1 intra-op thread, batch 1 and 32.
 
     Returns {batch: (speedup, compressed median ms, dense median ms)} plus the raw report.
@@ -285,14 +326,27 @@ def _speedups(rep: dict) -> dict[int, tuple[float, float, float, float]]:
     for row in rep["results"]:
         if row.get("engine") != "onnxruntime" or row.get("provider") != "CPU" or row.get("threads") != 1:
             continue
-        out[int(row["batch"])] = (float(row["speedup"]), float(row["compressed"]["median_ms"]),
-                                  float(row["dense"]["median_ms"]),
-                                  float(row["dense"]["min_ms"]) / float(row["compressed"]["min_ms"]))
+        out[int(row["batch"])] = (
+            float(row["speedup"]),
+            float(row["compressed"]["median_ms"]),
+            float(row["dense"]["median_ms"]),
+            float(row["dense"]["min_ms"]) / float(row["compressed"]["min_ms"]),
+        )
     return out
 
 
-def measure(model: torch.nn.Module, example, dense_onnx: Path, out_dir: Path, name: str,
-            rounds: int | None, flops_dense: int, flop_example=None, export_kw=None, bench_kw=None) -> dict:
+def measure(
+    model: torch.nn.Module,
+    example,
+    dense_onnx: Path,
+    out_dir: Path,
+    name: str,
+    rounds: int | None,
+    flops_dense: int,
+    flop_example=None,
+    export_kw=None,
+    bench_kw=None,
+) -> dict:
     """Export `model` with our exporter and time it against the dense ONNX with our benchmark."""
     model.eval()
     flops = count_flops(model, flop_example if flop_example is not None else example)
@@ -325,31 +379,58 @@ def _fmt(v, spec: str) -> str:
 
 def markdown_table(rows: list[Result], metric_name: str, extra_cols: list[tuple[str, str, str]] = ()) -> str:
     """Markdown table; `extra_cols` are (header, key in Result.extra, format spec)."""
-    head = ["method", "setting", metric_name, *[h for h, _, _ in extra_cols], "FLOP fraction", "params",
-            "speedup b1", "speedup b32", "min-speedup b1", "min-speedup b32"]
+    head = [
+        "method",
+        "setting",
+        metric_name,
+        *[h for h, _, _ in extra_cols],
+        "FLOP fraction",
+        "params",
+        "speedup b1",
+        "speedup b32",
+        "min-speedup b1",
+        "min-speedup b32",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def x(v):
         return "–" if v is None else f"{v:.2f}×"
 
     for r in rows:
-        cells = [r.method, r.setting, _fmt(r.metric, ".4f"),
-                 *[_fmt(r.extra.get(k), f) for _, k, f in extra_cols],
-                 _fmt(r.flop_fraction, ".3f"), f"{r.params:,}", x(r.speedup_b1), x(r.speedup_b32),
-                 x(r.extra.get("min_speedup_b1")), x(r.extra.get("min_speedup_b32"))]
+        cells = [
+            r.method,
+            r.setting,
+            _fmt(r.metric, ".4f"),
+            *[_fmt(r.extra.get(k), f) for _, k, f in extra_cols],
+            _fmt(r.flop_fraction, ".3f"),
+            f"{r.params:,}",
+            x(r.speedup_b1),
+            x(r.speedup_b32),
+            x(r.extra.get("min_speedup_b1")),
+            x(r.extra.get("min_speedup_b32")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_report(out: Path, task: str, rows: list[Result], metric_name: str, header: str,
-                 extra_cols: list[tuple[str, str, str]] = (), meta: dict | None = None) -> str:
+def write_report(
+    out: Path,
+    task: str,
+    rows: list[Result],
+    metric_name: str,
+    header: str,
+    extra_cols: list[tuple[str, str, str]] = (),
+    meta: dict | None = None,
+) -> str:
     """Write `<task>.md`, `<task>.json` and `<task>_pareto.png` under `out`; return the markdown."""
     from compress.files import atomic_write_json, atomic_write_text
 
     md = f"## {task}\n\n{header}\n\n{markdown_table(rows, metric_name, extra_cols)}\n"
     atomic_write_text(out / f"{task}.md", md)
-    atomic_write_json(out / f"{task}.json", {"task": task, "metric": metric_name, "meta": meta or {},
-                                             "rows": [r.to_json() for r in rows]})
+    atomic_write_json(
+        out / f"{task}.json",
+        {"task": task, "metric": metric_name, "meta": meta or {}, "rows": [r.to_json() for r in rows]},
+    )
     pareto_plot(rows, metric_name, out / f"{task}_pareto.png", title=task)
     return md
 
@@ -367,16 +448,25 @@ def pareto_plot(rows: list[Result], metric_name: str, path: Path, title: str) ->
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
     methods = list(dict.fromkeys(r.method for r in rows))
     markers = "os^Dv<>pPX*h"
-    xs = [("speedup_b1", "measured ORT speedup, batch 1 (×)"), ("speedup_b32", "measured ORT speedup, batch 32 (×)"),
-          (None, "FLOP reduction (dense / compressed)")]
+    xs = [
+        ("speedup_b1", "measured ORT speedup, batch 1 (×)"),
+        ("speedup_b32", "measured ORT speedup, batch 32 (×)"),
+        (None, "FLOP reduction (dense / compressed)"),
+    ]
     for ax, (key, label) in zip(axes, xs):
         for i, m in enumerate(methods):
             pts = [((getattr(r, key) if key else 1 / r.flop_fraction), r.metric) for r in rows if r.method == m]
             pts = sorted((x, y) for x, y in pts if x is not None)
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], color=f"C{i % 10}",
-                    linestyle="-" if len(pts) > 1 else "none", label=m)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker=markers[i % len(markers)],
+                color=f"C{i % 10}",
+                linestyle="-" if len(pts) > 1 else "none",
+                label=m,
+            )
         ax.set_xlabel(label)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))

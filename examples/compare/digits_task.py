@@ -12,6 +12,7 @@ method gets the same budget of E epochs (batch 64) on the same training split:
 Accuracy and cross-entropy are measured on the 25% held-out split; FLOPs with our counter;
 speed with our export + benchmark.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,15 +30,26 @@ BATCH = 64
 def settings(quick: bool) -> dict:
     """Everything that differs between --quick and the full run, in one place (printed in the report)."""
     if quick:
-        return {"dense_epochs": 3, "epochs": 2, "fractions": [0.1], "oto_sparsity": [0.7],
-                "lams": {"ramda": [1e-3]},
-                "bench": {"quick": True}, "tp_steps": 20}
-    return {"dense_epochs": 30, "epochs": 30, "fractions": [0.3, 0.1, 0.04],
-            "oto_sparsity": [0.45, 0.6, 0.68],
-            # λ grids: one pilot sweep per optimizer at λ ∈ {1e-4, 1e-3, 1e-2} (plus 0.1, 1 for ProxSGD,
-            # which made no zero group below 0.1), then values spread over FLOP fractions 1 … 0.05
-            "lams": {"ramda": [1e-3, 3e-3, 1e-2, 2e-2], "proxadam": [1e-2, 3e-2, 6e-2], "proxsgd": [0.02, 0.05]},
-            "bench": {}, "tp_steps": 200}
+        return {
+            "dense_epochs": 3,
+            "epochs": 2,
+            "fractions": [0.1],
+            "oto_sparsity": [0.7],
+            "lams": {"ramda": [1e-3]},
+            "bench": {"quick": True},
+            "tp_steps": 20,
+        }
+    return {
+        "dense_epochs": 30,
+        "epochs": 30,
+        "fractions": [0.3, 0.1, 0.04],
+        "oto_sparsity": [0.45, 0.6, 0.68],
+        # λ grids: one pilot sweep per optimizer at λ ∈ {1e-4, 1e-3, 1e-2} (plus 0.1, 1 for ProxSGD,
+        # which made no zero group below 0.1), then values spread over FLOP fractions 1 … 0.05
+        "lams": {"ramda": [1e-3, 3e-3, 1e-2, 2e-2], "proxadam": [1e-2, 3e-2, 6e-2], "proxsgd": [0.02, 0.05]},
+        "bench": {},
+        "tp_steps": 200,
+    }
 
 
 @torch.no_grad()
@@ -79,22 +91,75 @@ class Digits(Task):
         ev = evaluate(m, self.xte, self.yte)
         self.dense_eval = ev
         self.log(f"dense: {ev['accuracy']:.4f} accuracy, {self.flops_dense} FLOPs, {t.seconds:.1f}s")
-        self.rows.append(Result("digits", "dense", f"AdamW {e} ep", ev["accuracy"], self.flops_dense, self.flops_dense,
-                                self.params_dense, self.params_dense, 1.0, 1.0, extra={"eval_loss": ev["loss"], "train_loss": losses[-1],
-                                                                    "seconds": t.seconds, "min_speedup_b1": 1.0,
-                                                                    "min_speedup_b32": 1.0}))
+        self.rows.append(
+            Result(
+                "digits",
+                "dense",
+                f"AdamW {e} ep",
+                ev["accuracy"],
+                self.flops_dense,
+                self.flops_dense,
+                self.params_dense,
+                self.params_dense,
+                1.0,
+                1.0,
+                extra={
+                    "eval_loss": ev["loss"],
+                    "train_loss": losses[-1],
+                    "seconds": t.seconds,
+                    "min_speedup_b1": 1.0,
+                    "min_speedup_b32": 1.0,
+                },
+            )
+        )
 
     def _row(self, method: str, setting: str, model, extra: dict) -> Result:
         ev = evaluate(model, self.xte, self.yte)
         name = f"{method}_{setting}".replace(" ", "_").replace("=", "").replace("/", "")
-        meas = measure(model, self.example, self.dense_onnx, self.out / "onnx", name, None,
-                       self.flops_dense, export_kw={"eval_data": self.eval_ds}, bench_kw=self.cfg["bench"])
-        r = Result("digits", method, setting, ev["accuracy"], meas["flops"], self.flops_dense, meas["params"],
-                   self.params_dense, meas["speedup_b1"], meas["speedup_b32"], meas["ms_b1"], meas["ms_b32"],
-                   extra={"eval_loss": ev["loss"], **extra, **{k: meas[k] for k in ("dense_ms_b1", "dense_ms_b32", "min_speedup_b1",
-                                                        "min_speedup_b32", "onnx_path", "export_max_abs_diff")}})
-        self.log(f"{method:16s} {setting:14s} acc {r.metric:.4f}  FLOPs {r.flop_fraction:.3f}  "
-                 f"speedup b1 {r.speedup_b1:.2f}× b32 {r.speedup_b32:.2f}×")
+        meas = measure(
+            model,
+            self.example,
+            self.dense_onnx,
+            self.out / "onnx",
+            name,
+            None,
+            self.flops_dense,
+            export_kw={"eval_data": self.eval_ds},
+            bench_kw=self.cfg["bench"],
+        )
+        r = Result(
+            "digits",
+            method,
+            setting,
+            ev["accuracy"],
+            meas["flops"],
+            self.flops_dense,
+            meas["params"],
+            self.params_dense,
+            meas["speedup_b1"],
+            meas["speedup_b32"],
+            meas["ms_b1"],
+            meas["ms_b32"],
+            extra={
+                "eval_loss": ev["loss"],
+                **extra,
+                **{
+                    k: meas[k]
+                    for k in (
+                        "dense_ms_b1",
+                        "dense_ms_b32",
+                        "min_speedup_b1",
+                        "min_speedup_b32",
+                        "onnx_path",
+                        "export_max_abs_diff",
+                    )
+                },
+            },
+        )
+        self.log(
+            f"{method:16s} {setting:14s} acc {r.metric:.4f}  FLOPs {r.flop_fraction:.3f}  "
+            f"speedup b1 {r.speedup_b1:.2f}× b32 {r.speedup_b32:.2f}×"
+        )
         self.rows.append(r)
         return r
 
@@ -118,16 +183,23 @@ class Digits(Task):
         for f in self.cfg["fractions"]:
             m = copy.deepcopy(self.model)
             with Timer() as t:
-                pr = make_pruner("magnitude", m, self.example, [m.fc], steps=self.cfg["tp_steps"], max_ratio=0.95,
-                                 **pruner_kw)
+                pr = make_pruner(
+                    "magnitude", m, self.example, [m.fc], steps=self.cfg["tp_steps"], max_ratio=0.95, **pruner_kw
+                )
                 reached = prune_to_flops(m, pr, self.example, f, steps=self.cfg["tp_steps"])
                 before = evaluate(m, self.xte, self.yte)["accuracy"]
                 losses = self._finetune_adamw(m, E)
             if not reached["target_met"]:
-                self.notes.append(f"{method} stopped at FLOP fraction {reached['flop_fraction']:.3f} above its target "
-                                  f"{f} (pruner's maximum ratio reached)")
-            self._row(method, f"flops≤{f}", m, {"acc_before_ft": before, "train_loss": losses[-1],
-                                                "seconds": t.seconds, **reached})
+                self.notes.append(
+                    f"{method} stopped at FLOP fraction {reached['flop_fraction']:.3f} above its target "
+                    f"{f} (pruner's maximum ratio reached)"
+                )
+            self._row(
+                method,
+                f"flops≤{f}",
+                m,
+                {"acc_before_ft": before, "train_loss": losses[-1], "seconds": t.seconds, **reached},
+            )
 
     def tp_regularized(self) -> None:
         from tp_peers import make_pruner, prune_to_flops
@@ -136,14 +208,25 @@ class Digits(Task):
         for f in self.cfg["fractions"]:
             m = copy.deepcopy(self.model)
             with Timer() as t:
-                pr = make_pruner("regularized", m, self.example, [m.fc], steps=self.cfg["tp_steps"], max_ratio=0.95, reg=5e-4)
+                pr = make_pruner(
+                    "regularized", m, self.example, [m.fc], steps=self.cfg["tp_steps"], max_ratio=0.95, reg=5e-4
+                )
                 sparse_losses = self._finetune_adamw(m, E // 2 or 1, after_backward=lambda pr=pr, m=m: pr.regularize(m))
                 reached = prune_to_flops(m, pr, self.example, f, steps=self.cfg["tp_steps"])
                 before = evaluate(m, self.xte, self.yte)["accuracy"]
                 losses = self._finetune_adamw(m, E - (E // 2 or 1) or 1)
-            self._row("tp-regularized", f"flops≤{f}", m, {"acc_before_ft": before, "train_loss": losses[-1],
-                                                         "sparse_train_loss": sparse_losses[-1],
-                                                         "seconds": t.seconds, **reached})
+            self._row(
+                "tp-regularized",
+                f"flops≤{f}",
+                m,
+                {
+                    "acc_before_ft": before,
+                    "train_loss": losses[-1],
+                    "sparse_train_loss": sparse_losses[-1],
+                    "seconds": t.seconds,
+                    **reached,
+                },
+            )
 
     def oto(self) -> None:
         import oto_peer
@@ -159,18 +242,34 @@ class Digits(Task):
             m = copy.deepcopy(self.model)
             try:
                 with Timer() as t:
-                    sub, st = oto_peer.hesso_train(m, self.example, self.batches, E, n_steps, 1e-3, s,
-                                                   F.cross_entropy, cosine_lr(1e-3, E), train_loop)
+                    sub, st = oto_peer.hesso_train(
+                        m,
+                        self.example,
+                        self.batches,
+                        E,
+                        n_steps,
+                        1e-3,
+                        s,
+                        F.cross_entropy,
+                        cosine_lr(1e-3, E),
+                        train_loop,
+                    )
             except Exception as e:  # noqa: BLE001 — a peer's failure is a finding, reported in the notes
                 self.log(f"oto-hesso: failed at group sparsity {s}: {type(e).__name__}: {e}")
                 self.notes.append(f"OTO HESSO failed at target group sparsity {s}: {type(e).__name__}: {e}")
                 continue
             if not self.notes or "patches" not in self.notes[0]:
-                self.notes.insert(0, "OTO 3.0.1 ran only with three runtime patches applied by the script "
-                                  "(examples/compare/oto_peer.py): " + "; ".join(oto_peer.PATCHES) + ".")
-            self._row("oto-hesso", f"group sparsity {s}", sub, {"train_loss": st["train_losses"][-1],
-                                                               "group_sparsity": st["group_sparsity"],
-                                                               "seconds": t.seconds})
+                self.notes.insert(
+                    0,
+                    "OTO 3.0.1 ran only with three runtime patches applied by the script "
+                    "(examples/compare/oto_peer.py): " + "; ".join(oto_peer.PATCHES) + ".",
+                )
+            self._row(
+                "oto-hesso",
+                f"group sparsity {s}",
+                sub,
+                {"train_loss": st["train_losses"][-1], "group_sparsity": st["group_sparsity"], "seconds": t.seconds},
+            )
 
     # -- ours (the shared Task methods) -------------------------------------------------
     def _data(self):
@@ -186,8 +285,12 @@ class Digits(Task):
         return self._finetune_adamw(model, epochs)
 
     metric_name = "accuracy"
-    extra_cols = [("eval loss", "eval_loss", ".3f"), ("train loss", "train_loss", ".3f"),
-                  ("acc before FT", "acc_before_ft", ".3f"), ("train s", "seconds", ".0f")]
+    extra_cols = [
+        ("eval loss", "eval_loss", ".3f"),
+        ("train loss", "train_loss", ".3f"),
+        ("acc before FT", "acc_before_ft", ".3f"),
+        ("train s", "seconds", ".0f"),
+    ]
 
     def header(self) -> str:
         c = self.cfg

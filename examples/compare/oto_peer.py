@@ -10,6 +10,7 @@ runtime patches for the duration of the run only (the installed package is untou
 The compressed subnet OTO writes is a pickled module; we load only the file this run
 just wrote into a fresh temporary directory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,8 +70,18 @@ def available() -> str | None:
     return None
 
 
-def hesso_train(model: torch.nn.Module, example, batches, epochs: int, steps_per_epoch: int, lr: float,
-                target_group_sparsity: float, loss_fn, lr_at, train_loop) -> tuple[torch.nn.Module, dict]:
+def hesso_train(
+    model: torch.nn.Module,
+    example,
+    batches,
+    epochs: int,
+    steps_per_epoch: int,
+    lr: float,
+    target_group_sparsity: float,
+    loss_fn,
+    lr_at,
+    train_loop,
+) -> tuple[torch.nn.Module, dict]:
     """HESSO (AdamW variant) from the dense `model`; returns OTO's compressed subnet and stats.
 
     Pruning schedule as in OTO's tutorials: start after 10% of the steps, prune in 10
@@ -81,9 +92,14 @@ def hesso_train(model: torch.nn.Module, example, batches, epochs: int, steps_per
         from only_train_once import OTO
 
         oto = OTO(model=model, dummy_input=example)
-        opt = oto.hesso(variant="adamw", lr=lr, target_group_sparsity=target_group_sparsity,
-                        start_pruning_step=max(1, total // 10), pruning_steps=max(1, total // 2),
-                        pruning_periods=min(10, max(1, total // 2)))
+        opt = oto.hesso(
+            variant="adamw",
+            lr=lr,
+            target_group_sparsity=target_group_sparsity,
+            start_pruning_step=max(1, total // 10),
+            pruning_steps=max(1, total // 2),
+            pruning_periods=min(10, max(1, total // 2)),
+        )
         losses = train_loop(model, batches, epochs, opt, lr_at, loss_fn)
         group_sparsity = opt.compute_group_sparsity_param_norm()[0]
         with tempfile.TemporaryDirectory(prefix="oto-") as tmp:
@@ -93,5 +109,4 @@ def hesso_train(model: torch.nn.Module, example, batches, epochs: int, steps_per
                 raise RuntimeError(f"OTO wrote its subnet outside the run's directory: {path}")
             sub = torch.load(path, weights_only=False)  # a pickle this run just wrote
     sub.eval()
-    return sub, {"train_losses": losses, "group_sparsity": float(group_sparsity),
-                 "oto_log_tail": log.getvalue()[-500:]}
+    return sub, {"train_losses": losses, "group_sparsity": float(group_sparsity), "oto_log_tail": log.getvalue()[-500:]}

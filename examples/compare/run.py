@@ -9,6 +9,7 @@ against torch) and our `benchmark` (ONNX Runtime CPU, 1 intra-op thread, batch 1
 dense and compressed interleaved). Per task it writes <out>/<task>.md, .json and
 <task>_pareto.png, and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402,F401  (puts the checkout on sys.path)
 
-DIGITS_METHODS = ["tp-magnitude", "tp-magnitude-r8", "tp-regularized", "oto", "ours", "ours-budget",
-                  "ours-budget-ft", "ours-budget-rewind"]
+DIGITS_METHODS = [
+    "tp-magnitude",
+    "tp-magnitude-r8",
+    "tp-regularized",
+    "oto",
+    "ours",
+    "ours-budget",
+    "ours-budget-ft",
+    "ours-budget-rewind",
+]
 TEXT_METHODS = ["tp-magnitude", "ours-budget", "ours-budget-rewind", "ours-budget-ft", "ours"]
 
 
@@ -31,10 +40,15 @@ def main(argv=None) -> int:
     ap.add_argument("--task", choices=["digits", "text", "all"], default="all")
     ap.add_argument("--quick", action="store_true", help="tiny epochs, one setting per method (smoke test)")
     ap.add_argument("--out", type=Path, default=Path("runs/compare"))
-    ap.add_argument("--methods", default=None, help=f"comma-separated subset (digits: {','.join(DIGITS_METHODS)}; "
-                    f"text: {','.join(TEXT_METHODS)})")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated subset (digits: {','.join(DIGITS_METHODS)}; text: {','.join(TEXT_METHODS)})",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
-    ap.add_argument("--fractions", default=None, help="comma-separated FLOP targets instead of the task's (e.g. 0.95,0.9)")
+    ap.add_argument(
+        "--fractions", default=None, help="comma-separated FLOP targets instead of the task's (e.g. 0.95,0.9)"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -43,8 +57,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    summary = {"command": " ".join(["python", "examples/compare/run.py", *(argv if argv is not None else sys.argv[1:])]),
-               "quick": args.quick, "tasks": {}, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    summary = {
+        "command": " ".join(["python", "examples/compare/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick,
+        "tasks": {},
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
     tasks = ["digits", "text"] if args.task == "all" else [args.task]
     tables = []
     for task in tasks:
@@ -57,8 +76,10 @@ def main(argv=None) -> int:
     from compress.files import atomic_write_json, atomic_write_text
 
     atomic_write_json(args.out / "summary.json", summary)
-    timing = (f"total {summary['seconds']:.0f} s on {summary['torch_threads']} torch threads "
-              f"({summary['cpu_count']} CPUs): " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in summary["tasks"].items()))
+    timing = (
+        f"total {summary['seconds']:.0f} s on {summary['torch_threads']} torch threads "
+        f"({summary['cpu_count']} CPUs): " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in summary["tasks"].items())
+    )
     atomic_write_text(args.out / "results.md", f"`{summary['command']}` — {timing}\n\n" + "\n".join(tables))
     print(timing)
     return 0

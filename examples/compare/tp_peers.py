@@ -9,6 +9,7 @@
 Both prune by FLOP target, measured with our `count_flops` after every step, so the
 peer lands where we ask it to (we give it the target; ours has to find it through λ).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,8 +20,14 @@ import torch_pruning as tp
 from compress.structure.cost import count_flops
 
 
-def prune_to_flops(model: torch.nn.Module, pruner, example, target_fraction: float, steps: int,
-                   after_step: Callable[[torch.nn.Module], None] | None = None) -> dict:
+def prune_to_flops(
+    model: torch.nn.Module,
+    pruner,
+    example,
+    target_fraction: float,
+    steps: int,
+    after_step: Callable[[torch.nn.Module], None] | None = None,
+) -> dict:
     """Step the (iterative) pruner until FLOPs ≤ target_fraction · dense; returns what was reached.
 
     The pruner's schedule must reach its final ratio at `steps`; we stop at the first step
@@ -38,12 +45,18 @@ def prune_to_flops(model: torch.nn.Module, pruner, example, target_fraction: flo
     return {"pruning_steps": done, "flop_fraction": flops / dense, "target_met": flops <= target_fraction * dense}
 
 
-def make_pruner(kind: str, model, example, ignored_layers, steps: int, max_ratio: float, reg: float = 0.0,
-                **kw):
+def make_pruner(kind: str, model, example, ignored_layers, steps: int, max_ratio: float, reg: float = 0.0, **kw):
     """A global, iterative Torch-Pruning pruner with group-L2 importance."""
     imp = tp.importance.GroupMagnitudeImportance(p=2)
-    common = dict(importance=imp, global_pruning=True, pruning_ratio=max_ratio, iterative_steps=steps,
-                  ignored_layers=list(ignored_layers), max_pruning_ratio=max_ratio, **kw)
+    common = dict(
+        importance=imp,
+        global_pruning=True,
+        pruning_ratio=max_ratio,
+        iterative_steps=steps,
+        ignored_layers=list(ignored_layers),
+        max_pruning_ratio=max_ratio,
+        **kw,
+    )
     if kind == "magnitude":
         return tp.pruner.MagnitudePruner(model, example, **common)
     if kind == "regularized":
