@@ -14,11 +14,11 @@ from torch import nn
 from compress.budget.controller import LAM0_FALLBACK, BudgetController
 from compress.budget.latency import LatencyModel
 from compress.budget.latency_memo import MeasuredLatencies
-from compress.budget.patterns import ZeroKeeper, enforce, kept_widths
+from compress.budget.outcome import achieved_cost, budget_summary, hold_target, latency_report
+from compress.budget.patterns import ZeroKeeper, kept_widths
 from compress.budget.target import Budget
 from compress.errors import UserError
 from compress.files import atomic_write_json
-from compress.optim.dense import CosineAdamW
 from compress.runs import RUN_FILES, read_config
 from compress.structure.cost_model import CostModel
 from compress.train.config import TrainConfig
@@ -86,32 +86,35 @@ def finetune_to_budget(
     console = console or Console()
     out = Path(out)
     setup = _setup(out, config, budget, groups, resume, controller, model, example_inputs)
-    budget, cfg = setup.budget, setup.cfg
     latency, target = _latency_model(
         model, example_inputs, setup, measure_latency, latency_calibration, latency_time_budget_s, console
     )
-    ctl_kw = {k: v for k, v in setup.controller.items() if k != "lam0"}
-    ctl_kw.update(
-        {
-            k: v
-            for k, v in (
-                ("align", align),
-                ("final_optimizer", final_optimizer),
-                ("rewind", rewind),
-                ("final_lr", final_lr),
-            )
-            if v is not None
-        }
-    )
+    given = {"align": align, "final_optimizer": final_optimizer, "rewind": rewind, "final_lr": final_lr}
+    ctl_kw = {k: v for k, v in setup.controller.items() if k != "lam0"} | {
+        k: v for k, v in given.items() if v is not None
+    }
     if measure_alignment and align is None and "align_meter" not in ctl_kw and not _data_parallel():
         # an explicit `align` is the caller's decision; under torchrun ranks would time differently
         ctl_kw["align_meter"] = _align_meter(model, example_inputs, setup, latency, latency_time_budget_s, console)
     ctl = _controller(out, setup, train_data, target, latency, ctl_kw, console)
     ctl_kw.pop("align_meter", None)  # not JSON: config.json records the controller's other settings
+    kwargs = _finetune_options(out, finetune_kwargs, setup, ctl, ctl_kw, latency)
+    t0 = time.perf_counter()
+    result = finetune(
+        model, train_data, eval_data, example_inputs, out, None if resume else setup.cfg,
+        groups=setup.groups, resume=resume, console=console, **kwargs,
+    )  # fmt: skip
+    return _outcome(out, result, ctl, setup, train_data, eval_data, latency, time.perf_counter() - t0, console)
+
+
+def _finetune_options(out: Path, finetune_kwargs: dict, setup, ctl: BudgetController, ctl_kw: dict, latency) -> dict:
+    """compress.train.finetune's keyword arguments for a budget run: the controller's callbacks, the final
+    phase's optimizer for a resume, and config.json's record of the budget and the controller."""
+    kwargs = dict(finetune_kwargs)
     if ctl.keeper is not None and ctl.final_optimizer == "adamw":  # the checkpoint holds the final phase's AdamW
-        finetune_kwargs["build_optimizer"] = lambda cfg, model, groups: ctl.make_final_optimizer(model)
-    run_info = dict(finetune_kwargs.pop("run_info", None) or {})
-    run_info["budget"] = dataclasses.asdict(budget)
+        kwargs["build_optimizer"] = lambda cfg, model, groups: ctl.make_final_optimizer(model)
+    run_info = dict(kwargs.pop("run_info", None) or {})
+    run_info["budget"] = dataclasses.asdict(setup.budget)
     run_info["budget_controller"] = {
         **ctl_kw,
         "freeze_epoch": ctl.freeze_epoch,
@@ -120,32 +123,23 @@ def finetune_to_budget(
         "final_optimizer": ctl.final_optimizer,
         "rewind": ctl.rewind,
     }
-    epoch_cbs = [_state_saver(out, ctl, latency), *finetune_kwargs.pop("epoch_callbacks", ())]
-    step_cbs = [ctl.on_step, *finetune_kwargs.pop("step_callbacks", ())]
-    t0 = time.perf_counter()
-    result = finetune(
-        model,
-        train_data,
-        eval_data,
-        example_inputs,
-        out,
-        None if resume else cfg,
-        groups=setup.groups,
-        resume=resume,
-        run_info=run_info,
-        epoch_callbacks=epoch_cbs,
-        step_callbacks=step_cbs,
-        console=console,
-        **finetune_kwargs,
-    )
-    train_s = time.perf_counter() - t0
-    final_zero, post_hoc = _hold_target(out, result, ctl, setup, train_data)
-    achieved, acc, small = _achieved(result.model, setup, final_zero, eval_data)
+    kwargs["run_info"] = run_info
+    kwargs["epoch_callbacks"] = [_state_saver(out, ctl, latency), *kwargs.pop("epoch_callbacks", ())]
+    kwargs["step_callbacks"] = [ctl.on_step, *kwargs.pop("step_callbacks", ())]
+    return kwargs
+
+
+def _outcome(out: Path, result, ctl, setup, train_data, eval_data, latency, train_s: float, console):
+    """The target held, the cost counted on the extracted model, latency measured; budget.json written."""
+    final_zero, post_hoc = hold_target(out, result, ctl, setup, train_data)
+    achieved, acc, small = achieved_cost(result.model, setup, final_zero, eval_data)
     lat = None
     if latency is not None:
-        lat = _latency_report(out, latency, final_zero, small, budget, console)
+        lat = latency_report(out, latency, final_zero, small, setup.budget, console)
         achieved["latency_ms"] = lat["measured_ms"]
-    summary = budget_summary(budget, ctl, setup.dense, achieved, acc, result.metrics, lat, post_hoc, train_s, cfg)
+    summary = budget_summary(
+        setup.budget, ctl, setup.dense, achieved, acc, result.metrics, lat, post_hoc, train_s, setup.cfg
+    )
     atomic_write_json(out / RUN_FILES["budget"], summary)
     return BudgetRunResult(
         out=result.out,
@@ -375,86 +369,6 @@ def _state_saver(out: Path, ctl: BudgetController, latency):
     return save_state
 
 
-def _hold_target(out: Path, result, ctl: BudgetController, setup: _Setup, train_data) -> tuple[torch.Tensor, int]:
-    """The promise: the exported point holds the target. Freezes if training ended before the freeze
-    epoch, removes the weakest groups if still above target; returns (final zero mask, groups removed
-    after training)."""
-    from compress.structure.sparsity import group_norms, zero_mask
-    from compress.train.checkpoint import save_weights
-    from compress.train.evaluate import recalibrate_batchnorm
-
-    model, groups, cm, cfg = result.model, setup.groups, setup.cm, setup.cfg
-    final_zero = zero_mask(groups).cpu()
-    post_hoc = 0
-    if ctl.frozen is None:  # training ended before the freeze epoch (e.g. interrupted schedule)
-        ctl.freeze(result.optimizer, model, cfg, cfg.epochs - 1)
-        final_zero = zero_mask(groups).cpu()
-    if float(cm.cost(final_zero, ctl.kind)) > ctl.target:
-        mask, added = enforce(cm, final_zero, torch.as_tensor(group_norms(groups)).cpu(), ctl.kind, ctl.target)
-        ZeroKeeper(groups, mask).apply()
-        post_hoc = int(added.sum())
-        final_zero = zero_mask(groups).cpu()
-    # finetune recalibrates BatchNorm when it commits RAMDA's Ŵ; the AdamW phase ends on W (its running
-    # statistics), and a post-hoc removal changes the point: recalibrate like every epoch's evaluation did
-    if post_hoc or isinstance(result.optimizer, CosineAdamW):
-        recalibrate_batchnorm(model, train_data, next(model.parameters()).device)
-        save_weights(out / RUN_FILES["weights"], model)
-    return final_zero, post_hoc
-
-
-def _achieved(model, setup: _Setup, final_zero, eval_data) -> tuple[dict, dict, nn.Module]:
-    """(achieved cost, extracted model's accuracy, the extracted model): groups removed for real."""
-    from compress.deploy.extract import extract
-    from compress.train.evaluate import evaluate
-
-    cm, dense = setup.cm, setup.dense
-    device, was = next(model.parameters()).device, model.training
-    small, rep = extract(model.cpu(), setup.groups, setup.example)
-    model.to(device).train(was)
-    achieved = {
-        "flops": rep["flops_after"],
-        "params": rep["params_after"],
-        "flops_fraction": rep["flops_after"] / dense["flops"],
-        "params_fraction": rep["params_after"] / dense["params"],
-        "flops_predicted": cm.flops(final_zero),
-        "params_predicted": cm.params(final_zero),
-    }
-    acc = {} if eval_data is None else {"accuracy": evaluate(small, eval_data, torch.device("cpu"))["accuracy"]}
-    return achieved, acc, small
-
-
-def _latency_report(out: Path, latency: LatencyModel, final_zero, small, budget: Budget, console) -> dict:
-    """The compressed model's measured latency beside the latency model's predictions."""
-    predicted = latency.predict(final_zero) if latency.fit else None
-    predicted_cal = latency.predict(final_zero, latency.fit_calibration) if latency.fit_calibration else None
-    with console.status("measuring the latency of the compressed model"):
-        pt = latency.measure(final_zero, model=small, tag="final model")
-    meas = latency.latency_of(pt)
-    lat = {
-        "measured_ms": meas,
-        "measured_raw_ms": pt["latency_ms"],
-        "dense_ms": latency.dense_ms,
-        "dense_raw_ms": pt["dense_ms"],
-        "ratio_to_dense": pt["ratio"],
-        "target_ms": budget.latency_ms,
-        "batch": budget.batch,
-        "threads": pt["threads"],
-        "measured_note": "ratio to the dense model timed interleaved in the same run × the dense model's "
-        "median latency over all runs of this session",
-        # from the fit to the calibration patterns only (before training): the model's own prediction
-        "predicted_ms": predicted_cal,
-        "prediction_error": None if predicted_cal is None else (predicted_cal - meas) / meas,
-        # refit on every pattern measured before the final export, incl. the freeze probes (one of
-        # which has the final architecture): a consistency check of the measurements, not a model
-        "predicted_ms_refit": predicted,
-        "prediction_error_refit": None if predicted is None else (predicted - meas) / meas,
-    }
-    if latency.fit:
-        lat["table"] = latency.table()
-        atomic_write_json(out / RUN_FILES["latency"], latency.table())
-    return lat
-
-
 def budget_config(cfg) -> TrainConfig:
     """`cfg` resolved for a budget run (the CLI and the API share this): with `milestones=None` and a
     step schedule, one lr decay where the final phase starts (3/4 of the epochs) instead of the
@@ -465,57 +379,3 @@ def budget_config(cfg) -> TrainConfig:
     cfg = cfg.resolved()
     cfg.validate()
     return cfg
-
-
-def budget_summary(
-    budget: Budget,
-    ctl: BudgetController,
-    dense: dict,
-    achieved: dict,
-    accuracy: dict,
-    metrics: list,
-    latency: dict | None,
-    post_hoc: int,
-    train_seconds: float,
-    cfg,
-) -> dict:
-    """Target, achieved and dense cost side by side, how λ ended, and who removed which groups."""
-    kind = budget.kind
-    s = {
-        "target": {
-            "kind": kind,
-            "value": budget.target,
-            "describe": budget.describe(),
-            "controlled_as": {"kind": ctl.kind, "fraction": ctl.target},
-        },
-        "dense": dense,
-        "achieved": achieved,
-        "met": (
-            achieved["latency_ms"] <= budget.target
-            if kind == "latency"
-            else achieved[f"{kind}_fraction"] <= budget.target
-        ),
-        **accuracy,
-        "lam_final": ctl.freeze_info.get("lam_at_freeze"),  # λ that produced the frozen pattern
-        "lam_final_phase": ctl.final_lam,
-        "groups_total": ctl.cm.n_groups,
-        "removed_by_optimizer": ctl.counts["removed_by_optimizer"],
-        "removed_by_enforcement": ctl.counts["removed_by_enforcement"] + post_hoc,
-        "removed_by_alignment": ctl.counts.get("removed_by_alignment", 0),
-        "align": ctl.freeze_info.get("alignment", {}).get("align", 1),
-        # predicted (blocked FLOPs) and measured (ONNX Runtime) speedups, unaligned / aligned / chosen
-        "alignment_measured": ctl.freeze_info.get("alignment", {}).get("measured"),
-        "revived": ctl.counts["revived"],
-        "removed_post_hoc_without_finetuning": post_hoc,
-        "freeze": ctl.freeze_info,
-        "group_weight": cfg.group_weight,
-        "optimizer": cfg.optimizer,
-        "final_optimizer": ctl.final_optimizer,
-        "rewind": ctl.rewind,
-        "epochs": cfg.epochs,
-        "train_seconds": train_seconds,
-        "control_history": ctl.history,
-    }
-    if latency is not None:
-        s["latency"] = latency
-    return s
