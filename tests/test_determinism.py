@@ -18,22 +18,10 @@ from tests.test_reliability import ENV, ROOT, USER_MODEL
 ARGS = ["--epochs", "4", "--lam", "1e-2", "--batch-size", "32", "--seed", "3", "--quiet"]
 
 
-def finetune(model_file: Path, out: Path, *extra):
-    cmd = [
-        sys.executable,
-        "-m",
-        "compress",
-        "finetune",
-        "--model",
-        f"{model_file}:make",
-        "--data",
-        f"{model_file}:data",
-        *ARGS,
-        "--out",
-        str(out),
-        *extra,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+def finetune(model_file: Path, out: Path, *extra, args=ARGS, env=ENV):
+    cmd = [sys.executable, "-m", "compress", "finetune", "--model", f"{model_file}:make", "--data",
+           f"{model_file}:data", *args, "--out", str(out), *extra]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def sha(path: Path) -> str:
@@ -117,25 +105,9 @@ def test_budget_run_twice_gives_identical_bits(tmp_path, model_file):
     """A budget run's freeze keeps alignment only where ONNX Runtime measures it faster; the measurements
     are kept per machine (compress.budget.latency_memo), so the second run freezes the same structure."""
     env = {**ENV, "COMPRESS_CACHE": str(tmp_path / "cache")}
+    args = [a for a in ARGS if a not in ("--lam", "1e-2")]
     for name in ("a", "b"):
-        cmd = [
-            sys.executable,
-            "-m",
-            "compress",
-            "finetune",
-            "--model",
-            f"{model_file}:make",
-            "--data",
-            f"{model_file}:data",
-            *[a for a in ARGS if a not in ("--lam", "1e-2")],
-            "--target-flops",
-            "0.5",
-            "--init",
-            "random",
-            "--out",
-            str(tmp_path / name),
-        ]
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        res = finetune(model_file, tmp_path / name, "--target-flops", "0.5", "--init", "random", args=args, env=env)
         assert res.returncode == 0, res.stderr
     assert_same_run(tmp_path / "a", tmp_path / "b")
     ba, bb = (json.loads((tmp_path / n / "budget.json").read_text()) for n in ("a", "b"))
