@@ -305,13 +305,13 @@ def prepared(req: FinetuneRequest):
     the input shape when it was taken from the data, so export and resume rebuild the same example."""
     import torch
 
-    from compress.models.userspec import parse_input_shape, resolve_model
+    from compress.models.userspec import model_data, parse_input_shape, resolve_model
     from compress.preflight import example_from, first_batch, preflight
 
     spec = resolve_model(req.model, parse_input_shape(req.input_shape))
     torch.manual_seed(req.train.seed)  # the model's random init is part of the run: same seed, same bits
     net = spec.build()
-    data = data_for(spec, req.data)
+    data = model_data(spec, req.data)
     x, y = first_batch(data[0])
     checked = example_from(spec, x, req.input_shape is not None)
     example = checked.example
@@ -325,7 +325,7 @@ def resume_run(
 ):
     """Continue an interrupted run directory with its saved settings (`lr` may be lowered, not for a budget);
     `epochs` extends an interrupted or finished run (how the schedule extends: loop._extended)."""
-    from compress.models.userspec import parse_input_shape, resolve_model
+    from compress.models.userspec import model_data, parse_input_shape, resolve_model
     from compress.runs import read_config
     from compress.structure.outputs import select_output
 
@@ -336,7 +336,7 @@ def resume_run(
             f"{run} was made from Python with a model object; resume it with compress.finetune(model, ..., resume=True)"
         )
     spec = resolve_model(saved["model"], parse_input_shape(saved.get("input_shape")))
-    train_data, eval_data = data_for(spec, saved.get("data"))
+    train_data, eval_data = model_data(spec, saved.get("data"))
     net = select_output(spec.build(), saved.get("output"))
     if "budget" in saved:
         from compress.budget.runner import finetune_to_budget
@@ -392,14 +392,3 @@ def finetune_from(
         )
     resume_run(resume, lr=given.get("lr"), console=console, progress=progress, epochs=given.get("epochs"))
     return Path(resume)
-
-
-def data_for(spec, data: str | None):
-    """(train, eval) data: the user's `data` function, else the built-in model's own."""
-    from compress.models.userspec import resolve_data
-
-    if data:
-        return resolve_data(data, spec)
-    if spec.data is None:
-        raise UserError(f"model {spec.name!r} has no built-in data: give `data` module:function", field="data")
-    return spec.data()

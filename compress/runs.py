@@ -114,7 +114,7 @@ def run_config(run: str | Path) -> dict:
 
 def load_run(run: str | Path) -> dict:
     """Config, model spec, data and groups of a finished run (weights loaded = the structured point)."""
-    from compress.models.userspec import parse_input_shape, resolve_data, resolve_model
+    from compress.models.userspec import model_data, parse_input_shape, resolve_model
     from compress.structure.group import load_groups
     from compress.structure.outputs import select_output
     from compress.train import checkpoint as ckpt
@@ -132,7 +132,7 @@ def load_run(run: str | Path) -> dict:
     ckpt.load_into(model, ckpt.load_weights(weights), str(weights))
     dense = select_output(spec.build(), config.get("output"))
     ckpt.load_into(dense, ckpt.load_weights(run / RUN_FILES["init"]), str(run / RUN_FILES["init"]))
-    data = resolve_data(config["data"], spec) if config.get("data") else (spec.data() if spec.data else None)
+    data = model_data(spec, config.get("data"), required=False)
     groups = load_groups(run / RUN_FILES["groups"], model)
     return {
         "run": run,

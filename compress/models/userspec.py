@@ -133,3 +133,15 @@ def resolve_data(spec: str, model: ModelSpec | None = None):
                 f"data function {spec!r}: the {name} part is a {type(part).__name__}, not a torch Dataset or DataLoader"
             )
     return tuple(out)
+
+
+def model_data(spec: ModelSpec, data: str | None, required: bool = True):
+    """(train, eval) data of a run: the user's `data` (a module:function, or a file the model reads itself),
+    else the built-in model's own; None when there is none and it is not `required`."""
+    if data:
+        return resolve_data(data, spec)
+    if spec.data is None:
+        if not required:
+            return None
+        raise UserError(f"model {spec.name!r} has no built-in data: give `data` module:function", field="data")
+    return spec.data()
