@@ -15,11 +15,8 @@ model's).
 
 from __future__ import annotations
 
-import ast
 import copy
 import os
-import sysconfig
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +24,9 @@ from common import Result, Task, Timer, cosine_lr, measure, train_loop
 from torch import nn
 
 from compress.structure.cost import count_flops, count_params
+from compress.train.text import stdlib_docstrings  # the corpus the CLI's built-in text data uses
 
 BATCH = 32
-MAX_WORDS = 40
 MAX_TOKENS = 128
 BENCH_SEQ = 128  # latency and FLOPs are measured at this sequence length (the bench default)
 
@@ -112,31 +109,6 @@ def load_encoder():
     )
     bert.pooler = None  # unused by mean pooling; keeps it out of the graph and the ONNX file
     return tok, MeanPoolEmbedder(bert).eval()
-
-
-def stdlib_docstrings(max_words: int = MAX_WORDS) -> list[tuple[str, str]]:
-    """(source file, sentence) from docstring first paragraphs of the standard library, deduplicated."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo", "__pycache__"}
-    seen, out = set(), []
-    for f in sorted(root.rglob("*.py")):
-        if skip & set(f.relative_to(root).parts):
-            continue
-        try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc:
-                continue
-            s = " ".join(doc.split("\n\n")[0].split())
-            if 6 <= len(s.split()) <= max_words and s not in seen:
-                seen.add(s)
-                out.append((str(f.relative_to(root)), s))
-    return out
 
 
 def split_corpus(items: list[tuple[str, str]], n_train: int, n_eval: int, seed: int = 0):
