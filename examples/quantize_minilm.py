@@ -26,18 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "compare"))
 SEQ = 128
 
 
-def torchvision_op_schemas() -> None:
-    """transformers imports torchvision's Python parts; its C++ ops do not load against this torch
-    (see DESIGN.md, Dependencies), so their two schemas are defined first when missing."""
-    try:
-        torch.ops.torchvision.nms  # noqa: B018 - raises when the schema is missing
-    except (AttributeError, RuntimeError):
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        torchvision_op_schemas.lib = lib  # the definitions live as long as the Library object
-
-
 def smallest_half(groups, kind: str) -> list:
     """Per layer, the half of the `kind` groups with the smallest L2 norm."""
     by_layer: dict[str, list] = {}
@@ -75,7 +63,6 @@ def main() -> None:
     n_train, n_eval = (32, 32) if args.quick else (256, 300)
     args.rounds = 2 if args.quick and args.rounds is None else args.rounds
     torch.set_num_threads(1)
-    torchvision_op_schemas()
     from text_task import load_encoder, split_corpus, stdlib_docstrings
 
     import compress

