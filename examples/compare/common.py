@@ -180,6 +180,28 @@ def ours_budget(model, train, eval_data, example, out_dir: Path, cfg_kw: dict, f
     return small, (res.metrics[-1] if res.metrics else {}), res
 
 
+def split_ours_kw(ours_kw: dict, kw: dict) -> tuple[dict, dict]:
+    """(TrainConfig fields, finetune_to_budget keyword arguments) of an ablation's `key=value` settings
+    merged into `kw`: TrainConfig's fields, then finetune_to_budget's own, else a BudgetController argument."""
+    import dataclasses
+    import inspect
+
+    from compress.budget.runner import finetune_to_budget
+    from compress.train.config import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    own = set(inspect.signature(finetune_to_budget).parameters)
+    cfg_kw, kw = {}, {**kw, "controller": dict(kw.get("controller", {}))}
+    for key, value in ours_kw.items():
+        if key in fields:
+            cfg_kw[key] = value
+        elif key in own:
+            kw[key] = value
+        else:
+            kw["controller"][key] = value
+    return cfg_kw, kw
+
+
 class Task:
     """What both tasks share: the method loop, ours at fixed λ and at a FLOP budget, the notes.
 
@@ -192,6 +214,8 @@ class Task:
 
     before_key = "acc_before_ft"
     _loss_kw: dict = {}
+    ours_kw: dict = {}  # an ablation's settings for the ramda-budget methods (run.py --ours-kw), tag in the method name
+    ours_tag: str = ""
 
     def __init__(self, out: Path, quick: bool, log=print, seed: int = 0):
         # seed: the training runs' seed (data order, the product's seed); the dense start and the data split stay fixed
@@ -265,14 +289,16 @@ class Task:
 
     def _budget(self, f: float, epochs: int, ft_epochs: int, rewind: str | None = None) -> None:
         tag = "ramda-budget+ft" if ft_epochs else "ramda-budget-rewind" if rewind == "init" else "ramda-budget"
+        tag += self.ours_tag
         kw = {**self._loss_kw, **self._budget_kw(), **({"rewind": rewind} if rewind else {})}
+        cfg_kw, kw = split_ours_kw(self.ours_kw, kw)
         with Timer() as t:
             got = ours_budget(
                 copy.deepcopy(self.model),
                 *self._data(),
                 self.example,
                 self.out / "runs" / f"{tag}_{f}",
-                {"epochs": epochs, "optimizer": "ramda", **self._train_kw("ramda")},
+                {"epochs": epochs, "optimizer": "ramda", **self._train_kw("ramda"), **cfg_kw},
                 f,
                 **kw,
             )

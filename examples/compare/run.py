@@ -55,6 +55,13 @@ def main(argv=None) -> int:
         help="comma-separated training seeds (data order, the product's seed); with several, each seed's tables go "
         "to <out>/seed<N>/ and <out>/<task>_seeds.md holds mean (min–max) per method",
     )
+    ap.add_argument(
+        "--ours-kw",
+        default="",
+        help="an ablation of the ramda-budget methods: comma-separated key=value (TrainConfig fields, "
+        "finetune_to_budget arguments, else BudgetController arguments; values parsed as Python literals), "
+        "e.g. group_weight=kind,freeze_epoch=2; the method names get '[key=value,…]'",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -112,6 +119,8 @@ def run_task(task: str, args) -> str:
     for seed in seeds:
         sub = args.out if len(seeds) == 1 else args.out / f"seed{seed}"
         t = Task(out if len(seeds) == 1 else sub / task, args.quick, log=log, seed=seed)
+        if args.ours_kw:
+            t.ours_kw, t.ours_tag = parse_kw(args.ours_kw), f"[{args.ours_kw}]"
         if args.fractions:
             t.cfg["fractions"] = [float(f) for f in args.fractions.split(",")]
         per_seed[seed] = t.run(methods)
@@ -124,6 +133,20 @@ def run_task(task: str, args) -> str:
     md = f"## {task}, over seeds\n\n" + common.seed_summary(per_seed, t.metric_name)
     atomic_write_text(args.out / f"{task}_seeds.md", md)
     return md + "\n" + "\n".join(mds)
+
+
+def parse_kw(text: str) -> dict:
+    """'a=1,b=kind' → {"a": 1, "b": "kind"} (Python literals where they parse, else strings)."""
+    import ast
+
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, raw = item.partition("=")
+        try:
+            out[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw
+    return out
 
 
 if __name__ == "__main__":
