@@ -7,6 +7,7 @@ import math
 import torch
 
 from compress.budget.align_decision import measured_alignment
+from compress.budget.kind_balance import KindBalance
 from compress.budget.patterns import ZeroKeeper, align_widths, enforce, revive
 from compress.budget.target import Budget
 from compress.errors import UserError
@@ -98,6 +99,7 @@ class BudgetController:
         bn_data=None,
         log=None,
         align_meter=None,
+        balance_kinds: bool = False,
     ):
         self.budget, self.cm, self.groups, self.cfg = budget, cost_model, groups, cfg
         self.kind = kind or ("flops_blocked" if budget.kind == "latency" else budget.kind)
@@ -139,6 +141,7 @@ class BudgetController:
         self.history: list[dict] = []
         self.freeze_info: dict = {}
         self._measured_mid = False
+        self.balance = KindBalance(groups) if balance_kinds else None
 
     # ---- plan and control
 
@@ -159,6 +162,8 @@ class BudgetController:
         p = self.planned(epochs_done)
         crit = as_structured(opt, self.groups).critical_lams() if self.exact else None
         if crit is not None:
+            if self.balance is not None:
+                crit = self.balance.rebalance(opt, crit)
             lam, c = self._lam_on_plan(crit, p)
             zero_n = int((crit <= lam).sum())
             how = "exact"
@@ -217,6 +222,8 @@ class BudgetController:
             return
         if self.step == 1 and self._lam(opt) <= 0:
             self._set_lam(opt, self.lam0)
+        if self.balance is not None:
+            self.balance.reapply(opt)  # after a resume: the factors of the last control, before the next one
         interval = max(1, self.steps_per_epoch // self.controls)
         in_epoch = self.step % self.steps_per_epoch
         if (
@@ -402,6 +409,7 @@ class BudgetController:
             "frozen": None if self.frozen is None else torch.nonzero(self.frozen).flatten().tolist(),
             "freeze_info": self.freeze_info,
             "history": self.history,
+            **({"kind_factors": self.balance.state()} if self.balance is not None else {}),
         }
 
 

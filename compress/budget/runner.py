@@ -113,6 +113,15 @@ def _finetune_options(out: Path, finetune_kwargs: dict, setup, ctl: BudgetContro
     kwargs = dict(finetune_kwargs)
     if ctl.keeper is not None and ctl.final_optimizer == "adamw":  # the checkpoint holds the final phase's AdamW
         kwargs["build_optimizer"] = lambda cfg, model, groups: ctl.make_final_optimizer(model)
+    elif ctl.balance is not None:  # resuming in the sparsity phase: the per-kind weights before the first step
+        from compress.train.loop import make_optimizer
+
+        def build_balanced(cfg, model, groups):
+            opt = make_optimizer(cfg, model, groups)
+            ctl.balance.reapply(opt)
+            return opt
+
+        kwargs["build_optimizer"] = build_balanced
     run_info = dict(kwargs.pop("run_info", None) or {})
     run_info["budget"] = dataclasses.asdict(setup.budget)
     run_info["budget_controller"] = {
@@ -346,6 +355,8 @@ def _controller(out: Path, setup: _Setup, train_data, target, latency, ctl_kw: d
             mask[restore["frozen"]] = True
             ctl.frozen, ctl.keeper = mask, ZeroKeeper(groups, mask)
         ctl.step = info["epoch"] * ctl.steps_per_epoch + info["batch"]
+        if ctl.balance is not None:
+            ctl.balance.load(restore.get("kind_factors"))
     return ctl
 
 

@@ -1,0 +1,80 @@
+"""Per-kind λ at the budget's controls: attention heads and MLP neurons compete on equal terms.
+
+Why: the exact control zeroes every group whose critical λ*_g (‖a_g‖/(α w_g), a = P W⁰ − V) is below
+one λ. On all-MiniLM-L6-v2 trained by distillation the heads' λ* sit far below the neurons' (their q/k
+gradients are small, so RAMDA's preconditioner P is too), and a 0.5 FLOP target removed 65 of 72 heads
+and a third of the neurons — the dense model with that pattern kept 0.42 cosine where magnitude pruning
+at the same ratio for both kinds keeps 0.6. Scaling w_g by the median λ* of its kind (relative to the
+median over all groups) is a λ per kind: the median head and the median neuron become equally hard to
+keep, while within a kind RAMDA's ranking is unchanged. With one kind (a CNN's channels) it does nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kind_ids(groups) -> torch.Tensor:
+    """Per group the index of its kind (first-seen order)."""
+    seen: dict[str, int] = {}
+    return torch.tensor([seen.setdefault(g.kind, len(seen)) for g in groups], dtype=torch.long)
+
+
+def balance_factors(base_crit: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    """Per group median_kind(λ*) / median_all(λ*) (lower medians, as torch.median), 1 where undefined."""
+    crit = base_crit.double()
+    overall = float(crit.median()) if len(crit) else 0.0
+    factors = torch.ones(len(crit), dtype=torch.float64)
+    if overall <= 0 or len(kinds) == 0 or int(kinds.max()) == 0:
+        return factors
+    for k in torch.unique(kinds).tolist():  # a handful of kinds, not groups
+        mine = kinds == k
+        m = float(crit[mine].median())
+        if m > 0:
+            factors[mine] = m / overall
+    return factors
+
+
+class KindBalance:
+    """Holds the per-kind factors and writes w_g = w⁰_g · factor_g into the optimizer's group index
+    (shared by its step kernels); re-applies them to a new optimizer object (resume)."""
+
+    def __init__(self, groups):
+        self.kinds = kind_ids(groups)
+        self.factors: torch.Tensor | None = None
+        self._w0: torch.Tensor | None = None
+        self._opt_id: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return len(self.kinds) > 0 and int(self.kinds.max()) > 0
+
+    def _weights(self, opt) -> torch.Tensor | None:
+        index = getattr(opt, "index", None)
+        weights = getattr(index, "weights", None)
+        if weights is None or len(weights) != len(self.kinds):
+            return None
+        if self._opt_id != id(opt):  # a new optimizer (start or resume) holds the groups' own weights
+            self._opt_id, self._w0 = id(opt), weights.clone()
+            if self.factors is not None:
+                weights.copy_(self._w0 * self.factors.to(weights))
+        return weights
+
+    def rebalance(self, opt, crit: torch.Tensor) -> torch.Tensor:
+        """New factors from `crit` (computed with the current weights); returns λ* under the new weights."""
+        weights = self._weights(opt)
+        if weights is None or not self.active:
+            return crit
+        base = crit.double() * (weights / self._w0).cpu()
+        self.factors = balance_factors(base, self.kinds)
+        weights.copy_(self._w0 * self.factors.to(weights))
+        return (base / self.factors).to(crit.dtype)
+
+    def reapply(self, opt) -> None:
+        self._weights(opt)
+
+    def state(self) -> list[float] | None:
+        return None if self.factors is None else self.factors.tolist()
+
+    def load(self, factors: list[float] | None) -> None:
+        self.factors = None if factors is None else torch.tensor(factors, dtype=torch.float64)

@@ -1,0 +1,56 @@
+"""Per-kind λ at the budget's controls (compress/budget/kind_balance.py), against direct transcriptions."""
+
+import statistics
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from compress.budget.kind_balance import KindBalance, balance_factors
+
+
+def _groups(kinds):
+    return [SimpleNamespace(kind=k) for k in kinds]
+
+
+def test_factors_are_the_kind_median_over_the_overall_median():
+    g = torch.Generator().manual_seed(0)
+    kinds = ["head"] * 7 + ["neuron"] * 40 + ["channel"] * 12
+    crit = torch.rand(len(kinds), generator=g, dtype=torch.float64) * torch.tensor(
+        [0.01 if k == "head" else 1.0 if k == "neuron" else 3.0 for k in kinds], dtype=torch.float64
+    )
+    ids = KindBalance(_groups(kinds)).kinds
+    got = balance_factors(crit, ids)
+    vals = crit.tolist()
+    overall = statistics.median_low(vals)
+    for i, k in enumerate(kinds):
+        mine = statistics.median_low([v for v, kk in zip(vals, kinds) if kk == k])
+        assert float(got[i]) == pytest.approx(mine / overall, rel=1e-12)
+    # after balancing, each kind's median λ* is the overall one: the median head is as hard to keep as the median neuron
+    bal = crit / got
+    for k in set(kinds):
+        assert statistics.median_low([float(b) for b, kk in zip(bal, kinds) if kk == k]) == pytest.approx(overall)
+
+
+def test_one_kind_changes_nothing_and_weights_follow_the_optimizer():
+    crit = torch.tensor([0.3, 0.1, 0.2], dtype=torch.float64)
+    one = KindBalance(_groups(["channel"] * 3))
+    opt = SimpleNamespace(index=SimpleNamespace(weights=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
+    assert torch.equal(one.rebalance(opt, crit), crit) and opt.index.weights.tolist() == [1.0, 2.0, 3.0]
+
+    two = KindBalance(_groups(["head", "neuron", "neuron", "neuron"]))
+    w0 = torch.tensor([4.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    opt = SimpleNamespace(index=SimpleNamespace(weights=w0.clone()))
+    crit = torch.tensor([0.01, 1.0, 2.0, 3.0], dtype=torch.float64)  # computed with weights w0
+    new = two.rebalance(opt, crit)
+    f = torch.tensor([0.01 / 1.0, 2.0 / 1.0, 2.0 / 1.0, 2.0 / 1.0], dtype=torch.float64)  # medians: head 0.01, neuron 2, all 1
+    assert torch.allclose(opt.index.weights, w0 * f) and torch.allclose(new, crit / f)
+    # λ* = ‖a‖/(α w): with the new weights the caller's next λ* are crit·w0/w; a second control sees them and keeps f
+    again = two.rebalance(opt, crit * w0 / opt.index.weights)
+    assert torch.allclose(opt.index.weights, w0 * f) and torch.allclose(again, new)
+    # a resumed run: a fresh optimizer holds the groups' own weights; the saved factors go back before its first step
+    resumed = KindBalance(_groups(["head", "neuron", "neuron", "neuron"]))
+    resumed.load(two.state())
+    opt2 = SimpleNamespace(index=SimpleNamespace(weights=w0.clone()))
+    resumed.reapply(opt2)
+    assert torch.allclose(opt2.index.weights, w0 * f)
