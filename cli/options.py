@@ -87,8 +87,7 @@ WeightDecay = Annotated[float | None, typer.Option(help="AdamW weight decay (den
 GroupWeight = Annotated[
     str | None,
     typer.Option(
-        help="Group weight w_g: size (√entries, the paper's), kind (size rescaled per kind of group, so attention "
-        "heads and MLP neurons compete on equal terms), or flops (∝ the FLOPs removing the group saves: the "
+        help="Group weight w_g: size (√entries, the paper's) or flops (∝ the FLOPs removing the group saves: the "
         "regularizer prefers removing the costliest structures). \\[default: size]"
     ),
 ]

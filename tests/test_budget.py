@@ -993,38 +993,3 @@ def test_final_lr_keyword_sets_the_final_phase_peak(tmp_path, digits_small):
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["budget_controller"]["final_lr"] == 5e-4
 
-
-def test_kind_group_weights_balance_heads_and_neurons_by_their_median_rms():
-    """Direct transcription: per group ‖W_g‖ over its slices by indexing, RMS = ‖W_g‖/√entries, the lower
-    median per kind and overall (statistics.median_low); w_g = √entries · median_kind / median_all. A CNN
-    (one kind) gets exactly the size weights."""
-    import statistics
-
-    spec = get_model("digits-vit")
-    torch.manual_seed(0)
-    model = spec.build()
-    x = spec.example_input(1)
-    params = dict(model.named_parameters())
-    with torch.no_grad():  # trained MLPs have larger entries than attention (MiniLM); at init they match
-        for name in {s.param for g in find_groups(model, x) if g.kind == "neuron" for s in g.slices}:
-            params[name].mul_(3.0)
-    groups = find_groups(model, x, weight="kind")
-    assert {g.kind for g in groups} >= {"head", "neuron"}
-    rms, sizes = [], []
-    for g in groups:
-        sq, n = 0.0, 0
-        for s in g.slices:
-            part = params[s.param].detach().double().index_select(s.dim, torch.tensor(s.indices))
-            sq += float((part**2).sum())
-            n += part.numel()
-        sizes.append(n)
-        rms.append(math.sqrt(sq) / math.sqrt(n))
-    overall = statistics.median_low(rms)
-    typical = {k: statistics.median_low([r for r, g in zip(rms, groups) if g.kind == k]) for k in {"head", "neuron"}}
-    assert typical["head"] != pytest.approx(typical["neuron"], rel=0.05)  # the kinds really differ
-    for g, n in zip(groups, sizes):
-        assert g.weight == pytest.approx(math.sqrt(n) * typical[g.kind] / overall, rel=1e-9)
-    cnn, xc = _digits_setup()
-    assert [g.weight for g in find_groups(cnn, xc, weight="kind")] == pytest.approx(
-        [g.weight for g in find_groups(cnn, xc, weight="size")], rel=1e-12
-    )

@@ -1,12 +1,11 @@
 """Per-kind λ at the budget's controls: attention heads and MLP neurons compete on equal terms.
 
 Why: the exact control zeroes every group whose critical λ*_g (‖a_g‖/(α w_g), a = P W⁰ − V) is below
-one λ. On all-MiniLM-L6-v2 trained by distillation the heads' λ* sit far below the neurons' (their q/k
-gradients are small, so RAMDA's preconditioner P is too), and a 0.5 FLOP target removed 65 of 72 heads
-and a third of the neurons — the dense model with that pattern kept 0.42 cosine where magnitude pruning
-at the same ratio for both kinds keeps 0.6. Scaling w_g by the median λ* of its kind (relative to the
-median over all groups) is a λ per kind: the median head and the median neuron become equally hard to
-keep, while within a kind RAMDA's ranking is unchanged. With one kind (a CNN's channels) it does nothing.
+one λ, so one kind can lose everything first: all-MiniLM-L6-v2 at a 0.5 FLOP target lost 65 of 72
+heads (their q/k gradients, hence RAMDA's preconditioner P, are small under distillation). Scaling w_g
+by the median λ* of its kind (relative to the median over all groups) is a λ per kind: the median head
+and the median neuron become equally hard to keep, while within a kind RAMDA's ranking is unchanged.
+With one kind (a CNN's channels) it does nothing.
 """
 
 from __future__ import annotations

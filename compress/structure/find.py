@@ -17,7 +17,7 @@ from compress.structure.head_check import check_units
 from compress.structure.soundness import check_groups
 from compress.structure.tensors import as_args, flatten_tensors
 
-GROUP_WEIGHTS = ("size", "kind", "flops", "sqrt", "unit")
+GROUP_WEIGHTS = ("size", "flops", "sqrt", "unit")
 
 
 def find_groups(
@@ -40,8 +40,7 @@ def find_groups(
     check: run the randomized zero-invariance check (`soundness.check_groups`) and drop, with
     the reason, the layers whose groups do not remove exactly.
     weight: the regularizer's w_g (`group_weights`): "size" (√entries, the RAMDA paper's choice;
-    "sqrt" is the old name), "kind" (size, rescaled per kind of group so heads and neurons compete
-    on equal terms), "flops" (∝ the FLOPs removing the group saves) or "unit" (1).
+    "sqrt" is the old name), "flops" (∝ the FLOPs removing the group saves) or "unit" (1).
     """
     if weight not in GROUP_WEIGHTS:
         raise UserError(f"group weight must be one of {', '.join(GROUP_WEIGHTS)}, got {weight!r}")
@@ -166,31 +165,6 @@ def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not
             found.append((order[m], gs))
 
 
-def kind_balanced_weights(groups) -> torch.Tensor:
-    """√entries × the median RMS weight (‖W_g‖/√entries) of the group's kind, divided by the median over all groups.
-
-    Why: a group is zero when its (preconditioned) norm is below λ·w_g, so with √entries weights the
-    kind whose entries are smaller loses all its groups first — all-MiniLM-L6-v2 lost only heads and
-    kept all 9,216 MLP neurons. Scaling each kind by its typical RMS makes a median head and a median
-    neuron equally hard to zero; within a kind the ranking is unchanged, and with one kind (a CNN's
-    channels) the weights equal "size"."""
-    from compress.structure.sparsity import group_norms
-
-    size = torch.tensor([math.sqrt(g.size) for g in groups], dtype=torch.float64)
-    if not len(groups):
-        return size
-    rms = group_norms(groups).double() / size
-    kinds = [g.kind for g in groups]
-
-    def typical(mask: torch.Tensor) -> float:
-        live = rms[mask & (rms > 0)]
-        return float(live.median()) if len(live) else 1.0
-
-    overall = typical(torch.ones(len(groups), dtype=torch.bool))
-    scale = {k: typical(torch.tensor([x == k for x in kinds])) / overall for k in set(kinds)}
-    return size * torch.tensor([scale[k] for k in kinds], dtype=torch.float64)
-
-
 def group_weights(model: nn.Module, groups, example_inputs, weight: str = "size") -> torch.Tensor:
     """w_g for every group (float64): "size"/"sqrt" √entries; "unit" 1; "flops" the FLOPs that
     removing the group alone saves in the dense model (`CostModel.savings` with nothing zero:
@@ -201,8 +175,6 @@ def group_weights(model: nn.Module, groups, example_inputs, weight: str = "size"
         return torch.tensor([math.sqrt(g.size) for g in groups], dtype=torch.float64)
     if weight == "unit":
         return torch.ones(len(groups), dtype=torch.float64)
-    if weight == "kind":
-        return kind_balanced_weights(groups)
     if weight != "flops":
         raise UserError(f"group weight must be one of {', '.join(GROUP_WEIGHTS)}, got {weight!r}")
     from compress.structure.cost_model import CostModel

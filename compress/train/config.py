@@ -29,9 +29,7 @@ class TrainConfig:
     gamma: float = 0.1
     schedule: str = "step"  # step | cosine (cosine: no restarts, for dense training)
     weight_decay: float = 0.0
-    group_weight: str = (
-        "size"  # size (√entries) | kind (size × per-kind RMS) | flops (∝ FLOPs saved) | unit; "sqrt" = size
-    )
+    group_weight: str = "size"  # size (√entries) | flops (∝ FLOPs saved) | unit; "sqrt" = size (old configs)
     solver: str = "exact"
     eps_restart_factor: float = 1.0
     reg_space: str = "param"  # param | preconditioned (ramda, proxadam: group lasso on z = D^{1/2} W)
@@ -73,7 +71,7 @@ class TrainConfig:
         _check(
             self.group_weight in GROUP_WEIGHTS,
             "group_weight",
-            f"must be size, kind, flops or unit, got {self.group_weight!r}",
+            f"must be size or flops (or unit), got {self.group_weight!r}",
         )
         _check(
             self.distill in DISTILL_KINDS, "distill", f"must be one of {', '.join(DISTILL_KINDS)}, got {self.distill!r}"
