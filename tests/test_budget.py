@@ -992,4 +992,3 @@ def test_final_lr_keyword_sets_the_final_phase_peak(tmp_path, digits_small):
     assert seen and seen[0] == pytest.approx(5e-4) and max(seen) == pytest.approx(5e-4)
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["budget_controller"]["final_lr"] == 5e-4
-

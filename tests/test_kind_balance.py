@@ -43,7 +43,9 @@ def test_one_kind_changes_nothing_and_weights_follow_the_optimizer():
     opt = SimpleNamespace(index=SimpleNamespace(weights=w0.clone()))
     crit = torch.tensor([0.01, 1.0, 2.0, 3.0], dtype=torch.float64)  # computed with weights w0
     new = two.rebalance(opt, crit)
-    f = torch.tensor([0.01 / 1.0, 2.0 / 1.0, 2.0 / 1.0, 2.0 / 1.0], dtype=torch.float64)  # medians: head 0.01, neuron 2, all 1
+    f = torch.tensor(
+        [0.01 / 1.0, 2.0 / 1.0, 2.0 / 1.0, 2.0 / 1.0], dtype=torch.float64
+    )  # medians: head 0.01, neuron 2, all 1
     assert torch.allclose(opt.index.weights, w0 * f) and torch.allclose(new, crit / f)
     # λ* = ‖a‖/(α w): with the new weights the caller's next λ* are crit·w0/w; a second control sees them and keeps f
     again = two.rebalance(opt, crit * w0 / opt.index.weights)
