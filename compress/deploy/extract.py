@@ -32,6 +32,7 @@ from compress.structure.group import GroupList, bind_groups
 from compress.structure.mha import SplitHeadAttention
 from compress.structure.sparsity import zero_mask
 from compress.structure.tensors import as_args, flatten_tensors
+from compress.structure.window_attention import WindowAttention, is_torchvision_window_attention
 
 
 class ExtractionError(UserError):
@@ -149,9 +150,10 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
     heads = sorted({head_index(g.name) for g in gs})
     if unit.mha:  # nn.MultiheadAttention cannot hold fewer heads: swap in the split equivalent
         keep = [h for h in range(unit.num_heads) if h not in heads]
-        parent, _, attr = unit.name.rpartition(".")
-        setattr(work.get_submodule(parent), attr, SplitHeadAttention(work.get_submodule(unit.name), keep))
+        _replace(work, unit.name, SplitHeadAttention(work.get_submodule(unit.name), keep))
         return
+    if unit.swap == "window" and is_torchvision_window_attention(work.get_submodule(unit.name)):
+        _replace(work, unit.name, WindowAttention(work.get_submodule(unit.name)))  # same parameters
     mods = unit_linears(work, unit)
     for role, mod in mods.items():
         rows = sorted(r for h in heads for r in unit.rows(h)[role])
@@ -162,12 +164,19 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
         else:
             tp.prune_linear_out_channels(mod, rows)
     gone = {q for h in heads for q in range(h * unit.q_per_group, (h + 1) * unit.q_per_group)}
-    for t in unit.tables:
+    for t, dim in unit.tables:
         holder, pname = t.rsplit(".", 1) if "." in t else ("", t)
         mod, p = work.get_submodule(holder), work.get_parameter(t)
-        keep = torch.tensor([i for i in range(p.shape[-1]) if i not in gone])
-        setattr(mod, pname, nn.Parameter(p.data.index_select(p.dim() - 1, keep).contiguous(), p.requires_grad))
+        keep = torch.tensor([i for i in range(p.shape[dim]) if i not in gone])
+        setattr(mod, pname, nn.Parameter(p.data.index_select(dim, keep).contiguous(), p.requires_grad))
+        if isinstance(mod, nn.Linear):  # Swin V2's cpb MLP: its output rows are the heads
+            mod.out_features = len(keep)
     unit.set_heads(work, unit.n_groups - len(heads))
+
+
+def _replace(work: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(work.get_submodule(parent), attr, new)
 
 
 def _prune_conv1d(mod, idxs, outputs: bool) -> None:

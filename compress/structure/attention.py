@@ -15,6 +15,7 @@ from torch import nn
 
 from compress.structure.group import Group, Slice
 from compress.structure.mha import mha_prunable
+from compress.structure.window_attention import is_torchvision_window_attention, window_per_head
 
 _Q = ("q", "q_proj", "q_lin", "query")
 _K = ("k", "k_proj", "k_lin", "key")
@@ -44,7 +45,9 @@ class AttentionUnit:
     * a fused `qkv` Linear (rows [q; k; v]) and `proj` (timm `Attention`): q = k = v = the qkv
       name and `fused` is set; GPT-2's `c_attn`/`c_proj` likewise, as `Conv1D` (a Linear whose
       weight is stored (in, out): `transposed`, rows on dim 1, the out projection's columns on dim 0);
-    * nn.MultiheadAttention with a packed in_proj (`mha`): q = k = v = the module's name.
+    * nn.MultiheadAttention with a packed in_proj (`mha`): q = k = v = the module's name;
+    * torchvision Swin's `ShiftedWindowAttention` (V1, V2): fused, `swap` = "window" (its forward
+      reads the head size from the input width; extraction swaps in `WindowAttention` first).
     """
 
     name: str
@@ -60,7 +63,8 @@ class AttentionUnit:
     fused: bool = False
     mha: bool = False  # nn.MultiheadAttention: packed in_proj; extraction swaps in SplitHeadAttention
     transposed: bool = False  # Conv1D projections: weight (in, out)
-    tables: list[str] = field(default_factory=list)  # per-head parameters, heads on their last dim
+    tables: list[tuple[str, int]] = field(default_factory=list)  # per-head parameters: (name, head dim)
+    swap: str = ""  # "window": replace by structure.window_attention.WindowAttention before removal
 
     @property
     def n_groups(self) -> int:
@@ -141,9 +145,15 @@ def _head_shape(m, q_width: int):
     return nh, hd, heads_attr
 
 
-def _tables(m, pre, nh) -> list[str]:
-    """Per-head tables of the block or its children (HF Swin keeps it in `.relative_position_bias`)."""
-    return [pre + n for n, p in m.named_parameters() if n.rsplit(".", 1)[-1] in _BIAS_TABLES and p.shape[-1] == nh]
+def _tables(m, pre, nh) -> list[tuple[str, int]]:
+    """Per-head tables of the block or its children (HF Swin keeps it in `.relative_position_bias`),
+    heads on their last dim, and Swin V2's logit scale and cpb MLP rows."""
+    last = [
+        (pre + n, p.dim() - 1)
+        for n, p in m.named_parameters()
+        if n.rsplit(".", 1)[-1] in _BIAS_TABLES and p.shape[-1] == nh
+    ]
+    return last + [(pre + n, d) for n, d in window_per_head(m)]
 
 
 def _unit(name, m, named) -> AttentionUnit | None:
@@ -169,6 +179,7 @@ def _unit(name, m, named) -> AttentionUnit | None:
             fused=True,
             tables=_tables(m, pre, nh),
             transposed=is_conv1d(getattr(m, qkv_name)),
+            swap="window" if is_torchvision_window_attention(m) else "",
         )
     q, k, v = _child(m, _Q), _child(m, _K), _child(m, _V)
     if not (q and k and v):
@@ -240,8 +251,8 @@ def head_groups(model: nn.Module, unit: AttentionUnit) -> list[Group]:
                 slices.append(Slice(unit.param(role, "bias"), 0, r))
         slices.append(Slice(unit.param("o", "weight"), 1 - row_dim, rows["o"]))
         heads = tuple(range(h * unit.q_per_group, (h + 1) * unit.q_per_group))
-        for t in unit.tables:
-            slices.append(Slice(t, model.get_parameter(t).dim() - 1, heads))
+        for t, dim in unit.tables:
+            slices.append(Slice(t, dim, heads))
         groups.append(Group(name=f"{unit.name}:head{h}", kind="head", layer=unit.name, slices=slices))
     return groups
 

@@ -178,10 +178,10 @@ class CostModel:
         finally:
             model.train(was)
         head_pair = {}
-        for u in attention_units(model):
-            key = (f"{u.q}.weight", 0)
+        for u in attention_units(model):  # per kept out-projection column (q·kᵀ and ·v scale with it)
+            key = (u.param("o", "weight"), 0 if u.transposed else 1)
             if key in pair_ix:
-                head_pair[u.holder] = (pair_ix[key], named[f"{u.q}.weight"].shape[0])
+                head_pair[u.holder] = (pair_ix[key], named[key[0]].shape[key[1]])
         p_ix = {n: i for i, n in enumerate(self.param_names)}
         coef_param = torch.zeros(len(named), dtype=torch.long)
         coef_pair = torch.zeros(n_pairs, dtype=torch.long)

@@ -1,0 +1,69 @@
+"""Heads of the attention forms that need more than row/column removal: torchvision Swin (V1, V2).
+
+Each test builds the unmodified library module, zeroes some heads' slices in it, and compares
+its output with the extracted model (and ONNX Runtime's), so a wrong stand-in fails here.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import compress
+from compress.structure.cost_model import CostModel
+from compress.structure.sparsity import zero_mask
+
+pytest.importorskip("torchvision", reason="zoo extra not installed (pip install -e .[zoo])")
+from zoo_models import register_torchvision_ops  # noqa: E402 - the op schemas first
+
+register_torchvision_ops()
+from torchvision.models import swin_transformer as swin  # noqa: E402
+
+
+def _zero(groups, names) -> None:
+    with torch.no_grad():
+        for g in groups:
+            if g.name in names:
+                for s, t in zip(g.slices, g.tensors):
+                    t.index_fill_(s.dim, torch.tensor(s.indices), 0.0)
+
+
+def _check_extract(model, x, groups, zeroed, tmp_path):
+    """Extracted model == the zeroed original (≤ 1e-5), ONNX Runtime agrees, FLOPs as predicted."""
+    with torch.no_grad():
+        ref = model(x)
+    small, rep = compress.extract(model, groups, x)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref, atol=1e-5, rtol=0)
+    assert rep["groups_removed"] == len(zeroed)
+    assert rep["flops_after"] == CostModel(model, groups, x).flops(zero_mask(groups)) < rep["flops_before"]
+    assert rep["params_after"] == rep["params_predicted"] < rep["params_before"]
+    er = compress.export_onnx(small, x, tmp_path / "m.onnx")
+    assert er["max_abs_diff"] <= 1e-4
+    return small
+
+
+@pytest.mark.parametrize("cls", ["ShiftedWindowAttention", "ShiftedWindowAttentionV2"])
+def test_window_attention_stand_in_equals_torchvision(cls):
+    from compress.structure.window_attention import WindowAttention
+
+    torch.manual_seed(0)
+    m = getattr(swin, cls)(32, [4, 4], [2, 2], 4).eval()
+    x = torch.randn(2, 10, 9, 32)  # padded to 12 x 12: masked shifted windows, padding cut off
+    with torch.no_grad():
+        torch.testing.assert_close(WindowAttention(m).eval()(x), m(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", ["ShiftedWindowAttention", "ShiftedWindowAttentionV2"])
+def test_torchvision_swin_heads_removed_exactly(cls, tmp_path):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 32), getattr(swin, cls)(32, [4, 4], [2, 2], 4)).eval()
+    x = torch.randn(2, 10, 9, 32)
+    groups = compress.find_groups(model, x)
+    heads = [g.name for g in groups if g.kind == "head"]
+    assert heads == [f"1:head{h}" for h in range(4)], groups.not_prunable
+    _zero(groups, {"1:head1", "1:head3"})
+    small = _check_extract(model, x, groups, ["1:head1", "1:head3"], tmp_path)
+    attn = small[1]
+    assert (attn.num_heads, attn.qkv.out_features, attn.proj.in_features) == (2, 48, 16)
+    per_head = attn.cpb_mlp[2].weight if cls.endswith("V2") else attn.relative_position_bias_table
+    assert per_head.shape[0 if cls.endswith("V2") else 1] == 2
