@@ -67,3 +67,29 @@ def test_torchvision_swin_heads_removed_exactly(cls, tmp_path):
     assert (attn.num_heads, attn.qkv.out_features, attn.proj.in_features) == (2, 48, 16)
     per_head = attn.cpb_mlp[2].weight if cls.endswith("V2") else attn.relative_position_bias_table
     assert per_head.shape[0 if cls.endswith("V2") else 1] == 2
+
+
+def test_t5_heads_removed_per_block_with_the_shared_position_bias(tmp_path):
+    """Block 0 computes the relative position bias for all heads and passes it on: every block,
+    block 0 included, must add only its kept heads' rows (different ones per block here)."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    cfg = tf.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4, use_cache=False)
+    model = tf.T5EncoderModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    groups = compress.find_groups(model, ids)
+    att = "encoder.block.{}.layer.0.SelfAttention"
+    assert sum(g.kind == "head" for g in groups) == 12, groups.not_prunable
+    zeroed = [f"{att.format(0)}:head1", f"{att.format(0)}:head2", f"{att.format(1)}:head0", f"{att.format(2)}:head3"]
+    _zero(groups, set(zeroed))
+    small = _check_extract(model, ids, groups, zeroed, tmp_path)
+    blocks = [small.get_submodule(att.format(i)) for i in range(3)]
+    assert [b.kept_heads for b in blocks] == [[0, 3], [1, 2, 3], [0, 1, 2]]
+    assert [b.n_heads for b in blocks] == [2, 3, 3]
+    assert blocks[0].relative_attention_bias.weight.shape == (32, 4)  # shared: stays full-width
+    from compress.deploy.saving import load_compressed, save_compressed
+
+    save_compressed(small, tmp_path / "small.safetensors")
+    back = load_compressed(tf.T5EncoderModel(cfg).eval(), tmp_path / "small.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).last_hidden_state, small(ids).last_hidden_state, atol=0, rtol=0)

@@ -30,6 +30,7 @@ from compress.structure.cost import count_flops, count_params
 from compress.structure.depgraph import build_graph
 from compress.structure.group import GroupList, bind_groups
 from compress.structure.mha import SplitHeadAttention
+from compress.structure.shared_bias import keep_heads
 from compress.structure.sparsity import zero_mask
 from compress.structure.tensors import as_args, flatten_tensors
 from compress.structure.window_attention import WindowAttention, is_torchvision_window_attention
@@ -154,6 +155,9 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
         return
     if unit.swap == "window" and is_torchvision_window_attention(work.get_submodule(unit.name)):
         _replace(work, unit.name, WindowAttention(work.get_submodule(unit.name)))  # same parameters
+    gone = {q for h in heads for q in range(h * unit.q_per_group, (h + 1) * unit.q_per_group)}
+    if unit.swap == "shared_bias":
+        keep_heads(work.get_submodule(unit.holder), sorted(gone))
     mods = unit_linears(work, unit)
     for role, mod in mods.items():
         rows = sorted(r for h in heads for r in unit.rows(h)[role])
@@ -163,7 +167,6 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
             tp.prune_linear_in_channels(mod, rows)
         else:
             tp.prune_linear_out_channels(mod, rows)
-    gone = {q for h in heads for q in range(h * unit.q_per_group, (h + 1) * unit.q_per_group)}
     for t, dim in unit.tables:
         holder, pname = t.rsplit(".", 1) if "." in t else ("", t)
         mod, p = work.get_submodule(holder), work.get_parameter(t)

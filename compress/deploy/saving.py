@@ -84,6 +84,9 @@ def load_compressed(model: torch.nn.Module | str | Path, path: str | Path | None
                     setattr(mod, k, v)
                 except AttributeError:
                     pass
+    from compress.structure.shared_bias import reinstall
+
+    reinstall(model)  # T5-style blocks that lost heads read only their rows of the shared bias
     own = model.state_dict()
     for key, t in sd.items():
         if key not in own:

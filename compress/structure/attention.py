@@ -15,6 +15,7 @@ from torch import nn
 
 from compress.structure.group import Group, Slice
 from compress.structure.mha import mha_prunable
+from compress.structure.shared_bias import is_shared_bias_attention
 from compress.structure.window_attention import is_torchvision_window_attention, window_per_head
 
 _Q = ("q", "q_proj", "q_lin", "query")
@@ -47,7 +48,9 @@ class AttentionUnit:
       weight is stored (in, out): `transposed`, rows on dim 1, the out projection's columns on dim 0);
     * nn.MultiheadAttention with a packed in_proj (`mha`): q = k = v = the module's name;
     * torchvision Swin's `ShiftedWindowAttention` (V1, V2): fused, `swap` = "window" (its forward
-      reads the head size from the input width; extraction swaps in `WindowAttention` first).
+      reads the head size from the input width; extraction swaps in `WindowAttention` first);
+    * T5's attention, whose position bias is shared across blocks: `swap` = "shared_bias"
+      (extraction makes the block add only its kept heads' rows, see `shared_bias`).
     """
 
     name: str
@@ -64,7 +67,7 @@ class AttentionUnit:
     mha: bool = False  # nn.MultiheadAttention: packed in_proj; extraction swaps in SplitHeadAttention
     transposed: bool = False  # Conv1D projections: weight (in, out)
     tables: list[tuple[str, int]] = field(default_factory=list)  # per-head parameters: (name, head dim)
-    swap: str = ""  # "window": replace by structure.window_attention.WindowAttention before removal
+    swap: str = ""  # "window" / "shared_bias": the block's forward is adapted at removal (see above)
 
     @property
     def n_groups(self) -> int:
@@ -208,7 +211,10 @@ def _unit(name, m, named) -> AttentionUnit | None:
     kv = kw // hd if kw != nh * hd else 0
     if getattr(m, v).out_features != kw:
         return None
-    return AttentionUnit(unit_name, name, pre + q, pre + k, pre + v, o, nh, hd, attr, kv, tables=_tables(m, pre, nh))
+    swap = "shared_bias" if is_shared_bias_attention(m) else ""
+    return AttentionUnit(
+        unit_name, name, pre + q, pre + k, pre + v, o, nh, hd, attr, kv, tables=_tables(m, pre, nh), swap=swap
+    )
 
 
 def attention_units(model: nn.Module) -> list[AttentionUnit]:
