@@ -93,3 +93,102 @@ def test_t5_heads_removed_per_block_with_the_shared_position_bias(tmp_path):
     back = load_compressed(tf.T5EncoderModel(cfg).eval(), tmp_path / "small.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(back(ids).last_hidden_state, small(ids).last_hidden_state, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- whole blocks
+
+
+def _zero_layer(groups, layer) -> list[str]:
+    names = [g.name for g in groups if g.layer == layer and g.kind == "head"]
+    _zero(groups, set(names))
+    return names
+
+
+class _MHA(nn.Module):
+    """An MHA block called with a padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x):
+        kpm = torch.zeros(x.shape[:2], dtype=torch.bool)
+        kpm[0, -2:] = True
+        h = self.fc(x)
+        return self.attn(h, h, h, key_padding_mask=kpm)[0]
+
+
+def test_mha_with_every_head_zero_is_removed_whole(tmp_path):
+    torch.manual_seed(3)
+    model, x = _MHA().eval(), torch.randn(2, 6, 16)
+    nn.init.normal_(model.attn.out_proj.bias)
+    groups = compress.find_groups(model, x)
+    zeroed = _zero_layer(groups, "attn")
+    assert len(zeroed) == 4
+    small = _check_extract(model, x, groups, zeroed, tmp_path)
+    assert small.attn.in_proj_weight.shape == (0, 16) and small.attn.out_proj.weight.shape == (16, 0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_without_heads_returns_the_zeroed_modules_output_and_weights(batch_first):
+    """The constant forward against the real nn.MultiheadAttention with every head zeroed."""
+    from compress.structure import no_heads
+
+    torch.manual_seed(7)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    with torch.no_grad():
+        mha.in_proj_weight.zero_()
+        mha.in_proj_bias.zero_()
+        mha.out_proj.weight.zero_()
+        mha.out_proj.bias.normal_()  # nn.MultiheadAttention starts it at zero
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    kpm = torch.tensor([[False] * 3 + [True] * 2, [False] * 5])
+    kw = dict(key_padding_mask=kpm, attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1))
+    ref = mha(x, x, x, **kw)
+    no_heads._set(mha, "mha")
+    got = mha(x, x, x, **kw)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-6, rtol=0)
+
+
+def test_timm_vit_block_with_every_head_zero_is_removed_whole(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(4)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)
+    model, x = model.eval(), torch.randn(2, 3, 32, 32)
+    groups = compress.find_groups(model, x)
+    zeroed = _zero_layer(groups, "blocks.0.attn") + ["blocks.1.attn:head2"]
+    _zero(groups, {"blocks.1.attn:head2"})
+    small = _check_extract(model, x, groups, zeroed, tmp_path)
+    assert small.blocks[0].attn.qkv.out_features == 0 and small.blocks[1].attn.num_heads == 3
+
+
+def test_bert_layer_with_every_head_zero_is_removed_whole_and_reloads(tmp_path):
+    tf = pytest.importorskip("transformers")
+    from compress.deploy.saving import load_compressed, save_compressed
+
+    torch.manual_seed(5)
+    cfg = tf.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model, ids = tf.BertModel(cfg).eval(), torch.randint(0, 50, (2, 7))
+    groups = compress.find_groups(model, ids)
+    zeroed = _zero_layer(groups, "encoder.layer.1.attention")
+    small = _check_extract(model, ids, groups, zeroed, tmp_path)
+    assert small.encoder.layer[1].attention.self.query.out_features == 0
+    save_compressed(small, tmp_path / "small.safetensors")
+    back = load_compressed(tf.BertModel(cfg).eval(), tmp_path / "small.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).last_hidden_state, small(ids).last_hidden_state, atol=0, rtol=0)
+
+
+def test_t5_block_keeps_one_head_when_all_are_zero():
+    """T5's blocks return the shared position bias: no whole-block form, extraction keeps one head."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(6)
+    cfg = tf.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, use_cache=False)
+    model, ids = tf.T5EncoderModel(cfg).eval(), torch.randint(0, 50, (2, 7))
+    groups = compress.find_groups(model, ids)
+    _zero_layer(groups, "encoder.block.1.layer.0.SelfAttention")
+    small, rep = compress.extract(model, groups, ids)
+    assert small.encoder.block[1].layer[0].SelfAttention.n_heads == 1
+    assert rep["flops_after"] == CostModel(model, groups, ids).flops(zero_mask(groups))

@@ -30,6 +30,7 @@ from compress.structure.cost import count_flops, count_params
 from compress.structure.depgraph import build_graph
 from compress.structure.group import GroupList, bind_groups
 from compress.structure.mha import SplitHeadAttention
+from compress.structure.no_heads import mark, whole_form, whole_layers
 from compress.structure.shared_bias import keep_heads
 from compress.structure.sparsity import zero_mask
 from compress.structure.tensors import as_args, flatten_tensors
@@ -76,7 +77,8 @@ def _channel_index(g, layer_module_weight: str, transposed: bool) -> list[int]:
 
 
 def _plan(model, groups, zero: torch.Tensor, align: int = 1):
-    """Per layer: which groups to remove; an all-zero layer keeps one group (reported).
+    """Per layer: which groups to remove; an all-zero layer keeps one group (reported), except an
+    attention block of a form `no_heads` can remove whole.
 
     `align` > 1 keeps extra zero groups so each channel/neuron layer keeps a multiple of
     `align` structures: CPU kernels (MLAS) run 8-aligned widths much faster, e.g. digits-resnet
@@ -86,11 +88,14 @@ def _plan(model, groups, zero: torch.Tensor, align: int = 1):
     by_layer: OrderedDict[str, list[int]] = OrderedDict()
     for i, g in enumerate(groups):
         by_layer.setdefault(g.layer, []).append(i)
+    whole = whole_layers(model) if any(bool(zero[i]) and g.kind == "head" for i, g in enumerate(groups)) else set()
     plan = OrderedDict()
     for layer, idx in by_layer.items():
         z = [i for i in idx if bool(zero[i])]
         entry = {"kind": groups[idx[0]].kind, "groups": len(idx), "zero": len(z), "remove": z, "kept": None, "note": ""}
-        if z and len(z) == len(idx):
+        if z and len(z) == len(idx) and layer in whole and entry["kind"] == "head":
+            entry["note"] = f"all {len(idx)} heads are zero: the attention block is removed (it returns its bias)"
+        elif z and len(z) == len(idx):
             # torch-pruning cannot delete every channel of a layer; the layer's output is
             # identically zero, so keeping any one of its groups is still exact.
             keep = z[0]
@@ -149,6 +154,11 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
     if unit is None:
         raise ExtractionError(f"layer {layer}: head groups given but no attention block of that name", gs[0].name)
     heads = sorted({head_index(g.name) for g in gs})
+    form = whole_form(work, unit) if len(heads) == unit.n_groups else None
+    if unit.mha and form:
+        _drop_mha_heads(work.get_submodule(unit.name))
+        mark(work, unit, form)
+        return
     if unit.mha:  # nn.MultiheadAttention cannot hold fewer heads: swap in the split equivalent
         keep = [h for h in range(unit.num_heads) if h not in heads]
         _replace(work, unit.name, SplitHeadAttention(work.get_submodule(unit.name), keep))
@@ -170,11 +180,24 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
     for t, dim in unit.tables:
         holder, pname = t.rsplit(".", 1) if "." in t else ("", t)
         mod, p = work.get_submodule(holder), work.get_parameter(t)
-        keep = torch.tensor([i for i in range(p.shape[dim]) if i not in gone])
+        keep = torch.tensor([i for i in range(p.shape[dim]) if i not in gone], dtype=torch.long)
         setattr(mod, pname, nn.Parameter(p.data.index_select(dim, keep).contiguous(), p.requires_grad))
         if isinstance(mod, nn.Linear):  # Swin V2's cpb MLP: its output rows are the heads
             mod.out_features = len(keep)
     unit.set_heads(work, unit.n_groups - len(heads))
+    if form:
+        mark(work, unit, form)
+
+
+def _drop_mha_heads(m: nn.MultiheadAttention) -> None:
+    """Every row of the packed in_proj and every column of out_proj (no head left)."""
+    for name in ("in_proj_weight", "in_proj_bias"):
+        p = getattr(m, name)
+        if p is not None:
+            setattr(m, name, nn.Parameter(p.data[:0].contiguous(), p.requires_grad))
+    w = m.out_proj.weight
+    m.out_proj.weight = nn.Parameter(w.data[:, :0].contiguous(), w.requires_grad)
+    m.out_proj.in_features = 0
 
 
 def _replace(work: nn.Module, name: str, new: nn.Module) -> None:
@@ -185,7 +208,7 @@ def _replace(work: nn.Module, name: str, new: nn.Module) -> None:
 def _prune_conv1d(mod, idxs, outputs: bool) -> None:
     """Drop output features (weight dim 1, bias) or input features (weight dim 0) of a Conv1D."""
     dim, gone = (1 if outputs else 0), set(idxs)
-    keep = torch.tensor([i for i in range(mod.weight.shape[dim]) if i not in gone])
+    keep = torch.tensor([i for i in range(mod.weight.shape[dim]) if i not in gone], dtype=torch.long)
     mod.weight = nn.Parameter(mod.weight.data.index_select(dim, keep).contiguous(), mod.weight.requires_grad)
     if outputs:
         if mod.bias is not None:

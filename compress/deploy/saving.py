@@ -84,9 +84,10 @@ def load_compressed(model: torch.nn.Module | str | Path, path: str | Path | None
                     setattr(mod, k, v)
                 except AttributeError:
                     pass
-    from compress.structure.shared_bias import reinstall
+    from compress.structure import no_heads, shared_bias
 
-    reinstall(model)  # T5-style blocks that lost heads read only their rows of the shared bias
+    shared_bias.reinstall(model)  # T5-style blocks that lost heads read only their rows of the shared bias
+    no_heads.reinstall(model)  # attention blocks removed whole return their out projection's bias
     own = model.state_dict()
     for key, t in sd.items():
         if key not in own:
