@@ -239,7 +239,8 @@ def extract(model: nn.Module, groups, example_inputs, atol: float = 1e-5, verify
     `model` is not modified. Outputs of dense and compressed models (eval mode) on
     `verify_inputs` (default: `example_inputs`) must agree to `atol` × max|dense output|;
     otherwise ExtractionError names the offending group. A layer whose groups are all
-    zero keeps one group (stated in the report's layer note). With no zero group the
+    zero keeps one group (stated in the report's layer note), except an attention block of a
+    form `structure.no_heads` removes whole. With no zero group the
     result is an unchanged copy. The returned model is in eval mode. `align`: keep a multiple
     of this many channels/neurons per layer (see `_plan`).
     """
