@@ -43,14 +43,18 @@ def _check_extract(model, x, groups, zeroed, tmp_path):
 
 
 @pytest.mark.parametrize("cls", ["ShiftedWindowAttention", "ShiftedWindowAttentionV2"])
-def test_window_attention_stand_in_equals_torchvision(cls):
-    from compress.structure.window_attention import WindowAttention
+def test_explicit_head_size_forward_equals_torchvision_swin(cls):
+    import copy
+
+    from compress.structure.window_attention import install
 
     torch.manual_seed(0)
     m = getattr(swin, cls)(32, [4, 4], [2, 2], 4).eval()
     x = torch.randn(2, 10, 9, 32)  # padded to 12 x 12: masked shifted windows, padding cut off
+    ours = copy.deepcopy(m)
+    install(ours, "swin")
     with torch.no_grad():
-        torch.testing.assert_close(WindowAttention(m).eval()(x), m(x), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ours(x), m(x), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls", ["ShiftedWindowAttention", "ShiftedWindowAttentionV2"])
@@ -67,6 +71,50 @@ def test_torchvision_swin_heads_removed_exactly(cls, tmp_path):
     assert (attn.num_heads, attn.qkv.out_features, attn.proj.in_features) == (2, 48, 16)
     per_head = attn.cpb_mlp[2].weight if cls.endswith("V2") else attn.relative_position_bias_table
     assert per_head.shape[0 if cls.endswith("V2") else 1] == 2
+    _reloads(small, nn.Sequential(nn.Linear(32, 32), getattr(swin, cls)(32, [4, 4], [2, 2], 4)), x, tmp_path)
+
+
+def _reloads(small, fresh, x, tmp_path) -> None:
+    """save_compressed + load_compressed into a fresh dense model from the same constructor."""
+    from compress.deploy.saving import load_compressed, save_compressed
+
+    save_compressed(small, tmp_path / "small.safetensors")
+    back = load_compressed(fresh.eval(), tmp_path / "small.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), atol=0, rtol=0)
+
+
+def _maxvit(seed):
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 32), RelativePositionalMultiHeadAttention(32, 8, 16)).eval()
+
+
+def test_explicit_head_size_forward_equals_torchvision_maxvit():
+    import copy
+
+    from compress.structure.window_attention import install
+
+    m, x = _maxvit(8)[1], torch.randn(2, 3, 16, 32)
+    ours = copy.deepcopy(m)
+    install(ours, "maxvit")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), m(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("zeroed", [["1:head0", "1:head2"], [f"1:head{h}" for h in range(4)]])
+def test_torchvision_maxvit_heads_removed_exactly(zeroed, tmp_path):
+    """Two heads, then all four (the block is removed whole: it returns merge's bias)."""
+    model, x = _maxvit(9), torch.randn(2, 3, 16, 32)
+    groups = compress.find_groups(model, x)
+    assert [g.name for g in groups if g.kind == "head"] == [f"1:head{h}" for h in range(4)], groups.not_prunable
+    _zero(groups, set(zeroed))
+    small = _check_extract(model, x, groups, zeroed, tmp_path)
+    attn = small[1]
+    assert attn.n_heads * attn.head_dim == attn.merge.in_features == 32 - 8 * len(zeroed)
+    assert attn.relative_position_bias_table.shape[1] == 4 - len(zeroed)
+    _reloads(small, _maxvit(0), x, tmp_path)
 
 
 def test_t5_heads_removed_per_block_with_the_shared_position_bias(tmp_path):

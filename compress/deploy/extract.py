@@ -34,7 +34,7 @@ from compress.structure.no_heads import mark, whole_form, whole_layers
 from compress.structure.shared_bias import keep_heads
 from compress.structure.sparsity import zero_mask
 from compress.structure.tensors import as_args, flatten_tensors
-from compress.structure.window_attention import WindowAttention, is_torchvision_window_attention
+from compress.structure.window_attention import install as install_explicit_heads
 
 
 class ExtractionError(UserError):
@@ -163,8 +163,8 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
         keep = [h for h in range(unit.num_heads) if h not in heads]
         _replace(work, unit.name, SplitHeadAttention(work.get_submodule(unit.name), keep))
         return
-    if unit.swap == "window" and is_torchvision_window_attention(work.get_submodule(unit.name)):
-        _replace(work, unit.name, WindowAttention(work.get_submodule(unit.name)))  # same parameters
+    if unit.swap in ("swin", "maxvit"):
+        install_explicit_heads(work.get_submodule(unit.name), unit.swap)  # same module and parameters
     gone = {q for h in heads for q in range(h * unit.q_per_group, (h + 1) * unit.q_per_group)}
     if unit.swap == "shared_bias":
         keep_heads(work.get_submodule(unit.holder), sorted(gone))

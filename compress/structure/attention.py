@@ -16,7 +16,7 @@ from torch import nn
 from compress.structure.group import Group, Slice
 from compress.structure.mha import mha_prunable
 from compress.structure.shared_bias import is_shared_bias_attention
-from compress.structure.window_attention import is_torchvision_window_attention, window_per_head
+from compress.structure.window_attention import torchvision_form, window_per_head
 
 _Q = ("q", "q_proj", "q_lin", "query")
 _K = ("k", "k_proj", "k_lin", "key")
@@ -25,7 +25,8 @@ _O = ("out", "out_proj", "o_proj", "out_lin", "o", "dense")
 _HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _DIMS = ("head_dim", "attention_head_size", "key_value_proj_dim", "d_kv")
 _WIDTH_ATTRS = ("all_head_size", "inner_dim", "attn_dim", "split_size")
-_FUSED = (("qkv", "proj"), ("c_attn", "c_proj"))  # (rows [q; k; v], out projection): timm, GPT-2
+# (rows [q; k; v], out projection): timm, torchvision Swin, GPT-2, torchvision MaxViT
+_FUSED = (("qkv", "proj"), ("c_attn", "c_proj"), ("to_qkv", "merge"))
 _BIAS_TABLES = ("relative_position_bias_table",)
 
 
@@ -47,8 +48,9 @@ class AttentionUnit:
       name and `fused` is set; GPT-2's `c_attn`/`c_proj` likewise, as `Conv1D` (a Linear whose
       weight is stored (in, out): `transposed`, rows on dim 1, the out projection's columns on dim 0);
     * nn.MultiheadAttention with a packed in_proj (`mha`): q = k = v = the module's name;
-    * torchvision Swin's `ShiftedWindowAttention` (V1, V2): fused, `swap` = "window" (its forward
-      reads the head size from the input width; extraction swaps in `WindowAttention` first);
+    * torchvision Swin's `ShiftedWindowAttention` (V1, V2) and MaxViT's attention (`to_qkv`,
+      `merge`): fused, `swap` = "swin" / "maxvit" (their forwards reshape the heads back to the
+      input width; extraction installs an explicit-head-size forward first, `window_attention`);
     * T5's attention, whose position bias is shared across blocks: `swap` = "shared_bias"
       (extraction makes the block add only its kept heads' rows, see `shared_bias`).
     """
@@ -67,7 +69,7 @@ class AttentionUnit:
     mha: bool = False  # nn.MultiheadAttention: packed in_proj; extraction swaps in SplitHeadAttention
     transposed: bool = False  # Conv1D projections: weight (in, out)
     tables: list[tuple[str, int]] = field(default_factory=list)  # per-head parameters: (name, head dim)
-    swap: str = ""  # "window" / "shared_bias": the block's forward is adapted at removal (see above)
+    swap: str = ""  # "swin" / "maxvit" / "shared_bias": the block's forward is adapted at removal (see above)
 
     @property
     def n_groups(self) -> int:
@@ -182,7 +184,7 @@ def _unit(name, m, named) -> AttentionUnit | None:
             fused=True,
             tables=_tables(m, pre, nh),
             transposed=is_conv1d(getattr(m, qkv_name)),
-            swap="window" if is_torchvision_window_attention(m) else "",
+            swap=torchvision_form(m),
         )
     q, k, v = _child(m, _Q), _child(m, _K), _child(m, _V)
     if not (q and k and v):

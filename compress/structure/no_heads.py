@@ -10,7 +10,7 @@ attribute naming the form, so a saved model is restored by `reinstall`.
 Forms (`whole_form`), where the module's return value is known:
 * "mha": nn.MultiheadAttention → (bias, attention weights: uniform over the keys the masks keep);
 * "proj:<child>": a block returning child(…) directly — timm's fused-qkv attention (no norm
-  before the projection), torchvision Swin, this package's `SelfAttention`;
+  before the projection), torchvision Swin and MaxViT, this package's `SelfAttention`;
 * "hf_self" + "linear": Hugging Face BERT-style, where `.self` returns (context, weights) and
   `.output.dense` projects: `.self` passes its input through, `.output.dense` returns its bias.
 Other forms (T5's shared bias, GPT-2's Conv1D, LLaMA-style tuples, …) keep one head.
@@ -25,7 +25,7 @@ from torch import nn
 
 from compress.structure.mha import additive_mask
 
-_PROJ_BLOCKS = ("compress.models.transformer.SelfAttention", "compress.structure.window_attention.WindowAttention")
+_PROJ_BLOCKS = ("compress.models.transformer.SelfAttention",)
 
 
 def whole_form(model: nn.Module, unit) -> str | None:
@@ -41,7 +41,7 @@ def whole_form(model: nn.Module, unit) -> str | None:
     if not isinstance(getattr(m, "norm", None), (nn.Identity, type(None))):
         return None  # a norm between the heads and the projection: o(norm(0)) is not o's bias
     cls = f"{type(m).__module__}.{type(m).__name__}"
-    if (unit.fused and (cls.startswith("timm.") or unit.swap == "window")) or cls in _PROJ_BLOCKS:
+    if (unit.fused and (cls.startswith("timm.") or unit.swap in ("swin", "maxvit"))) or cls in _PROJ_BLOCKS:
         return "proj:" + unit.o.rsplit(".", 1)[-1]
     return None
 
