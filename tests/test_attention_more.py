@@ -240,3 +240,42 @@ def test_t5_block_keeps_one_head_when_all_are_zero():
     small, rep = compress.extract(model, groups, ids)
     assert small.encoder.block[1].layer[0].SelfAttention.n_heads == 1
     assert rep["flops_after"] == CostModel(model, groups, ids).flops(zero_mask(groups))
+
+
+# --------------------------------------------------------------------------- timm LeViT
+
+
+def _levit(kind, seed):
+    from timm.models import levit
+
+    torch.manual_seed(seed)
+    if kind == "Attention":
+        attn = levit.Attention(32, 8, num_heads=4, attn_ratio=2, resolution=4)
+    else:
+        attn = levit.AttentionDownsample(32, 48, 8, num_heads=4, attn_ratio=2, stride=2, resolution=4)
+    model = nn.Sequential(nn.Linear(32, 32), attn)
+    with torch.no_grad():  # away from their zero/identity initialisation, so a wrong row shows
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+        attn.attention_biases.normal_()
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("kind", ["Attention", "AttentionDownsample"])
+def test_timm_levit_heads_removed_exactly(kind, tmp_path):
+    pytest.importorskip("timm")
+    model, x = _levit(kind, 10), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        model(x)  # fills LeViT's eval-time bias cache, which extraction must slice too
+    groups = compress.find_groups(model, x)
+    assert [g.name for g in groups if g.kind == "head"] == [f"1:head{h}" for h in range(4)], groups.not_prunable
+    _zero(groups, {"1:head1", "1:head3"})
+    small = _check_extract(model, x, groups, ["1:head1", "1:head3"], tmp_path)
+    attn = small[1]
+    assert attn.num_heads == 2 and attn.val_attn_dim == 32 and attn.attention_biases.shape[0] == 2
+    assert attn.proj.ln.linear.in_features == 32 and attn.proj.ln.bn.num_features == attn.proj.ln.linear.out_features

@@ -29,6 +29,7 @@ from compress.structure.attention import (
 from compress.structure.cost import count_flops, count_params
 from compress.structure.depgraph import build_graph
 from compress.structure.group import GroupList, bind_groups
+from compress.structure.levit import keep_cached_biases, norm_of
 from compress.structure.mha import SplitHeadAttention
 from compress.structure.no_heads import mark, whole_form, whole_layers
 from compress.structure.shared_bias import keep_heads
@@ -177,11 +178,16 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
             tp.prune_linear_in_channels(mod, rows)
         else:
             tp.prune_linear_out_channels(mod, rows)
+            bn = norm_of(work, unit.param(role, "weight")[: -len(".weight")]) if unit.swap == "levit" else None
+            if bn:
+                tp.prune_batchnorm_out_channels(work.get_submodule(bn), rows)
     for t, dim in unit.tables:
         holder, pname = t.rsplit(".", 1) if "." in t else ("", t)
         mod, p = work.get_submodule(holder), work.get_parameter(t)
         keep = torch.tensor([i for i in range(p.shape[dim]) if i not in gone], dtype=torch.long)
         setattr(mod, pname, nn.Parameter(p.data.index_select(dim, keep).contiguous(), p.requires_grad))
+        if unit.swap == "levit":
+            keep_cached_biases(mod, keep)
         if isinstance(mod, nn.Linear):  # Swin V2's cpb MLP: its output rows are the heads
             mod.out_features = len(keep)
     unit.set_heads(work, unit.n_groups - len(heads))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from compress.structure.group import Group, Slice
+from compress.structure.levit import levit_layout, norm_of, set_levit_widths
 from compress.structure.mha import mha_prunable
 from compress.structure.shared_bias import is_shared_bias_attention
 from compress.structure.window_attention import torchvision_form, window_per_head
@@ -52,7 +53,9 @@ class AttentionUnit:
       `merge`): fused, `swap` = "swin" / "maxvit" (their forwards reshape the heads back to the
       input width; extraction installs an explicit-head-size forward first, `window_attention`);
     * T5's attention, whose position bias is shared across blocks: `swap` = "shared_bias"
-      (extraction makes the block add only its kept heads' rows, see `shared_bias`).
+      (extraction makes the block add only its kept heads' rows, see `shared_bias`);
+    * timm LeViT (`swap` = "levit", `levit`): each head's q/k/v rows are one contiguous block of
+      a Linear+BatchNorm (`per_head` rows per head of each role: "qkv", or "q" and "kv").
     """
 
     name: str
@@ -70,6 +73,7 @@ class AttentionUnit:
     transposed: bool = False  # Conv1D projections: weight (in, out)
     tables: list[tuple[str, int]] = field(default_factory=list)  # per-head parameters: (name, head dim)
     swap: str = ""  # "swin" / "maxvit" / "shared_bias": the block's forward is adapted at removal (see above)
+    per_head: dict[str, int] = field(default_factory=dict)  # role → rows per head, heads interleaved (LeViT)
 
     @property
     def n_groups(self) -> int:
@@ -81,6 +85,8 @@ class AttentionUnit:
 
     def rows(self, g: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
         """For group g: module name → (its output rows in this group, …) for q, k, v; o columns under 'o'."""
+        if self.per_head:
+            return {role: tuple(range(g * n, (g + 1) * n)) for role, n in self.per_head.items()}
         d, n = self.head_dim, self.q_per_group
         qrows = tuple(range(g * n * d, (g + 1) * n * d))
         kv = tuple(range(g * d, (g + 1) * d)) if self.kv_heads else qrows
@@ -100,9 +106,11 @@ class AttentionUnit:
                 setattr(m, attr, heads * self.head_dim)
         if self.kv_heads and isinstance(getattr(m, "num_key_value_heads", None), int):
             m.num_key_value_heads = n_groups
+        if self.swap == "levit":
+            set_levit_widths(m, heads)
 
     def param(self, role: str, what: str) -> str:
-        """Name of the weight/bias parameter of `role` ('q', 'k', 'v', 'qkv', 'o')."""
+        """Name of the weight/bias parameter of `role` ('q', 'k', 'v', 'qkv', 'kv', 'o')."""
         if self.mha and role != "o":
             return f"{self.name}.in_proj_{what}" if self.name else f"in_proj_{what}"
         return f"{self.o if role == 'o' else getattr(self, role[0])}.{what}"
@@ -162,6 +170,9 @@ def _tables(m, pre, nh) -> list[tuple[str, int]]:
 
 
 def _unit(name, m, named) -> AttentionUnit | None:
+    levit = levit_layout(name, m)
+    if levit is not None:
+        return AttentionUnit(name=name, holder=name, **levit)
     pre = f"{name}." if name else ""
     for qkv_name, proj_name in _FUSED:
         qkv, proj = _in_out(getattr(m, qkv_name, None)), _in_out(getattr(m, proj_name, None))
@@ -240,6 +251,8 @@ def attention_units(model: nn.Module) -> list[AttentionUnit]:
 
 def unit_linears(model: nn.Module, u: AttentionUnit) -> dict[str, nn.Module]:
     """role → module: 'q', 'k', 'v' (or 'qkv') and 'o'."""
+    if u.per_head:
+        return {r: model.get_submodule(u.o if r == "o" else u.k if r == "kv" else u.q) for r in u.per_head}
     if u.fused or u.mha:
         return {"qkv": model.get_submodule(u.q), "o": model.get_submodule(u.o)}
     return {r: model.get_submodule(getattr(u, r)) for r in ("q", "k", "v", "o")}
@@ -257,6 +270,9 @@ def head_groups(model: nn.Module, unit: AttentionUnit) -> list[Group]:
             slices.append(Slice(unit.param(role, "weight"), row_dim, r))
             if (mods[role].in_proj_bias if unit.mha else mods[role].bias) is not None:
                 slices.append(Slice(unit.param(role, "bias"), 0, r))
+            bn = norm_of(model, unit.param(role, "weight")[: -len(".weight")]) if unit.swap == "levit" else None
+            if bn:
+                slices += [Slice(f"{bn}.weight", 0, r), Slice(f"{bn}.bias", 0, r)]
         slices.append(Slice(unit.param("o", "weight"), 1 - row_dim, rows["o"]))
         heads = tuple(range(h * unit.q_per_group, (h + 1) * unit.q_per_group))
         for t, dim in unit.tables:

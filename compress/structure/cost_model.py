@@ -183,8 +183,8 @@ class CostModel:
         finally:
             model.train(was)
         head_pair = {}
-        for u in attention_units(model):  # per kept out-projection column (q·kᵀ and ·v scale with it)
-            key = (u.param("o", "weight"), 0 if u.transposed else 1)
+        for u in attention_units(model):  # per kept head (a per-head table) or out-projection column
+            key = u.tables[0] if u.tables else (u.param("o", "weight"), 0 if u.transposed else 1)
             if key in pair_ix:
                 head_pair[u.holder] = (pair_ix[key], named[key[0]].shape[key[1]])
         p_ix = {n: i for i, n in enumerate(self.param_names)}

@@ -114,6 +114,8 @@ def check_units(model: nn.Module, units: list[AttentionUnit], example_inputs, at
             refused.append((u.name, "attention block not reached by the forward pass on the example inputs"))
             continue
         args, kwargs = seen[u.name]
-        why = _try_one_head(copy.deepcopy(model.get_submodule(u.name)).eval(), _relative(u), args, kwargs, atol)
+        block = copy.deepcopy(model.get_submodule(u.name))
+        block.eval()  # not chained: timm LeViT's train() returns None
+        why = _try_one_head(block, _relative(u), args, kwargs, atol)
         (ok.append(u) if why is None else refused.append((u.name, f"heads not offered: {why}")))
     return ok, refused

@@ -33,7 +33,7 @@ def whole_form(model: nn.Module, unit) -> str | None:
     m = model.get_submodule(unit.name)
     if unit.mha:
         return "mha"
-    if unit.transposed or unit.swap == "shared_bias" or unit.kv_heads:
+    if unit.transposed or unit.swap in ("shared_bias", "levit") or unit.kv_heads:
         return None
     if unit.name != unit.holder:
         holder = model.get_submodule(unit.holder)
