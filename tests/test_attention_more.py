@@ -176,6 +176,7 @@ def test_mha_with_every_head_zero_is_removed_whole(tmp_path):
     assert len(zeroed) == 4
     small = _check_extract(model, x, groups, zeroed, tmp_path)
     assert small.attn.in_proj_weight.shape == (0, 16) and small.attn.out_proj.weight.shape == (16, 0)
+    assert not [g for g in compress.find_groups(small, x) if g.kind == "head"]
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -210,6 +211,8 @@ def test_timm_vit_block_with_every_head_zero_is_removed_whole(tmp_path):
     _zero(groups, {"blocks.1.attn:head2"})
     small = _check_extract(model, x, groups, zeroed, tmp_path)
     assert small.blocks[0].attn.qkv.out_features == 0 and small.blocks[1].attn.num_heads == 3
+    again = compress.find_groups(small, x)  # the extracted model can be compressed further
+    assert sum(g.layer == "blocks.1.attn" for g in again) == 3 and not any(g.layer == "blocks.0.attn" for g in again)
 
 
 def test_bert_layer_with_every_head_zero_is_removed_whole_and_reloads(tmp_path):
@@ -223,6 +226,14 @@ def test_bert_layer_with_every_head_zero_is_removed_whole_and_reloads(tmp_path):
     zeroed = _zero_layer(groups, "encoder.layer.1.attention")
     small = _check_extract(model, ids, groups, zeroed, tmp_path)
     assert small.encoder.layer[1].attention.self.query.out_features == 0
+    from compress.structure.attention import attention_units
+
+    assert {u.name: u.num_heads for u in attention_units(small)} == {
+        "encoder.layer.0.attention": 4,
+        "encoder.layer.1.attention": 0,  # still listed (reports show 0 / 4), offering no head
+    }
+    again = compress.find_groups(small, ids)
+    assert {g.layer for g in again if g.kind == "head"} == {"encoder.layer.0.attention"}, again.not_prunable
     save_compressed(small, tmp_path / "small.safetensors")
     back = load_compressed(tf.BertModel(cfg).eval(), tmp_path / "small.safetensors")
     with torch.no_grad():

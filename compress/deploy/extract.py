@@ -204,6 +204,7 @@ def _drop_mha_heads(m: nn.MultiheadAttention) -> None:
     w = m.out_proj.weight
     m.out_proj.weight = nn.Parameter(w.data[:, :0].contiguous(), w.requires_grad)
     m.out_proj.in_features = 0
+    m.num_heads = 0
 
 
 def _replace(work: nn.Module, name: str, new: nn.Module) -> None:

@@ -151,6 +151,8 @@ def _head_shape(m, q_width: int):
     hd = getattr(m, dim_attr) if dim_attr else None
     if nh is None and hd is None:
         return None
+    if q_width == 0 and hd and isinstance(getattr(m, "heads_removed", None), str):  # a block removed whole
+        return 0, hd, next((a for a in _HEADS if getattr(m, a, None) == 0), None)
     nh = nh or q_width // hd
     hd = hd or q_width // nh
     if nh < 1 or nh * hd != q_width:
@@ -219,7 +221,7 @@ def _unit(name, m, named) -> AttentionUnit | None:
     if named[o].in_features != nh * hd:
         return None
     kw = getattr(m, k).out_features
-    if kw % hd or nh % (kw // hd):
+    if nh and (kw % hd or nh % (kw // hd)):
         return None
     kv = kw // hd if kw != nh * hd else 0
     if getattr(m, v).out_features != kw:

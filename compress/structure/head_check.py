@@ -103,7 +103,7 @@ def _try_one_head(block: nn.Module, u: AttentionUnit, args, kwargs, atol: float)
 def check_units(model: nn.Module, units: list[AttentionUnit], example_inputs, atol: float = 1e-5):
     """(units whose one-head removal is exact on the example, [(unit name, reason)] for the rest).
     nn.MultiheadAttention units (replaced by this package's own module) and the root pass as they are."""
-    todo = [u for u in units if u.name and not u.mha and model.get_submodule(u.name) is not model]
+    todo = [u for u in units if u.name and u.n_groups and not u.mha and model.get_submodule(u.name) is not model]
     seen = _capture(model, todo, example_inputs) if todo else {}
     ok, refused = [], []
     for u in units:
