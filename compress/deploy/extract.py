@@ -4,7 +4,8 @@ Channels and MLP neurons are removed with torch-pruning (`get_pruning_group`,
 `check_pruning_group`, `prune`) so every coupled layer (residual adds, BatchNorm,
 depthwise convs, consumers' input columns) shrinks consistently; attention heads are
 removed row/column-wise with torch-pruning's linear pruners and the head-count
-attributes updated. The result is only returned after dense and compressed outputs
+attributes updated (an attention block with no head left returns its out projection's bias,
+`structure.no_heads`). The result is only returned after dense and compressed outputs
 agree to `atol` relative to the output scale; otherwise `ExtractionError` names the
 group whose removal broke the equivalence.
 """
@@ -149,7 +150,9 @@ def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
 
 
 def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
-    """Drop the rows/columns (and per-head table entries) of head groups `gs` of `unit`."""
+    """Drop the rows/columns (and per-head table entries) of head groups `gs` of `unit`; adapt the
+    forms whose forward cannot hold fewer heads (see AttentionUnit) and remove a block whole when
+    every head goes and `no_heads` knows its form."""
     import torch_pruning as tp
 
     if unit is None:
@@ -181,6 +184,14 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
             bn = norm_of(work, unit.param(role, "weight")[: -len(".weight")]) if unit.swap == "levit" else None
             if bn:
                 tp.prune_batchnorm_out_channels(work.get_submodule(bn), rows)
+    _slice_tables(work, unit, gone)
+    unit.set_heads(work, unit.n_groups - len(heads))
+    if form:
+        mark(work, unit, form)
+
+
+def _slice_tables(work, unit: AttentionUnit, gone: set[int]) -> None:
+    """Drop the entries of heads `gone` from the unit's per-head parameters (bias tables, …)."""
     for t, dim in unit.tables:
         holder, pname = t.rsplit(".", 1) if "." in t else ("", t)
         mod, p = work.get_submodule(holder), work.get_parameter(t)
@@ -190,9 +201,6 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
             keep_cached_biases(mod, keep)
         if isinstance(mod, nn.Linear):  # Swin V2's cpb MLP: its output rows are the heads
             mod.out_features = len(keep)
-    unit.set_heads(work, unit.n_groups - len(heads))
-    if form:
-        mark(work, unit, form)
 
 
 def _drop_mha_heads(m: nn.MultiheadAttention) -> None:
