@@ -255,3 +255,24 @@ def test_block_whose_heads_cannot_be_removed_is_refused_before_the_whole_model_c
     assert not [g for g in groups if g.kind == "head"]
     assert any(layer == "0" and "heads not offered" in why for layer, why in groups.not_prunable)
     assert not any("randomized check" in why for _, why in groups.not_prunable) and len(trials) <= 2
+
+
+def test_builtin_attention_with_every_head_zero_is_removed_whole():
+    """All heads zero: the block returns its out projection's bias; nothing of q/k/v/out is left."""
+    import compress
+    from compress.models.transformer import EncoderBlock
+
+    torch.manual_seed(8)
+    m = EncoderBlock(16, 4, 32).eval()
+    x = torch.randn(2, 5, 16)
+    groups = compress.find_groups(m, x)
+    with torch.no_grad():
+        for g in groups:
+            if g.layer == "attn":
+                for s, t in zip(g.slices, g.tensors):
+                    t.index_fill_(s.dim, torch.tensor(s.indices), 0.0)
+        ref = m(x)
+    small, rep = compress.extract(m, groups, x)
+    assert rep["layers"]["attn"]["removed"] == 4 and small.attn.heads_removed == "proj:out"
+    assert small.attn.q.out_features == 0 and small.attn.out.in_features == 0
+    torch.testing.assert_close(small(x), ref, atol=1e-6, rtol=0)

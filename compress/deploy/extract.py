@@ -4,7 +4,8 @@ Channels and MLP neurons are removed with torch-pruning (`get_pruning_group`,
 `check_pruning_group`, `prune`) so every coupled layer (residual adds, BatchNorm,
 depthwise convs, consumers' input columns) shrinks consistently; attention heads are
 removed row/column-wise with torch-pruning's linear pruners and the head-count
-attributes updated. The result is only returned after dense and compressed outputs
+attributes updated (an attention block with no head left returns its out projection's bias,
+`structure.no_heads`). The result is only returned after dense and compressed outputs
 agree to `atol` relative to the output scale; otherwise `ExtractionError` names the
 group whose removal broke the equivalence.
 """
@@ -29,9 +30,13 @@ from compress.structure.attention import (
 from compress.structure.cost import count_flops, count_params
 from compress.structure.depgraph import build_graph
 from compress.structure.group import GroupList, bind_groups
+from compress.structure.levit import keep_cached_biases, norm_of
 from compress.structure.mha import SplitHeadAttention
+from compress.structure.no_heads import mark, whole_form, whole_layers
+from compress.structure.shared_bias import keep_heads
 from compress.structure.sparsity import zero_mask
 from compress.structure.tensors import as_args, flatten_tensors
+from compress.structure.window_attention import install as install_explicit_heads
 
 
 class ExtractionError(UserError):
@@ -74,7 +79,8 @@ def _channel_index(g, layer_module_weight: str, transposed: bool) -> list[int]:
 
 
 def _plan(model, groups, zero: torch.Tensor, align: int = 1):
-    """Per layer: which groups to remove; an all-zero layer keeps one group (reported).
+    """Per layer: which groups to remove; an all-zero layer keeps one group (reported), except an
+    attention block of a form `no_heads` can remove whole.
 
     `align` > 1 keeps extra zero groups so each channel/neuron layer keeps a multiple of
     `align` structures: CPU kernels (MLAS) run 8-aligned widths much faster, e.g. digits-resnet
@@ -84,11 +90,14 @@ def _plan(model, groups, zero: torch.Tensor, align: int = 1):
     by_layer: OrderedDict[str, list[int]] = OrderedDict()
     for i, g in enumerate(groups):
         by_layer.setdefault(g.layer, []).append(i)
+    whole = whole_layers(model) if any(bool(zero[i]) and g.kind == "head" for i, g in enumerate(groups)) else set()
     plan = OrderedDict()
     for layer, idx in by_layer.items():
         z = [i for i in idx if bool(zero[i])]
         entry = {"kind": groups[idx[0]].kind, "groups": len(idx), "zero": len(z), "remove": z, "kept": None, "note": ""}
-        if z and len(z) == len(idx):
+        if z and len(z) == len(idx) and layer in whole and entry["kind"] == "head":
+            entry["note"] = f"all {len(idx)} heads are zero: the attention block is removed (it returns its bias)"
+        elif z and len(z) == len(idx):
             # torch-pruning cannot delete every channel of a layer; the layer's output is
             # identically zero, so keeping any one of its groups is still exact.
             keep = z[0]
@@ -141,17 +150,28 @@ def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
 
 
 def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
-    """Drop the rows/columns (and per-head table entries) of head groups `gs` of `unit`."""
+    """Drop the rows/columns (and per-head table entries) of head groups `gs` of `unit`; adapt the
+    forms whose forward cannot hold fewer heads (see AttentionUnit) and remove a block whole when
+    every head goes and `no_heads` knows its form."""
     import torch_pruning as tp
 
     if unit is None:
         raise ExtractionError(f"layer {layer}: head groups given but no attention block of that name", gs[0].name)
     heads = sorted({head_index(g.name) for g in gs})
+    form = whole_form(work, unit) if len(heads) == unit.n_groups else None
+    if unit.mha and form:
+        _drop_mha_heads(work.get_submodule(unit.name))
+        mark(work, unit, form)
+        return
     if unit.mha:  # nn.MultiheadAttention cannot hold fewer heads: swap in the split equivalent
         keep = [h for h in range(unit.num_heads) if h not in heads]
-        parent, _, attr = unit.name.rpartition(".")
-        setattr(work.get_submodule(parent), attr, SplitHeadAttention(work.get_submodule(unit.name), keep))
+        _replace(work, unit.name, SplitHeadAttention(work.get_submodule(unit.name), keep))
         return
+    if unit.swap in ("swin", "maxvit"):
+        install_explicit_heads(work.get_submodule(unit.name), unit.swap)  # same module and parameters
+    gone = {q for h in heads for q in range(h * unit.q_per_group, (h + 1) * unit.q_per_group)}
+    if unit.swap == "shared_bias":
+        keep_heads(work.get_submodule(unit.holder), sorted(gone))
     mods = unit_linears(work, unit)
     for role, mod in mods.items():
         rows = sorted(r for h in heads for r in unit.rows(h)[role])
@@ -161,19 +181,49 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
             tp.prune_linear_in_channels(mod, rows)
         else:
             tp.prune_linear_out_channels(mod, rows)
-    gone = {q for h in heads for q in range(h * unit.q_per_group, (h + 1) * unit.q_per_group)}
-    for t in unit.tables:
+            bn = norm_of(work, unit.param(role, "weight")[: -len(".weight")]) if unit.swap == "levit" else None
+            if bn:
+                tp.prune_batchnorm_out_channels(work.get_submodule(bn), rows)
+    _slice_tables(work, unit, gone)
+    unit.set_heads(work, unit.n_groups - len(heads))
+    if form:
+        mark(work, unit, form)
+
+
+def _slice_tables(work, unit: AttentionUnit, gone: set[int]) -> None:
+    """Drop the entries of heads `gone` from the unit's per-head parameters (bias tables, …)."""
+    for t, dim in unit.tables:
         holder, pname = t.rsplit(".", 1) if "." in t else ("", t)
         mod, p = work.get_submodule(holder), work.get_parameter(t)
-        keep = torch.tensor([i for i in range(p.shape[-1]) if i not in gone])
-        setattr(mod, pname, nn.Parameter(p.data.index_select(p.dim() - 1, keep).contiguous(), p.requires_grad))
-    unit.set_heads(work, unit.n_groups - len(heads))
+        keep = torch.tensor([i for i in range(p.shape[dim]) if i not in gone], dtype=torch.long)
+        setattr(mod, pname, nn.Parameter(p.data.index_select(dim, keep).contiguous(), p.requires_grad))
+        if unit.swap == "levit":
+            keep_cached_biases(mod, keep)
+        if isinstance(mod, nn.Linear):  # Swin V2's cpb MLP: its output rows are the heads
+            mod.out_features = len(keep)
+
+
+def _drop_mha_heads(m: nn.MultiheadAttention) -> None:
+    """Every row of the packed in_proj and every column of out_proj (no head left)."""
+    for name in ("in_proj_weight", "in_proj_bias"):
+        p = getattr(m, name)
+        if p is not None:
+            setattr(m, name, nn.Parameter(p.data[:0].contiguous(), p.requires_grad))
+    w = m.out_proj.weight
+    m.out_proj.weight = nn.Parameter(w.data[:, :0].contiguous(), w.requires_grad)
+    m.out_proj.in_features = 0
+    m.num_heads = 0
+
+
+def _replace(work: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(work.get_submodule(parent), attr, new)
 
 
 def _prune_conv1d(mod, idxs, outputs: bool) -> None:
     """Drop output features (weight dim 1, bias) or input features (weight dim 0) of a Conv1D."""
     dim, gone = (1 if outputs else 0), set(idxs)
-    keep = torch.tensor([i for i in range(mod.weight.shape[dim]) if i not in gone])
+    keep = torch.tensor([i for i in range(mod.weight.shape[dim]) if i not in gone], dtype=torch.long)
     mod.weight = nn.Parameter(mod.weight.data.index_select(dim, keep).contiguous(), mod.weight.requires_grad)
     if outputs:
         if mod.bias is not None:
@@ -204,7 +254,8 @@ def extract(model: nn.Module, groups, example_inputs, atol: float = 1e-5, verify
     `model` is not modified. Outputs of dense and compressed models (eval mode) on
     `verify_inputs` (default: `example_inputs`) must agree to `atol` × max|dense output|;
     otherwise ExtractionError names the offending group. A layer whose groups are all
-    zero keeps one group (stated in the report's layer note). With no zero group the
+    zero keeps one group (stated in the report's layer note), except an attention block of a
+    form `structure.no_heads` removes whole. With no zero group the
     result is an unchanged copy. The returned model is in eval mode. `align`: keep a multiple
     of this many channels/neurons per layer (see `_plan`).
     """

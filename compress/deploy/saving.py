@@ -84,6 +84,11 @@ def load_compressed(model: torch.nn.Module | str | Path, path: str | Path | None
                     setattr(mod, k, v)
                 except AttributeError:
                     pass
+    from compress.structure import no_heads, shared_bias, window_attention
+
+    shared_bias.reinstall(model)  # T5-style blocks that lost heads read only their rows of the shared bias
+    window_attention.reinstall(model)  # torchvision Swin/MaxViT blocks with an explicit head size
+    no_heads.reinstall(model)  # attention blocks removed whole return their out projection's bias
     own = model.state_dict()
     for key, t in sd.items():
         if key not in own:

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from compress.structure.group import Group, Slice
+from compress.structure.levit import levit_layout, norm_of, set_levit_widths
 from compress.structure.mha import mha_prunable
+from compress.structure.shared_bias import is_shared_bias_attention
+from compress.structure.window_attention import torchvision_form, window_per_head
 
 _Q = ("q", "q_proj", "q_lin", "query")
 _K = ("k", "k_proj", "k_lin", "key")
@@ -23,7 +26,8 @@ _O = ("out", "out_proj", "o_proj", "out_lin", "o", "dense")
 _HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _DIMS = ("head_dim", "attention_head_size", "key_value_proj_dim", "d_kv")
 _WIDTH_ATTRS = ("all_head_size", "inner_dim", "attn_dim", "split_size")
-_FUSED = (("qkv", "proj"), ("c_attn", "c_proj"))  # (rows [q; k; v], out projection): timm, GPT-2
+# (rows [q; k; v], out projection): timm, torchvision Swin, GPT-2, torchvision MaxViT
+_FUSED = (("qkv", "proj"), ("c_attn", "c_proj"), ("to_qkv", "merge"))
 _BIAS_TABLES = ("relative_position_bias_table",)
 
 
@@ -44,7 +48,14 @@ class AttentionUnit:
     * a fused `qkv` Linear (rows [q; k; v]) and `proj` (timm `Attention`): q = k = v = the qkv
       name and `fused` is set; GPT-2's `c_attn`/`c_proj` likewise, as `Conv1D` (a Linear whose
       weight is stored (in, out): `transposed`, rows on dim 1, the out projection's columns on dim 0);
-    * nn.MultiheadAttention with a packed in_proj (`mha`): q = k = v = the module's name.
+    * nn.MultiheadAttention with a packed in_proj (`mha`): q = k = v = the module's name;
+    * torchvision Swin's `ShiftedWindowAttention` (V1, V2) and MaxViT's attention (`to_qkv`,
+      `merge`): fused, `swap` = "swin" / "maxvit" (their forwards reshape the heads back to the
+      input width; extraction installs an explicit-head-size forward first, `window_attention`);
+    * T5's attention, whose position bias is shared across blocks: `swap` = "shared_bias"
+      (extraction makes the block add only its kept heads' rows, see `shared_bias`);
+    * timm LeViT (`swap` = "levit", `levit`): each head's q/k/v rows are one contiguous block of
+      a Linear+BatchNorm (`per_head` rows per head of each role: "qkv", or "q" and "kv").
     """
 
     name: str
@@ -60,7 +71,9 @@ class AttentionUnit:
     fused: bool = False
     mha: bool = False  # nn.MultiheadAttention: packed in_proj; extraction swaps in SplitHeadAttention
     transposed: bool = False  # Conv1D projections: weight (in, out)
-    tables: list[str] = field(default_factory=list)  # per-head parameters, heads on their last dim
+    tables: list[tuple[str, int]] = field(default_factory=list)  # per-head parameters: (name, head dim)
+    swap: str = ""  # "swin" / "maxvit" / "shared_bias": the block's forward is adapted at removal (see above)
+    per_head: dict[str, int] = field(default_factory=dict)  # role → rows per head, heads interleaved (LeViT)
 
     @property
     def n_groups(self) -> int:
@@ -72,6 +85,8 @@ class AttentionUnit:
 
     def rows(self, g: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
         """For group g: module name → (its output rows in this group, …) for q, k, v; o columns under 'o'."""
+        if self.per_head:
+            return {role: tuple(range(g * n, (g + 1) * n)) for role, n in self.per_head.items()}
         d, n = self.head_dim, self.q_per_group
         qrows = tuple(range(g * n * d, (g + 1) * n * d))
         kv = tuple(range(g * d, (g + 1) * d)) if self.kv_heads else qrows
@@ -91,9 +106,11 @@ class AttentionUnit:
                 setattr(m, attr, heads * self.head_dim)
         if self.kv_heads and isinstance(getattr(m, "num_key_value_heads", None), int):
             m.num_key_value_heads = n_groups
+        if self.swap == "levit":
+            set_levit_widths(m, heads)
 
     def param(self, role: str, what: str) -> str:
-        """Name of the weight/bias parameter of `role` ('q', 'k', 'v', 'qkv', 'o')."""
+        """Name of the weight/bias parameter of `role` ('q', 'k', 'v', 'qkv', 'kv', 'o')."""
         if self.mha and role != "o":
             return f"{self.name}.in_proj_{what}" if self.name else f"in_proj_{what}"
         return f"{self.o if role == 'o' else getattr(self, role[0])}.{what}"
@@ -134,6 +151,8 @@ def _head_shape(m, q_width: int):
     hd = getattr(m, dim_attr) if dim_attr else None
     if nh is None and hd is None:
         return None
+    if q_width == 0 and hd and isinstance(getattr(m, "heads_removed", None), str):  # a block removed whole
+        return 0, hd, next((a for a in _HEADS if getattr(m, a, None) == 0), None)
     nh = nh or q_width // hd
     hd = hd or q_width // nh
     if nh < 1 or nh * hd != q_width:
@@ -141,12 +160,21 @@ def _head_shape(m, q_width: int):
     return nh, hd, heads_attr
 
 
-def _tables(m, pre, nh) -> list[str]:
-    """Per-head tables of the block or its children (HF Swin keeps it in `.relative_position_bias`)."""
-    return [pre + n for n, p in m.named_parameters() if n.rsplit(".", 1)[-1] in _BIAS_TABLES and p.shape[-1] == nh]
+def _tables(m, pre, nh) -> list[tuple[str, int]]:
+    """Per-head tables of the block or its children (HF Swin keeps it in `.relative_position_bias`),
+    heads on their last dim, and Swin V2's logit scale and cpb MLP rows."""
+    last = [
+        (pre + n, p.dim() - 1)
+        for n, p in m.named_parameters()
+        if n.rsplit(".", 1)[-1] in _BIAS_TABLES and p.shape[-1] == nh
+    ]
+    return last + [(pre + n, d) for n, d in window_per_head(m)]
 
 
 def _unit(name, m, named) -> AttentionUnit | None:
+    levit = levit_layout(name, m)
+    if levit is not None:
+        return AttentionUnit(name=name, holder=name, **levit)
     pre = f"{name}." if name else ""
     for qkv_name, proj_name in _FUSED:
         qkv, proj = _in_out(getattr(m, qkv_name, None)), _in_out(getattr(m, proj_name, None))
@@ -169,6 +197,7 @@ def _unit(name, m, named) -> AttentionUnit | None:
             fused=True,
             tables=_tables(m, pre, nh),
             transposed=is_conv1d(getattr(m, qkv_name)),
+            swap=torchvision_form(m),
         )
     q, k, v = _child(m, _Q), _child(m, _K), _child(m, _V)
     if not (q and k and v):
@@ -192,12 +221,15 @@ def _unit(name, m, named) -> AttentionUnit | None:
     if named[o].in_features != nh * hd:
         return None
     kw = getattr(m, k).out_features
-    if kw % hd or nh % (kw // hd):
+    if nh and (kw % hd or nh % (kw // hd)):
         return None
     kv = kw // hd if kw != nh * hd else 0
     if getattr(m, v).out_features != kw:
         return None
-    return AttentionUnit(unit_name, name, pre + q, pre + k, pre + v, o, nh, hd, attr, kv, tables=_tables(m, pre, nh))
+    swap = "shared_bias" if is_shared_bias_attention(m) else ""
+    return AttentionUnit(
+        unit_name, name, pre + q, pre + k, pre + v, o, nh, hd, attr, kv, tables=_tables(m, pre, nh), swap=swap
+    )
 
 
 def attention_units(model: nn.Module) -> list[AttentionUnit]:
@@ -221,6 +253,8 @@ def attention_units(model: nn.Module) -> list[AttentionUnit]:
 
 def unit_linears(model: nn.Module, u: AttentionUnit) -> dict[str, nn.Module]:
     """role → module: 'q', 'k', 'v' (or 'qkv') and 'o'."""
+    if u.per_head:
+        return {r: model.get_submodule(u.o if r == "o" else u.k if r == "kv" else u.q) for r in u.per_head}
     if u.fused or u.mha:
         return {"qkv": model.get_submodule(u.q), "o": model.get_submodule(u.o)}
     return {r: model.get_submodule(getattr(u, r)) for r in ("q", "k", "v", "o")}
@@ -238,10 +272,13 @@ def head_groups(model: nn.Module, unit: AttentionUnit) -> list[Group]:
             slices.append(Slice(unit.param(role, "weight"), row_dim, r))
             if (mods[role].in_proj_bias if unit.mha else mods[role].bias) is not None:
                 slices.append(Slice(unit.param(role, "bias"), 0, r))
+            bn = norm_of(model, unit.param(role, "weight")[: -len(".weight")]) if unit.swap == "levit" else None
+            if bn:
+                slices += [Slice(f"{bn}.weight", 0, r), Slice(f"{bn}.bias", 0, r)]
         slices.append(Slice(unit.param("o", "weight"), 1 - row_dim, rows["o"]))
         heads = tuple(range(h * unit.q_per_group, (h + 1) * unit.q_per_group))
-        for t in unit.tables:
-            slices.append(Slice(t, model.get_parameter(t).dim() - 1, heads))
+        for t, dim in unit.tables:
+            slices.append(Slice(t, dim, heads))
         groups.append(Group(name=f"{unit.name}:head{h}", kind="head", layer=unit.name, slices=slices))
     return groups
 

@@ -11,6 +11,7 @@ from torch import nn
 from compress.errors import UserError
 from compress.structure.attention import attention_units
 from compress.structure.cost import ATTENTION_FLOPS, counted_attention
+from compress.structure.no_heads import whole_layers
 from compress.structure.tensors import as_args
 
 # --------------------------------------------------------------------------- cost model
@@ -99,7 +100,7 @@ class CostModel:
         named = dict(model.named_parameters())
         pair_ix, sizes = self._index_slices(groups, named)
         self._index_params(named, pair_ix, sizes)
-        self._index_layers(groups)
+        self._index_layers(groups, whole_layers(model))
         self._attribute_flops(model, named, pair_ix, len(sizes), example_inputs)
         self.dense_params = int(sum(p.numel() for p in named.values()))
         self.block = simd_block()
@@ -154,8 +155,9 @@ class CostModel:
         self._dim_table = dim_table
         self._pair_param = torch.tensor([p_ix[p] for p, _ in self.pairs], dtype=torch.long)
 
-    def _index_layers(self, groups) -> None:
-        """Extraction keeps one group of an all-zero layer: layer id per group, first group per layer."""
+    def _index_layers(self, groups, whole: set[str]) -> None:
+        """Extraction keeps one group of an all-zero layer (unless it is an attention block in
+        `whole`, removed entirely): layer id per group, first group per layer."""
         layers: OrderedDict[str, list[int]] = OrderedDict()
         for i, g in enumerate(groups):
             layers.setdefault(g.layer, []).append(i)
@@ -165,6 +167,9 @@ class CostModel:
             self._layer_of[idx] = li
         self._layer_size = torch.tensor([len(v) for v in layers.values()], dtype=torch.long)
         self._layer_first = torch.tensor([v[0] for v in layers.values()], dtype=torch.long)
+        self._layer_whole = torch.tensor(
+            [ly in whole and groups[v[0]].kind == "head" for ly, v in layers.items()], dtype=torch.bool
+        )
 
     def _attribute_flops(self, model, named, pair_ix, n_pairs, example_inputs) -> None:
         """One traced forward pass; every counted op's FLOPs go to the one weight matrix it
@@ -178,10 +183,10 @@ class CostModel:
         finally:
             model.train(was)
         head_pair = {}
-        for u in attention_units(model):
-            key = (f"{u.q}.weight", 0)
+        for u in attention_units(model):  # per kept head (a per-head table) or out-projection column
+            key = u.tables[0] if u.tables else (u.param("o", "weight"), 0 if u.transposed else 1)
             if key in pair_ix:
-                head_pair[u.holder] = (pair_ix[key], named[f"{u.q}.weight"].shape[0])
+                head_pair[u.holder] = (pair_ix[key], named[key[0]].shape[key[1]])
         p_ix = {n: i for i, n in enumerate(self.param_names)}
         coef_param = torch.zeros(len(named), dtype=torch.long)
         coef_pair = torch.zeros(n_pairs, dtype=torch.long)
@@ -215,12 +220,13 @@ class CostModel:
         return z, single
 
     def removed(self, zero_mask) -> torch.Tensor:
-        """The groups extraction removes: `zero_mask` minus the first group of every all-zero layer."""
+        """The groups extraction removes: `zero_mask` minus the first group of every all-zero layer
+        (but an all-zero attention block whose form allows it goes whole)."""
         z, single = self._as_batch(zero_mask)
         z = z.clone()
         if self.n_groups:
             zeros = torch.zeros(z.shape[0], len(self.layers), dtype=torch.long).index_add_(1, self._layer_of, z.long())
-            full = zeros == self._layer_size
+            full = (zeros == self._layer_size) & ~self._layer_whole
             rows, layers = torch.nonzero(full, as_tuple=True)
             z[rows, self._layer_first[layers]] = False
         return z[0] if single else z

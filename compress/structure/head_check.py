@@ -22,21 +22,22 @@ from compress.structure.tensors import as_args, flatten_tensors
 
 
 def _relative(u: AttentionUnit) -> AttentionUnit:
-    """The unit with names relative to its own block."""
-    cut = len(u.name) + 1
+    """The unit with names relative to a holder whose child "m" is its block (so a removal that
+    replaces the block, as for torchvision Swin, can be tried too)."""
+    cut = len(u.name)
 
     def rel(n):
-        return n[cut:] if n != u.name else ""
+        return "m" + n[cut:]
 
     return dataclasses.replace(
         u,
-        name="",
+        name="m",
         holder=rel(u.holder),
         q=rel(u.q),
         k=rel(u.k),
         v=rel(u.v),
         o=rel(u.o),
-        tables=[rel(t) for t in u.tables],
+        tables=[(rel(t), d) for t, d in u.tables],
     )
 
 
@@ -77,14 +78,16 @@ def _per_head(a: torch.Tensor, b: torch.Tensor, u: AttentionUnit) -> bool:
 def _try_one_head(block: nn.Module, u: AttentionUnit, args, kwargs, atol: float) -> str | None:
     from compress.deploy.extract import _remove_heads  # deploy sits above; lazy
 
-    gl = bind_groups(GroupList(head_groups(block, u)[:1]), block)
+    holder = nn.Module()
+    holder.m = block
+    gl = bind_groups(GroupList(head_groups(holder, u)[:1]), holder)
     with torch.no_grad():
         for s, t in zip(gl[0].slices, gl[0].tensors):
             t.index_fill_(s.dim, torch.tensor(s.indices, dtype=torch.long), 0.0)
     try:
         ref = _outputs(block, args, kwargs)
-        _remove_heads(block, u, [gl[0]], u.name)
-        got = _outputs(block, args, kwargs)
+        _remove_heads(holder, u, [gl[0]], u.name)
+        got = _outputs(holder.m, args, kwargs)
     except Exception as e:  # noqa: BLE001 - a removal that breaks the forward is the finding
         return f"removing one head breaks its forward ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     if len(ref) != len(got) or any(a.shape != b.shape and not _per_head(a, b, u) for a, b in zip(ref, got)):
@@ -100,7 +103,7 @@ def _try_one_head(block: nn.Module, u: AttentionUnit, args, kwargs, atol: float)
 def check_units(model: nn.Module, units: list[AttentionUnit], example_inputs, atol: float = 1e-5):
     """(units whose one-head removal is exact on the example, [(unit name, reason)] for the rest).
     nn.MultiheadAttention units (replaced by this package's own module) and the root pass as they are."""
-    todo = [u for u in units if u.name and not u.mha and model.get_submodule(u.name) is not model]
+    todo = [u for u in units if u.name and u.n_groups and not u.mha and model.get_submodule(u.name) is not model]
     seen = _capture(model, todo, example_inputs) if todo else {}
     ok, refused = [], []
     for u in units:
@@ -111,6 +114,8 @@ def check_units(model: nn.Module, units: list[AttentionUnit], example_inputs, at
             refused.append((u.name, "attention block not reached by the forward pass on the example inputs"))
             continue
         args, kwargs = seen[u.name]
-        why = _try_one_head(copy.deepcopy(model.get_submodule(u.name)).eval(), _relative(u), args, kwargs, atol)
+        block = copy.deepcopy(model.get_submodule(u.name))
+        block.eval()  # not chained: timm LeViT's train() returns None
+        why = _try_one_head(block, _relative(u), args, kwargs, atol)
         (ok.append(u) if why is None else refused.append((u.name, f"heads not offered: {why}")))
     return ok, refused

@@ -63,7 +63,7 @@ class SplitHeadAttention(nn.Module):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         q, k, v = self._heads(self.q(query)), self._heads(self.k(key)), self._heads(self.v(value))
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        scores = scores + _additive(attn_mask, key_padding_mask, scores, is_causal)
+        scores = scores + additive_mask(attn_mask, key_padding_mask, scores, is_causal)
         attn = F.dropout(scores.softmax(-1), self.dropout, self.training)
         out = (attn @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
         out = self.out(out)
@@ -77,7 +77,7 @@ class SplitHeadAttention(nn.Module):
         return out, weights
 
 
-def _additive(attn_mask, key_padding_mask, scores, is_causal):
+def additive_mask(attn_mask, key_padding_mask, scores, is_causal):
     """MHA's masks as one additive float mask (True / -inf = not attended)."""
     add = torch.zeros((), dtype=scores.dtype, device=scores.device)
     if attn_mask is None and is_causal:
