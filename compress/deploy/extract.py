@@ -26,8 +26,10 @@ from compress.structure.attention import (
     head_index,
     unit_linears,
 )
+from compress.structure.channels import cols_first
 from compress.structure.cost import count_flops, count_params
 from compress.structure.depgraph import build_graph
+from compress.structure.depgraph import prune_conv1d as _prune_conv1d
 from compress.structure.group import GroupList, bind_groups
 from compress.structure.grouped import KIND as CONV_GROUP
 from compress.structure.grouped import conv_group_index
@@ -128,7 +130,7 @@ def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
             _remove_heads(work, units.get(layer), [groups[i] for i in rm], layer)
             continue
         root = work.get_submodule(layer)
-        transposed = bool(getattr(root, "transposed", False))
+        transposed = cols_first(root)
         idxs = sorted({c for i in rm for c in _channel_index(groups[i], f"{layer}.weight", transposed)})
         if groups[rm[0]].kind == CONV_GROUP:
             _remove_conv_groups(DG, root, idxs)
@@ -196,19 +198,6 @@ def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
         keep = torch.tensor([i for i in range(p.shape[-1]) if i not in gone])
         setattr(mod, pname, nn.Parameter(p.data.index_select(p.dim() - 1, keep).contiguous(), p.requires_grad))
     unit.set_heads(work, unit.n_groups - len(heads))
-
-
-def _prune_conv1d(mod, idxs, outputs: bool) -> None:
-    """Drop output features (weight dim 1, bias) or input features (weight dim 0) of a Conv1D."""
-    dim, gone = (1 if outputs else 0), set(idxs)
-    keep = torch.tensor([i for i in range(mod.weight.shape[dim]) if i not in gone])
-    mod.weight = nn.Parameter(mod.weight.data.index_select(dim, keep).contiguous(), mod.weight.requires_grad)
-    if outputs:
-        if mod.bias is not None:
-            mod.bias = nn.Parameter(mod.bias.data.index_select(0, keep).contiguous(), mod.bias.requires_grad)
-        mod.nf = len(keep)
-    else:
-        mod.nx = len(keep)
 
 
 def predicted_params(model: nn.Module, groups, remove: list[int]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from compress.structure.attention import is_conv1d
 from compress.structure.group import Group, Slice
 from compress.structure.zero_invariance import ZeroAnalysis
 
@@ -39,7 +40,7 @@ def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns, it
     group_slices, dep_slices, unknown = _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out, grouped)
     if unknown:
         return None, f"parameter {sorted(unknown)[0]} of the group is not a parameter of the model"
-    kind = "neuron" if isinstance(root, nn.Linear) else "channel"
+    kind = "neuron" if isinstance(root, nn.Linear) or is_conv1d(root) else "channel"
 
     def key(kv):  # model parameter order
         return pnames[kv[0][0]][0], kv[0][1]
@@ -73,11 +74,17 @@ def _writes_out(DG, it) -> bool:
 
 def writers(DG, items) -> list:
     """The conv/linear layers among DepGraph group `items` whose output channels it removes."""
-    return [
-        it.dep.target.module
-        for it in items
-        if isinstance(it.dep.target.module, (nn.Linear, nn.modules.conv._ConvNd)) and _writes_out(DG, it)
-    ]
+    return [it.dep.target.module for it in items if is_layer(it.dep.target.module) and _writes_out(DG, it)]
+
+
+def is_layer(m) -> bool:
+    """A conv/linear layer whose channels `channel_groups` analyses (GPT-2's Conv1D is a Linear)."""
+    return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or is_conv1d(m)
+
+
+def cols_first(m) -> bool:
+    """Is the weight stored (in, out, ...): a transposed conv or a Conv1D? Rows are then dim 1."""
+    return bool(getattr(m, "transposed", False)) or is_conv1d(m)
 
 
 def is_grouped(m) -> bool:
@@ -92,7 +99,7 @@ def _roles(DG, items, attn_linears, grouped=None) -> tuple[set, set, str | None]
     producers, consumers = set(), set()
     for it in items:
         node = it.dep.target
-        if node.type in (T.CONV, T.LINEAR):
+        if node.type in (T.CONV, T.LINEAR) or (node.type == T.CUSTOMIZED and is_conv1d(node.module)):
             if is_grouped(node.module) and node.module is not grouped:
                 return (
                     producers,
@@ -180,7 +187,7 @@ def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out, groupe
         if node in consumers and not _writes_out(DG, it):
             if m is grouped:  # whole conv groups go: the weight keeps its per-group columns
                 continue
-            add(dep_slices, pre + "weight", 0 if getattr(m, "transposed", False) else 1, idxs, roots)
+            add(dep_slices, pre + "weight", 0 if cols_first(m) else 1, idxs, roots)
         elif node in producers or node.type in (T.BN, T.DEPTHWISE_CONV):
             target = group_slices if (za.zero(node)[0] and used(node)) else dep_slices
             if node.type == T.PARAMETER:
@@ -188,7 +195,7 @@ def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out, groupe
             elif node.type == T.EMBED:
                 add(target, pre + "weight", 1, idxs, roots)
             else:
-                add(target, pre + "weight", 1 if getattr(m, "transposed", False) else 0, idxs, roots)
+                add(target, pre + "weight", 1 if cols_first(m) else 0, idxs, roots)
                 if getattr(m, "bias", None) is not None:
                     add(target, pre + "bias", 0, idxs, roots)
         elif node.type == T.PRELU and m.num_parameters > 1:

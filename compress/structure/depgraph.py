@@ -13,6 +13,8 @@ import functools
 
 import torch
 
+from compress.structure.attention import is_conv1d
+
 
 def _install_guard() -> None:
     """Wrap torch-pruning's reshape mapping once (it runs again inside every get_pruning_group);
@@ -145,6 +147,44 @@ def _install_mapping_once() -> None:
     im.update_index_mapping = once
 
 
+def prune_conv1d(mod, idxs, outputs: bool) -> None:
+    """Drop output features (weight dim 1, bias) or input features (weight dim 0) of a Conv1D."""
+    dim, gone = (1 if outputs else 0), set(idxs)
+    keep = torch.tensor([i for i in range(mod.weight.shape[dim]) if i not in gone])
+    mod.weight = torch.nn.Parameter(mod.weight.data.index_select(dim, keep).contiguous(), mod.weight.requires_grad)
+    if outputs:
+        if mod.bias is not None:
+            mod.bias = torch.nn.Parameter(mod.bias.data.index_select(0, keep).contiguous(), mod.bias.requires_grad)
+        mod.nf = len(keep)
+    else:
+        mod.nx = len(keep)
+
+
+@functools.cache
+def _conv1d_pruner():
+    """torch-pruning's pruner for Hugging Face's Conv1D (GPT-2: y = x·W + b, W of shape (in, out)),
+    which it does not know: registered per DependencyGraph, it makes the MLP's c_fc/c_proj layers
+    like any Linear, so their neurons are grouped and removed the same way."""
+    from torch_pruning.pruner.function import BasePruningFunc
+
+    class Conv1DPruner(BasePruningFunc):
+        def prune_out_channels(self, layer, idxs):
+            prune_conv1d(layer, idxs, outputs=True)
+            return layer
+
+        def prune_in_channels(self, layer, idxs):
+            prune_conv1d(layer, idxs, outputs=False)
+            return layer
+
+        def get_out_channels(self, layer):
+            return layer.nf
+
+        def get_in_channels(self, layer):
+            return layer.nx
+
+    return Conv1DPruner()
+
+
 def build_graph(model, args, kwargs, forward_fn=None, frozen=False):
     """DependencyGraph of `model` traced on (args, kwargs), with the guards above; its
     `compress_pads` maps each constant pad's grad_fn to (ndim, pad, mode, value). frozen: the
@@ -160,7 +200,8 @@ def build_graph(model, args, kwargs, forward_fn=None, frozen=False):
     rec = _PadRecorder()
     DG = tp.DependencyGraph()
     DG.compress_frozen = frozen
+    custom = {type(m): _conv1d_pruner() for m in model.modules() if is_conv1d(m)}
     with torch.enable_grad(), rec:
-        DG.build_dependency(model, example_inputs=args, forward_fn=fn, verbose=False)
+        DG.build_dependency(model, example_inputs=args, forward_fn=fn, verbose=False, customized_pruners=custom)
     DG.compress_pads = rec.pads
     return DG

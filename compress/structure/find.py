@@ -9,7 +9,7 @@ from torch import nn
 
 from compress.errors import UserError
 from compress.structure.attention import attention_units, head_groups
-from compress.structure.channels import channel_groups, is_grouped, param_index, writers
+from compress.structure.channels import channel_groups, is_grouped, is_layer, param_index, writers
 from compress.structure.coverage import nothing_found, unanalysed_layers
 from compress.structure.depgraph import build_graph
 from compress.structure.group import Group, GroupList, bind_groups
@@ -147,7 +147,7 @@ def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not
     visited = set(attn_linears)
     _grouped_conv_groups(model, DG, out_fns, ignored, attn_linears, pnames, visited, order, found, not_prunable)
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m in visited:
+        if not is_layer(m) or m in visited:
             continue
         if m not in DG.module2node:
             not_prunable.append((name, "not reached by the forward pass on the example inputs"))
