@@ -3,6 +3,7 @@ get_pruning_group): the groups are the same as with remapping, and the mapping r
 
 from unittest import mock
 
+import pytest
 import torch
 from torch import nn
 
@@ -62,3 +63,63 @@ def test_frozen_graph_maps_once_and_finds_the_same_groups():
     remapped, n_remapped = _find_counting_reshape_maps(m, x, frozen=False)
     assert len(frozen) and _key(frozen) == _key(remapped)
     assert 0 < n_frozen and 2 * n_frozen < n_remapped  # one pass, instead of one per get_pruning_group
+
+
+class _Adds(nn.Module):
+    """A conv stream through adds that read each tensor twice, then flattened into a Linear:
+    torch-pruning infers the flatten's width by walking every input of every add (2^depth walks),
+    the walks the shape memo shortens."""
+
+    def __init__(self, depth=6):
+        super().__init__()
+        self.c1, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8 * 2 * 2, 3)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 1) for _ in range(depth))
+
+    def forward(self, x):
+        t = torch.relu(self.c1(x))
+        for conv in self.convs:
+            t = t + conv(torch.relu(t)) + t
+        return self.fc(t.flatten(1))
+
+
+@pytest.mark.parametrize("max_depth", [500, 12])
+def test_shape_memo_answers_as_torch_prunings_walks(max_depth):
+    """Every node's inferred width and the depth budget the walk uses are torch-pruning's own, also
+    where a walk gives up at the depth limit (12 here); with far fewer channel look-ups."""
+    import torch_pruning as tp
+    from torch_pruning.dependency import constants
+    from torch_pruning.dependency import shape_infer as si
+
+    torch.manual_seed(0)
+    m, x = _Adds().eval(), torch.randn(2, 3, 2, 2)
+    DG = depgraph.build_graph(m, (x,), {})  # installs the memo
+    names = ("infer_out_channels_recursively", "infer_in_channels_recursively")
+    plain = {f: getattr(si, f).__wrapped__ for f in names}
+    looked_up, lookup = [], tp.DependencyGraph.get_out_channels
+
+    def counting(self, node):
+        looked_up.append(node)
+        return lookup(self, node)
+
+    def walks(memo):
+        out = []
+        with mock.patch.object(depgraph, "_SHAPE_MEMO", memo):
+            for start in (0, max_depth - 20, max_depth - 3):
+                for node in DG.module2node.values():
+                    for f in names:
+                        depth = [start]
+                        out.append((getattr(si, f)(DG, node, depth), depth[0]))
+        return out
+
+    with (
+        mock.patch.object(constants, "MAX_RECURSION_DEPTH", max_depth),
+        mock.patch.object(tp.DependencyGraph, "get_out_channels", counting),
+    ):
+        with mock.patch.multiple(si, **plain):
+            reference = walks(None)
+        n_plain = len(looked_up)
+        memoised = walks({})
+    assert memoised == reference
+    assert any(w is None for w, _ in reference) and any(w == 8 for w, _ in reference)
+    if max_depth == 500:  # at 12 most walks give up, and a walk that gave up is not stored
+        assert 4 * (len(looked_up) - n_plain) < n_plain

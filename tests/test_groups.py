@@ -261,12 +261,11 @@ def test_bind_groups_rejects_missing_parameter():
         bind_groups(g, nn.Linear(2, 2))
 
 
-def test_grouped_convolution_is_reported_not_guessed():
+def test_grouped_convolution_is_grouped_whole_not_guessed():
+    """Channels of a grouped conv come in whole conv groups (tests/test_grouped_conv.py), never alone."""
     m = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 2, 1))
     gl = find_groups(m, torch.rand(1, 4, 8, 8))
-    reasons = dict(gl.not_prunable)
-    assert "grouped convolution" in reasons["0"] and "grouped convolution" in reasons["2"]
-    assert gl == []
+    assert [(g.name, g.kind) for g in gl] == [("2:group0", "convgroup"), ("2:group1", "convgroup")]
 
 
 def test_layer_that_produces_and_consumes_one_group_keeps_its_input_columns_as_dependents():

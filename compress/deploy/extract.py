@@ -27,9 +27,13 @@ from compress.structure.attention import (
     head_index,
     unit_linears,
 )
+from compress.structure.channels import cols_first
 from compress.structure.cost import count_flops, count_params
 from compress.structure.depgraph import build_graph
+from compress.structure.depgraph import prune_conv1d as _prune_conv1d
 from compress.structure.group import GroupList, bind_groups
+from compress.structure.grouped import KIND as CONV_GROUP
+from compress.structure.grouped import conv_group_index
 from compress.structure.levit import keep_cached_biases, norm_of
 from compress.structure.mha import SplitHeadAttention
 from compress.structure.no_heads import mark, whole_form, whole_layers
@@ -108,7 +112,7 @@ def _plan(model, groups, zero: torch.Tensor, align: int = 1):
                 "because the layer cannot be removed entirely"
             )
         kept = len(idx) - len(entry["remove"])
-        if align > 1 and groups[idx[0]].kind != "head" and kept % align:
+        if align > 1 and groups[idx[0]].kind not in ("head", CONV_GROUP) and kept % align:
             extra = min(len(entry["remove"]), align - kept % align)
             entry["remove"] = entry["remove"][: len(entry["remove"]) - extra]
             entry["aligned"] = extra
@@ -135,8 +139,12 @@ def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
             _remove_heads(work, units.get(layer), [groups[i] for i in rm], layer)
             continue
         root = work.get_submodule(layer)
-        transposed = bool(getattr(root, "transposed", False))
+        transposed = cols_first(root)
         idxs = sorted({c for i in rm for c in _channel_index(groups[i], f"{layer}.weight", transposed)})
+        if groups[rm[0]].kind == CONV_GROUP:
+            _remove_conv_groups(DG, root, idxs)
+            DG._compress_mapped = False
+            continue
         pruner = DG.get_pruner_of_module(root)
         pg = DG.get_pruning_group(root, pruner.prune_out_channels, idxs)
         if not DG.check_pruning_group(pg):
@@ -147,6 +155,28 @@ def _remove(work: nn.Module, groups, plan, layers, args, kwargs, DG=None):
         pg.prune()
         DG._compress_mapped = False  # channel counts changed: the next group remaps reshapes
     return DG
+
+
+def _remove_conv_groups(DG, conv, rows) -> None:
+    """Drop the conv groups of `conv` that output channels `rows` belong to (`grouped.py`): the
+    coupled layers through torch-pruning (both of the conv's pruning groups, the conv left out),
+    then the conv's own rows, its input width and its group count."""
+    gone, cols = conv_group_index(conv, rows)
+    b = conv.out_channels // conv.groups
+    if sorted(rows) != [j * b + t for j in gone for t in range(b)]:
+        raise ExtractionError(f"{DG._module2name[conv]}: channels {rows[:8]}... are not whole conv groups")
+    pruner = DG.get_pruner_of_module(conv)
+    pgs = [DG.get_pruning_group(conv, pruner.prune_out_channels, rows)]
+    pgs.append(DG.get_pruning_group(conv, pruner.prune_in_channels, cols))
+    for pg in pgs:
+        pg._group = [it for it in pg.items if it.dep.target.module is not conv]
+        pg.prune(record_history=False)
+    keep = torch.tensor([r for r in range(conv.out_channels) if r not in set(rows)])
+    conv.weight = nn.Parameter(conv.weight.data.index_select(0, keep).contiguous(), conv.weight.requires_grad)
+    if conv.bias is not None:
+        conv.bias = nn.Parameter(conv.bias.data.index_select(0, keep).contiguous(), conv.bias.requires_grad)
+    conv.out_channels, conv.in_channels = len(keep), conv.in_channels - len(cols)
+    conv.groups -= len(gone)
 
 
 def _remove_heads(work, unit: AttentionUnit | None, gs, layer):
@@ -218,19 +248,6 @@ def _drop_mha_heads(m: nn.MultiheadAttention) -> None:
 def _replace(work: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(work.get_submodule(parent), attr, new)
-
-
-def _prune_conv1d(mod, idxs, outputs: bool) -> None:
-    """Drop output features (weight dim 1, bias) or input features (weight dim 0) of a Conv1D."""
-    dim, gone = (1 if outputs else 0), set(idxs)
-    keep = torch.tensor([i for i in range(mod.weight.shape[dim]) if i not in gone], dtype=torch.long)
-    mod.weight = nn.Parameter(mod.weight.data.index_select(dim, keep).contiguous(), mod.weight.requires_grad)
-    if outputs:
-        if mod.bias is not None:
-            mod.bias = nn.Parameter(mod.bias.data.index_select(0, keep).contiguous(), mod.bias.requires_grad)
-        mod.nf = len(keep)
-    else:
-        mod.nx = len(keep)
 
 
 def predicted_params(model: nn.Module, groups, remove: list[int]) -> int:

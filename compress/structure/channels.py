@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from compress.structure.attention import is_conv1d
 from compress.structure.group import Group, Slice
 from compress.structure.zero_invariance import ZeroAnalysis
 
 
-def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns, items=None):
-    """Analyse DepGraph's pruning group rooted at `root`'s output channels.
+def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns, items=None, grouped=None):
+    """Analyse DepGraph's pruning group rooted at `root`'s output channels (or `items`, a group
+    rooted elsewhere: one Group per root index).
 
     Returns (groups, None) or (None, reason). The channel is offered only when, with
     the producer slices zeroed, the input every consumer (a conv/linear whose input
@@ -17,13 +19,16 @@ def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns, it
     `ZeroAnalysis`) and no member is a model output. Regularized slices: producers
     and BN/depthwise parameters whose zero output is used; dependents: consumer
     columns, PReLU slopes, and producers whose output only meets a zero factor.
+    grouped: the grouped convolution whose whole conv groups are being built (`grouped.py`): it
+    may take part, and as a reader its columns stay (a conv group keeps its width).
     """
     pruner = DG.get_pruner_of_module(root)
-    n_out = pruner.get_out_channels(root)
     if items is None:  # find_groups passes the group it already built for this root
-        items = list(DG.get_pruning_group(root, pruner.prune_out_channels, list(range(n_out))).items)
+        n = pruner.get_out_channels(root)
+        items = list(DG.get_pruning_group(root, pruner.prune_out_channels, list(range(n))).items)
+    n_out = len(items[0].idxs)  # the root item holds every index of the root
     nodes_in = {it.dep.target: it for it in items}
-    producers, consumers, reason = _roles(DG, items, attn_linears)
+    producers, consumers, reason = _roles(DG, items, attn_linears, grouped)
     if reason is None:
         reason = _output_reason(DG, nodes_in, producers, consumers, out_fns)
     if reason is not None:
@@ -32,10 +37,10 @@ def channel_groups(DG, model, root, root_name, pnames, attn_linears, out_fns, it
     reason = _nonzero_reason(DG, za, consumers)
     if reason is not None:
         return None, reason
-    group_slices, dep_slices, unknown = _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out)
+    group_slices, dep_slices, unknown = _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out, grouped)
     if unknown:
         return None, f"parameter {sorted(unknown)[0]} of the group is not a parameter of the model"
-    kind = "neuron" if isinstance(root, nn.Linear) else "channel"
+    kind = "neuron" if isinstance(root, nn.Linear) or is_conv1d(root) else "channel"
 
     def key(kv):  # model parameter order
         return pnames[kv[0][0]][0], kv[0][1]
@@ -67,15 +72,35 @@ def _writes_out(DG, it) -> bool:
     return p is not None and it.dep.handler == p.prune_out_channels
 
 
-def _roles(DG, items, attn_linears) -> tuple[set, set, str | None]:
+def writers(DG, items) -> list:
+    """The conv/linear layers among DepGraph group `items` whose output channels it removes."""
+    return [it.dep.target.module for it in items if is_layer(it.dep.target.module) and _writes_out(DG, it)]
+
+
+def is_layer(m) -> bool:
+    """A conv/linear layer whose channels `channel_groups` analyses (GPT-2's Conv1D is a Linear)."""
+    return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or is_conv1d(m)
+
+
+def cols_first(m) -> bool:
+    """Is the weight stored (in, out, ...): a transposed conv or a Conv1D? Rows are then dim 1."""
+    return bool(getattr(m, "transposed", False)) or is_conv1d(m)
+
+
+def is_grouped(m) -> bool:
+    """A grouped convolution that is not depthwise (torch-pruning handles depthwise ones)."""
+    return isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups != m.out_channels
+
+
+def _roles(DG, items, attn_linears, grouped=None) -> tuple[set, set, str | None]:
     """(producers, consumers, reason the group cannot be offered or None). Producers write the
     channel (conv/linear rows, embeddings, bare parameters); consumers read it (input columns)."""
     T = _optype()
     producers, consumers = set(), set()
     for it in items:
         node = it.dep.target
-        if node.type in (T.CONV, T.LINEAR):
-            if isinstance(node.module, nn.modules.conv._ConvNd) and node.module.groups > 1:
+        if node.type in (T.CONV, T.LINEAR) or (node.type == T.CUSTOMIZED and is_conv1d(node.module)):
+            if is_grouped(node.module) and node.module is not grouped:
                 return (
                     producers,
                     consumers,
@@ -130,7 +155,7 @@ def param_index(model) -> dict:
     return {n: canon[id(p)] for n, p in model.named_parameters(remove_duplicate=False)} | canon
 
 
-def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tuple[list, list, set]:
+def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out, grouped=None) -> tuple[list, list, set]:
     """Per channel c: {(param, dim): indices} to regularize, the same for the dependents, and the
     parameter names the group touches that the model does not have (the group is then refused)."""
     T = _optype()
@@ -160,7 +185,9 @@ def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tup
         # coupled through a residual add) and read them too (in columns), e.g. the
         # projection of an expand=1 inverted residual with a shortcut.
         if node in consumers and not _writes_out(DG, it):
-            add(dep_slices, pre + "weight", 0 if getattr(m, "transposed", False) else 1, idxs, roots)
+            if m is grouped:  # whole conv groups go: the weight keeps its per-group columns
+                continue
+            add(dep_slices, pre + "weight", 0 if cols_first(m) else 1, idxs, roots)
         elif node in producers or node.type in (T.BN, T.DEPTHWISE_CONV):
             target = group_slices if (za.zero(node)[0] and used(node)) else dep_slices
             if node.type == T.PARAMETER:
@@ -168,7 +195,7 @@ def _slices(DG, items, nodes_in, producers, consumers, za, pnames, n_out) -> tup
             elif node.type == T.EMBED:
                 add(target, pre + "weight", 1, idxs, roots)
             else:
-                add(target, pre + "weight", 1 if getattr(m, "transposed", False) else 0, idxs, roots)
+                add(target, pre + "weight", 1 if cols_first(m) else 0, idxs, roots)
                 if getattr(m, "bias", None) is not None:
                     add(target, pre + "bias", 0, idxs, roots)
         elif node.type == T.PRELU and m.num_parameters > 1:

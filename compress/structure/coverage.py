@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from torch import nn
 
+from compress.structure.attention import is_conv1d
+
 _KNOWN = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention)
 
 
 def unanalysed_layers(model: nn.Module) -> list[tuple[str, str]]:
     """(name, reason) for every module holding its own ≥2-d weight that is not a known layer type
-    (e.g. Hugging Face GPT-2's Conv1D, a transposed Linear): its channels are never offered."""
+    (GPT-2's Conv1D, a transposed Linear, is known: see `depgraph._conv1d_pruner`): its channels are
+    never offered."""
     out = []
     for name, m in model.named_modules():
         w = m._parameters.get("weight")
-        if w is None or w.dim() < 2 or isinstance(m, _KNOWN):
+        if w is None or w.dim() < 2 or isinstance(m, _KNOWN) or is_conv1d(m):
             continue
         out.append((name, f"{type(m).__name__} is not an nn.Linear/nn.Conv layer, so its channels are not analysed"))
     return out

@@ -13,6 +13,8 @@ import functools
 
 import torch
 
+from compress.structure.attention import is_conv1d
+
 
 def _install_guard() -> None:
     """Wrap torch-pruning's reshape mapping once (it runs again inside every get_pruning_group);
@@ -122,6 +124,44 @@ def _pad_call(func, args, kwargs) -> tuple:
     return x.dim(), pad, mode, 0.0 if value is None else float(value)
 
 
+_SHAPE_MEMO: dict | None = None  # live only while one update_index_mapping call runs
+
+
+def _install_shape_memo() -> None:
+    """torch-pruning infers a node's channel count by re-walking the graph from it, every input of
+    every add in turn: on swin_t one mapping made 2.7 M calls (31 s of the find-time check remaps
+    after each prune). Within one update_index_mapping the graph's widths do not change, so a
+    node's answer is memoised with the depth budget it used: `recursive_depth` is a shared
+    counter and past MAX_RECURSION_DEPTH a walk gives up, so a stored answer is reused only when
+    the walk it replaces could not have reached that limit — the mapping is the same as before."""
+    from torch_pruning.dependency import constants
+    from torch_pruning.dependency import shape_infer as si
+
+    if getattr(si.infer_out_channels_recursively, "_compress_guard", False):
+        return
+
+    def memoised(orig):
+        @functools.wraps(orig)
+        def walk(graph, node, recursive_depth):
+            memo, start = _SHAPE_MEMO, recursive_depth[0]
+            if memo is None:
+                return orig(graph, node, recursive_depth)
+            hit = memo.get((orig, node))
+            if hit is not None and start + hit[1] <= constants.MAX_RECURSION_DEPTH:
+                recursive_depth[0] = start + hit[1]
+                return hit[0]
+            out = orig(graph, node, recursive_depth)
+            if recursive_depth[0] <= constants.MAX_RECURSION_DEPTH:  # no walk inside gave up
+                memo[(orig, node)] = (out, recursive_depth[0] - start)
+            return out
+
+        walk._compress_guard = True
+        return walk
+
+    si.infer_out_channels_recursively = memoised(si.infer_out_channels_recursively)
+    si.infer_in_channels_recursively = memoised(si.infer_in_channels_recursively)
+
+
 def _install_mapping_once() -> None:
     """torch-pruning recomputes every reshape/expand index mapping in each get_pruning_group, by
     an unmemoised recursive shape inference: 36 calls on swin_t took 49 of find's 55 s. A graph
@@ -135,14 +175,57 @@ def _install_mapping_once() -> None:
 
     @functools.wraps(orig)
     def once(graph):
+        global _SHAPE_MEMO
         if getattr(graph, "compress_frozen", False) and getattr(graph, "_compress_mapped", False):
             return None
-        orig(graph)
+        _SHAPE_MEMO = {}
+        try:
+            orig(graph)
+        finally:
+            _SHAPE_MEMO = None
         graph._compress_mapped = True
         return None
 
     once._compress_guard = True
     im.update_index_mapping = once
+
+
+def prune_conv1d(mod, idxs, outputs: bool) -> None:
+    """Drop output features (weight dim 1, bias) or input features (weight dim 0) of a Conv1D."""
+    dim, gone = (1 if outputs else 0), set(idxs)
+    keep = torch.tensor([i for i in range(mod.weight.shape[dim]) if i not in gone], dtype=torch.long)
+    mod.weight = torch.nn.Parameter(mod.weight.data.index_select(dim, keep).contiguous(), mod.weight.requires_grad)
+    if outputs:
+        if mod.bias is not None:
+            mod.bias = torch.nn.Parameter(mod.bias.data.index_select(0, keep).contiguous(), mod.bias.requires_grad)
+        mod.nf = len(keep)
+    else:
+        mod.nx = len(keep)
+
+
+@functools.cache
+def _conv1d_pruner():
+    """torch-pruning's pruner for Hugging Face's Conv1D (GPT-2: y = x·W + b, W of shape (in, out)),
+    which it does not know: registered per DependencyGraph, it makes the MLP's c_fc/c_proj layers
+    like any Linear, so their neurons are grouped and removed the same way."""
+    from torch_pruning.pruner.function import BasePruningFunc
+
+    class Conv1DPruner(BasePruningFunc):
+        def prune_out_channels(self, layer, idxs):
+            prune_conv1d(layer, idxs, outputs=True)
+            return layer
+
+        def prune_in_channels(self, layer, idxs):
+            prune_conv1d(layer, idxs, outputs=False)
+            return layer
+
+        def get_out_channels(self, layer):
+            return layer.nf
+
+        def get_in_channels(self, layer):
+            return layer.nx
+
+    return Conv1DPruner()
 
 
 def build_graph(model, args, kwargs, forward_fn=None, frozen=False):
@@ -157,10 +240,12 @@ def build_graph(model, args, kwargs, forward_fn=None, frozen=False):
     _install_flatten_cap()
     _install_group_index()
     _install_mapping_once()
+    _install_shape_memo()
     rec = _PadRecorder()
     DG = tp.DependencyGraph()
     DG.compress_frozen = frozen
+    custom = {type(m): _conv1d_pruner() for m in model.modules() if is_conv1d(m)}
     with torch.enable_grad(), rec:
-        DG.build_dependency(model, example_inputs=args, forward_fn=fn, verbose=False)
+        DG.build_dependency(model, example_inputs=args, forward_fn=fn, verbose=False, customized_pruners=custom)
     DG.compress_pads = rec.pads
     return DG

@@ -9,10 +9,11 @@ from torch import nn
 
 from compress.errors import UserError
 from compress.structure.attention import attention_units, head_groups
-from compress.structure.channels import channel_groups, param_index
+from compress.structure.channels import channel_groups, is_grouped, is_layer, param_index, writers
 from compress.structure.coverage import nothing_found, unanalysed_layers
 from compress.structure.depgraph import build_graph
 from compress.structure.group import Group, GroupList, bind_groups
+from compress.structure.grouped import conv_groups
 from compress.structure.head_check import check_units
 from compress.structure.soundness import check_groups
 from compress.structure.tensors import as_args, flatten_tensors
@@ -114,19 +115,29 @@ def _out_members(DG, m) -> tuple[list, list]:
     """(the conv/linear layers whose output channels are coupled with `m`'s (m included), the items
     of `m`'s pruning group — reused by `channel_groups`: each get_pruning_group walks the graph)."""
     pruner = DG.get_pruner_of_module(m)
-    pg = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
-    items = list(pg.items)
-    members = []
-    for it in items:
-        mod = it.dep.target.module
-        p = DG.get_pruner_of_module(mod) if isinstance(mod, nn.Module) else None
-        if (
-            isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd))
-            and p is not None
-            and it.dep.handler == p.prune_out_channels
-        ):
-            members.append(mod)
-    return members, items
+    items = list(DG.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m)))).items)
+    return writers(DG, items), items
+
+
+def _grouped_conv_groups(model, DG, out_fns, ignored, attn_linears, pnames, visited, order, found, not_prunable):
+    """Append the whole-conv-group groups of every grouped (not depthwise) conv to `found` and add
+    the conv and its coupled producers to `visited`; refused ones are left to `_channel_groups`,
+    whose own reason then names the grouped conv, and listed here with why (`grouped.py`)."""
+    for name, m in model.named_modules():
+        if not is_grouped(m) or m in visited or m not in DG.module2node:
+            continue
+        try:
+            gs, members, reason = conv_groups(DG, model, m, name, pnames, attn_linears, out_fns)
+        except Exception as e:  # noqa: BLE001 - torch-pruning cannot trace this coupling: refuse, say why
+            gs, members, reason = None, [m], f"torch-pruning cannot build its group ({type(e).__name__}: {e})"
+        if reason is None and any(x in ignored for x in members):
+            reason = "ignored by the caller"
+        if reason is not None:
+            not_prunable.append((name, reason))
+            visited.add(m)
+            continue
+        visited.update(members)
+        found.append((order[m], gs))
 
 
 def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not_prunable) -> None:
@@ -134,8 +145,9 @@ def _channel_groups(model, DG, out_fns, ignored, attn_linears, order, found, not
     by a coupled layer to `found`, and every layer that cannot be grouped to `not_prunable`."""
     pnames = param_index(model)
     visited = set(attn_linears)
+    _grouped_conv_groups(model, DG, out_fns, ignored, attn_linears, pnames, visited, order, found, not_prunable)
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m in visited:
+        if not is_layer(m) or m in visited:
             continue
         if m not in DG.module2node:
             not_prunable.append((name, "not reached by the forward pass on the example inputs"))
