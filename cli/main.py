@@ -109,6 +109,7 @@ def finetune(
     align: o.Align = None,
     rewind: o.Rewind = None,
     final_lr: o.FinalLr = None,
+    freeze_epoch: o.FreezeEpoch = None,
     config: o.Config = None,
     resume: o.Resume = None,
     force: o.Force = False,

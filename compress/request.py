@@ -45,7 +45,7 @@ _BUDGET = {
     "bench_batch": "batch",
     "bench_threads": "threads",
 }  # option → Budget field
-_CONTROLLER = ("final_optimizer", "align", "rewind", "final_lr")  # finetune_to_budget's keyword arguments
+_CONTROLLER = ("final_optimizer", "align", "rewind", "final_lr", "freeze_epoch")  # the budget path's settings
 
 
 @dataclass
@@ -87,6 +87,7 @@ class FinetuneOptions:
     align: int | None = None
     rewind: str | None = None
     final_lr: float | None = None
+    freeze_epoch: int | None = None
 
     @classmethod
     def from_toml(cls, path: str | Path) -> FinetuneOptions:
@@ -140,7 +141,9 @@ class FinetuneRequest:
     init: Path | None = None
     output: str | None = None  # the entry of a dict/tuple output to train on
     budget: Budget | None = None
-    controller: dict = field(default_factory=dict)  # final_optimizer / align / rewind, where given
+    controller: dict = field(
+        default_factory=dict
+    )  # final_optimizer / align / rewind / final_lr / controller, where given
     force: bool = False
 
     def run_info(self) -> dict:
@@ -182,6 +185,11 @@ def build_request(
         )
     train = TrainConfig(**{k: given[k] for k in _TRAIN if k in given})
     train.milestones = _milestones(train.milestones)
+    if "freeze_epoch" in controller:  # a BudgetController setting; the others are finetune_to_budget's
+        freeze = controller.pop("freeze_epoch")
+        if not (isinstance(freeze, int) and 1 <= freeze <= train.epochs):
+            raise UserError(f"`freeze_epoch` must be an epoch in 1..{train.epochs}, got {freeze}", field="freeze_epoch")
+        controller["controller"] = {"freeze_epoch": freeze}
     if budget is not None:
         from compress.budget.runner import budget_config
 

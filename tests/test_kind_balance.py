@@ -56,3 +56,47 @@ def test_one_kind_changes_nothing_and_weights_follow_the_optimizer():
     opt2 = SimpleNamespace(index=SimpleNamespace(weights=w0.clone()))
     resumed.reapply(opt2)
     assert torch.allclose(opt2.index.weights, w0 * f)
+
+
+def test_budget_run_on_heads_and_neurons_balances_and_resumes_bit_exactly(tmp_path, digits_small):
+    """digits-vit (heads + MLP neurons): the controls store per-kind factors that differ by kind; a run
+    stopped in the sparsity phase and resumed equals the straight run bit for bit (the factors come back
+    from budget_state.json before the first resumed step)."""
+    import json
+
+    from compress.budget.runner import finetune_to_budget
+    from compress.budget.target import Budget
+    from compress.models import get_model
+    from compress.train.config import TrainConfig
+
+    spec = get_model("digits-vit")
+    tr, te = digits_small
+    cfg = TrainConfig(epochs=4, batch_size=64, milestones=[3], seed=1)
+    ctl = {"freeze_epoch": 3}
+
+    def build(seed=0):
+        torch.manual_seed(seed)
+        return spec.build()
+
+    x = spec.example_input(1)
+    init = {k: v.clone() for k, v in build().state_dict().items()}
+    kw = dict(progress=False, controller=ctl, measure_alignment=False)
+    full = finetune_to_budget(build(), tr, te, x, tmp_path / "full", cfg, Budget(flops=0.6), **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop(state):
+        if state["epoch"] == 1:
+            raise Stop
+
+    cut = build()
+    cut.load_state_dict(init)
+    with pytest.raises(Stop):
+        finetune_to_budget(cut, tr, te, x, tmp_path / "cut", cfg, Budget(flops=0.6), epoch_callbacks=[stop], **kw)
+    state = json.loads((tmp_path / "cut" / "budget_state.json").read_text())
+    assert len(set(state["kind_factors"])) == 2  # heads and neurons got different λ
+    res = finetune_to_budget(build(9), tr, te, x, tmp_path / "cut", resume=True, progress=False)
+    assert res.budget["achieved"] == full.budget["achieved"]
+    sd_full, sd_res = full.model.state_dict(), res.model.state_dict()
+    assert all(torch.equal(sd_full[k], sd_res[k]) for k in sd_full)

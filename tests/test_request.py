@@ -27,6 +27,8 @@ def test_budget_request_gets_one_decay_at_the_freeze(tmp_path):
     req = build_request(FinetuneOptions(out=tmp_path / "r", epochs=4, target_flops=0.5, align=8))
     assert req.train.milestones == [3] and req.train.lam == 1.5e-2
     assert req.budget.flops == 0.5 and req.controller == {"align": 8}
+    req = build_request(FinetuneOptions(out=tmp_path / "r", epochs=4, target_flops=0.5, freeze_epoch=1, rewind="init"))
+    assert req.controller == {"rewind": "init", "controller": {"freeze_epoch": 1}}
 
 
 @pytest.mark.parametrize(
@@ -44,6 +46,8 @@ def test_budget_request_gets_one_decay_at_the_freeze(tmp_path):
         (dict(rewind="init"), "rewind", "rewind applies to target runs only"),
         (dict(final_lr=1e-4), "final_lr", "final_lr applies to target runs only"),
         (dict(target_flops=0.5, final_lr=0.0), "final_lr", "final_lr must be positive"),
+        (dict(freeze_epoch=1), "freeze_epoch", "freeze_epoch applies to target runs only"),
+        (dict(target_flops=0.5, epochs=4, freeze_epoch=5), "freeze_epoch", "freeze_epoch must be an epoch in 1..4"),
         (dict(epochs=0), "epochs", "epochs must be positive"),
         (dict(milestones="1,x"), "milestones", "milestones must be comma-separated"),
         (dict(input_shape="1,-3"), "input_shape", "input_shape must be positive integers"),
