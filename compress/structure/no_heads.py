@@ -46,13 +46,6 @@ def whole_form(model: nn.Module, unit) -> str | None:
     return None
 
 
-def whole_layers(model: nn.Module) -> set[str]:
-    """Names of the attention blocks (group layers) that extraction removes whole when all heads are zero."""
-    from compress.structure.attention import attention_units  # attention imports this module's users
-
-    return {u.name for u in attention_units(model) if whole_form(model, u)}
-
-
 def mark(work: nn.Module, unit, form: str) -> None:
     """After every head's rows and columns are gone: set the constant forwards."""
     if form == "hf_self":
