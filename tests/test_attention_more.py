@@ -215,12 +215,14 @@ def test_timm_vit_block_with_every_head_zero_is_removed_whole(tmp_path):
     assert sum(g.layer == "blocks.1.attn" for g in again) == 3 and not any(g.layer == "blocks.0.attn" for g in again)
 
 
-def test_bert_layer_with_every_head_zero_is_removed_whole_and_reloads(tmp_path):
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])  # eager: the layer also returns attention probabilities
+def test_bert_layer_with_every_head_zero_is_removed_whole_and_reloads(impl, tmp_path):
     tf = pytest.importorskip("transformers")
     from compress.deploy.saving import load_compressed, save_compressed
 
     torch.manual_seed(5)
     cfg = tf.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    cfg._attn_implementation = impl
     model, ids = tf.BertModel(cfg).eval(), torch.randint(0, 50, (2, 7))
     groups = compress.find_groups(model, ids)
     zeroed = _zero_layer(groups, "encoder.layer.1.attention")

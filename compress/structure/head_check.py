@@ -95,6 +95,8 @@ def _try_heads(block: nn.Module, u: AttentionUnit, args, kwargs, atol: float, ev
         got = _outputs(holder.m, args, kwargs)
     except Exception as e:  # noqa: BLE001 - a removal that breaks the forward is the finding
         return f"removing {what} breaks its forward ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if every:  # attention probabilities [B, heads, Lq, Lk] are gone with the heads (None); compare the rest
+        ref, got = ([t for t in ts if not (t.dim() == 4 and t.shape[1] in (u.num_heads, 0))] for ts in (ref, got))
     if len(ref) != len(got) or any(a.shape != b.shape and not _per_head(a, b, u, len(gl)) for a, b in zip(ref, got)):
         return f"removing {what} changes the shape of its output"
     pairs = [(a, b) for a, b in zip(ref, got) if a.shape == b.shape and a.numel()]
