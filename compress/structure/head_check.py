@@ -1,11 +1,13 @@
 """Each attention block's heads tried alone, at find time, on the inputs the block saw.
 
-A block can match a recognised layout yet compute its head size from the input width
-(torchvision's functional `shifted_window_attention`, C // num_heads) or share a per-head
-tensor across blocks (T5's position bias): removing a head then breaks it. The whole-model
+A block can match a recognised layout yet compute something removal breaks (a head size
+read from the input width, a per-head tensor shared across blocks — the forms this package
+adapts are listed on AttentionUnit; an unknown variant is caught here). The whole-model
 randomized check (`soundness.py`) finds this too, but by bisection over every layer, which
 cost minutes on full-size Swin; one head removed from a copy of one block costs a forward
-of that block.
+of that block. Blocks of a form `no_heads` can remove whole are also tried with every head
+removed; only when that is exact do their groups say so (`whole`), for extraction and the
+cost model to remove the block entirely.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from compress.structure.tensors import as_args, flatten_tensors
 
 def _relative(u: AttentionUnit) -> AttentionUnit:
     """The unit with names relative to a holder whose child "m" is its block (so a removal that
-    replaces the block, as for torchvision Swin, can be tried too)."""
+    replaces the block, as for nn.MultiheadAttention, can be tried too)."""
     cut = len(u.name)
 
     def rel(n):
