@@ -326,3 +326,28 @@ def test_whole_flag_survives_the_groups_file(tmp_path):
     save_groups(tmp_path / "g.json", groups)
     back = load_groups(tmp_path / "g.json", model)
     assert [g.whole for g in back] == [g.whole for g in groups]
+
+
+@pytest.mark.parametrize(
+    "name,layer,whole",
+    [
+        ("hf_llama", "layers.0.self_attn", True),  # grouped-query: every kv head with its query heads
+        ("hf_gpt2", "h.0.attn", True),  # Conv1D projections
+        ("hf_distilbert", "transformer.layer.0.attention", True),
+        ("hf_albert", "encoder.albert_layer_groups.0.albert_layers.0.attention", False),  # adds the residual, LayerNorm
+    ],
+)
+def test_hf_blocks_returning_their_projection_go_whole_others_keep_one_head(name, layer, whole, tmp_path):
+    pytest.importorskip("transformers")
+    from zoo_models import build
+
+    model, ids = build(name)
+    groups = compress.find_groups(model, ids)
+    assert {g.whole for g in groups if g.layer == layer} == {whole}
+    zeroed = _zero_layer(groups, layer)
+    if whole:
+        _check_extract(model, ids, groups, zeroed, tmp_path)
+    else:
+        small, rep = compress.extract(model, groups, ids)
+        assert rep["layers"][layer]["removed"] == len(zeroed) - 1
+        assert rep["flops_after"] == CostModel(model, groups, ids).flops(zero_mask(groups))
