@@ -215,12 +215,14 @@ def test_timm_vit_block_with_every_head_zero_is_removed_whole(tmp_path):
     assert sum(g.layer == "blocks.1.attn" for g in again) == 3 and not any(g.layer == "blocks.0.attn" for g in again)
 
 
-def test_bert_layer_with_every_head_zero_is_removed_whole_and_reloads(tmp_path):
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])  # eager: the layer also returns attention probabilities
+def test_bert_layer_with_every_head_zero_is_removed_whole_and_reloads(impl, tmp_path):
     tf = pytest.importorskip("transformers")
     from compress.deploy.saving import load_compressed, save_compressed
 
     torch.manual_seed(5)
     cfg = tf.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    cfg._attn_implementation = impl
     model, ids = tf.BertModel(cfg).eval(), torch.randint(0, 50, (2, 7))
     groups = compress.find_groups(model, ids)
     zeroed = _zero_layer(groups, "encoder.layer.1.attention")
@@ -290,3 +292,62 @@ def test_timm_levit_heads_removed_exactly(kind, tmp_path):
     attn = small[1]
     assert attn.num_heads == 2 and attn.val_attn_dim == 32 and attn.attention_biases.shape[0] == 2
     assert attn.proj.ln.linear.in_features == 32 and attn.proj.ln.bn.num_features == attn.proj.ln.linear.out_features
+
+
+def test_block_whose_whole_removal_fails_keeps_its_heads_and_one_head_at_extraction():
+    """MobileViT's `.self` returns a tensor, not (context, weights): the BERT-style whole-block form does
+    not fit, the find-time check says so (`whole` stays False) and extraction keeps one head, exactly."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(11)
+    cfg = tf.MobileViTConfig(
+        image_size=64,
+        hidden_sizes=[32, 48, 64],
+        neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 160],
+        num_attention_heads=2,
+    )
+    model, x = tf.MobileViTModel(cfg).eval(), torch.randn(1, 3, 64, 64)
+    groups = compress.find_groups(model, x)
+    heads = [g for g in groups if g.kind == "head"]
+    assert heads and not any(g.whole for g in heads)
+    layer = heads[0].layer
+    zeroed = _zero_layer(groups, layer)
+    small, rep = compress.extract(model, groups, x)
+    assert rep["layers"][layer]["removed"] == len(zeroed) - 1 and rep["layers"][layer]["kept"]
+    assert rep["flops_after"] == CostModel(model, groups, x).flops(zero_mask(groups))
+
+
+def test_whole_flag_survives_the_groups_file(tmp_path):
+    from compress.structure.group import load_groups, save_groups
+
+    torch.manual_seed(12)
+    model, x = _MHA().eval(), torch.randn(2, 6, 16)
+    groups = compress.find_groups(model, x)
+    assert [g.whole for g in groups if g.kind == "head"] == [True] * 4
+    save_groups(tmp_path / "g.json", groups)
+    back = load_groups(tmp_path / "g.json", model)
+    assert [g.whole for g in back] == [g.whole for g in groups]
+
+
+@pytest.mark.parametrize(
+    "name,layer,whole",
+    [
+        ("hf_llama", "layers.0.self_attn", True),  # grouped-query: every kv head with its query heads
+        ("hf_gpt2", "h.0.attn", True),  # Conv1D projections
+        ("hf_distilbert", "transformer.layer.0.attention", True),
+        ("hf_albert", "encoder.albert_layer_groups.0.albert_layers.0.attention", False),  # adds the residual, LayerNorm
+    ],
+)
+def test_hf_blocks_returning_their_projection_go_whole_others_keep_one_head(name, layer, whole, tmp_path):
+    pytest.importorskip("transformers")
+    from zoo_models import build
+
+    model, ids = build(name)
+    groups = compress.find_groups(model, ids)
+    assert {g.whole for g in groups if g.layer == layer} == {whole}
+    zeroed = _zero_layer(groups, layer)
+    if whole:
+        _check_extract(model, ids, groups, zeroed, tmp_path)
+    else:
+        small, rep = compress.extract(model, groups, ids)
+        assert rep["layers"][layer]["removed"] == len(zeroed) - 1
+        assert rep["flops_after"] == CostModel(model, groups, ids).flops(zero_mask(groups))

@@ -36,7 +36,7 @@ from compress.structure.grouped import KIND as CONV_GROUP
 from compress.structure.grouped import conv_group_index
 from compress.structure.levit import keep_cached_biases, norm_of
 from compress.structure.mha import SplitHeadAttention
-from compress.structure.no_heads import mark, whole_form, whole_layers
+from compress.structure.no_heads import mark, whole_form
 from compress.structure.shared_bias import keep_heads
 from compress.structure.sparsity import zero_mask
 from compress.structure.tensors import as_args, flatten_tensors
@@ -84,7 +84,7 @@ def _channel_index(g, layer_module_weight: str, transposed: bool) -> list[int]:
 
 def _plan(model, groups, zero: torch.Tensor, align: int = 1):
     """Per layer: which groups to remove; an all-zero layer keeps one group (reported), except an
-    attention block of a form `no_heads` can remove whole.
+    attention block whose groups say it may go whole (`Group.whole`, checked when found).
 
     `align` > 1 keeps extra zero groups so each channel/neuron layer keeps a multiple of
     `align` structures: CPU kernels (MLAS) run 8-aligned widths much faster, e.g. digits-resnet
@@ -94,12 +94,11 @@ def _plan(model, groups, zero: torch.Tensor, align: int = 1):
     by_layer: OrderedDict[str, list[int]] = OrderedDict()
     for i, g in enumerate(groups):
         by_layer.setdefault(g.layer, []).append(i)
-    whole = whole_layers(model) if any(bool(zero[i]) and g.kind == "head" for i, g in enumerate(groups)) else set()
     plan = OrderedDict()
     for layer, idx in by_layer.items():
         z = [i for i in idx if bool(zero[i])]
         entry = {"kind": groups[idx[0]].kind, "groups": len(idx), "zero": len(z), "remove": z, "kept": None, "note": ""}
-        if z and len(z) == len(idx) and layer in whole and entry["kind"] == "head":
+        if z and len(z) == len(idx) and groups[idx[0]].whole:
             entry["note"] = f"all {len(idx)} heads are zero: the attention block is removed (it returns its bias)"
         elif z and len(z) == len(idx):
             # torch-pruning cannot delete every channel of a layer; the layer's output is

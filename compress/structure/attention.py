@@ -74,6 +74,7 @@ class AttentionUnit:
     tables: list[tuple[str, int]] = field(default_factory=list)  # per-head parameters: (name, head dim)
     swap: str = ""  # "swin" / "maxvit" / "shared_bias": the block's forward is adapted at removal (see above)
     per_head: dict[str, int] = field(default_factory=dict)  # role → rows per head, heads interleaved (LeViT)
+    whole: bool = False  # removing every head was checked exact at find time (`head_check`, `no_heads`)
 
     @property
     def n_groups(self) -> int:
@@ -279,7 +280,7 @@ def head_groups(model: nn.Module, unit: AttentionUnit) -> list[Group]:
         heads = tuple(range(h * unit.q_per_group, (h + 1) * unit.q_per_group))
         for t, dim in unit.tables:
             slices.append(Slice(t, dim, heads))
-        groups.append(Group(name=f"{unit.name}:head{h}", kind="head", layer=unit.name, slices=slices))
+        groups.append(Group(name=f"{unit.name}:head{h}", kind="head", layer=unit.name, slices=slices, whole=unit.whole))
     return groups
 
 

@@ -11,7 +11,6 @@ from torch import nn
 from compress.errors import UserError
 from compress.structure.attention import attention_units
 from compress.structure.cost import ATTENTION_FLOPS, counted_attention
-from compress.structure.no_heads import whole_layers
 from compress.structure.tensors import as_args
 
 # --------------------------------------------------------------------------- cost model
@@ -100,7 +99,7 @@ class CostModel:
         named = dict(model.named_parameters())
         pair_ix, sizes = self._index_slices(groups, named)
         self._index_params(named, pair_ix, sizes)
-        self._index_layers(groups, whole_layers(model))
+        self._index_layers(groups)
         self._attribute_flops(model, named, pair_ix, len(sizes), example_inputs)
         self.dense_params = int(sum(p.numel() for p in named.values()))
         self.block = simd_block()
@@ -155,9 +154,9 @@ class CostModel:
         self._dim_table = dim_table
         self._pair_param = torch.tensor([p_ix[p] for p, _ in self.pairs], dtype=torch.long)
 
-    def _index_layers(self, groups, whole: set[str]) -> None:
-        """Extraction keeps one group of an all-zero layer (unless it is an attention block in
-        `whole`, removed entirely): layer id per group, first group per layer."""
+    def _index_layers(self, groups) -> None:
+        """Extraction keeps one group of an all-zero layer (unless its groups are `whole`: an
+        attention block removed entirely): layer id per group, first group per layer."""
         layers: OrderedDict[str, list[int]] = OrderedDict()
         for i, g in enumerate(groups):
             layers.setdefault(g.layer, []).append(i)
@@ -167,9 +166,7 @@ class CostModel:
             self._layer_of[idx] = li
         self._layer_size = torch.tensor([len(v) for v in layers.values()], dtype=torch.long)
         self._layer_first = torch.tensor([v[0] for v in layers.values()], dtype=torch.long)
-        self._layer_whole = torch.tensor(
-            [ly in whole and groups[v[0]].kind == "head" for ly, v in layers.items()], dtype=torch.bool
-        )
+        self._layer_whole = torch.tensor([groups[v[0]].whole for v in layers.values()], dtype=torch.bool)
 
     def _attribute_flops(self, model, named, pair_ix, n_pairs, example_inputs) -> None:
         """One traced forward pass; every counted op's FLOPs go to the one weight matrix it

@@ -38,6 +38,7 @@ class Group:
     weight: float = 1.0
     tensors: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
     dependents: list[Slice] = field(default_factory=list, repr=False)
+    whole: bool = False  # its layer may lose every group (an attention block checked to go whole at find time)
 
     @property
     def size(self) -> int:
@@ -56,6 +57,8 @@ class Group:
         }
         if self.dependents:
             d["dependents"] = [[s.param, s.dim, list(s.indices)] for s in self.dependents]
+        if self.whole:
+            d["whole"] = True
         return d
 
     @staticmethod
@@ -70,6 +73,7 @@ class Group:
             weight=float(d["weight"]),
             slices=sl(d["slices"]),
             dependents=sl(d.get("dependents", [])),
+            whole=bool(d.get("whole", False)),
         )
 
 

@@ -12,8 +12,13 @@ Forms (`whole_form`), where the module's return value is known:
 * "proj:<child>": a block returning child(…) directly — timm's fused-qkv attention (no norm
   before the projection), torchvision Swin and MaxViT, this package's `SelfAttention`;
 * "hf_self" + "linear": Hugging Face BERT-style, where `.self` returns (context, weights) and
-  `.output.dense` projects: `.self` passes its input through, `.output.dense` returns its bias.
-Other forms (T5's shared bias, GPT-2's Conv1D, LLaMA-style tuples, …) keep one head.
+  `.output.dense` projects: `.self` passes its input through, `.output.dense` returns its bias;
+* "hf_out:<child>": a Hugging Face block returning (child(…), weights) — LLaMA/Mistral/Qwen2
+  (grouped-query too), DistilBERT, GPT-2 (`Conv1D`) — returns (bias, None).
+A form is only a candidate: `head_check` removes every head of the block on its own inputs and
+only a block that stays exact may go whole (`Group.whole`; ALBERT, whose block also adds the
+residual and normalises, and MobileViT, whose `.self` returns a tensor, keep one head). T5's
+shared position bias and LeViT keep one head.
 """
 
 from __future__ import annotations
@@ -33,24 +38,21 @@ def whole_form(model: nn.Module, unit) -> str | None:
     m = model.get_submodule(unit.name)
     if unit.mha:
         return "mha"
-    if unit.transposed or unit.swap in ("shared_bias", "levit") or unit.kv_heads:
+    if unit.swap in ("shared_bias", "levit"):
         return None
+    hf = type(model.get_submodule(unit.holder)).__module__.startswith("transformers.")
     if unit.name != unit.holder:
-        holder = model.get_submodule(unit.holder)
-        return "hf_self" if type(holder).__module__.startswith("transformers.") and unit.o.endswith(".dense") else None
+        return "hf_self" if hf and unit.o.endswith(".dense") and not unit.transposed else None
+    if hf:
+        return "hf_out:" + unit.o.rsplit(".", 1)[-1]
+    if unit.transposed or unit.kv_heads:
+        return None
     if not isinstance(getattr(m, "norm", None), (nn.Identity, type(None))):
         return None  # a norm between the heads and the projection: o(norm(0)) is not o's bias
     cls = f"{type(m).__module__}.{type(m).__name__}"
     if (unit.fused and (cls.startswith("timm.") or unit.swap in ("swin", "maxvit"))) or cls in _PROJ_BLOCKS:
         return "proj:" + unit.o.rsplit(".", 1)[-1]
     return None
-
-
-def whole_layers(model: nn.Module) -> set[str]:
-    """Names of the attention blocks (group layers) that extraction removes whole when all heads are zero."""
-    from compress.structure.attention import attention_units  # attention imports this module's users
-
-    return {u.name for u in attention_units(model) if whole_form(model, u)}
 
 
 def mark(work: nn.Module, unit, form: str) -> None:
@@ -71,18 +73,24 @@ def reinstall(model: nn.Module) -> None:
 
 def _set(m: nn.Module, form: str) -> None:
     m.heads_removed = form
-    fn = {"mha": _mha, "hf_self": _passthrough, "linear": _linear}.get(form, _proj)
+    fn = {"mha": _mha, "hf_self": _passthrough, "linear": _linear}.get(form)
+    fn = fn or (_hf_out if form.startswith("hf_out:") else _proj)
     m.forward = types.MethodType(fn, m)
 
 
 def _bias_like(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """lin's output on a zero input with x's leading dims: its bias (or zeros) broadcast."""
-    out = x.new_zeros((*x.shape[:-1], lin.out_features))  # a new tensor, not a view of the parameter
+    width = lin.out_features if isinstance(lin, nn.Linear) else lin.nf  # GPT-2's Conv1D: nf
+    out = x.new_zeros((*x.shape[:-1], width))  # a new tensor, not a view of the parameter
     return out if lin.bias is None else out + lin.bias
 
 
 def _proj(self, x, *args, **kwargs):
     return _bias_like(getattr(self, self.heads_removed.split(":", 1)[1]), x)
+
+
+def _hf_out(self, hidden_states, *args, **kwargs):
+    return _bias_like(getattr(self, self.heads_removed.split(":", 1)[1]), hidden_states), None
 
 
 def _linear(self, x):
