@@ -7,7 +7,7 @@ import math
 import torch
 
 from compress.budget.align_decision import measured_alignment
-from compress.budget.kind_balance import KindBalance
+from compress.budget.critical import KindBalance, lam_on_plan
 from compress.budget.patterns import ZeroKeeper, align_widths, enforce, revive
 from compress.budget.target import Budget
 from compress.errors import UserError
@@ -36,7 +36,7 @@ class BudgetController:
     pattern at the current dual state costs ≤ p — exact, so the cost tracks the plan instead of
     oscillating around it (a multiplicative rule did: the cost of Ŵ falls off a cliff over a 2×
     range of λ). With several kinds of group (attention heads and MLP neurons) and `balance_kinds`
-    (default), λ is one per kind: each kind's w_g is scaled by its median λ*_g (`kind_balance.py`;
+    (default), λ is one per kind: each kind's w_g is scaled by its median λ*_g (`critical.py`;
     all-MiniLM-L6-v2 at 0.5 FLOPs otherwise lost 65 of 72 heads first). Other
     optimizers: λ is multiplied by exp(gain·(c − p)/(1 − T)), at most `max_factor`, when the
     cost c is above plan, divided likewise when c < T − tol, held otherwise.
@@ -169,7 +169,7 @@ class BudgetController:
         if crit is not None:
             if self.balance is not None:
                 crit = self.balance.rebalance(opt, crit)
-            lam, c = self._lam_on_plan(crit, p)
+            lam, c = lam_on_plan(crit, p, lambda m: float(self.cm.cost(m, self.kind)), self.lam0)
             zero_n = int((crit <= lam).sum())
             how = "exact"
         else:
@@ -189,34 +189,6 @@ class BudgetController:
         rec = {"at_epoch": round(epochs_done, 4), "cost": c, "plan": p, "lam": lam, "zero": zero_n, "rule": how}
         self.history.append(rec)
         return rec
-
-    def _lam_on_plan(self, crit: torch.Tensor, plan: float) -> tuple[float, float]:
-        """The smallest λ whose zero pattern {g: λ*_g ≤ λ} costs ≤ plan (bisection over sorted λ*)."""
-        order = torch.argsort(crit)
-        vals = crit[order]
-
-        def cost(k):
-            m = torch.zeros(len(crit), dtype=torch.bool)
-            m[order[:k]] = True
-            return float(self.cm.cost(m, self.kind))
-
-        lo, hi = 0, len(order)
-        if cost(hi) > plan:
-            lo = hi
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if cost(mid) <= plan:
-                hi = mid
-            else:
-                lo = mid + 1
-        k = lo
-        # ties: every group with λ*_g ≤ λ is zero, so take all groups sharing the k-th value
-        if k == 0:
-            lam = float(vals[0]) * (1 - 1e-6) if len(vals) else self.lam0
-        else:
-            lam = float(vals[k - 1]) * (1 + 1e-9)
-        lam = max(lam, 1e-12)
-        return lam, cost(int((crit <= lam).sum())) if k else cost(0)
 
     # ---- callbacks for compress.train.finetune
 

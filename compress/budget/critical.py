@@ -1,6 +1,7 @@
-"""Per-kind λ at the budget's controls: attention heads and MLP neurons compete on equal terms.
+"""The exact control: from the optimizer's critical λs, the λ whose zero pattern meets the plan — one λ
+per kind of group, so attention heads and MLP neurons compete on equal terms.
 
-Why: the exact control zeroes every group whose critical λ*_g (‖a_g‖/(α w_g), a = P W⁰ − V) is below
+Why a λ per kind: the exact control zeroes every group whose critical λ*_g (‖a_g‖/(α w_g), a = P W⁰ − V) is below
 one λ, so one kind can lose everything first: all-MiniLM-L6-v2 at a 0.5 FLOP target lost 65 of 72
 heads (their q/k gradients, hence RAMDA's preconditioner P, are small under distillation). Scaling w_g
 by the median λ* of its kind (relative to the median over all groups) is a λ per kind: the median head
@@ -11,6 +12,36 @@ With one kind (a CNN's channels) it does nothing.
 from __future__ import annotations
 
 import torch
+
+
+def lam_on_plan(crit: torch.Tensor, plan: float, cost_of, lam0: float) -> tuple[float, float]:
+    """(λ, its pattern's cost): the smallest λ whose zero pattern {g: λ*_g ≤ λ} costs ≤ `plan` under
+    `cost_of(mask)` (bisection over the sorted λ*); `lam0` when there are no groups."""
+    order = torch.argsort(crit)
+    vals = crit[order]
+
+    def cost(k):
+        m = torch.zeros(len(crit), dtype=torch.bool)
+        m[order[:k]] = True
+        return cost_of(m)
+
+    lo, hi = 0, len(order)
+    if cost(hi) > plan:
+        lo = hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(mid) <= plan:
+            hi = mid
+        else:
+            lo = mid + 1
+    k = lo
+    # ties: every group with λ*_g ≤ λ is zero, so take all groups sharing the k-th value
+    if k == 0:
+        lam = float(vals[0]) * (1 - 1e-6) if len(vals) else lam0
+    else:
+        lam = float(vals[k - 1]) * (1 + 1e-9)
+    lam = max(lam, 1e-12)
+    return lam, cost(int((crit <= lam).sum())) if k else cost(0)
 
 
 def kind_ids(groups) -> torch.Tensor:
