@@ -123,3 +123,29 @@ def test_shape_memo_answers_as_torch_prunings_walks(max_depth):
     assert any(w is None for w, _ in reference) and any(w == 8 for w, _ in reference)
     if max_depth == 500:  # at 12 most walks give up, and a walk that gave up is not stored
         assert 4 * (len(looked_up) - n_plain) < n_plain
+
+
+class _TwoFlattens(nn.Module):
+    """One conv's 8 channels flattened (8 x 4 x 4 = 128 indices) twice, into two classifiers."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc1, self.fc2 = nn.Conv2d(3, 8, 1), nn.Linear(128, 2), nn.Linear(128, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.c(x))
+        return self.fc1(h.flatten(1)) + self.fc2(h.reshape(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("limit, offered", [(1200, True), (600, False), (100, False)])
+def test_flatten_indices_are_capped_per_call_and_per_group(limit, offered):
+    """Building the conv's group maps 128 indices through a flatten 8 times (each reshape forward
+    and back, twice): at a limit of 600 each call passes but the group's 1,024 do not, so the root
+    is refused as at 100 (one call past the limit); 1,200 lets it through."""
+    m, x = _TwoFlattens().eval(), torch.rand(1, 3, 4, 4)
+    with mock.patch.object(depgraph, "FLATTEN_LIMIT", limit):
+        gl = find_groups(m, x, check=False)
+    assert any(g.layer == "c" for g in gl) == offered
+    if not offered:
+        why = dict(gl.not_prunable)["c"]
+        assert "IndexExplosion" in why and ("give its group over" in why) == (limit == 600)

@@ -43,10 +43,24 @@ class IndexExplosion(RuntimeError):
     """torch-pruning's index mapping multiplied through chained reshapes past any tensor's width."""
 
 
+_MAPPED_LEFT: list = [None]  # indices index mappings may still produce while one group is built
+
+
+def _spend(n: int) -> None:
+    if _MAPPED_LEFT[0] is not None:
+        _MAPPED_LEFT[0] -= n
+        if _MAPPED_LEFT[0] < 0:
+            raise IndexExplosion(f"index mappings through reshapes give its group over {FLATTEN_LIMIT} indices")
+
+
 def _install_flatten_cap() -> None:
     """Chained reshapes (Swin's window partition, MaxViT's grid) make torch-pruning's forward
     flatten mapping multiply index lists by every stride in turn: get_pruning_group then ran
-    for minutes. Past FLATTEN_LIMIT the root is refused (find_groups catches the error)."""
+    for minutes. Past FLATTEN_LIMIT indices from one flatten, or from all index mappings
+    (flatten either way, concat, split) while one group is built (MaxViT's attention roots:
+    10,562 flattens just under the limit each, 500 s), the root is refused (find_groups catches
+    the error). The largest legit total of the zoo is AlexNet's classifier, 46,080 forward."""
+    import torch_pruning as tp
     from torch_pruning.dependency import index_mapping as im
 
     cls = im._FlattenIndexMapping
@@ -56,12 +70,35 @@ def _install_flatten_cap() -> None:
 
     @functools.wraps(orig)
     def capped(self, idxs):
-        if not self.reverse and len(idxs) * self._stride > FLATTEN_LIMIT:
+        n = len(idxs) if self.reverse else len(idxs) * self._stride
+        if n > FLATTEN_LIMIT:
             raise IndexExplosion(f"index mapping through reshapes grows past {FLATTEN_LIMIT} indices")
+        _spend(n)
         return orig(self, idxs)
+
+    def spending(call):
+        @functools.wraps(call)
+        def counted(self, idxs):
+            _spend(len(idxs))
+            return call(self, idxs)
+
+        return counted
+
+    get_group = tp.DependencyGraph.get_pruning_group
+
+    @functools.wraps(get_group)
+    def budgeted(self, *args, **kwargs):
+        outer, _MAPPED_LEFT[0] = _MAPPED_LEFT[0], FLATTEN_LIMIT
+        try:
+            return get_group(self, *args, **kwargs)
+        finally:
+            _MAPPED_LEFT[0] = outer
 
     capped._compress_guard = True
     cls.__call__ = capped
+    for other in (im._ConcatIndexMapping, im._SplitIndexMapping):
+        other.__call__ = spending(other.__call__)
+    tp.DependencyGraph.get_pruning_group = budgeted
 
 
 GROUP_ITEM_LIMIT = 3000  # items of one pruning group; ResNet-50's largest has a few hundred

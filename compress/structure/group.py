@@ -32,7 +32,7 @@ class Group:
     """
 
     name: str
-    kind: str  # "channel" | "head" | "neuron"
+    kind: str  # "channel" | "head" | "neuron" | "convgroup" (a whole group of a grouped conv)
     layer: str  # the module whose output structure is removed
     slices: list[Slice]
     weight: float = 1.0
