@@ -160,6 +160,18 @@ class FinetuneRequest:
         }
 
 
+def _pretrained_defaults(model: str | None, controller: dict, train: TrainConfig) -> None:
+    """A budget run from a pretrained Hugging Face model: the first quarter of the epochs chooses the structure,
+    the final AdamW phase retrains it from the pretrained weights (`rewind` init) at the run's `lr`, so what was
+    learned is kept rather than shrunk by the group lasso. all-MiniLM-L6-v2 at 0.5 of the FLOPs, 4 epochs, 3
+    seeds: mean cosine 0.87 against 0.58 for the random-start defaults (README, proof of value)."""
+    from compress.models import is_pretrained
+
+    if is_pretrained(model) and controller.get("final_optimizer", "adamw") == "adamw":
+        controller.setdefault("rewind", "init")
+        controller.setdefault("final_lr", train.lr)
+
+
 def build_request(
     options: FinetuneOptions, config_file: str | Path | None = None, force: bool = False
 ) -> FinetuneRequest:
@@ -194,6 +206,7 @@ def build_request(
         from compress.budget.runner import budget_config
 
         train = budget_config(train)  # the Python API's defaults: one lr decay, at the freeze
+        _pretrained_defaults(given.get("model"), controller, train)
     else:
         train = train.resolved()
         train.validate()

@@ -35,12 +35,14 @@ def test_factors_are_the_kind_median_over_the_overall_median():
 def test_one_kind_changes_nothing_and_weights_follow_the_optimizer():
     crit = torch.tensor([0.3, 0.1, 0.2], dtype=torch.float64)
     one = KindBalance(_groups(["channel"] * 3))
-    opt = SimpleNamespace(index=SimpleNamespace(weights=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
+    opt = SimpleNamespace(
+        index=SimpleNamespace(weights=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)), param_groups=[{}]
+    )
     assert torch.equal(one.rebalance(opt, crit), crit) and opt.index.weights.tolist() == [1.0, 2.0, 3.0]
 
     two = KindBalance(_groups(["head", "neuron", "neuron", "neuron"]))
     w0 = torch.tensor([4.0, 1.0, 1.0, 1.0], dtype=torch.float64)
-    opt = SimpleNamespace(index=SimpleNamespace(weights=w0.clone()))
+    opt = SimpleNamespace(index=SimpleNamespace(weights=w0.clone()), param_groups=[{}])
     crit = torch.tensor([0.01, 1.0, 2.0, 3.0], dtype=torch.float64)  # computed with weights w0
     new = two.rebalance(opt, crit)
     f = torch.tensor(
@@ -50,20 +52,17 @@ def test_one_kind_changes_nothing_and_weights_follow_the_optimizer():
     # λ* = ‖a‖/(α w): with the new weights the caller's next λ* are crit·w0/w; a second control sees them and keeps f
     again = two.rebalance(opt, crit * w0 / opt.index.weights)
     assert torch.allclose(opt.index.weights, w0 * f) and torch.allclose(again, new)
-    # a resumed run: a fresh optimizer holds the groups' own weights; the saved factors go back before its first step
-    resumed = KindBalance(_groups(["head", "neuron", "neuron", "neuron"]))
-    resumed.load(two.state())
-    opt2 = SimpleNamespace(index=SimpleNamespace(weights=w0.clone()))
-    resumed.reapply(opt2)
+    assert opt.param_groups[0]["kind_factors"] == pytest.approx([0.01, 2.0])  # per kind, saved with a checkpoint
+    # a resumed run: a fresh optimizer holds the groups' own weights; the checkpoint's factors go back on load
+    opt2 = SimpleNamespace(index=SimpleNamespace(weights=w0.clone()), param_groups=[dict(opt.param_groups[0])])
+    KindBalance(_groups(["head", "neuron", "neuron", "neuron"])).restore(opt2)
     assert torch.allclose(opt2.index.weights, w0 * f)
 
 
 def test_budget_run_on_heads_and_neurons_balances_and_resumes_bit_exactly(tmp_path, digits_small):
-    """digits-vit (heads + MLP neurons): the controls store per-kind factors that differ by kind; a run
-    stopped in the sparsity phase and resumed equals the straight run bit for bit (the factors come back
-    from budget_state.json before the first resumed step)."""
-    import json
-
+    """digits-vit (heads + MLP neurons): the controls give heads and neurons different factors; a run
+    stopped in the sparsity phase and resumed equals the straight run bit for bit (the checkpoint's factors
+    come back with its optimizer state, before the first resumed step)."""
     from compress.budget.runner import finetune_to_budget
     from compress.budget.target import Budget
     from compress.models import get_model
@@ -72,7 +71,7 @@ def test_budget_run_on_heads_and_neurons_balances_and_resumes_bit_exactly(tmp_pa
     spec = get_model("digits-vit")
     tr, te = digits_small
     cfg = TrainConfig(epochs=3, batch_size=64, milestones=[2], seed=1)
-    ctl = {"freeze_epoch": 2}
+    ctl = {"freeze_epoch": 3}
 
     def build(seed=0):
         torch.manual_seed(seed)
@@ -94,8 +93,10 @@ def test_budget_run_on_heads_and_neurons_balances_and_resumes_bit_exactly(tmp_pa
     cut.load_state_dict(init)
     with pytest.raises(Stop):
         finetune_to_budget(cut, tr, te, x, tmp_path / "cut", cfg, Budget(flops=0.6), epoch_callbacks=[stop], **kw)
-    state = json.loads((tmp_path / "cut" / "budget_state.json").read_text())
-    assert len(set(state["kind_factors"])) == 2  # heads and neurons got different λ
+    from compress.train.checkpoint import load_checkpoint
+
+    groups = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")["optimizer"]["param_groups"]
+    assert len(set(groups[0]["kind_factors"])) == 2  # heads and neurons got different λ
     res = finetune_to_budget(
         build(9), tr, te, x, tmp_path / "cut", resume=True, progress=False, measure_alignment=False
     )

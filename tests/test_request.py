@@ -112,3 +112,22 @@ def test_run_dir_checked_and_forced_in_one_place(tmp_path):
     assert read_config(out)["model"] == "m" and [m["epoch"] for m in read_metrics(out)] == [1, 2]
     with pytest.raises(UserError, match="does not exist"):
         read_config(Path(tmp_path / "nope"))
+
+
+def test_pretrained_hf_budget_run_rewinds_to_the_pretrained_weights_by_default(tmp_path):
+    """hf: starts are trained models: their budget runs choose the structure early and retrain it from the
+    pretrained weights at the run's lr; what the user states wins; other models keep the general defaults."""
+    req = build_request(FinetuneOptions(out=tmp_path / "a", model="hf:/m", target_flops=0.5, lr=1e-4))
+    assert req.controller == {"rewind": "init", "final_lr": 1e-4}
+    req = build_request(FinetuneOptions(out=tmp_path / "b", model="hf:/m", target_flops=0.5, rewind="none"))
+    assert req.controller["rewind"] == "none"
+    req = build_request(FinetuneOptions(out=tmp_path / "c", model="hf:/m", target_flops=0.5, final_optimizer="same"))
+    assert "rewind" not in req.controller
+    req = build_request(FinetuneOptions(out=tmp_path / "d", model="digits-resnet", target_flops=0.5))
+    assert req.controller == {}
+    from compress.budget.controller import default_freeze_epoch
+    from compress.train.config import TrainConfig
+
+    cfg = TrainConfig(epochs=30, milestones=[22])
+    assert default_freeze_epoch(cfg) == 22 and default_freeze_epoch(cfg, "init") == 8
+    assert default_freeze_epoch(TrainConfig(epochs=4, milestones=[3]), "init") == 1

@@ -67,7 +67,11 @@ def balance_factors(base_crit: torch.Tensor, kinds: torch.Tensor) -> torch.Tenso
 
 class KindBalance:
     """Holds the per-kind factors and writes w_g = w⁰_g · factor_g into the optimizer's group index
-    (shared by its step kernels); re-applies them to a new optimizer object (resume)."""
+    (shared by its step kernels). The factors per kind also go into the optimizer's first param group
+    (`kind_factors`), so a checkpoint carries the ones its state was trained with: `restore` puts them
+    back into a resumed optimizer before its first step."""
+
+    KEY = "kind_factors"
 
     def __init__(self, groups):
         self.kinds = kind_ids(groups)
@@ -84,11 +88,15 @@ class KindBalance:
         weights = getattr(index, "weights", None)
         if weights is None or len(weights) != len(self.kinds):
             return None
-        if self._opt_id != id(opt):  # a new optimizer (start or resume) holds the groups' own weights
+        if self._opt_id != id(opt):  # a new optimizer holds the groups' own weights
             self._opt_id, self._w0 = id(opt), weights.clone()
-            if self.factors is not None:
-                weights.copy_(self._w0 * self.factors.to(weights))
         return weights
+
+    def _apply(self, opt, weights: torch.Tensor) -> None:
+        weights.copy_(self._w0 * self.factors.to(weights))
+        per_kind = torch.zeros(int(self.kinds.max()) + 1, dtype=torch.float64)
+        per_kind[self.kinds] = self.factors
+        opt.param_groups[0][self.KEY] = per_kind.tolist()
 
     def rebalance(self, opt, crit: torch.Tensor) -> torch.Tensor:
         """New factors from `crit` (computed with the current weights); returns λ* under the new weights."""
@@ -97,14 +105,14 @@ class KindBalance:
             return crit
         base = crit.double() * (weights / self._w0).cpu()
         self.factors = balance_factors(base, self.kinds)
-        weights.copy_(self._w0 * self.factors.to(weights))
+        self._apply(opt, weights)
         return (base / self.factors).to(crit.dtype)
 
-    def reapply(self, opt) -> None:
-        self._weights(opt)
-
-    def state(self) -> list[float] | None:
-        return None if self.factors is None else self.factors.tolist()
-
-    def load(self, factors: list[float] | None) -> None:
-        self.factors = None if factors is None else torch.tensor(factors, dtype=torch.float64)
+    def restore(self, opt) -> None:
+        """After a checkpoint's state was loaded into `opt`: its factors back into the group weights."""
+        saved = opt.param_groups[0].get(self.KEY) if opt.param_groups else None
+        weights = self._weights(opt)
+        if saved is None or weights is None:
+            return
+        self.factors = torch.tensor(saved, dtype=torch.float64)[self.kinds]
+        self._apply(opt, weights)

@@ -113,12 +113,18 @@ def _finetune_options(out: Path, finetune_kwargs: dict, setup, ctl: BudgetContro
     kwargs = dict(finetune_kwargs)
     if ctl.keeper is not None and ctl.final_optimizer == "adamw":  # the checkpoint holds the final phase's AdamW
         kwargs["build_optimizer"] = lambda cfg, model, groups: ctl.make_final_optimizer(model)
-    elif ctl.balance is not None:  # resuming in the sparsity phase: the per-kind weights before the first step
+    elif ctl.balance is not None:  # resuming in the sparsity phase: the checkpoint's per-kind weights, first
         from compress.train.loop import make_optimizer
 
         def build_balanced(cfg, model, groups):
             opt = make_optimizer(cfg, model, groups)
-            ctl.balance.reapply(opt)
+            load = opt.load_state_dict
+
+            def load_and_restore(state_dict):
+                load(state_dict)
+                ctl.balance.restore(opt)
+
+            opt.load_state_dict = load_and_restore
             return opt
 
         kwargs["build_optimizer"] = build_balanced
@@ -355,8 +361,7 @@ def _controller(out: Path, setup: _Setup, train_data, target, latency, ctl_kw: d
             mask[restore["frozen"]] = True
             ctl.frozen, ctl.keeper = mask, ZeroKeeper(groups, mask)
         ctl.step = info["epoch"] * ctl.steps_per_epoch + info["batch"]
-        if ctl.balance is not None:
-            ctl.balance.load(restore.get("kind_factors"))
+
     return ctl
 
 
