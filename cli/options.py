@@ -169,16 +169,17 @@ FreezeEpoch = Annotated[
         help="Target runs: the epoch after which the structure is frozen and the final AdamW phase trains it "
         "(the sparsity phase is the epochs before). With --rewind init an early freeze leaves the chosen structure "
         "most of the epochs (all-MiniLM-L6-v2, 4 epochs, 0.5 FLOPs: cosine 0.80 at 1 vs 0.70 at 3). "
-        "\\[default: the last --milestones in 60–90% of the epochs, else the last quarter]"
+        "\\[default: after the first quarter with --rewind init; else the last --milestones in 60–90% of the epochs, "
+        "else the last quarter]"
     ),
 ]
 Rewind = Annotated[
     str | None,
     typer.Option(
         help="Target runs: init restarts the surviving weights from the starting (--init) weights at the freeze, so the "
-        "final AdamW phase trains them free of the group lasso's shrinkage (all-MiniLM-L6-v2 at 0.95 FLOPs: cosine "
-        "0.989 vs 0.918); none keeps the trained survivors (better on digits-resnet at 0.1 FLOPs: 90.7% vs 86.9%). "
-        "\\[default: none]"
+        "final AdamW phase trains them free of the group lasso's shrinkage, and the freeze comes after the first "
+        "quarter of the epochs (the sparsity phase then only chooses the structure); none keeps the trained "
+        "survivors. \\[default: init for a pretrained hf: model (with --final-lr = --lr), else none]"
     ),
 ]
 Config = Annotated[Path | None, typer.Option(help="TOML file whose keys mirror these flags (flags win).")]
