@@ -272,7 +272,8 @@ class Task:
 
     def ours_budget_rewind(self) -> None:
         """As ours-budget, but at the freeze the survivors restart from the dense weights (`rewind="init"`)
-        for the AdamW final phase: the group lasso chose the structure, not the surviving values."""
+        for the AdamW final phase: the group lasso chose the structure, not the surviving values. The freeze
+        then comes after the first quarter of the epochs; `compress finetune` does this for pretrained hf: models."""
         for f in self.cfg["fractions"]:
             self._budget(f, self.cfg["epochs"], 0, rewind="init")
 

@@ -449,8 +449,9 @@ class Text(Task):
             f"prune to the FLOP target, then AdamW lr {c['adamw_lr']:g} wd 0.01 cosine; ramda: `compress.finetune` (lr "
             f"{c['ramda_lr']:g}, λ as stated) then `compress.extract`; ramda-budget: `compress.budget.finetune_to_budget` "
             f"given the peers' FLOP target (its final phase after the freeze: AdamW at the peers' lr {c['adamw_lr']:g}), then "
-            '`compress.extract`; ramda-budget-rewind: the same with rewind="init" (at the freeze the survivors restart '
-            "from the dense weights); ramda-budget+ft: 2/3 of the epochs to the budget, "
+            '`compress.extract`; ramda-budget-rewind: the same with rewind="init", what `compress finetune` does for a '
+            "pretrained hf: model (the structure chosen in the first quarter of the epochs, with one λ per kind of group; "
+            "at the freeze the survivors restart from the dense weights); ramda-budget+ft: 2/3 of the epochs to the budget, "
             "extract, 1/3 the peers' AdamW distillation). " + pilot_text(),
             f"Metric: mean cosine to the dense embeddings on held-out sentences; NN agreement = share of held-out "
             f"sentences whose nearest other held-out sentence is the dense model's. FLOPs and latency at sequence "
