@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from layers import Conv1D
 from torch import nn
 
 from compress.structure.attention import attention_units, head_groups
@@ -172,18 +173,6 @@ def test_attention_flops_counted_for_mha_fast_path_sdpa_and_explicit_matmuls():
     d = e // h  # one head fewer: q/k/v project to e - d, out reads e - d, attention over h - 1 heads
     after = 2 * b * n_tok * e * 3 * (e - d) + 2 * b * n_tok * (e - d) * e + 2 * (2 * b * (h - 1) * n_tok * n_tok * d)
     assert int(cm.flops(zero)) == rep["flops_after"] == after
-
-
-class Conv1D(nn.Module):
-    """GPT-2's Conv1D layout (transformers): y = x·W + b, W stored (in, out)."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf, self.nx = nf, nx
-        self.weight, self.bias = nn.Parameter(torch.randn(nx, nf) * 0.3), nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x):
-        return torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
 
 
 class _GPT2Attn(nn.Module):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from layers import Conv1D
 from torch import nn
 
 from compress.deploy.export import export_onnx
@@ -14,18 +15,6 @@ from compress.structure.cost import count_flops, count_params
 from compress.structure.cost_model import CostModel
 from compress.structure.find import find_groups
 from compress.structure.sparsity import zero_mask
-
-
-class Conv1D(nn.Module):
-    """transformers' Conv1D layout: y = x·W + b, W of shape (nx, nf)."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf, self.nx = nf, nx
-        self.weight, self.bias = nn.Parameter(torch.randn(nx, nf) * 0.3), nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x):
-        return torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
 
 
 class MLPBlock(nn.Module):
