@@ -35,10 +35,11 @@ VARIANTS = {
     "default": [],
     "distill": ["--distill", "kl"],
     "long": ["--milestones", "18"],
-    "rewind": ["--rewind", "init"],
+    # the rewind's freeze before the early default (`--rewind init` alone now freezes after the first quarter)
+    "rewind": ["--rewind", "init", "--freeze-epoch", "22"],
     "distill-long": ["--distill", "kl", "--milestones", "18"],
     "distill-t1": ["--distill", "kl", "--distill-temperature", "1", "--distill-alpha", "0.5"],
-    "rewind-long": ["--rewind", "init", "--milestones", "18"],
+    "rewind-long": ["--rewind", "init", "--freeze-epoch", "18"],
     # the structure chosen in 8 sparsity epochs, then 22 AdamW epochs from the dense weights
     "rewind-early": ["--rewind", "init", "--freeze-epoch", "8"],
     "align16": ["--align", "16"],  # the alignment assumed, not measured (the behaviour before issue 21)
