@@ -11,6 +11,7 @@ from pathlib import Path
 
 import tomllib
 
+from compress.budget.settings import budget_of, controller_of, pretrained_defaults
 from compress.budget.target import Budget
 from compress.errors import UserError
 from compress.train.config import TrainConfig
@@ -37,15 +38,6 @@ _TRAIN = (
     "distill_temperature",
     "distill_alpha",
 )
-_TARGETS = ("target_flops", "target_params", "target_latency_ms")
-_BUDGET = {
-    "target_flops": "flops",
-    "target_params": "params",
-    "target_latency_ms": "latency_ms",
-    "bench_batch": "batch",
-    "bench_threads": "threads",
-}  # option → Budget field
-_CONTROLLER = ("final_optimizer", "align", "rewind", "final_lr", "freeze_epoch")  # the budget path's settings
 
 
 @dataclass
@@ -160,18 +152,6 @@ class FinetuneRequest:
         }
 
 
-def _pretrained_defaults(model: str | None, controller: dict, train: TrainConfig) -> None:
-    """A budget run from a pretrained Hugging Face model: the first quarter of the epochs chooses the structure,
-    the final AdamW phase retrains it from the pretrained weights (`rewind` init) at the run's `lr`, so what was
-    learned is kept rather than shrunk by the group lasso. all-MiniLM-L6-v2 at 0.5 of the FLOPs, 4 epochs, seed 0:
-    cosine 0.870 against 0.579 with the general defaults (README, "Against the tools you would pick instead")."""
-    from compress.models import is_pretrained
-
-    if is_pretrained(model) and controller.get("final_optimizer", "adamw") == "adamw":
-        controller.setdefault("rewind", "init")
-        controller.setdefault("final_lr", train.lr)
-
-
 def build_request(
     options: FinetuneOptions, config_file: str | Path | None = None, force: bool = False
 ) -> FinetuneRequest:
@@ -184,29 +164,15 @@ def build_request(
     given = options.given()
     if "out" not in given:
         raise UserError("`out` (the run directory to create) is required", field="out")
-    budget = _budget(given)
-    controller = {k: given[k] for k in _CONTROLLER if k in given}
-    if controller.get("final_lr") is not None and not controller["final_lr"] > 0:
-        raise UserError(f"`final_lr` must be positive, got {controller['final_lr']}", field="final_lr")
-    if budget is None and controller:
-        raise UserError(
-            f"`{next(iter(controller))}` applies to target runs only "
-            "(`target_flops`/`target_params`/`target_latency_ms`)",
-            field=next(iter(controller)),
-            fields=_TARGETS,
-        )
+    budget = budget_of(given)
     train = TrainConfig(**{k: given[k] for k in _TRAIN if k in given})
     train.milestones = _milestones(train.milestones)
-    if "freeze_epoch" in controller:  # a BudgetController setting; the others are finetune_to_budget's
-        freeze = controller.pop("freeze_epoch")
-        if not (isinstance(freeze, int) and 1 <= freeze <= train.epochs):
-            raise UserError(f"`freeze_epoch` must be an epoch in 1..{train.epochs}, got {freeze}", field="freeze_epoch")
-        controller["controller"] = {"freeze_epoch": freeze}
+    controller = controller_of(given, budget, train.epochs)
     if budget is not None:
         from compress.budget.runner import budget_config
 
         train = budget_config(train)  # the Python API's defaults: one lr decay, at the freeze
-        _pretrained_defaults(given.get("model"), controller, train)
+        pretrained_defaults(given.get("model"), controller, train.lr)
     else:
         train = train.resolved()
         train.validate()
@@ -224,30 +190,6 @@ def build_request(
         controller=controller,
         force=force,
     )
-
-
-def _budget(given: dict) -> Budget | None:
-    """The Budget of a target run (then `lam` must not be given); None for a plain run."""
-    if not any(k in given for k in _TARGETS):
-        extra = [k for k in ("bench_batch", "bench_threads") if k in given]
-        if extra:
-            raise UserError(
-                "`bench_batch` and `bench_threads` only apply to `target_latency_ms`",
-                field=extra[0],
-                fields=("bench_batch", "bench_threads", "target_latency_ms"),
-            )
-        return None
-    if "lam" in given:
-        raise UserError(
-            "give either `lam` or a target (`target_flops`/`target_params`/`target_latency_ms`): "
-            "with a target, λ is found automatically",
-            field="lam",
-            fields=_TARGETS,
-        )
-    try:
-        return Budget(**{_BUDGET[k]: v for k, v in given.items() if k in _BUDGET})
-    except UserError as e:
-        raise e.renamed({b: k for k, b in _BUDGET.items()}) from None
 
 
 def _milestones(value) -> list[int] | None:

@@ -125,7 +125,7 @@ def test_pretrained_hf_budget_run_rewinds_to_the_pretrained_weights_by_default(t
     assert "rewind" not in req.controller
     req = build_request(FinetuneOptions(out=tmp_path / "d", model="digits-resnet", target_flops=0.5))
     assert req.controller == {}
-    from compress.budget.controller import default_freeze_epoch
+    from compress.budget.settings import default_freeze_epoch
     from compress.train.config import TrainConfig
 
     cfg = TrainConfig(epochs=30, milestones=[22])

@@ -9,6 +9,7 @@ import torch
 from compress.budget.align_decision import measured_alignment
 from compress.budget.critical import KindBalance, lam_on_plan
 from compress.budget.patterns import ZeroKeeper, align_widths, enforce, revive
+from compress.budget.settings import default_freeze_epoch
 from compress.budget.target import Budget
 from compress.errors import UserError
 from compress.optim.dense import CosineAdamW
@@ -389,18 +390,3 @@ class BudgetController:
 
 FINAL_OPTIMIZERS = ("adamw", "same")
 REWINDS = ("none", "init")
-
-
-def default_freeze_epoch(cfg, rewind: str = "none") -> int:
-    """Where the final phase starts: the last learning-rate milestone when it leaves 10–40% of
-    the epochs (RAMDA restarts there anyway), otherwise the last quarter. With `rewind="init"` the
-    survivors restart from the starting weights, so the sparsity phase only chooses the structure:
-    the first quarter does (all-MiniLM-L6-v2, 4 epochs, 0.5 FLOPs: cosine 0.80 frozen at 1 vs 0.70 at 3;
-    digits-resnet, 30 epochs, 0.1 FLOPs, 3 seeds: 98.4% mean frozen at 8 vs 95.4% at 22)."""
-    e = cfg.epochs
-    if rewind == "init":
-        return max(1, round(0.25 * e))
-    ms = [m for m in (cfg.milestones or []) if 0.6 * e <= m <= 0.9 * e]
-    if ms:
-        return max(ms)
-    return max(1, e - max(1, round(0.25 * e))) if e > 1 else 1
