@@ -212,6 +212,10 @@ def test_not_a_model_folder_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="local folder"):
         resolve_model(f"hf:{tmp_path / 'missing'}")
+    folder = tiny_folder(tmp_path / "st")  # a sentence-transformers folder: 1_Pooling/ has a config.json too
+    with pytest.raises(UserError, match="not a Hugging Face model folder transformers can load") as e:
+        resolve_model(f"hf:{folder / '1_Pooling'}")
+    assert "\n" not in str(e.value)
 
 
 def _minilm():

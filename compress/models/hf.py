@@ -185,13 +185,26 @@ class HFImageModule(HFModule):
         return self.model(pixel_values=pixel_values).logits
 
 
+def auto_config(path: str | Path):
+    """The folder's transformers config; a folder whose config.json is not a model's (e.g. a
+    sentence-transformers `1_Pooling/` subfolder) is a user error, not a traceback."""
+    try:
+        return import_transformers().AutoConfig.from_pretrained(str(path))
+    except (ValueError, OSError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"hf:{path} is not a Hugging Face model folder transformers can load ({first}); give the folder that "
+            "holds the model's config.json and weights"
+        ) from None
+
+
 def load(path: str | Path) -> HFModule:
     """The folder's model in its wrapper, eval mode, eager attention (traceable, exact head removal)."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise UserError(f"hf:{path} is not a Hugging Face model folder (no config.json)")
     tf = import_transformers()
-    config = tf.AutoConfig.from_pretrained(str(folder))
+    config = auto_config(folder)
     task = task_of(config)
     # dropout off for embeddings: the target is the starting model's deterministic embedding
     kw = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if task == "embedding" else {}
@@ -235,8 +248,7 @@ def hf_spec(spec: str) -> ModelSpec:
     path = spec[len(PREFIX) :]
     if not path or not Path(path).is_dir():
         raise UserError(f"{spec}: PATH must be a local folder with config.json and weights (nothing is downloaded)")
-    tf = import_transformers()
-    config = tf.AutoConfig.from_pretrained(path)
+    config = auto_config(path)
     task = task_of(config)
 
     def data_from(data_spec: str | None):
@@ -288,7 +300,7 @@ def embedding_data(path: str, sentences: tuple[list[str], list[str]]):
 def classification_data(path: str, file: Path):
     rows = read_jsonl(file)
     tok = tokenizer(path)
-    label2id = getattr(import_transformers().AutoConfig.from_pretrained(path), "label2id", None) or {}
+    label2id = getattr(auto_config(path), "label2id", None) or {}
     names = sorted({lab for _, lab in rows if not isinstance(lab, int)})
     ids = {**{n: i for i, n in enumerate(names)}, **{k: int(v) for k, v in label2id.items() if k in names}}
     parts = []
