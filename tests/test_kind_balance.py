@@ -9,8 +9,8 @@ import torch
 from compress.budget.critical import KindBalance, balance_factors
 
 
-def _groups(kinds):
-    return [SimpleNamespace(kind=k) for k in kinds]
+def _groups(kinds, weights=None):
+    return [SimpleNamespace(kind=k, weight=w) for k, w in zip(kinds, weights or [1.0] * len(kinds))]
 
 
 def test_factors_are_the_kind_median_over_the_overall_median():
@@ -34,13 +34,13 @@ def test_factors_are_the_kind_median_over_the_overall_median():
 
 def test_one_kind_changes_nothing_and_weights_follow_the_optimizer():
     crit = torch.tensor([0.3, 0.1, 0.2], dtype=torch.float64)
-    one = KindBalance(_groups(["channel"] * 3))
+    one = KindBalance(_groups(["channel"] * 3, [1.0, 2.0, 3.0]))
     opt = SimpleNamespace(
         index=SimpleNamespace(weights=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)), param_groups=[{}]
     )
     assert torch.equal(one.rebalance(opt, crit), crit) and opt.index.weights.tolist() == [1.0, 2.0, 3.0]
 
-    two = KindBalance(_groups(["head", "neuron", "neuron", "neuron"]))
+    two = KindBalance(_groups(["head", "neuron", "neuron", "neuron"], [4.0, 1.0, 1.0, 1.0]))
     w0 = torch.tensor([4.0, 1.0, 1.0, 1.0], dtype=torch.float64)
     opt = SimpleNamespace(index=SimpleNamespace(weights=w0.clone()), param_groups=[{}])
     crit = torch.tensor([0.01, 1.0, 2.0, 3.0], dtype=torch.float64)  # computed with weights w0
@@ -55,7 +55,7 @@ def test_one_kind_changes_nothing_and_weights_follow_the_optimizer():
     assert opt.param_groups[0]["kind_factors"] == pytest.approx([0.01, 2.0])  # per kind, saved with a checkpoint
     # a resumed run: a fresh optimizer holds the groups' own weights; the checkpoint's factors go back on load
     opt2 = SimpleNamespace(index=SimpleNamespace(weights=w0.clone()), param_groups=[dict(opt.param_groups[0])])
-    KindBalance(_groups(["head", "neuron", "neuron", "neuron"])).restore(opt2)
+    KindBalance(_groups(["head", "neuron", "neuron", "neuron"], [4.0, 1.0, 1.0, 1.0])).restore(opt2)
     assert torch.allclose(opt2.index.weights, w0 * f)
 
 

@@ -76,8 +76,7 @@ class KindBalance:
     def __init__(self, groups):
         self.kinds = kind_ids(groups)
         self.factors: torch.Tensor | None = None
-        self._w0: torch.Tensor | None = None
-        self._opt_id: int | None = None
+        self._w0 = torch.tensor([float(g.weight) for g in groups], dtype=torch.float64)  # what the index starts with
 
     @property
     def active(self) -> bool:
@@ -88,12 +87,10 @@ class KindBalance:
         weights = getattr(index, "weights", None)
         if weights is None or len(weights) != len(self.kinds):
             return None
-        if self._opt_id != id(opt):  # a new optimizer holds the groups' own weights
-            self._opt_id, self._w0 = id(opt), weights.clone()
         return weights
 
     def _apply(self, opt, weights: torch.Tensor) -> None:
-        weights.copy_(self._w0 * self.factors.to(weights))
+        weights.copy_(self._w0.to(weights) * self.factors.to(weights))
         per_kind = torch.zeros(int(self.kinds.max()) + 1, dtype=torch.float64)
         per_kind[self.kinds] = self.factors
         opt.param_groups[0][self.KEY] = per_kind.tolist()
@@ -103,7 +100,7 @@ class KindBalance:
         weights = self._weights(opt)
         if weights is None or not self.active:
             return crit
-        base = crit.double() * (weights / self._w0).cpu()
+        base = crit.double() * (weights.cpu().double() / self._w0)
         self.factors = balance_factors(base, self.kinds)
         self._apply(opt, weights)
         return (base / self.factors).to(crit.dtype)
